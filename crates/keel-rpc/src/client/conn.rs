@@ -1,0 +1,266 @@
+//! One client connection: a table of pending calls keyed by request id, a reader task that
+//! routes replies to them, and a writer task draining the shared [`WriteQueue`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{Frame, FrameType, Metadata};
+use crate::status::{Code, Status};
+use crate::transport::WriteQueue;
+
+/// Where the reply to a pending call goes.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Unary(oneshot::Sender<Result<Frame, Status>>),
+    Stream(StreamSlot),
+}
+
+/// The receiving end of a server stream, as the reader sees it.
+#[derive(Debug)]
+pub(crate) struct StreamSlot {
+    pub(crate) tx: mpsc::UnboundedSender<Result<Frame, Status>>,
+    /// Items delivered but not yet taken by the caller.
+    pub(crate) queued: Arc<AtomicUsize>,
+}
+
+/// A live connection to one server.
+#[derive(Debug)]
+pub(crate) struct ClientConn {
+    pub(crate) queue: WriteQueue,
+    pending: Mutex<FxHashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    /// Microseconds since `epoch` at the last byte received.
+    last_read_us: AtomicU64,
+    epoch: Instant,
+    /// Cancelled when the connection is closed for good.
+    pub(crate) closed: CancellationToken,
+    /// Cancelled when no new calls should use this connection (goaway or closed).
+    pub(crate) draining: CancellationToken,
+    close_reason: Mutex<Option<String>>,
+    max_frame_size: u32,
+    stream_buffer: usize,
+    pub(crate) peer: String,
+}
+
+impl ClientConn {
+    /// Starts the reader and writer tasks for a connected socket.
+    pub(crate) fn start(
+        stream: TcpStream,
+        peer: String,
+        max_frame_size: u32,
+        stream_buffer: usize,
+    ) -> Arc<ClientConn> {
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        let conn = Arc::new(ClientConn {
+            queue: WriteQueue::new(),
+            pending: Mutex::new(FxHashMap::default()),
+            next_id: AtomicU64::new(1),
+            last_read_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+            closed: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+            max_frame_size,
+            stream_buffer,
+            peer,
+        });
+        let c = conn.clone();
+        tokio::spawn(async move {
+            let result = c.queue.run_writer(writer).await;
+            let reason = match result {
+                Ok(()) => "connection closed".to_owned(),
+                Err(e) => format!("write failed: {e}"),
+            };
+            c.close(&reason);
+        });
+        let c = conn.clone();
+        tokio::spawn(async move { c.run_reader(reader).await });
+        conn
+    }
+
+    /// Time since the last byte arrived.
+    pub(crate) fn since_last_read(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_micros(self.last_read_us.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Registers a call and returns its request id.
+    pub(crate) fn register(&self, slot: Pending) -> Result<u64, Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut pending = self.pending.lock();
+        // Checked under the lock that `close` takes, so a call never lands in a table that
+        // has already been failed and would then wait forever.
+        if self.closed.is_cancelled() {
+            return Err(self.unavailable());
+        }
+        pending.insert(id, slot);
+        Ok(id)
+    }
+
+    /// Forgets a call; returns whether it was still pending.
+    pub(crate) fn forget(&self, id: u64) -> bool {
+        self.pending.lock().remove(&id).is_some()
+    }
+
+    /// Forgets a call and tells the server to stop it.
+    pub(crate) fn cancel(&self, id: u64) {
+        if self.forget(id) {
+            let _ = self
+                .queue
+                .push(FrameType::Cancel, id, &Metadata::default(), &[]);
+        }
+    }
+
+    pub(crate) fn max_frame_size(&self) -> u32 {
+        self.max_frame_size
+    }
+
+    /// The error a call gets when this connection is gone.
+    pub(crate) fn unavailable(&self) -> Status {
+        let reason = self
+            .close_reason
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "connection closed".into());
+        Status::unavailable(format!("connection to {} lost: {reason}", self.peer))
+    }
+
+    /// Closes the connection and fails every pending call with `unavailable`.
+    pub(crate) fn close(&self, reason: &str) {
+        let drained: Vec<Pending> = {
+            let mut pending = self.pending.lock();
+            if self.closed.is_cancelled() {
+                return;
+            }
+            self.close_reason
+                .lock()
+                .get_or_insert_with(|| reason.to_owned());
+            self.closed.cancel();
+            pending.drain().map(|(_, p)| p).collect()
+        };
+        self.draining.cancel();
+        self.queue.close();
+        let status = self.unavailable();
+        for p in drained {
+            match p {
+                Pending::Unary(tx) => {
+                    let _ = tx.send(Err(status.clone()));
+                }
+                Pending::Stream(slot) => {
+                    let _ = slot.tx.send(Err(status.clone()));
+                }
+            }
+        }
+    }
+
+    async fn run_reader(self: Arc<Self>, mut reader: OwnedReadHalf) {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let reason = loop {
+            loop {
+                match Frame::decode(&mut buf, self.max_frame_size) {
+                    Ok(Some(frame)) => self.on_frame(frame),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(peer = %self.peer, error = %e, "bad frame from server");
+                        self.close(&format!("protocol error from server: {e}"));
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.closed.cancelled() => return,
+                read = reader.read_buf(&mut buf) => match read {
+                    Ok(0) => break "server closed the connection".to_owned(),
+                    Ok(_) => {
+                        let now = self.epoch.elapsed().as_micros() as u64;
+                        self.last_read_us.store(now, Ordering::Relaxed);
+                    }
+                    Err(e) => break format!("read failed: {e}"),
+                },
+            }
+        };
+        self.close(&reason);
+    }
+
+    fn on_frame(&self, frame: Frame) {
+        match frame.kind {
+            FrameType::Response | FrameType::StreamEnd => {
+                let slot = self.pending.lock().remove(&frame.request_id);
+                match slot {
+                    Some(Pending::Unary(tx)) => {
+                        let _ = tx.send(Ok(frame));
+                    }
+                    Some(Pending::Stream(slot)) => {
+                        let _ = slot.tx.send(Ok(frame));
+                    }
+                    // A reply to a call the caller has given up on.
+                    None => {}
+                }
+            }
+            FrameType::StreamItem => {
+                let mut pending = self.pending.lock();
+                let Some(Pending::Stream(slot)) = pending.get(&frame.request_id) else {
+                    return;
+                };
+                if slot.queued.fetch_add(1, Ordering::AcqRel) >= self.stream_buffer {
+                    // The caller is not keeping up. Rather than buffer without bound or stall
+                    // every other call on this connection, end this stream with an error.
+                    if let Some(Pending::Stream(slot)) = pending.remove(&frame.request_id) {
+                        let status = Status::new(
+                            Code::Overloaded,
+                            format!(
+                                "stream fell {} messages behind; the client buffer is full",
+                                self.stream_buffer
+                            ),
+                        );
+                        let _ = slot.tx.send(Err(status));
+                    }
+                    drop(pending);
+                    let _ = self.queue.push(
+                        FrameType::Cancel,
+                        frame.request_id,
+                        &Metadata::default(),
+                        &[],
+                    );
+                    return;
+                }
+                let _ = slot.tx.send(Ok(frame));
+            }
+            FrameType::Ping => {
+                let _ = self.queue.push(
+                    FrameType::Pong,
+                    frame.request_id,
+                    &Metadata::default(),
+                    &frame.body,
+                );
+            }
+            FrameType::Pong => {}
+            FrameType::GoAway => {
+                let reason = frame
+                    .meta
+                    .message
+                    .as_deref()
+                    .unwrap_or("server sent goaway")
+                    .to_owned();
+                tracing::debug!(peer = %self.peer, reason, "goaway received");
+                self.close_reason.lock().get_or_insert(reason);
+                self.draining.cancel();
+            }
+            FrameType::Request | FrameType::Cancel => {
+                tracing::warn!(peer = %self.peer, kind = ?frame.kind, "server sent a client-only frame");
+                self.close("protocol error: server sent a client-only frame");
+            }
+        }
+    }
+}

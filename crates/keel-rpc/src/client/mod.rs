@@ -1,0 +1,633 @@
+//! The Keel RPC client.
+//!
+//! A [`Channel`] talks to one address over one long-lived multiplexed connection: it connects
+//! in the background, pings when the connection is quiet and declares the peer dead when a
+//! ping goes unanswered, and reconnects with exponential backoff and jitter. While it is
+//! disconnected, calls fail at once with `unavailable` instead of queueing, so a layer above
+//! (discovery and load balancing, in `keel-governance`) can send them elsewhere.
+//!
+//! Calls go through the [`CallTransport`] trait, which generated clients are generic over, so
+//! a governed channel (many instances, balancing, retries) slots in where a `Channel` fits.
+
+mod backoff;
+mod conn;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use backoff::Backoff;
+use conn::{ClientConn, Pending, StreamSlot};
+
+use crate::protocol::{
+    Codec, DEFAULT_MAX_FRAME_SIZE, Frame, FrameType, HEADER_LEN, Metadata, RpcMessage, Text,
+};
+use crate::status::{Code, Status};
+
+/// Client settings. Every field has a default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// How long one connection attempt may take.
+    #[serde(with = "crate::duration_ms")]
+    pub connect_timeout: Duration,
+    /// Deadline for calls that set none; `None` (0 in config) means no deadline.
+    #[serde(with = "crate::opt_duration_ms")]
+    pub default_timeout: Option<Duration>,
+    /// Send a ping after the connection has been quiet this long.
+    #[serde(with = "crate::duration_ms")]
+    pub keepalive_interval: Duration,
+    /// Declare the peer dead if nothing arrives this long after a ping.
+    #[serde(with = "crate::duration_ms")]
+    pub keepalive_timeout: Duration,
+    /// Delays between reconnect attempts.
+    pub backoff: Backoff,
+    /// Largest frame accepted from the server, and sent to it.
+    pub max_frame_size: u32,
+    /// Stream messages buffered for a slow reader before its stream is ended with `overloaded`.
+    pub stream_buffer: usize,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> ChannelConfig {
+        ChannelConfig {
+            connect_timeout: Duration::from_secs(3),
+            default_timeout: None,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            backoff: Backoff::default(),
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            stream_buffer: 1024,
+        }
+    }
+}
+
+/// Where a channel's connection stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectivityState {
+    /// A connection attempt is under way; calls wait for it (up to their deadline).
+    Connecting,
+    /// Connected; calls go out at once.
+    Ready,
+    /// The last attempt failed (the reason is given); calls fail fast with `unavailable`
+    /// until a retry after backoff succeeds.
+    TransientFailure(String),
+}
+
+/// Per-call options.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// Time the caller will wait; sent to the server, which stops the handler when it passes.
+    pub timeout: Option<Duration>,
+    /// Body encoding for this call.
+    pub codec: Codec,
+    /// Free key/value metadata, e.g. a trace id.
+    pub metadata: Vec<(Text, Bytes)>,
+}
+
+impl CallOptions {
+    /// Sets the timeout.
+    pub fn timeout(mut self, timeout: Duration) -> CallOptions {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the codec.
+    pub fn codec(mut self, codec: Codec) -> CallOptions {
+        self.codec = codec;
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: &str, value: impl Into<Bytes>) -> CallOptions {
+        self.metadata.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// A call with its body already encoded (so a retry layer can resend it unchanged).
+#[derive(Clone, Debug)]
+pub struct RawRequest {
+    /// Fully qualified service name.
+    pub service: Text,
+    /// Method name.
+    pub method: Text,
+    /// The encoded request message.
+    pub body: Bytes,
+    /// Options.
+    pub options: CallOptions,
+}
+
+/// A successful unary reply, still encoded.
+#[derive(Clone, Debug)]
+pub struct RawResponse {
+    /// The encoded reply message.
+    pub body: Bytes,
+    /// How `body` is encoded.
+    pub codec: Codec,
+    /// The reply's metadata.
+    pub metadata: Metadata,
+}
+
+/// Sends calls somewhere: one address ([`Channel`]) or, with governance, a service's instances.
+pub trait CallTransport: Clone + Send + Sync + 'static {
+    /// Makes a unary call.
+    fn unary_raw(
+        &self,
+        request: RawRequest,
+    ) -> impl Future<Output = Result<RawResponse, Status>> + Send;
+    /// Starts a server-streaming call.
+    fn server_streaming_raw(
+        &self,
+        request: RawRequest,
+    ) -> impl Future<Output = Result<RawStream, Status>> + Send;
+}
+
+/// Makes a typed unary call over any transport (what generated clients call).
+pub async fn unary<T: CallTransport, Req: RpcMessage, Resp: RpcMessage>(
+    transport: &T,
+    service: &'static str,
+    method: &'static str,
+    request: &Req,
+    options: CallOptions,
+) -> Result<Resp, Status> {
+    let mut body = bytes::BytesMut::new();
+    options.codec.encode(request, &mut body)?;
+    let reply = transport
+        .unary_raw(RawRequest {
+            service: Text::from_static(service),
+            method: Text::from_static(method),
+            body: body.freeze(),
+            options,
+        })
+        .await?;
+    reply.codec.decode(&reply.body)
+}
+
+/// Starts a typed server-streaming call over any transport.
+pub async fn server_streaming<T: CallTransport, Req: RpcMessage, Resp: RpcMessage>(
+    transport: &T,
+    service: &'static str,
+    method: &'static str,
+    request: &Req,
+    options: CallOptions,
+) -> Result<Streaming<Resp>, Status> {
+    let mut body = bytes::BytesMut::new();
+    options.codec.encode(request, &mut body)?;
+    let raw = transport
+        .server_streaming_raw(RawRequest {
+            service: Text::from_static(service),
+            method: Text::from_static(method),
+            body: body.freeze(),
+            options,
+        })
+        .await?;
+    Ok(Streaming {
+        raw,
+        _marker: std::marker::PhantomData,
+    })
+}
+
+/// Cancels the call on the server if the caller stops waiting before its reply arrives.
+#[derive(Debug)]
+struct CancelOnDrop {
+    conn: Arc<ClientConn>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.cancel(self.id);
+        }
+    }
+}
+
+/// The messages of a server-streaming call, still encoded. Dropping it cancels the call.
+#[derive(Debug)]
+pub struct RawStream {
+    rx: mpsc::UnboundedReceiver<Result<Frame, Status>>,
+    queued: Arc<AtomicUsize>,
+    guard: CancelOnDrop,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl RawStream {
+    /// The next message; `Ok(None)` when the stream ended successfully.
+    pub async fn next(&mut self) -> Result<Option<(Bytes, Codec)>, Status> {
+        if self.done {
+            return Ok(None);
+        }
+        let received = match self.deadline {
+            Some(d) => match tokio::time::timeout_at(d, self.rx.recv()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.done = true;
+                    return Err(Status::deadline_exceeded("stream deadline exceeded"));
+                }
+            },
+            None => self.rx.recv().await,
+        };
+        let frame = match received {
+            Some(Ok(frame)) => frame,
+            Some(Err(status)) => {
+                self.finish();
+                return Err(status);
+            }
+            None => {
+                self.finish();
+                return Err(self.guard.conn.unavailable());
+            }
+        };
+        match frame.kind {
+            FrameType::StreamItem => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                Ok(Some((frame.body, frame.meta.codec.unwrap_or_default())))
+            }
+            _ => {
+                self.finish();
+                match frame.meta.status {
+                    None | Some(Code::Ok) => Ok(None),
+                    Some(code) => Err(status_of(&frame, code)),
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.guard.armed = false;
+    }
+}
+
+/// The typed messages of a server-streaming call. Dropping it cancels the call.
+#[derive(Debug)]
+pub struct Streaming<T> {
+    raw: RawStream,
+    _marker: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: RpcMessage> Streaming<T> {
+    /// The next message; `Ok(None)` when the stream ended successfully.
+    pub async fn message(&mut self) -> Result<Option<T>, Status> {
+        match self.raw.next().await? {
+            Some((body, codec)) => codec.decode(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn status_of(frame: &Frame, code: Code) -> Status {
+    Status::new(code, frame.meta.message.as_deref().unwrap_or_default())
+}
+
+#[derive(Debug)]
+struct ChannelShared {
+    addr: String,
+    config: ChannelConfig,
+    conn: RwLock<Option<Arc<ClientConn>>>,
+    state: watch::Sender<ConnectivityState>,
+}
+
+#[derive(Debug)]
+struct ChannelInner {
+    shared: Arc<ChannelShared>,
+    /// Stops the background connection manager when the last clone is dropped.
+    _stop: DropGuard,
+}
+
+/// A client for one server address over one multiplexed connection. Cheap to clone; clones
+/// share the connection.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    inner: Arc<ChannelInner>,
+}
+
+impl Channel {
+    /// A channel to `addr` (`host:port`) with default settings. It starts connecting at once
+    /// in the background; calls made meanwhile wait for that first attempt.
+    pub fn new(addr: impl Into<String>) -> Channel {
+        Channel::with_config(addr, ChannelConfig::default())
+    }
+
+    /// A channel with explicit settings. Must be called inside a tokio runtime.
+    pub fn with_config(addr: impl Into<String>, config: ChannelConfig) -> Channel {
+        let (state, _) = watch::channel(ConnectivityState::Connecting);
+        let shared = Arc::new(ChannelShared {
+            addr: addr.into(),
+            config,
+            conn: RwLock::new(None),
+            state,
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(manage(shared.clone(), stop.clone()));
+        Channel {
+            inner: Arc::new(ChannelInner {
+                shared,
+                _stop: stop.drop_guard(),
+            }),
+        }
+    }
+
+    /// Creates a channel and waits for its first connection (or the first failure).
+    pub async fn connect(
+        addr: impl Into<String>,
+        config: ChannelConfig,
+    ) -> Result<Channel, Status> {
+        let channel = Channel::with_config(addr, config);
+        channel.ready(None).await?;
+        Ok(channel)
+    }
+
+    /// The address this channel talks to.
+    pub fn addr(&self) -> &str {
+        &self.inner.shared.addr
+    }
+
+    /// The connection's current state.
+    pub fn state(&self) -> ConnectivityState {
+        self.inner.shared.state.borrow().clone()
+    }
+
+    /// Waits until the state is no longer `Connecting`, or `timeout` passes.
+    pub async fn wait_for_state_change(&self, timeout: Duration) -> ConnectivityState {
+        let mut rx = self.inner.shared.state.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+        let state = rx.borrow().clone();
+        state
+    }
+
+    /// A connection to send a call on, waiting while a connection attempt is under way.
+    async fn ready(&self, deadline: Option<Instant>) -> Result<Arc<ClientConn>, Status> {
+        let shared = &self.inner.shared;
+        let mut rx = shared.state.subscribe();
+        loop {
+            if let Some(conn) = shared.conn.read().as_ref() {
+                if !conn.draining.is_cancelled() {
+                    return Ok(conn.clone());
+                }
+            }
+            let state = rx.borrow_and_update().clone();
+            if let ConnectivityState::TransientFailure(reason) = state {
+                return Err(Status::unavailable(format!(
+                    "not connected to {}: {reason}",
+                    shared.addr
+                )));
+            }
+            // Connecting (or a replacement for a draining connection is on its way).
+            let wait_until =
+                deadline.unwrap_or_else(|| Instant::now() + shared.config.connect_timeout * 2);
+            match tokio::time::timeout_at(wait_until, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Status::unavailable("channel closed")),
+                Err(_) if deadline.is_some() => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "deadline passed while connecting to {}",
+                        shared.addr
+                    )));
+                }
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "still connecting to {}",
+                        shared.addr
+                    )));
+                }
+            }
+        }
+    }
+
+    fn deadline(&self, options: &CallOptions) -> Option<Instant> {
+        options
+            .timeout
+            .or(self.inner.shared.config.default_timeout)
+            .map(|t| Instant::now() + t)
+    }
+
+    /// Registers the call, writes its request frame, and returns the guard that cancels it.
+    fn send(
+        &self,
+        conn: &Arc<ClientConn>,
+        request: &RawRequest,
+        deadline: Option<Instant>,
+        slot: Pending,
+    ) -> Result<CancelOnDrop, Status> {
+        let meta = Metadata {
+            service: Some(request.service.clone()),
+            method: Some(request.method.clone()),
+            timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            codec: (request.options.codec != Codec::Protobuf).then_some(request.options.codec),
+            entries: request.options.metadata.clone(),
+            ..Metadata::default()
+        };
+        let size = HEADER_LEN + meta.encoded_len() + request.body.len();
+        if size > conn.max_frame_size() as usize {
+            return Err(Status::invalid_argument(format!(
+                "request frame of {size} bytes exceeds the limit of {} bytes",
+                conn.max_frame_size()
+            )));
+        }
+        let id = conn.register(slot)?;
+        match conn
+            .queue
+            .push(FrameType::Request, id, &meta, &request.body)
+        {
+            Ok(Ok(())) => Ok(CancelOnDrop {
+                conn: conn.clone(),
+                id,
+                armed: true,
+            }),
+            Ok(Err(e)) => {
+                conn.forget(id);
+                Err(Status::invalid_argument(format!(
+                    "cannot encode request: {e}"
+                )))
+            }
+            Err(_closed) => {
+                conn.forget(id);
+                Err(conn.unavailable())
+            }
+        }
+    }
+}
+
+impl CallTransport for Channel {
+    async fn unary_raw(&self, request: RawRequest) -> Result<RawResponse, Status> {
+        let deadline = self.deadline(&request.options);
+        let conn = self.ready(deadline).await?;
+        let (tx, rx) = oneshot::channel();
+        let mut guard = self.send(&conn, &request, deadline, Pending::Unary(tx))?;
+        let received = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, rx).await {
+                Ok(r) => r,
+                // The guard sends the cancel as it drops.
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no reply from {} within the deadline",
+                        conn.peer
+                    )));
+                }
+            },
+            None => rx.await,
+        };
+        guard.armed = false;
+        let frame = received.map_err(|_| conn.unavailable())??;
+        match frame.meta.status {
+            None | Some(Code::Ok) => Ok(RawResponse {
+                body: frame.body,
+                codec: frame.meta.codec.unwrap_or_default(),
+                metadata: frame.meta,
+            }),
+            Some(code) => Err(status_of(&frame, code)),
+        }
+    }
+
+    async fn server_streaming_raw(&self, request: RawRequest) -> Result<RawStream, Status> {
+        let deadline = self.deadline(&request.options);
+        let conn = self.ready(deadline).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let slot = StreamSlot {
+            tx,
+            queued: queued.clone(),
+        };
+        let guard = self.send(&conn, &request, deadline, Pending::Stream(slot))?;
+        Ok(RawStream {
+            rx,
+            queued,
+            guard,
+            deadline,
+            done: false,
+        })
+    }
+}
+
+/// Keeps the channel connected: connect, watch, reconnect with backoff. Ends when the last
+/// `Channel` clone is dropped.
+async fn manage(shared: Arc<ChannelShared>, stop: CancellationToken) {
+    let config = &shared.config;
+    let mut attempt: u32 = 0;
+    loop {
+        shared.state.send_replace(ConnectivityState::Connecting);
+        let connect = tokio::time::timeout(
+            config.connect_timeout,
+            TcpStream::connect(shared.addr.as_str()),
+        );
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            r = connect => r,
+        };
+        let stream = match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                fail(&shared, format!("connect failed: {e}"), &stop, &mut attempt).await;
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => {
+                fail(
+                    &shared,
+                    format!("connect timed out after {:?}", config.connect_timeout),
+                    &stop,
+                    &mut attempt,
+                )
+                .await;
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+        };
+        attempt = 0;
+        let conn = ClientConn::start(
+            stream,
+            shared.addr.clone(),
+            config.max_frame_size,
+            config.stream_buffer,
+        );
+        *shared.conn.write() = Some(conn.clone());
+        shared.state.send_replace(ConnectivityState::Ready);
+        tracing::debug!(addr = %shared.addr, "connected");
+
+        tokio::select! {
+            () = stop.cancelled() => {
+                conn.close("channel dropped");
+                *shared.conn.write() = None;
+                return;
+            }
+            () = keepalive(&conn, config) => {}
+        }
+        *shared.conn.write() = None;
+        if conn.closed.is_cancelled() {
+            let reason = conn.unavailable().message().to_owned();
+            tracing::debug!(addr = %shared.addr, reason, "connection lost");
+            fail(&shared, reason, &stop, &mut attempt).await;
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+        // A goaway: the old connection finishes its calls on its own; connect a new one now.
+    }
+}
+
+/// Records a failed attempt and sleeps the backoff delay.
+async fn fail(shared: &ChannelShared, reason: String, stop: &CancellationToken, attempt: &mut u32) {
+    shared
+        .state
+        .send_replace(ConnectivityState::TransientFailure(reason));
+    let delay = shared.config.backoff.delay(*attempt);
+    *attempt = attempt.saturating_add(1);
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// Pings a quiet connection and closes it if the peer stops answering. Returns when the
+/// connection is closed or draining.
+async fn keepalive(conn: &ClientConn, config: &ChannelConfig) {
+    let mut ping_id: u64 = 0;
+    loop {
+        let quiet = conn.since_last_read();
+        let wait = config.keepalive_interval.saturating_sub(quiet);
+        if !wait.is_zero() {
+            tokio::select! {
+                () = conn.draining.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        }
+        ping_id += 1;
+        if conn
+            .queue
+            .push(FrameType::Ping, ping_id, &Metadata::default(), &[])
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            () = conn.draining.cancelled() => return,
+            () = tokio::time::sleep(config.keepalive_timeout) => {}
+        }
+        if conn.since_last_read() >= config.keepalive_interval + config.keepalive_timeout {
+            tracing::warn!(peer = %conn.peer, "no reply to keepalive ping; closing connection");
+            conn.close(&format!(
+                "no reply to a keepalive ping within {:?}",
+                config.keepalive_timeout
+            ));
+            return;
+        }
+    }
+}

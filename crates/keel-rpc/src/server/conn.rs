@@ -1,0 +1,392 @@
+//! One binary-protocol connection on the server side.
+//!
+//! The connection task reads and dispatches; a writer task drains the [`WriteQueue`]; each
+//! request runs in its own task so slow calls never hold up fast ones, and replies go out in
+//! whatever order calls finish.
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::service::{Context, Handler};
+use super::{Lifecycle, MethodEntry, RouteError, Shared};
+use crate::protocol::{Codec, Frame, FrameType, Metadata};
+use crate::status::{Code, Status};
+use crate::transport::WriteQueue;
+
+/// State shared by the connection task and its call tasks.
+#[derive(Debug)]
+struct ConnState {
+    queue: WriteQueue,
+    /// Running calls by request id, so a cancel can stop one.
+    calls: Mutex<FxHashMap<u64, AbortHandle>>,
+    /// Signalled when the last running call finishes (for draining).
+    idle: Notify,
+}
+
+/// Removes a call from the connection's table when its task ends, however it ends (finished,
+/// cancelled, aborted at shutdown).
+struct CallGuard {
+    conn: Arc<ConnState>,
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let empty = {
+            let mut calls = self.conn.calls.lock();
+            calls.remove(&self.id);
+            calls.is_empty()
+        };
+        self.shared.stats.inflight.fetch_sub(1, Relaxed);
+        if empty {
+            self.conn.idle.notify_waiters();
+        }
+    }
+}
+
+fn status_meta(code: Code, message: &str, codec: Option<Codec>) -> Metadata {
+    Metadata {
+        status: (code != Code::Ok).then_some(code),
+        message: (!message.is_empty()).then(|| message.into()),
+        codec,
+        ..Metadata::default()
+    }
+}
+
+/// Sends a bodiless reply with a status.
+fn reply_status(queue: &WriteQueue, kind: FrameType, id: u64, status: &Status) {
+    let meta = status_meta(status.code(), status.message(), None);
+    // A closed queue means the connection is going away; there is no one left to tell.
+    let _ = queue.push(kind, id, &meta, &[]);
+}
+
+pub(super) async fn serve_binary(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    mut lifecycle: Lifecycle,
+) {
+    let (mut reader, writer) = stream.into_split();
+    let conn = Arc::new(ConnState {
+        queue: WriteQueue::new(),
+        calls: Mutex::new(FxHashMap::default()),
+        idle: Notify::new(),
+    });
+    let writer_task = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.queue.run_writer(writer).await {
+                tracing::debug!(%peer, error = %e, "write failed; closing connection");
+            }
+        })
+    };
+
+    let config = &shared.config;
+    let mut draining = *lifecycle.draining.borrow();
+    let mut last_id = 0u64;
+    let mut last_read = Instant::now();
+    let idle_timer = tokio::time::sleep(config.idle_timeout);
+    tokio::pin!(idle_timer);
+
+    'conn: loop {
+        // Dispatch every complete frame already buffered.
+        loop {
+            match Frame::decode(&mut buf, config.max_frame_size) {
+                Ok(Some(frame)) => {
+                    if frame.kind == FrameType::Request {
+                        last_id = last_id.max(frame.request_id);
+                    }
+                    if let Err(reason) = on_frame(&shared, &conn, frame, peer, draining) {
+                        protocol_error(&shared, &conn, peer, last_id, &reason);
+                        break 'conn;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    protocol_error(&shared, &conn, peer, last_id, &e.to_string());
+                    break 'conn;
+                }
+            }
+        }
+        if conn.queue.is_closed() {
+            break;
+        }
+        if draining && conn.calls.lock().is_empty() {
+            break;
+        }
+        let idle = conn.idle.notified();
+        tokio::select! {
+            biased;
+            () = lifecycle.force.cancelled() => break,
+            changed = lifecycle.draining.changed(), if !draining => {
+                if changed.is_err() || *lifecycle.draining.borrow() {
+                    draining = true;
+                    let meta = status_meta(Code::Unavailable, "server is shutting down", None);
+                    let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);
+                }
+            }
+            () = idle, if draining => {}
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) => break,
+                Ok(_) => last_read = Instant::now(),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "read failed; closing connection");
+                    break;
+                }
+            },
+            () = &mut idle_timer => {
+                let deadline = last_read + config.idle_timeout;
+                if Instant::now() >= deadline && conn.calls.lock().is_empty() {
+                    let meta = status_meta(Code::Unavailable, "idle timeout", None);
+                    let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);
+                    break;
+                }
+                idle_timer.as_mut().reset(deadline.max(Instant::now()) + config.idle_timeout / 4);
+            }
+        }
+    }
+
+    // Whatever is still running has lost its caller (or its grace period): stop it.
+    let running: Vec<AbortHandle> = conn.calls.lock().drain().map(|(_, h)| h).collect();
+    for handle in running {
+        handle.abort();
+    }
+    conn.queue.close();
+    let _ = writer_task.await;
+}
+
+/// Tells the peer why, then lets the caller close the connection.
+fn protocol_error(shared: &Shared, conn: &ConnState, peer: SocketAddr, last_id: u64, reason: &str) {
+    shared.stats.protocol_errors.fetch_add(1, Relaxed);
+    tracing::warn!(%peer, reason, "protocol error; closing connection");
+    let meta = status_meta(
+        Code::InvalidArgument,
+        &format!("protocol error: {reason}"),
+        None,
+    );
+    let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);
+}
+
+/// Handles one frame. An `Err` is a protocol violation that ends the connection.
+fn on_frame(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnState>,
+    frame: Frame,
+    peer: SocketAddr,
+    draining: bool,
+) -> Result<(), String> {
+    match frame.kind {
+        FrameType::Request => {
+            on_request(shared, conn, frame, peer, draining);
+            Ok(())
+        }
+        FrameType::Cancel => {
+            if let Some(handle) = conn.calls.lock().remove(&frame.request_id) {
+                handle.abort();
+            }
+            Ok(())
+        }
+        FrameType::Ping => {
+            let _ = conn.queue.push(
+                FrameType::Pong,
+                frame.request_id,
+                &Metadata::default(),
+                &frame.body,
+            );
+            Ok(())
+        }
+        // The client will send nothing more; calls already running still get their replies.
+        FrameType::Pong | FrameType::GoAway => Ok(()),
+        FrameType::Response | FrameType::StreamItem | FrameType::StreamEnd => {
+            Err(format!("{:?} frame sent to a server", frame.kind))
+        }
+    }
+}
+
+fn on_request(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnState>,
+    frame: Frame,
+    peer: SocketAddr,
+    draining: bool,
+) {
+    let id = frame.request_id;
+    let queue = &conn.queue;
+    if draining {
+        let status = Status::unavailable("server is shutting down");
+        return reply_status(queue, FrameType::Response, id, &status);
+    }
+    let (Some(service), Some(method)) = (&frame.meta.service, &frame.meta.method) else {
+        let status = Status::invalid_argument("request without service or method");
+        return reply_status(queue, FrameType::Response, id, &status);
+    };
+    let entry = match shared.route(service, method) {
+        Ok(entry) => entry.clone(),
+        Err(e) => {
+            shared.stats.unknown_method_calls.fetch_add(1, Relaxed);
+            let message = match e {
+                RouteError::NoService => format!("unknown service {:?}", service.as_str()),
+                RouteError::NoMethod => {
+                    format!(
+                        "unknown method {:?} of service {:?}",
+                        method.as_str(),
+                        service.as_str()
+                    )
+                }
+            };
+            return reply_status(queue, FrameType::Response, id, &Status::not_found(message));
+        }
+    };
+    let now = Instant::now();
+    if frame.meta.timeout.is_some_and(|t| t.is_zero()) {
+        entry
+            .stats
+            .record(Code::DeadlineExceeded, std::time::Duration::ZERO);
+        let status = Status::deadline_exceeded("deadline expired before the call started");
+        return reply_status(queue, FrameType::Response, id, &status);
+    }
+    let deadline = frame.meta.timeout.and_then(|t| now.checked_add(t));
+    let codec = frame.meta.codec.unwrap_or_default();
+
+    let mut calls = conn.calls.lock();
+    if calls.len() >= shared.config.max_inflight_per_connection {
+        drop(calls);
+        entry
+            .stats
+            .record(Code::Overloaded, std::time::Duration::ZERO);
+        let status = Status::overloaded(format!(
+            "connection has {} calls in flight (the limit)",
+            shared.config.max_inflight_per_connection
+        ));
+        return reply_status(queue, FrameType::Response, id, &status);
+    }
+    if calls.contains_key(&id) {
+        drop(calls);
+        let status = Status::invalid_argument(format!("request id {id} is already in flight"));
+        return reply_status(queue, FrameType::Response, id, &status);
+    }
+    shared.stats.inflight.fetch_add(1, Relaxed);
+    let guard = CallGuard {
+        conn: conn.clone(),
+        shared: shared.clone(),
+        id,
+    };
+    let ctx = Context {
+        deadline,
+        metadata: frame.meta,
+        peer: Some(peer),
+        codec,
+    };
+    let conn2 = conn.clone();
+    // The table stays locked until the abort handle is in it, so a call that finishes at once
+    // cannot remove its entry before the entry exists.
+    let task = tokio::spawn(run_call(conn2, entry, ctx, frame.body, now, guard));
+    calls.insert(id, task.abort_handle());
+}
+
+/// Runs one call to completion and queues its reply (or replies, for a stream).
+async fn run_call(
+    conn: Arc<ConnState>,
+    entry: Arc<MethodEntry>,
+    ctx: Context,
+    body: Bytes,
+    started: Instant,
+    guard: CallGuard,
+) {
+    let id = guard.id;
+    let deadline = ctx.deadline;
+    let codec = ctx.codec;
+    let outcome = match &entry.handler {
+        Handler::Unary(handler) => {
+            let call = AssertUnwindSafe(handler(ctx, body)).catch_unwind();
+            let result = match with_deadline(deadline, call).await {
+                Some(Ok(result)) => result,
+                Some(Err(panic)) => Err(panicked(&*panic)),
+                None => Err(Status::deadline_exceeded(
+                    "deadline exceeded while the call ran",
+                )),
+            };
+            match &result {
+                Ok(reply) => {
+                    let meta = status_meta(Code::Ok, "", Some(codec));
+                    let _ = conn.queue.push(FrameType::Response, id, &meta, reply);
+                }
+                Err(status) => reply_status(&conn.queue, FrameType::Response, id, status),
+            }
+            result.map(drop)
+        }
+        Handler::ServerStreaming(handler) => {
+            let run = async {
+                let mut stream = AssertUnwindSafe(handler(ctx, body))
+                    .catch_unwind()
+                    .await
+                    .map_err(|p| panicked(&*p))??;
+                let item_meta = status_meta(Code::Ok, "", Some(codec));
+                while let Some(item) = AssertUnwindSafe(stream.next())
+                    .catch_unwind()
+                    .await
+                    .map_err(|p| panicked(&*p))?
+                {
+                    let item = item?;
+                    conn.queue.writable().await;
+                    if conn
+                        .queue
+                        .push(FrameType::StreamItem, id, &item_meta, &item)
+                        .is_err()
+                    {
+                        return Err(Status::cancelled("connection closed"));
+                    }
+                }
+                Ok(())
+            };
+            let result = with_deadline(deadline, run).await.unwrap_or_else(|| {
+                Err(Status::deadline_exceeded(
+                    "deadline exceeded while the stream ran",
+                ))
+            });
+            let status = match &result {
+                Ok(()) => Status::new(Code::Ok, ""),
+                Err(s) => s.clone(),
+            };
+            reply_status(&conn.queue, FrameType::StreamEnd, id, &status);
+            result
+        }
+    };
+    let code = outcome.err().map_or(Code::Ok, |s| s.code());
+    entry.stats.record(code, started.elapsed());
+    drop(guard);
+}
+
+async fn with_deadline<F: std::future::Future>(
+    deadline: Option<Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+pub(super) fn panicked(panic: &(dyn std::any::Any + Send)) -> Status {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    tracing::error!(panic = %what, "handler panicked");
+    Status::internal(format!("handler panicked: {what}"))
+}

@@ -1,0 +1,321 @@
+//! HTTP/1.1 on the RPC port, so `curl` can call any Keel service.
+//!
+//! - `POST /{service}/{method}` with a JSON body calls the method with the JSON codec. A
+//!   unary reply is the JSON message; a server stream is newline-delimited JSON, one message
+//!   per line, ending with an `{"error": ...}` line if the stream fails midway. Errors are
+//!   `{"error": "<status name>", "message": "..."}` with an HTTP status that fits the code.
+//!   An optional `keel-timeout-ms` header sets the deadline.
+//! - `GET /health`: `200 {"status":"serving"}`, or `503 {"status":"draining"}` during shutdown.
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /status`: uptime, connections, in-flight calls, per-method counts and latency.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame as BodyFrame, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::conn::panicked;
+use super::service::{Context, Handler};
+use super::{Lifecycle, RouteError, Shared};
+use crate::protocol::{Codec, Metadata};
+use crate::status::{Code, Status};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A stream that first yields bytes already read while sniffing the protocol.
+struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+pub(super) async fn serve_http(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    prefix: BytesMut,
+    peer: SocketAddr,
+    mut lifecycle: Lifecycle,
+) {
+    let io = TokioIo::new(Rewind {
+        prefix: prefix.freeze(),
+        inner: stream,
+    });
+    let service = {
+        let shared = shared.clone();
+        let draining = lifecycle.draining.clone();
+        hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            let draining = *draining.borrow();
+            async move { Ok::<_, Infallible>(handle(shared, req, peer, draining).await) }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.handshake_timeout)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut draining = *lifecycle.draining.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            changed = lifecycle.draining.changed(), if !draining => {
+                if changed.is_err() || *lifecycle.draining.borrow() {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = lifecycle.force.cancelled() => return,
+        }
+    }
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed_unsync());
+    *resp.status_mut() = status;
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    full(status, "application/json", value.to_string())
+}
+
+fn error_body(status: &Status) -> serde_json::Value {
+    serde_json::json!({ "error": status.code().as_str(), "message": status.message() })
+}
+
+fn error_response(status: &Status) -> Response<Body> {
+    let code = StatusCode::from_u16(status.code().http_status())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(code, &error_body(status))
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    draining: bool,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health") => {
+            if draining {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "draining"}),
+                )
+            } else {
+                json(StatusCode::OK, &serde_json::json!({"status": "serving"}))
+            }
+        }
+        (&Method::GET, "/metrics") => full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            super::metrics::render(&shared.stats, &shared.method_list),
+        ),
+        (&Method::GET, "/status") => json(StatusCode::OK, &status_page(&shared)),
+        (&Method::POST, _) => match call(&shared, req, &path, peer, draining).await {
+            Ok(resp) => resp,
+            Err(status) => error_response(&status),
+        },
+        _ => error_response(&Status::not_found(format!(
+            "no route for {} {path}; call methods with POST /{{service}}/{{method}}",
+            req.method()
+        ))),
+    }
+}
+
+fn status_page(shared: &Shared) -> serde_json::Value {
+    let stats = &shared.stats;
+    let methods: Vec<_> = shared
+        .method_list
+        .iter()
+        .map(|(s, m, st)| {
+            serde_json::json!({
+                "service": &**s, "method": &**m,
+                "calls": st.total(), "errors": st.total() - st.count(Code::Ok),
+                "mean_latency_us": st.mean_latency().as_micros() as u64,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": shared.started.elapsed().as_secs(),
+        "connections_open": stats.connections_open.load(Relaxed),
+        "inflight_calls": stats.inflight.load(Relaxed),
+        "methods": methods,
+    })
+}
+
+async fn call(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    path: &str,
+    peer: SocketAddr,
+    draining: bool,
+) -> Result<Response<Body>, Status> {
+    if draining {
+        return Err(Status::unavailable("server is shutting down"));
+    }
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
+        return Err(Status::not_found(format!(
+            "{path} is not /{{service}}/{{method}}"
+        )));
+    };
+    let entry = shared
+        .route(service, method)
+        .map_err(|e| {
+            shared.stats.unknown_method_calls.fetch_add(1, Relaxed);
+            match e {
+                RouteError::NoService => Status::not_found(format!("unknown service {service:?}")),
+                RouteError::NoMethod => {
+                    Status::not_found(format!("unknown method {method:?} of service {service:?}"))
+                }
+            }
+        })?
+        .clone();
+    let timeout = match req.headers().get("keel-timeout-ms") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    Status::invalid_argument(
+                        "keel-timeout-ms must be a whole number of milliseconds",
+                    )
+                })?,
+        ),
+    };
+    let limit = shared.config.max_frame_size as usize;
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            Status::invalid_argument(format!(
+                "reading the request body failed (limit {limit} bytes): {e}"
+            ))
+        })?
+        .to_bytes();
+    let started = Instant::now();
+    let deadline = timeout.map(|t| started + t);
+    let ctx = Context {
+        deadline,
+        metadata: Metadata::default(),
+        peer: Some(peer),
+        codec: Codec::Json,
+    };
+    shared.stats.inflight.fetch_add(1, Relaxed);
+    let result = match &entry.handler {
+        Handler::Unary(handler) => {
+            let fut = AssertUnwindSafe(handler(ctx, body)).catch_unwind();
+            let out = match deadline {
+                Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+                None => Some(fut.await),
+            };
+            let result = match out {
+                Some(Ok(r)) => r,
+                Some(Err(panic)) => Err(panicked(&*panic)),
+                None => Err(Status::deadline_exceeded(
+                    "deadline exceeded while the call ran",
+                )),
+            };
+            result.map(|reply| full(StatusCode::OK, "application/json", reply))
+        }
+        Handler::ServerStreaming(handler) => {
+            match AssertUnwindSafe(handler(ctx, body)).catch_unwind().await {
+                Err(panic) => Err(panicked(&*panic)),
+                Ok(Err(status)) => Err(status),
+                Ok(Ok(stream)) => {
+                    let lines = stream.map(|item| {
+                        let mut line = match item {
+                            Ok(bytes) => BytesMut::from(&bytes[..]),
+                            Err(status) => {
+                                BytesMut::from(error_body(&status).to_string().as_bytes())
+                            }
+                        };
+                        line.extend_from_slice(b"\n");
+                        Ok::<_, Infallible>(BodyFrame::data(line.freeze()))
+                    });
+                    let lines: Pin<Box<dyn futures_util::Stream<Item = _> + Send>> = match deadline
+                    {
+                        Some(d) => Box::pin(lines.take_until(tokio::time::sleep_until(d))),
+                        None => Box::pin(lines),
+                    };
+                    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(lines)));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/x-ndjson"),
+                    );
+                    Ok(resp)
+                }
+            }
+        }
+    };
+    shared.stats.inflight.fetch_sub(1, Relaxed);
+    entry.stats.record(
+        result.as_ref().err().map_or(Code::Ok, |s| s.code()),
+        started.elapsed(),
+    );
+    result
+}

@@ -1,0 +1,315 @@
+//! The Keel RPC server.
+//!
+//! - [`Server`] / [`ServerBuilder`]: configuration, service registration, the accept loop with
+//!   a connection cap, and graceful shutdown (goaway, drain up to a grace period, close).
+//! - `conn`: one binary connection: a reader that dispatches each request to its own task, a
+//!   writer that batches replies, cancel, ping, in-flight cap, idle timeout.
+//! - `http`: HTTP/1.1 on the same port (detected from the first bytes): `POST /{service}/{method}`
+//!   with JSON, `GET /health`, `GET /metrics`, `GET /status`.
+//! - [`service`]: [`ServiceDef`] and the handler [`Context`].
+//! - [`metrics`]: lock-free counters and their Prometheus rendering.
+
+mod conn;
+mod http;
+pub mod metrics;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustc_hash::FxHashMap;
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use metrics::{MethodStats, ServerStats};
+pub use service::{Context, IntoService, ResponseStream, ServiceDef};
+
+use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAGIC};
+use service::Handler;
+
+/// Server limits and timeouts. Every field has a default; see `docs/operations.md`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Connections served at once; over the cap a new connection is closed at once.
+    pub max_connections: usize,
+    /// Calls running at once on one connection; over the cap a call gets `overloaded`.
+    pub max_inflight_per_connection: usize,
+    /// Largest frame accepted (header + metadata + body), in bytes.
+    pub max_frame_size: u32,
+    /// A connection with no call running and nothing received for this long is closed.
+    #[serde(with = "crate::duration_ms")]
+    pub idle_timeout: Duration,
+    /// How long a new connection may take to send its first bytes.
+    #[serde(with = "crate::duration_ms")]
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long in-flight calls may take to finish before they are cut off.
+    #[serde(with = "crate::duration_ms")]
+    pub shutdown_grace: Duration,
+    /// Answer HTTP/1.1 on the same port.
+    pub http: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            max_connections: 10_000,
+            max_inflight_per_connection: 4096,
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            idle_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            http: true,
+        }
+    }
+}
+
+/// One registered method.
+#[derive(Debug)]
+pub(crate) struct MethodEntry {
+    pub(crate) handler: Handler,
+    pub(crate) stats: Arc<MethodStats>,
+}
+
+/// Everything connections share, read-only after start except atomics.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    routes: FxHashMap<Box<str>, FxHashMap<Box<str>, Arc<MethodEntry>>>,
+    pub(crate) method_list: Vec<(Arc<str>, Arc<str>, Arc<MethodStats>)>,
+    pub(crate) stats: ServerStats,
+    pub(crate) started: Instant,
+}
+
+/// Why a call could not be routed.
+pub(crate) enum RouteError {
+    NoService,
+    NoMethod,
+}
+
+impl Shared {
+    pub(crate) fn route(
+        &self,
+        service: &str,
+        method: &str,
+    ) -> Result<&Arc<MethodEntry>, RouteError> {
+        let methods = self.routes.get(service).ok_or(RouteError::NoService)?;
+        methods.get(method).ok_or(RouteError::NoMethod)
+    }
+}
+
+/// Builds a [`Server`].
+#[derive(Debug, Default)]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    services: Vec<ServiceDef>,
+}
+
+impl ServerBuilder {
+    /// Replaces the configuration.
+    pub fn config(mut self, config: ServerConfig) -> ServerBuilder {
+        self.config = config;
+        self
+    }
+
+    /// Registers a service. A later service with the same name replaces an earlier one.
+    pub fn add_service(mut self, service: impl IntoService) -> ServerBuilder {
+        self.services.push(service.into_service());
+        self
+    }
+
+    /// Freezes the routing table.
+    pub fn build(self) -> Server {
+        let mut routes: FxHashMap<Box<str>, FxHashMap<Box<str>, Arc<MethodEntry>>> =
+            FxHashMap::default();
+        for def in self.services {
+            let methods = routes.entry(def.name.clone().into()).or_default();
+            methods.clear();
+            for (name, handler) in def.methods {
+                let entry = Arc::new(MethodEntry {
+                    handler,
+                    stats: Arc::default(),
+                });
+                methods.insert(name.into(), entry);
+            }
+        }
+        let mut method_list: Vec<_> = routes
+            .iter()
+            .flat_map(|(s, ms)| {
+                ms.iter()
+                    .map(|(m, e)| (Arc::from(&**s), Arc::from(&**m), e.stats.clone()))
+            })
+            .collect();
+        method_list.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        Server {
+            shared: Arc::new(Shared {
+                config: self.config,
+                routes,
+                method_list,
+                stats: ServerStats::default(),
+                started: Instant::now(),
+            }),
+        }
+    }
+}
+
+/// A Keel RPC server: binary protocol and HTTP/1.1 on one port.
+#[derive(Clone, Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+/// Signals sent from the accept loop to connections.
+#[derive(Clone, Debug)]
+pub(crate) struct Lifecycle {
+    /// Flips to `true` when shutdown starts: send goaway, stop taking calls, drain.
+    pub(crate) draining: watch::Receiver<bool>,
+    /// Fires when the grace period is over: abort what is still running and close.
+    pub(crate) force: CancellationToken,
+}
+
+impl Server {
+    /// Starts building a server.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// Server-wide counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// Counters of one method, if it is registered.
+    pub fn method_stats(&self, service: &str, method: &str) -> Option<Arc<MethodStats>> {
+        self.shared
+            .route(service, method)
+            .ok()
+            .map(|e| e.stats.clone())
+    }
+
+    /// The `/metrics` page as text.
+    pub fn render_metrics(&self) -> String {
+        metrics::render(&self.shared.stats, &self.shared.method_list)
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then shuts down
+    /// gracefully: every connection gets a goaway, in-flight calls get up to
+    /// [`ServerConfig::shutdown_grace`] to finish, and whatever is left is cut off.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let lifecycle = Lifecycle {
+            draining: drain_rx,
+            force: CancellationToken::new(),
+        };
+        let tracker = TaskTracker::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Out of file descriptors and similar: back off briefly rather
+                            // than spin; the listener itself stays valid.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let stats = &self.shared.stats;
+                    stats.connections_accepted.fetch_add(1, Relaxed);
+                    let open = stats.connections_open.load(Relaxed);
+                    if open >= self.shared.config.max_connections as i64 {
+                        stats.connections_refused.fetch_add(1, Relaxed);
+                        tracing::debug!(%peer, open, "connection cap reached; closing new connection");
+                        drop(stream);
+                        continue;
+                    }
+                    stats.connections_open.fetch_add(1, Relaxed);
+                    let shared = self.shared.clone();
+                    let lifecycle = lifecycle.clone();
+                    tracker.spawn(async move {
+                        serve_connection(shared.clone(), stream, peer, lifecycle).await;
+                        shared.stats.connections_open.fetch_sub(1, Relaxed);
+                    });
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!(
+            connections = self.shared.stats.connections_open.load(Relaxed),
+            "shutting down: draining connections"
+        );
+        let _ = drain_tx.send(true);
+        tracker.close();
+        if tokio::time::timeout(self.shared.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+            lifecycle.force.cancel();
+            tracker.wait().await;
+        }
+        Ok(())
+    }
+
+    /// Binds `addr` and serves until `shutdown`; see [`Server::serve`].
+    pub async fn bind_and_serve(
+        self,
+        addr: SocketAddr,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let listener = TcpListener::bind(addr).await?;
+        self.serve(listener, shutdown).await
+    }
+}
+
+/// Reads the first bytes and hands the connection to the protocol they announce.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    lifecycle: Lifecycle,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let sniff = async {
+        while buf.len() < MAGIC.len() {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+        }
+        Ok(true)
+    };
+    match tokio::time::timeout(shared.config.handshake_timeout, sniff).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) | Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "no bytes before the handshake timeout; closing");
+            return;
+        }
+    }
+    if buf[..2] == MAGIC {
+        conn::serve_binary(shared, stream, buf, peer, lifecycle).await;
+    } else if shared.config.http {
+        http::serve_http(shared, stream, buf, peer, lifecycle).await;
+    } else {
+        shared.stats.protocol_errors.fetch_add(1, Relaxed);
+        tracing::debug!(%peer, "not a Keel frame and HTTP is off; closing");
+    }
+}

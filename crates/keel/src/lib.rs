@@ -1,0 +1,5 @@
+//! Library side of the `keel` binary: the load generator behind `keel bench` and `keel demo`
+//! (shared with the benchmark peers in `bench/peers`, so every contender is measured by the
+//! same code).
+
+pub mod loadgen;

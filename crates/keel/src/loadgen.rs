@@ -1,0 +1,137 @@
+//! A closed-loop load generator: `concurrency` workers, each sending its next call as soon as
+//! the previous one returns, for a fixed time; latencies go into HDR histograms.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// What a load run measured.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Calls that succeeded.
+    pub ok: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+    /// Wall time of the measured window.
+    pub elapsed: Duration,
+    /// Successful calls per second.
+    pub qps: f64,
+    /// Latency percentiles of successful calls, in microseconds.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Slowest call.
+    pub max_us: u64,
+}
+
+impl LoadReport {
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        format!(
+            "{:>10.0} calls/s  p50 {:>6.3} ms  p99 {:>6.3} ms  p99.9 {:>6.3} ms  max {:>7.3} ms  ({} ok, {} errors)",
+            self.qps,
+            self.p50_us as f64 / 1e3,
+            self.p99_us as f64 / 1e3,
+            self.p999_us as f64 / 1e3,
+            self.max_us as f64 / 1e3,
+            self.ok,
+            self.errors
+        )
+    }
+
+    /// The report as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ok": self.ok, "errors": self.errors, "qps": self.qps.round(),
+            "p50_ms": self.p50_us as f64 / 1e3, "p99_ms": self.p99_us as f64 / 1e3,
+            "p999_ms": self.p999_us as f64 / 1e3, "max_ms": self.max_us as f64 / 1e3,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits; the bounds are constants, so this cannot fail.
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// Runs `concurrency` workers for `warmup + duration`; only calls that start after the warm-up
+/// are measured. `call(worker)` makes one call.
+pub async fn closed_loop<F, Fut>(
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    call: F,
+) -> LoadReport
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let call = call.clone();
+        tasks.spawn(async move {
+            let mut hist = new_histogram();
+            let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let result = call(worker).await;
+                let t1 = Instant::now();
+                if t0 < measure_from {
+                    continue;
+                }
+                match result {
+                    Ok(()) => {
+                        ok += 1;
+                        let _ = hist.record((t1 - t0).as_micros().max(1) as u64);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                        // A dead server fails calls in microseconds; do not spin on it.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            (hist, ok, errors, first_error)
+        });
+    }
+    let mut hist = new_histogram();
+    let (mut ok, mut errors, mut first_error) = (0, 0, None);
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((h, o, e, f)) = joined {
+            let _ = hist.add(&h);
+            ok += o;
+            errors += e;
+            if first_error.is_none() {
+                first_error = f;
+            }
+        }
+    }
+    let elapsed = Instant::now()
+        .saturating_duration_since(measure_from)
+        .max(Duration::from_millis(1));
+    LoadReport {
+        ok,
+        errors,
+        first_error,
+        elapsed,
+        qps: ok as f64 / elapsed.as_secs_f64(),
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+    }
+}

@@ -1,0 +1,274 @@
+//! The `keel` command: run Keel services and measure them.
+//!
+//! - `keel serve`: the echo service on a port (binary protocol and HTTP/JSON).
+//! - `keel bench rpc`: the built-in load generator against a Keel echo server.
+//! - `keel demo`: both at once, in one process, for a few seconds: the README's first command.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use keel::loadgen;
+use keel_echo::{EchoClient, EchoRequest, EchoServer, EchoService};
+use keel_rpc::{CallOptions, Channel, ChannelConfig, Codec, Server, ServerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "keel", version, about = "Keel: a backend platform in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the echo service (Keel RPC and HTTP/JSON on one port) until Ctrl-C.
+    Serve(ServeArgs),
+    /// Measure a running service.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Start an echo server and drive it with the load generator for a few seconds.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    addr: SocketAddr,
+    /// Runtime worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Unary echo calls against a Keel server.
+    Rpc(RpcBenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RpcBenchArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    addr: String,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Connections the calls are spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Payload bytes per request (echoed back).
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Body codec: protobuf or json.
+    #[arg(long, default_value = "protobuf")]
+    codec: String,
+    /// Print only the JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Measured seconds.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Address for the demo server (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: SocketAddr,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Bench(BenchCommand::Rpc(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(bench_rpc(&args))?;
+            print_report(&args, &report);
+            Ok(())
+        }
+        Command::Demo(args) => demo(args),
+    }
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    Ok(builder.enable_all().build()?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rt = runtime(args.threads)?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("binding {}", args.addr))?;
+        eprintln!(
+            "keel echo service on {} (Keel RPC + HTTP/JSON); Ctrl-C stops",
+            listener.local_addr()?
+        );
+        let server = Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .build();
+        server
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn parse_codec(name: &str) -> anyhow::Result<Codec> {
+    match name {
+        "protobuf" | "proto" | "pb" => Ok(Codec::Protobuf),
+        "json" => Ok(Codec::Json),
+        other => anyhow::bail!("unknown codec {other:?}: use protobuf or json"),
+    }
+}
+
+async fn bench_rpc(args: &RpcBenchArgs) -> anyhow::Result<loadgen::LoadReport> {
+    anyhow::ensure!(
+        args.connections > 0 && args.concurrency > 0,
+        "connections and concurrency must be positive"
+    );
+    let codec = parse_codec(&args.codec)?;
+    let mut clients = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let channel = Channel::connect(args.addr.clone(), ChannelConfig::default())
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
+        clients.push(EchoClient::new(channel));
+    }
+    let request = std::sync::Arc::new(EchoRequest {
+        message: String::new(),
+        payload: Bytes::from(vec![0x5a; args.payload]).to_vec(),
+    });
+    let expected = args.payload;
+    let clients = std::sync::Arc::new(clients);
+    let options = CallOptions::default()
+        .codec(codec)
+        .timeout(Duration::from_secs(10));
+    let report = loadgen::closed_loop(
+        args.concurrency,
+        Duration::from_secs_f64(args.warmup),
+        Duration::from_secs_f64(args.seconds),
+        move |worker| {
+            let clients = clients.clone();
+            let request = request.clone();
+            let options = options.clone();
+            async move {
+                let client = &clients[worker % clients.len()];
+                let reply = client
+                    .echo_with(&request, options)
+                    .await
+                    .map_err(|s| s.to_string())?;
+                if reply.payload.len() != expected {
+                    return Err(format!(
+                        "reply payload {} bytes, sent {expected}",
+                        reply.payload.len()
+                    ));
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+    Ok(report)
+}
+
+fn print_report(args: &RpcBenchArgs, report: &loadgen::LoadReport) {
+    if !args.json {
+        println!(
+            "keel rpc: {} B payload, concurrency {}, {} connections, {}",
+            args.payload, args.concurrency, args.connections, args.codec
+        );
+        println!("  {}", report.summary());
+        if let Some(e) = &report.first_error {
+            println!("  first error: {e}");
+        }
+    }
+    let mut json = report.to_json();
+    json["payload"] = args.payload.into();
+    json["concurrency"] = args.concurrency.into();
+    json["connections"] = args.connections.into();
+    println!("{json}");
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    // The server gets its own runtime thread, the load generator another, as if they were
+    // two processes: what is measured is the protocol and the server, not a shared scheduler.
+    let server_rt = runtime(1)?;
+    let listener = server_rt.block_on(tokio::net::TcpListener::bind(args.addr))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .config(ServerConfig::default())
+        .add_service(EchoServer::new(EchoService))
+        .build();
+    let server_handle = server.clone();
+    let serving = server_rt.spawn(server.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    println!("Keel echo service listening on {addr} (Keel RPC and HTTP/JSON on one port)");
+    println!(
+        "  try: curl -s -X POST http://{addr}/keel.echo.v1.Echo/Echo -d '{{\"message\":\"hi\"}}'"
+    );
+    println!(
+        "Driving it with the built-in load generator for {:.0} s...",
+        args.seconds
+    );
+
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for (payload, concurrency) in [(64usize, 64usize), (1024, 64)] {
+        let bench = RpcBenchArgs {
+            addr: addr.to_string(),
+            concurrency,
+            connections: 4,
+            payload,
+            seconds: args.seconds / 2.0,
+            warmup: 0.3,
+            codec: "protobuf".into(),
+            json: false,
+        };
+        let report = client_rt.block_on(bench_rpc(&bench))?;
+        println!(
+            "  echo {payload:>5} B, {concurrency} in flight over 4 connections: {}",
+            report.summary()
+        );
+        anyhow::ensure!(report.errors == 0, "calls failed: {:?}", report.first_error);
+    }
+    // The same service over HTTP/JSON, as curl would call it.
+    let metrics = server_handle.render_metrics();
+    let calls = metrics
+        .lines()
+        .find(|l| l.starts_with("keel_rpc_requests_total{service=\"keel.echo.v1.Echo\",method=\"Echo\",status=\"ok\"}"))
+        .unwrap_or("");
+    println!("Server metrics: {calls}");
+    let _ = stop_tx.send(());
+    server_rt.block_on(serving)??;
+    println!("Server drained and stopped.");
+    Ok(())
+}
