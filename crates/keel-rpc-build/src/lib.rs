@@ -214,7 +214,7 @@ impl<T: {name}> {server}<T> {{
 
 impl<T: {name}> ::keel_rpc::server::IntoService for {server}<T> {{
     fn into_service(self) -> ::keel_rpc::ServiceDef {{
-        let def = ::keel_rpc::ServiceDef::new(Self::NAME);"#
+        ::keel_rpc::ServiceDef::new(Self::NAME)"#
         );
         for m in &service.methods {
             let kind = if m.server_streaming {
@@ -224,17 +224,19 @@ impl<T: {name}> ::keel_rpc::server::IntoService for {server}<T> {{
             };
             let _ = writeln!(
                 buf,
-                r#"        let inner = self.0.clone();
-        let def = def.{kind}("{proto}", move |ctx, request: {input}| {{
-            let inner = inner.clone();
-            async move {{ inner.{method}(ctx, request).await }}
-        }});"#,
+                r#"            .{kind}("{proto}", {{
+                let inner = self.0.clone();
+                move |ctx, request: {input}| {{
+                    let inner = inner.clone();
+                    async move {{ inner.{method}(ctx, request).await }}
+                }}
+            }})"#,
                 proto = m.proto_name,
                 input = m.input_type,
                 method = m.name,
             );
         }
-        let _ = writeln!(buf, "        def\n    }}\n}}");
+        let _ = writeln!(buf, "    }}\n}}");
 
         // The client.
         let _ = writeln!(

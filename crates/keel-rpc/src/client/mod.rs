@@ -364,8 +364,7 @@ impl Channel {
     pub async fn wait_for_state_change(&self, timeout: Duration) -> ConnectivityState {
         let mut rx = self.inner.shared.state.subscribe();
         let _ = tokio::time::timeout(timeout, rx.changed()).await;
-        let state = rx.borrow().clone();
-        state
+        rx.borrow().clone()
     }
 
     /// A connection to send a call on, waiting while a connection attempt is under way.
@@ -373,10 +372,10 @@ impl Channel {
         let shared = &self.inner.shared;
         let mut rx = shared.state.subscribe();
         loop {
-            if let Some(conn) = shared.conn.read().as_ref() {
-                if !conn.draining.is_cancelled() {
-                    return Ok(conn.clone());
-                }
+            if let Some(conn) = shared.conn.read().as_ref()
+                && !conn.draining.is_cancelled()
+            {
+                return Ok(conn.clone());
             }
             let state = rx.borrow_and_update().clone();
             if let ConnectivityState::TransientFailure(reason) = state {

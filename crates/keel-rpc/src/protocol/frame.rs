@@ -319,7 +319,7 @@ impl Metadata {
                 tag::ENTRY => {
                     let mut value = value;
                     let key_len = match value.first() {
-                        Some(&n) if 1 + usize::from(n) <= value.len() => usize::from(n),
+                        Some(&n) if usize::from(n) < value.len() => usize::from(n),
                         _ => return Err(FrameError::TruncatedMetadata { tag }),
                     };
                     value.advance(1);
@@ -684,12 +684,7 @@ mod tests {
                 buf.put_u8(VERSION);
             }
             buf.put_slice(&bytes);
-            loop {
-                match Frame::decode(&mut buf, limit) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = Frame::decode(&mut buf, limit) {}
             // Whatever the input declared, the buffer never grows past the frame limit
             // (plus what the input itself occupied).
             prop_assert!(buf.capacity() <= (limit as usize).max(bytes.len() + 3) + 64);

@@ -1,0 +1,212 @@
+//! Test fixtures: servers on port 0, a test service with controllable behaviour, raw frames.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use keel_echo::{EchoReply, EchoRequest, EchoServer, EchoService};
+use keel_rpc::protocol::{DEFAULT_MAX_FRAME_SIZE, Frame};
+use keel_rpc::{Server, ServerConfig, ServiceDef, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Counters the test service updates, so tests can see what handlers did.
+#[derive(Debug, Default)]
+pub struct Probe {
+    pub started: AtomicUsize,
+    /// Handlers whose future was dropped before finishing (cancelled or timed out).
+    pub dropped_unfinished: AtomicUsize,
+    pub finished: AtomicUsize,
+}
+
+struct DropProbe {
+    probe: Arc<Probe>,
+    finished: bool,
+}
+
+impl Drop for DropProbe {
+    fn drop(&mut self) {
+        if self.finished {
+            self.probe.finished.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.probe.dropped_unfinished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+pub const TEST_SERVICE: &str = "test.Test";
+
+/// `test.Test`: `Sleep` (sleeps `message` ms, then echoes), `Panic`, `Remaining` (replies with
+/// the handler's remaining time in ms), all on the echo messages.
+pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
+    let p = probe.clone();
+    ServiceDef::new(TEST_SERVICE)
+        .unary("Sleep", move |_ctx, req: EchoRequest| {
+            let probe = p.clone();
+            async move {
+                probe.started.fetch_add(1, Ordering::SeqCst);
+                let mut guard = DropProbe {
+                    probe,
+                    finished: false,
+                };
+                let ms: u64 = req
+                    .message
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("message must be ms"))?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                guard.finished = true;
+                Ok(EchoReply {
+                    message: req.message,
+                    payload: req.payload,
+                })
+            }
+        })
+        .unary("Panic", |_ctx, _req: EchoRequest| async move {
+            if true {
+                panic!("test handler panicked on purpose");
+            }
+            Ok(EchoReply::default())
+        })
+        .unary("Remaining", |ctx, _req: EchoRequest| async move {
+            let ms = ctx
+                .remaining()
+                .map(|d| d.as_millis().to_string())
+                .unwrap_or_else(|| "none".into());
+            Ok(EchoReply {
+                message: ms,
+                payload: Vec::new(),
+            })
+        })
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub server: Server,
+    pub probe: Arc<Probe>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: ServerConfig) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::start_on(listener, config).await
+    }
+
+    pub async fn start_on(listener: TcpListener, config: ServerConfig) -> TestServer {
+        let addr = listener.local_addr().unwrap();
+        let probe = Arc::new(Probe::default());
+        let server = Server::builder()
+            .config(config)
+            .add_service(EchoServer::new(EchoService))
+            .add_service(test_service(probe.clone()))
+            .build();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.clone().serve(listener, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            server,
+            probe,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Starts graceful shutdown and returns the serve task to await.
+    pub fn shutdown(mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task
+    }
+}
+
+/// Polls `cond` every 10 ms for up to 10 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Reads frames from a raw connection until it closes (or 10 s pass).
+pub async fn read_frames_until_close(stream: &mut TcpStream) -> (Vec<Frame>, bool) {
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            while let Ok(Some(f)) = Frame::decode(&mut buf, DEFAULT_MAX_FRAME_SIZE) {
+                frames.push(f);
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (frames, closed)
+}
+
+/// Sends raw bytes over a fresh connection.
+pub async fn raw_connect(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
+/// Sends one HTTP/1.1 request and returns (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = raw_connect(addr, req.as_bytes()).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}

@@ -1,0 +1,121 @@
+//! HTTP/1.1 on the RPC port: JSON calls, health, metrics, status.
+
+mod common;
+
+use common::{TestServer, http};
+use keel_rpc::ServerConfig;
+
+#[tokio::test]
+async fn json_call_over_http() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    // bytes travel as base64 in the proto3 JSON mapping: "AAEC" is [0, 1, 2].
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/keel.echo.v1.Echo/Echo",
+        r#"{"message":"hi","payload":"AAEC"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["message"], "hi");
+    assert_eq!(v["payload"], "AAEC");
+    // An empty body is the empty message.
+    let (status, body) = http(server.addr, "POST", "/keel.echo.v1.Echo/Echo", "").await;
+    assert_eq!((status, body.as_str()), (200, "{}"));
+}
+
+#[tokio::test]
+async fn http_errors_carry_status_name_and_fitting_http_status() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let cases = [
+        ("/no.Such/Echo", "{}", 404, "not_found"),
+        ("/keel.echo.v1.Echo/Nope", "{}", 404, "not_found"),
+        (
+            "/keel.echo.v1.Echo/Echo",
+            "{not json",
+            400,
+            "invalid_argument",
+        ),
+        ("/test.Test/Panic", "{}", 500, "internal"),
+    ];
+    for (path, body, want_status, want_error) in cases {
+        let (status, body) = http(server.addr, "POST", path, body).await;
+        assert_eq!(status, want_status, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], want_error, "{path}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (status, _) = http(server.addr, "GET", "/nowhere", "").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn http_deadline_header() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let req = "POST /test.Test/Sleep HTTP/1.1\r\nHost: t\r\nkeel-timeout-ms: 50\r\nContent-Length: 19\r\nConnection: close\r\n\r\n{\"message\":\"5000\"}\n";
+    let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(out.contains("deadline_exceeded"), "{out}");
+}
+
+#[tokio::test]
+async fn server_stream_over_http_is_ndjson() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/keel.echo.v1.Echo/Count",
+        r#"{"count":3}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines, vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
+}
+
+#[tokio::test]
+async fn health_status_and_metrics() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let (status, body) = http(server.addr, "GET", "/health", "").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"serving"}"#));
+
+    for _ in 0..3 {
+        http(server.addr, "POST", "/keel.echo.v1.Echo/Echo", "{}").await;
+    }
+    http(server.addr, "POST", "/test.Test/Panic", "{}").await;
+    let (status, metrics) = http(server.addr, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            r#"keel_rpc_requests_total{service="keel.echo.v1.Echo",method="Echo",status="ok"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        r#"keel_rpc_requests_total{service="test.Test",method="Panic",status="internal"} 1"#
+    ));
+    assert!(metrics.contains(
+        r#"keel_rpc_request_duration_seconds_count{service="keel.echo.v1.Echo",method="Echo"} 3"#
+    ));
+    assert!(metrics.contains("# TYPE keel_rpc_request_duration_seconds histogram"));
+    // The connection fetching the metrics is itself open.
+    assert!(metrics.contains("keel_rpc_connections_open 1"));
+    assert!(metrics.contains("keel_rpc_inflight_calls 0"));
+
+    let (status, page) = http(server.addr, "GET", "/status", "").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&page).unwrap();
+    let echo = v["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["method"] == "Echo")
+        .unwrap()
+        .clone();
+    assert_eq!(echo["calls"], 3);
+}
