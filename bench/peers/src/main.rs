@@ -270,11 +270,11 @@ async fn raw_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
                     }
                     input.advance(4 + len);
                     let now = Instant::now();
-                    if let Some(t0) = sent.pop_front() {
-                        if t0 >= measure_from {
-                            ok += 1;
-                            let _ = hist.record((now - t0).as_micros().max(1) as u64);
-                        }
+                    if let Some(t0) = sent.pop_front()
+                        && t0 >= measure_from
+                    {
+                        ok += 1;
+                        let _ = hist.record((now - t0).as_micros().max(1) as u64);
                     }
                     if now < end {
                         push(&mut out, &mut sent);
