@@ -117,6 +117,10 @@ impl WriteQueue {
             }
             if spare.is_empty() {
                 self.ready.notified().await;
+                // Let the tasks that are ready to run now (replies finishing, callers sending)
+                // add their frames first, so one syscall carries them all. Under load this
+                // turns one write per frame into one write per scheduler pass.
+                tokio::task::yield_now().await;
                 continue;
             }
             if let Err(e) = io.write_all(&spare).await {

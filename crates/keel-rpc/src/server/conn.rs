@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -21,7 +23,8 @@ use tokio::time::Instant;
 
 use super::service::{Context, Handler};
 use super::{Lifecycle, MethodEntry, RouteError, Shared};
-use crate::protocol::{Codec, Frame, FrameType, Metadata};
+use crate::protocol::Codec;
+use crate::protocol::{Frame, FrameType, Metadata};
 use crate::status::{Code, Status};
 use crate::transport::WriteQueue;
 
@@ -262,57 +265,111 @@ fn on_request(
     let deadline = frame.meta.timeout.and_then(|t| now.checked_add(t));
     let codec = frame.meta.codec.unwrap_or_default();
 
-    let mut calls = conn.calls.lock();
-    if calls.len() >= shared.config.max_inflight_per_connection {
-        drop(calls);
-        entry
-            .stats
-            .record(Code::Overloaded, std::time::Duration::ZERO);
-        let status = Status::overloaded(format!(
-            "connection has {} calls in flight (the limit)",
-            shared.config.max_inflight_per_connection
-        ));
-        return reply_status(queue, FrameType::Response, id, &status);
+    {
+        let calls = conn.calls.lock();
+        if calls.len() >= shared.config.max_inflight_per_connection {
+            drop(calls);
+            entry
+                .stats
+                .record(Code::Overloaded, std::time::Duration::ZERO);
+            let status = Status::overloaded(format!(
+                "connection has {} calls in flight (the limit)",
+                shared.config.max_inflight_per_connection
+            ));
+            return reply_status(queue, FrameType::Response, id, &status);
+        }
+        if calls.contains_key(&id) {
+            drop(calls);
+            let status = Status::invalid_argument(format!("request id {id} is already in flight"));
+            return reply_status(queue, FrameType::Response, id, &status);
+        }
     }
-    if calls.contains_key(&id) {
-        drop(calls);
-        let status = Status::invalid_argument(format!("request id {id} is already in flight"));
-        return reply_status(queue, FrameType::Response, id, &status);
-    }
-    shared.stats.inflight.fetch_add(1, Relaxed);
-    let guard = CallGuard {
-        conn: conn.clone(),
-        shared: shared.clone(),
-        id,
-    };
     let ctx = Context {
         deadline,
         metadata: frame.meta,
         peer: Some(peer),
         codec,
     };
-    let conn2 = conn.clone();
+    let work = match &entry.handler {
+        Handler::Unary(handler) => {
+            // Fast path: poll the handler once right here. Most handlers (an echo, a cache
+            // hit) finish without waiting on anything; their reply joins the others from the
+            // same read in one write, with no task spawned. A handler that has to wait is
+            // moved to its own task below and continues from where it stopped.
+            let mut call = handler(ctx, frame.body);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut cx))) {
+                Ok(std::task::Poll::Ready(result)) => {
+                    finish_unary(queue, id, codec, &result);
+                    let code = result.err().map_or(Code::Ok, |s| s.code());
+                    entry.stats.record(code, now.elapsed());
+                    return;
+                }
+                Err(panic) => {
+                    let status = panicked(&*panic);
+                    reply_status(queue, FrameType::Response, id, &status);
+                    entry.stats.record(Code::Internal, now.elapsed());
+                    return;
+                }
+                Ok(std::task::Poll::Pending) => Work::Unary(call),
+            }
+        }
+        Handler::ServerStreaming(handler) => Work::Stream(handler(ctx, frame.body)),
+    };
+    shared.stats.inflight.fetch_add(1, Relaxed);
+    let guard = CallGuard {
+        conn: conn.clone(),
+        shared: shared.clone(),
+        id,
+    };
+    let mut calls = conn.calls.lock();
     // The table stays locked until the abort handle is in it, so a call that finishes at once
     // cannot remove its entry before the entry exists.
-    let task = tokio::spawn(run_call(conn2, entry, ctx, frame.body, now, guard));
+    let task = tokio::spawn(run_call(
+        conn.clone(),
+        entry,
+        work,
+        deadline,
+        codec,
+        now,
+        guard,
+    ));
     calls.insert(id, task.abort_handle());
+}
+
+/// A call that could not finish inline.
+enum Work {
+    /// A unary handler's future, already polled once.
+    Unary(BoxFuture<'static, Result<Bytes, Status>>),
+    /// A server-streaming handler's future, not yet polled.
+    Stream(BoxFuture<'static, Result<BoxStream<'static, Result<Bytes, Status>>, Status>>),
+}
+
+/// Queues a unary call's reply.
+fn finish_unary(queue: &WriteQueue, id: u64, codec: Codec, result: &Result<Bytes, Status>) {
+    match result {
+        Ok(reply) => {
+            let meta = status_meta(Code::Ok, "", Some(codec));
+            let _ = queue.push(FrameType::Response, id, &meta, reply);
+        }
+        Err(status) => reply_status(queue, FrameType::Response, id, status),
+    }
 }
 
 /// Runs one call to completion and queues its reply (or replies, for a stream).
 async fn run_call(
     conn: Arc<ConnState>,
     entry: Arc<MethodEntry>,
-    ctx: Context,
-    body: Bytes,
+    work: Work,
+    deadline: Option<Instant>,
+    codec: Codec,
     started: Instant,
     guard: CallGuard,
 ) {
     let id = guard.id;
-    let deadline = ctx.deadline;
-    let codec = ctx.codec;
-    let outcome = match &entry.handler {
-        Handler::Unary(handler) => {
-            let call = AssertUnwindSafe(handler(ctx, body)).catch_unwind();
+    let outcome = match work {
+        Work::Unary(call) => {
+            let call = AssertUnwindSafe(call).catch_unwind();
             let result = match with_deadline(deadline, call).await {
                 Some(Ok(result)) => result,
                 Some(Err(panic)) => Err(panicked(&*panic)),
@@ -320,18 +377,12 @@ async fn run_call(
                     "deadline exceeded while the call ran",
                 )),
             };
-            match &result {
-                Ok(reply) => {
-                    let meta = status_meta(Code::Ok, "", Some(codec));
-                    let _ = conn.queue.push(FrameType::Response, id, &meta, reply);
-                }
-                Err(status) => reply_status(&conn.queue, FrameType::Response, id, status),
-            }
+            finish_unary(&conn.queue, id, codec, &result);
             result.map(drop)
         }
-        Handler::ServerStreaming(handler) => {
+        Work::Stream(start) => {
             let run = async {
-                let mut stream = AssertUnwindSafe(handler(ctx, body))
+                let mut stream = AssertUnwindSafe(start)
                     .catch_unwind()
                     .await
                     .map_err(|p| panicked(&*p))??;
