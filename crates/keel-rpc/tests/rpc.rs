@@ -295,6 +295,11 @@ async fn handler_panic_is_internal_and_server_keeps_serving() {
             .unwrap_err();
         assert_eq!(err.code(), Code::Internal);
         assert!(err.message().contains("panicked on purpose"), "{err}");
+        let err = call(&channel, "PanicLater", "", CallOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(err.message().contains("panicked later on purpose"), "{err}");
     }
     call(&channel, "Sleep", "0", CallOptions::default())
         .await

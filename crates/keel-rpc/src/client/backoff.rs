@@ -10,10 +10,10 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 pub struct Backoff {
     /// Delay before the first retry.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "initial_ms")]
     pub initial: Duration,
     /// Largest delay, before jitter.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "max_ms")]
     pub max: Duration,
     /// Growth factor per attempt.
     pub multiplier: f64,

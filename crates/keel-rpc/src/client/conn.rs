@@ -86,6 +86,12 @@ impl ClientConn {
         });
         let c = conn.clone();
         tokio::spawn(async move { c.run_reader(reader).await });
+        // Speak first: the server identifies the protocol from the first bytes and closes a
+        // connection that stays silent past its handshake timeout; the pong also proves the
+        // peer is a live Keel server.
+        let _ = conn
+            .queue
+            .push(FrameType::Ping, 0, &Metadata::default(), &[]);
         conn
     }
 

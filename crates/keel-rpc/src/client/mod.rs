@@ -38,16 +38,16 @@ use crate::status::{Code, Status};
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelConfig {
     /// How long one connection attempt may take.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "connect_timeout_ms")]
     pub connect_timeout: Duration,
     /// Deadline for calls that set none; `None` (0 in config) means no deadline.
-    #[serde(with = "crate::opt_duration_ms")]
+    #[serde(with = "crate::opt_duration_ms", rename = "default_timeout_ms")]
     pub default_timeout: Option<Duration>,
     /// Send a ping after the connection has been quiet this long.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "keepalive_interval_ms")]
     pub keepalive_interval: Duration,
     /// Declare the peer dead if nothing arrives this long after a ping.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "keepalive_timeout_ms")]
     pub keepalive_timeout: Duration,
     /// Delays between reconnect attempts.
     pub backoff: Backoff,
@@ -628,5 +628,23 @@ async fn keepalive(conn: &ClientConn, config: &ChannelConfig) {
             ));
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_documented_field_names() {
+        let config: ChannelConfig = serde_json::from_str(
+            r#"{"default_timeout_ms": 0, "keepalive_interval_ms": 250, "backoff": {"initial_ms": 5, "max_ms": 50}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.default_timeout, None);
+        assert_eq!(config.keepalive_interval, Duration::from_millis(250));
+        assert_eq!(config.backoff.initial, Duration::from_millis(5));
+        assert_eq!(config.backoff.max, Duration::from_millis(50));
+        assert_eq!(config.backoff.multiplier, 2.0);
     }
 }

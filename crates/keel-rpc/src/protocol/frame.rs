@@ -373,7 +373,13 @@ impl Frame {
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
         encode_with(dst, self.kind, self.request_id, &self.meta, |dst| {
             dst.put_slice(&self.body);
-        })
+        })?;
+        // Flags are reserved (senders write 0), but a frame carrying some re-encodes as read.
+        if self.flags != 0 {
+            let at = dst.len() - (HEADER_LEN + self.meta.encoded_len() + self.body.len()) + 4;
+            dst[at] = self.flags;
+        }
+        Ok(())
     }
 
     /// Reads one frame from the front of `src`.
@@ -643,13 +649,14 @@ mod tests {
             );
         (
             kinds,
+            any::<u8>(),
             any::<u64>(),
             meta,
             prop::collection::vec(any::<u8>(), 0..2048),
         )
-            .prop_map(|(kind, request_id, meta, body)| Frame {
+            .prop_map(|(kind, flags, request_id, meta, body)| Frame {
                 kind,
-                flags: 0,
+                flags,
                 request_id,
                 meta,
                 body: Bytes::from(body),

@@ -47,13 +47,13 @@ pub struct ServerConfig {
     /// Largest frame accepted (header + metadata + body), in bytes.
     pub max_frame_size: u32,
     /// A connection with no call running and nothing received for this long is closed.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "idle_timeout_ms")]
     pub idle_timeout: Duration,
     /// How long a new connection may take to send its first bytes.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "handshake_timeout_ms")]
     pub handshake_timeout: Duration,
     /// On shutdown, how long in-flight calls may take to finish before they are cut off.
-    #[serde(with = "crate::duration_ms")]
+    #[serde(with = "crate::duration_ms", rename = "shutdown_grace_ms")]
     pub shutdown_grace: Duration,
     /// Answer HTTP/1.1 on the same port.
     pub http: bool,
@@ -311,5 +311,24 @@ async fn serve_connection(
     } else {
         shared.stats.protocol_errors.fetch_add(1, Relaxed);
         tracing::debug!(%peer, "not a Keel frame and HTTP is off; closing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_documented_field_names_and_refuses_unknown_ones() {
+        let config: ServerConfig = serde_json::from_str(
+            r#"{"max_connections": 5, "idle_timeout_ms": 1500, "shutdown_grace_ms": 20}"#,
+        )
+        .unwrap();
+        assert_eq!(config.max_connections, 5);
+        assert_eq!(config.idle_timeout, Duration::from_millis(1500));
+        assert_eq!(config.shutdown_grace, Duration::from_millis(20));
+        assert_eq!(config.max_frame_size, DEFAULT_MAX_FRAME_SIZE);
+        let err = serde_json::from_str::<ServerConfig>(r#"{"idle_timeout": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }

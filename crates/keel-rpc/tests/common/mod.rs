@@ -72,6 +72,14 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
             }
             Ok(EchoReply::default())
         })
+        .unary("PanicLater", |_ctx, _req: EchoRequest| async move {
+            // Panics after waiting, so on the spawned-task path rather than inline.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if true {
+                panic!("test handler panicked later on purpose");
+            }
+            Ok(EchoReply::default())
+        })
         .unary("Remaining", |ctx, _req: EchoRequest| async move {
             let ms = ctx
                 .remaining()
