@@ -52,16 +52,8 @@ struct ServerArgs {
 struct ClientArgs {
     #[arg(long)]
     addr: SocketAddr,
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    #[arg(long, default_value_t = 1024)]
-    payload: usize,
-    #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    #[arg(long, default_value_t = 1.0)]
-    warmup: f64,
+    #[command(flatten)]
+    load: loadgen::LoadArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,11 +87,7 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn print(args: &ClientArgs, report: &LoadReport) {
-    let mut json = report.to_json();
-    json["payload"] = args.payload.into();
-    json["concurrency"] = args.concurrency.into();
-    json["connections"] = args.connections.into();
-    println!("{json}");
+    println!("{}", report.to_json_for(&args.load));
 }
 
 #[derive(Debug, Default)]
@@ -145,7 +133,7 @@ async fn tonic_server(addr: SocketAddr) -> anyhow::Result<()> {
 
 async fn tonic_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
     let mut clients = Vec::new();
-    for _ in 0..args.connections.max(1) {
+    for _ in 0..args.load.connections.max(1) {
         // Each `connect` opens its own HTTP/2 connection.
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))?
             .tcp_nodelay(true)
@@ -154,12 +142,12 @@ async fn tonic_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
             .context("connecting to the tonic server")?;
         clients.push(pb::echo_client::EchoClient::new(channel));
     }
-    let payload = vec![0x5a; args.payload];
-    let expected = args.payload;
+    let payload = vec![0x5a; args.load.payload];
+    let expected = args.load.payload;
     let report = loadgen::closed_loop(
-        args.concurrency,
-        Duration::from_secs_f64(args.warmup),
-        Duration::from_secs_f64(args.seconds),
+        args.load.concurrency,
+        Duration::from_secs_f64(args.load.warmup),
+        Duration::from_secs_f64(args.load.seconds),
         move |worker| {
             let mut client = clients[worker % clients.len()].clone();
             let request = pb::EchoRequest {
@@ -217,15 +205,15 @@ async fn raw_server(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 async fn raw_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
-    let connections = args.connections.max(1);
+    let connections = args.load.connections.max(1);
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(args.warmup);
-    let end = measure_from + Duration::from_secs_f64(args.seconds);
+    let measure_from = start + Duration::from_secs_f64(args.load.warmup);
+    let end = measure_from + Duration::from_secs_f64(args.load.seconds);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..connections {
         // Spread the concurrency over the connections as evenly as possible.
-        let depth =
-            args.concurrency / connections + usize::from(c < args.concurrency % connections);
+        let depth = args.load.concurrency / connections
+            + usize::from(c < args.load.concurrency % connections);
         if depth == 0 {
             continue;
         }
@@ -233,7 +221,7 @@ async fn raw_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
             .await
             .context("connecting to the raw server")?;
         stream.set_nodelay(true)?;
-        let payload = vec![0x5a; args.payload];
+        let payload = vec![0x5a; args.load.payload];
         tasks.spawn(async move {
             let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .expect("valid bounds");

@@ -6,6 +6,26 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+/// The shape of a load run, shared by every load generator in `keel bench` and `bench/peers`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Connections the calls are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Payload bytes per request (echoed back).
+    #[arg(long, default_value_t = 1024)]
+    pub payload: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+}
+
 /// What a load run measured.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
@@ -42,6 +62,15 @@ impl LoadReport {
             self.ok,
             self.errors
         )
+    }
+
+    /// The report as a JSON object, with the shape of the run.
+    pub fn to_json_for(&self, load: &LoadArgs) -> serde_json::Value {
+        let mut json = self.to_json();
+        json["payload"] = load.payload.into();
+        json["concurrency"] = load.concurrency.into();
+        json["connections"] = load.connections.into();
+        json
     }
 
     /// The report as a JSON object.

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use keel::loadgen;
 use keel_echo::{EchoClient, EchoRequest, EchoServer, EchoService};
@@ -53,21 +52,8 @@ struct RpcBenchArgs {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:7100")]
     addr: String,
-    /// Calls in flight at once.
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    /// Connections the calls are spread over.
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Payload bytes per request (echoed back).
-    #[arg(long, default_value_t = 1024)]
-    payload: usize,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    /// Warm-up seconds before measuring.
-    #[arg(long, default_value_t = 1.0)]
-    warmup: f64,
+    #[command(flatten)]
+    load: loadgen::LoadArgs,
     /// Body codec: protobuf or json.
     #[arg(long, default_value = "protobuf")]
     codec: String,
@@ -148,13 +134,14 @@ fn parse_codec(name: &str) -> anyhow::Result<Codec> {
 }
 
 async fn bench_rpc(args: &RpcBenchArgs) -> anyhow::Result<loadgen::LoadReport> {
+    let load = &args.load;
     anyhow::ensure!(
-        args.connections > 0 && args.concurrency > 0,
+        load.connections > 0 && load.concurrency > 0,
         "connections and concurrency must be positive"
     );
     let codec = parse_codec(&args.codec)?;
-    let mut clients = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
+    let mut clients = Vec::with_capacity(load.connections);
+    for _ in 0..load.connections {
         let channel = Channel::connect(args.addr.clone(), ChannelConfig::default())
             .await
             .with_context(|| format!("connecting to {}", args.addr))?;
@@ -162,17 +149,17 @@ async fn bench_rpc(args: &RpcBenchArgs) -> anyhow::Result<loadgen::LoadReport> {
     }
     let request = std::sync::Arc::new(EchoRequest {
         message: String::new(),
-        payload: Bytes::from(vec![0x5a; args.payload]).to_vec(),
+        payload: vec![0x5a; load.payload],
     });
-    let expected = args.payload;
+    let expected = load.payload;
     let clients = std::sync::Arc::new(clients);
     let options = CallOptions::default()
         .codec(codec)
         .timeout(Duration::from_secs(10));
     let report = loadgen::closed_loop(
-        args.concurrency,
-        Duration::from_secs_f64(args.warmup),
-        Duration::from_secs_f64(args.seconds),
+        load.concurrency,
+        Duration::from_secs_f64(load.warmup),
+        Duration::from_secs_f64(load.seconds),
         move |worker| {
             let clients = clients.clone();
             let request = request.clone();
@@ -201,18 +188,14 @@ fn print_report(args: &RpcBenchArgs, report: &loadgen::LoadReport) {
     if !args.json {
         println!(
             "keel rpc: {} B payload, concurrency {}, {} connections, {}",
-            args.payload, args.concurrency, args.connections, args.codec
+            args.load.payload, args.load.concurrency, args.load.connections, args.codec
         );
         println!("  {}", report.summary());
         if let Some(e) = &report.first_error {
             println!("  first error: {e}");
         }
     }
-    let mut json = report.to_json();
-    json["payload"] = args.payload.into();
-    json["concurrency"] = args.concurrency.into();
-    json["connections"] = args.connections.into();
-    println!("{json}");
+    println!("{}", report.to_json_for(&args.load));
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -245,11 +228,13 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     for (payload, concurrency) in [(64usize, 64usize), (1024, 64)] {
         let bench = RpcBenchArgs {
             addr: addr.to_string(),
-            concurrency,
-            connections: 4,
-            payload,
-            seconds: args.seconds / 2.0,
-            warmup: 0.3,
+            load: loadgen::LoadArgs {
+                concurrency,
+                connections: 4,
+                payload,
+                seconds: args.seconds / 2.0,
+                warmup: 0.3,
+            },
             codec: "protobuf".into(),
             json: false,
         };
