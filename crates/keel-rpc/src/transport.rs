@@ -90,6 +90,11 @@ impl WriteQueue {
         }
     }
 
+    /// Whether the queue is over its high-water mark: the peer is not reading fast enough.
+    pub(crate) fn is_congested(&self) -> bool {
+        self.buf.lock().len() >= HIGH_WATER
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }

@@ -517,7 +517,11 @@ async fn manage(shared: Arc<ChannelShared>, stop: CancellationToken) {
     let config = &shared.config;
     let mut attempt: u32 = 0;
     loop {
-        shared.state.send_replace(ConnectivityState::Connecting);
+        // Only a first attempt (at start, or after a goaway) makes calls wait; retries after
+        // a failure keep the channel in TransientFailure, so calls keep failing fast.
+        if attempt == 0 {
+            shared.state.send_replace(ConnectivityState::Connecting);
+        }
         let connect = tokio::time::timeout(
             config.connect_timeout,
             TcpStream::connect(shared.addr.as_str()),

@@ -394,7 +394,9 @@ impl Frame {
         };
         let total = header.total_len();
         if src.len() < total {
-            src.reserve(total - src.len());
+            // Grow in steps: a header alone must not make the reader reserve a whole
+            // (possibly 16 MiB) frame before any of its body has arrived.
+            src.reserve((total - src.len()).min(256 * 1024));
             return Ok(None);
         }
         let mut frame = src.split_to(total).freeze();

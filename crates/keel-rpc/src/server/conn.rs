@@ -128,10 +128,16 @@ pub(super) async fn serve_binary(
         if conn.queue.is_closed() {
             break;
         }
+        // Registered before the emptiness check, so a call finishing in between still wakes us.
+        let idle = conn.idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
         if draining && conn.calls.lock().is_empty() {
             break;
         }
-        let idle = conn.idle.notified();
+        // A peer that sends requests but does not read replies would grow the write queue
+        // without bound; stop reading from it until the queue drains.
+        let congested = conn.queue.is_congested();
         tokio::select! {
             biased;
             () = lifecycle.force.cancelled() => break,
@@ -143,7 +149,8 @@ pub(super) async fn serve_binary(
                 }
             }
             () = idle, if draining => {}
-            read = reader.read_buf(&mut buf) => match read {
+            () = conn.queue.writable(), if congested => {}
+            read = reader.read_buf(&mut buf), if !congested => match read {
                 Ok(0) => break,
                 Ok(_) => last_read = Instant::now(),
                 Err(e) => {
@@ -169,7 +176,14 @@ pub(super) async fn serve_binary(
         handle.abort();
     }
     conn.queue.close();
-    let _ = writer_task.await;
+    // Flush what is queued, but a peer that stopped reading must not hold the connection
+    // (and shutdown) forever.
+    let mut writer_task = writer_task;
+    tokio::select! {
+        _ = &mut writer_task => {}
+        () = lifecycle.force.cancelled() => writer_task.abort(),
+        () = tokio::time::sleep(config.handshake_timeout) => writer_task.abort(),
+    }
 }
 
 /// Tells the peer why, then lets the caller close the connection.

@@ -287,8 +287,14 @@ async fn call(
                 Err(panic) => Err(panicked(&*panic)),
                 Ok(Err(status)) => Err(status),
                 Ok(Ok(stream)) => {
-                    let lines = stream.map(|item| {
-                        let mut line = match item {
+                    // A panic inside the stream becomes an error line, not a dead connection.
+                    let lines = AssertUnwindSafe(stream).catch_unwind().map(|item| {
+                        let status = match item {
+                            Ok(Ok(bytes)) => Ok(bytes),
+                            Ok(Err(status)) => Err(status),
+                            Err(panic) => Err(panicked(&*panic)),
+                        };
+                        let mut line = match status {
                             Ok(bytes) => BytesMut::from(&bytes[..]),
                             Err(status) => {
                                 BytesMut::from(error_body(&status).to_string().as_bytes())

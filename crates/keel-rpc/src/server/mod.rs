@@ -244,8 +244,9 @@ impl Server {
                     let shared = self.shared.clone();
                     let lifecycle = lifecycle.clone();
                     tracker.spawn(async move {
-                        serve_connection(shared.clone(), stream, peer, lifecycle).await;
-                        shared.stats.connections_open.fetch_sub(1, Relaxed);
+                        // Counted down however the task ends, even by a panic.
+                        let _open = OpenConnection(shared.clone());
+                        serve_connection(shared, stream, peer, lifecycle).await;
                     });
                 }
             }
@@ -276,6 +277,15 @@ impl Server {
     ) -> std::io::Result<()> {
         let listener = TcpListener::bind(addr).await?;
         self.serve(listener, shutdown).await
+    }
+}
+
+/// Keeps `connections_open` right: decremented when the connection's task ends.
+struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.stats.connections_open.fetch_sub(1, Relaxed);
     }
 }
 
