@@ -406,6 +406,28 @@ async fn oversized_frame_is_refused() {
 }
 
 #[tokio::test]
+async fn reply_over_the_frame_limit_fails_only_that_call() {
+    let config = ServerConfig {
+        max_frame_size: 64 * 1024,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
+        .await
+        .unwrap();
+    let err = call(&channel, "Big", "100000", CallOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(err.message().contains("exceeds the frame limit"), "{err}");
+    // The connection survives and serves the next call.
+    let reply = call(&channel, "Big", "1000", CallOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.payload.len(), 1000);
+}
+
+#[tokio::test]
 async fn ping_is_answered_with_pong() {
     let server = TestServer::start(ServerConfig::default()).await;
     let mut ping = Frame::new(FrameType::Ping, 42);

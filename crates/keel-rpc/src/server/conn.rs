@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::service::{Context, Handler};
 use super::{Lifecycle, MethodEntry, RouteError, Shared};
 use crate::protocol::Codec;
-use crate::protocol::{Frame, FrameType, Metadata};
+use crate::protocol::{Frame, FrameType, HEADER_LEN, Metadata};
 use crate::status::{Code, Status};
 use crate::transport::WriteQueue;
 
@@ -32,6 +32,8 @@ use crate::transport::WriteQueue;
 #[derive(Debug)]
 struct ConnState {
     queue: WriteQueue,
+    /// Largest frame the peer accepts (the same limit this side enforces).
+    max_frame_size: u32,
     /// Running calls by request id, so a cancel can stop one.
     calls: Mutex<FxHashMap<u64, AbortHandle>>,
     /// Signalled when the last running call finishes (for draining).
@@ -86,6 +88,7 @@ pub(super) async fn serve_binary(
     let (mut reader, writer) = stream.into_split();
     let conn = Arc::new(ConnState {
         queue: WriteQueue::new(),
+        max_frame_size: shared.config.max_frame_size,
         calls: Mutex::new(FxHashMap::default()),
         idle: Notify::new(),
     });
@@ -314,7 +317,7 @@ fn on_request(
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             match std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut cx))) {
                 Ok(std::task::Poll::Ready(result)) => {
-                    finish_unary(queue, id, codec, &result);
+                    finish_unary(conn, id, codec, &result);
                     let code = result.err().map_or(Code::Ok, |s| s.code());
                     entry.stats.record(code, now.elapsed());
                     return;
@@ -359,11 +362,21 @@ enum Work {
     Stream(BoxFuture<'static, Result<BoxStream<'static, Result<Bytes, Status>>, Status>>),
 }
 
-/// Queues a unary call's reply.
-fn finish_unary(queue: &WriteQueue, id: u64, codec: Codec, result: &Result<Bytes, Status>) {
+/// Queues a unary call's reply. A reply too large for one frame fails that call alone
+/// (`internal`) rather than making the peer drop the whole connection.
+fn finish_unary(conn: &ConnState, id: u64, codec: Codec, result: &Result<Bytes, Status>) {
+    let queue = &conn.queue;
     match result {
         Ok(reply) => {
             let meta = status_meta(Code::Ok, "", Some(codec));
+            let size = HEADER_LEN + meta.encoded_len() + reply.len();
+            if size > conn.max_frame_size as usize {
+                let status = Status::internal(format!(
+                    "reply of {size} bytes exceeds the frame limit of {} bytes",
+                    conn.max_frame_size
+                ));
+                return reply_status(queue, FrameType::Response, id, &status);
+            }
             let _ = queue.push(FrameType::Response, id, &meta, reply);
         }
         Err(status) => reply_status(queue, FrameType::Response, id, status),
@@ -391,7 +404,7 @@ async fn run_call(
                     "deadline exceeded while the call ran",
                 )),
             };
-            finish_unary(&conn.queue, id, codec, &result);
+            finish_unary(&conn, id, codec, &result);
             result.map(drop)
         }
         Work::Stream(start) => {

@@ -80,6 +80,17 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
             }
             Ok(EchoReply::default())
         })
+        .unary("Big", |_ctx, req: EchoRequest| async move {
+            // Replies with a payload of `message` bytes.
+            let n: usize = req
+                .message
+                .parse()
+                .map_err(|_| Status::invalid_argument("message must be a size"))?;
+            Ok(EchoReply {
+                message: String::new(),
+                payload: vec![7; n],
+            })
+        })
         .unary("Remaining", |ctx, _req: EchoRequest| async move {
             let ms = ctx
                 .remaining()
