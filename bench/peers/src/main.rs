@@ -171,6 +171,12 @@ async fn tonic_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
     Ok(report)
 }
 
+/// The length of the first complete `[u32 length][payload]` frame in `input`, if there is one.
+fn complete_frame(input: &[u8]) -> Option<usize> {
+    let len = u32::from_be_bytes(input.get(..4)?.try_into().ok()?) as usize;
+    (input.len() >= 4 + len).then_some(4 + len)
+}
+
 async fn raw_server(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     loop {
@@ -185,13 +191,9 @@ async fn raw_server(addr: SocketAddr) -> anyhow::Result<()> {
                     Ok(_) => {}
                 }
                 // Echo every complete frame; partial frames wait for more bytes.
-                while input.len() >= 4 {
-                    let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
-                    if input.len() < 4 + len {
-                        break;
-                    }
-                    output.extend_from_slice(&input[..4 + len]);
-                    input.advance(4 + len);
+                while let Some(n) = complete_frame(&input) {
+                    output.extend_from_slice(&input[..n]);
+                    input.advance(n);
                 }
                 if !output.is_empty() {
                     if stream.write_all(&output).await.is_err() {
@@ -223,12 +225,10 @@ async fn raw_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
         stream.set_nodelay(true)?;
         let payload = vec![0x5a; args.load.payload];
         tasks.spawn(async move {
-            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid bounds");
+            let mut hist = loadgen::new_histogram();
             let mut sent: VecDeque<Instant> = VecDeque::with_capacity(depth);
             let mut out = BytesMut::with_capacity(depth * (payload.len() + 4));
             let mut input = BytesMut::with_capacity(64 * 1024);
-            let mut ok = 0u64;
             let push = |out: &mut BytesMut, sent: &mut VecDeque<Instant>| {
                 out.put_u32(payload.len() as u32);
                 out.put_slice(&payload);
@@ -251,46 +251,31 @@ async fn raw_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
-                while input.len() >= 4 {
-                    let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
-                    if input.len() < 4 + len {
-                        break;
-                    }
-                    input.advance(4 + len);
+                while let Some(n) = complete_frame(&input) {
+                    input.advance(n);
                     let now = Instant::now();
                     if let Some(t0) = sent.pop_front()
                         && t0 >= measure_from
                     {
-                        ok += 1;
-                        let _ = hist.record((now - t0).as_micros().max(1) as u64);
+                        hist.saturating_record((now - t0).as_micros().max(1) as u64);
                     }
                     if now < end {
                         push(&mut out, &mut sent);
                     }
                 }
             }
-            (hist, ok)
+            hist
         });
     }
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut ok = 0;
+    let mut hist = loadgen::new_histogram();
     while let Some(joined) = tasks.join_next().await {
-        let (h, n) = joined?;
-        hist.add(&h)?;
-        ok += n;
+        hist.add(&joined?)?;
     }
-    let elapsed = Instant::now()
-        .min(end)
-        .saturating_duration_since(measure_from);
-    Ok(LoadReport {
-        ok,
-        errors: 0,
-        first_error: None,
-        elapsed,
-        qps: ok as f64 / elapsed.as_secs_f64(),
-        p50_us: hist.value_at_quantile(0.5),
-        p99_us: hist.value_at_quantile(0.99),
-        p999_us: hist.value_at_quantile(0.999),
-        max_us: hist.max(),
-    })
+    Ok(LoadReport::from_histogram(
+        &hist,
+        0,
+        None,
+        measure_from,
+        end,
+    ))
 }

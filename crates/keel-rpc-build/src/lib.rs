@@ -294,3 +294,31 @@ impl<T: ::keel_rpc::client::CallTransport> {client}<T> {{
         let _ = writeln!(buf, "}}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_streaming_methods_are_refused_with_their_name() {
+        let dir = std::env::temp_dir().join(format!("keel-rpc-build-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let proto = dir.join("up.proto");
+        std::fs::write(
+            &proto,
+            "syntax = \"proto3\";\npackage t;\nmessage A {}\nservice S { rpc Up(stream A) returns (A); }\n",
+        )
+        .unwrap();
+        let err = Builder::new()
+            .out_dir(&dir)
+            .compile(&[&proto], &[&dir])
+            .unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        match err {
+            Error::Unsupported { service, method } => {
+                assert_eq!((service.as_str(), method.as_str()), ("t.S", "Up"));
+            }
+            other => panic!("expected Unsupported, got {other}"),
+        }
+    }
+}

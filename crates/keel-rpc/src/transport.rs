@@ -23,6 +23,8 @@ const HIGH_WATER: usize = 4 << 20;
 #[derive(Debug)]
 pub(crate) struct WriteQueue {
     buf: Mutex<BytesMut>,
+    /// Largest frame the peer accepts.
+    max_frame_size: u32,
     /// Wakes the writer; `notify_one` keeps a permit, so no wake-up is lost.
     ready: Notify,
     /// Wakes producers waiting for the queue to drain below the high-water mark.
@@ -35,22 +37,26 @@ pub(crate) struct WriteQueue {
 pub(crate) struct Closed;
 
 impl WriteQueue {
-    pub(crate) fn new() -> WriteQueue {
+    /// A queue that refuses frames larger than `max_frame_size`, the limit its peer enforces.
+    pub(crate) fn new(max_frame_size: u32) -> WriteQueue {
         WriteQueue {
             buf: Mutex::new(BytesMut::with_capacity(16 * 1024)),
+            max_frame_size,
             ready: Notify::new(),
             drained: Notify::new(),
             closed: AtomicBool::new(false),
         }
     }
 
-    /// Appends a frame, letting `write_body` write the body in place.
-    pub(crate) fn push_with(
+    /// Appends a frame. A frame over the size limit is refused with
+    /// [`FrameError::TooLarge`] and nothing is queued, so the caller can fail that one call
+    /// instead of the peer closing the whole connection.
+    pub(crate) fn push(
         &self,
         kind: FrameType,
         request_id: u64,
         meta: &Metadata,
-        write_body: impl FnOnce(&mut BytesMut),
+        body: &[u8],
     ) -> Result<Result<(), FrameError>, Closed> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Closed);
@@ -60,23 +66,20 @@ impl WriteQueue {
         {
             let mut buf = self.buf.lock();
             was_empty = buf.is_empty();
-            result = encode_with(&mut buf, kind, request_id, meta, write_body);
+            result = encode_with(
+                &mut buf,
+                kind,
+                0,
+                request_id,
+                meta,
+                self.max_frame_size,
+                |dst| dst.extend_from_slice(body),
+            );
         }
         if was_empty {
             self.ready.notify_one();
         }
         Ok(result)
-    }
-
-    /// Appends a frame whose body is already encoded.
-    pub(crate) fn push(
-        &self,
-        kind: FrameType,
-        request_id: u64,
-        meta: &Metadata,
-        body: &[u8],
-    ) -> Result<Result<(), FrameError>, Closed> {
-        self.push_with(kind, request_id, meta, |dst| dst.extend_from_slice(body))
     }
 
     /// Waits until the queue is below its high-water mark (or closed).

@@ -14,9 +14,7 @@ use tokio::time::Instant;
 #[tokio::test(start_paused = true)]
 async fn deadline_fires_at_the_deadline_not_at_the_handler() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let started = Instant::now();
     let req = EchoRequest {
         message: "3600000".into(),

@@ -45,11 +45,7 @@ fn request_frame(id: u64, service: &str, method: &str, timeout: Option<Duration>
 #[tokio::test]
 async fn unary_call_in_both_codecs() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let client = EchoClient::new(
-        Channel::connect(server.addr.to_string(), ChannelConfig::default())
-            .await
-            .unwrap(),
-    );
+    let client = EchoClient::new(server.channel().await);
     let req = EchoRequest {
         message: "hello".into(),
         payload: vec![0, 1, 2, 255],
@@ -102,9 +98,7 @@ async fn server_streaming_delivers_every_item_then_ends() {
 #[tokio::test]
 async fn thousand_concurrent_calls_on_one_connection_pair_correctly() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..1000u64 {
         let channel = channel.clone();
@@ -151,9 +145,7 @@ async fn thousand_concurrent_calls_on_one_connection_pair_correctly() {
 #[tokio::test]
 async fn replies_come_back_in_completion_order() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for ms in ["300", "0"] {
         let channel = channel.clone();
@@ -174,9 +166,7 @@ async fn replies_come_back_in_completion_order() {
 #[tokio::test]
 async fn deadline_exceeded_and_handler_sees_remaining_time() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let err = call(
         &channel,
         "Sleep",
@@ -238,9 +228,7 @@ async fn expired_request_is_not_started() {
 #[tokio::test]
 async fn dropping_a_call_cancels_its_handler() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let call_fut = call(&channel, "Sleep", "60000", CallOptions::default());
     // Give up on the call from the client side only (no deadline is sent to the server).
     let gave_up = tokio::time::timeout(Duration::from_millis(200), call_fut).await;
@@ -263,9 +251,7 @@ async fn dropping_a_call_cancels_its_handler() {
 #[tokio::test]
 async fn unknown_service_or_method_is_not_found() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let raw = |service: &'static str, method: &'static str| RawRequest {
         service: Text::from_static(service),
         method: Text::from_static(method),
@@ -286,9 +272,7 @@ async fn unknown_service_or_method_is_not_found() {
 #[tokio::test]
 async fn handler_panic_is_internal_and_server_keeps_serving() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     for _ in 0..3 {
         let err = call(&channel, "Panic", "", CallOptions::default())
             .await
@@ -309,9 +293,7 @@ async fn handler_panic_is_internal_and_server_keeps_serving() {
 #[tokio::test]
 async fn malformed_frame_closes_only_that_connection() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let garbage_cases: Vec<Vec<u8>> = vec![
         // Right magic, wrong version.
         vec![
@@ -370,9 +352,7 @@ async fn oversized_frame_is_refused() {
         ..ServerConfig::default()
     };
     let server = TestServer::start(config).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     // A header declaring a 1 GiB body: refused from the header alone.
     let mut header = BytesMut::new();
     header.put_slice(&MAGIC);
@@ -412,12 +392,28 @@ async fn reply_over_the_frame_limit_fails_only_that_call() {
         ..ServerConfig::default()
     };
     let server = TestServer::start(config).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let err = call(&channel, "Big", "100000", CallOptions::default())
         .await
         .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(err.message().contains("exceeds the frame limit"), "{err}");
+    // The same for a stream item: the stream ends with internal after the items that fit.
+    let req = EchoRequest {
+        message: "100000".into(),
+        payload: Vec::new(),
+    };
+    let mut stream = keel_rpc::client::server_streaming::<_, _, EchoReply>(
+        &channel,
+        TEST_SERVICE,
+        "BigStream",
+        &req,
+        CallOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().payload.len(), 10);
+    let err = stream.message().await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err}");
     assert!(err.message().contains("exceeds the frame limit"), "{err}");
     // The connection survives and serves the next call.
@@ -448,9 +444,7 @@ async fn ping_is_answered_with_pong() {
 #[tokio::test]
 async fn graceful_shutdown_drains_inflight_calls() {
     let server = TestServer::start(ServerConfig::default()).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let slow = {
         let channel = channel.clone();
         tokio::spawn(async move { call(&channel, "Sleep", "400", CallOptions::default()).await })
@@ -486,9 +480,7 @@ async fn shutdown_grace_period_cuts_off_stuck_calls() {
         ..ServerConfig::default()
     };
     let server = TestServer::start(config).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let stuck = {
         let channel = channel.clone();
         tokio::spawn(async move { call(&channel, "Sleep", "60000", CallOptions::default()).await })
@@ -585,9 +577,7 @@ async fn connection_cap_refuses_extra_connections() {
         ..ServerConfig::default()
     };
     let server = TestServer::start(config).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     call(&channel, "Sleep", "0", CallOptions::default())
         .await
         .unwrap();
@@ -617,9 +607,7 @@ async fn inflight_cap_per_connection_answers_overloaded() {
         ..ServerConfig::default()
     };
     let server = TestServer::start(config).await;
-    let channel = Channel::connect(server.addr.to_string(), ChannelConfig::default())
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut slow = Vec::new();
     for _ in 0..2 {
         let channel = channel.clone();

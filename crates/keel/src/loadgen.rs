@@ -37,7 +37,7 @@ pub struct LoadReport {
     pub first_error: Option<String>,
     /// Wall time of the measured window.
     pub elapsed: Duration,
-    /// Successful calls per second.
+    /// Successful calls per second over the measured window.
     pub qps: f64,
     /// Latency percentiles of successful calls, in microseconds.
     pub p50_us: u64,
@@ -84,10 +84,37 @@ impl LoadReport {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
-    // 1 µs to 60 s at 3 significant digits; the bounds are constants, so this cannot fail.
-    Histogram::new_with_bounds(1, 60_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+/// A latency histogram in microseconds: 1 µs to 60 s at 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
+}
+
+impl LoadReport {
+    /// The report of a run measured from `measure_from` until `end` (or now, if earlier).
+    pub fn from_histogram(
+        hist: &Histogram<u64>,
+        errors: u64,
+        first_error: Option<String>,
+        measure_from: Instant,
+        end: Instant,
+    ) -> LoadReport {
+        let elapsed = Instant::now()
+            .min(end)
+            .saturating_duration_since(measure_from)
+            .max(Duration::from_millis(1));
+        let ok = hist.len();
+        LoadReport {
+            ok,
+            errors,
+            first_error,
+            elapsed,
+            qps: ok as f64 / elapsed.as_secs_f64(),
+            p50_us: hist.value_at_quantile(0.50),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+        }
+    }
 }
 
 /// Runs `concurrency` workers for `warmup + duration`; only calls that start after the warm-up
@@ -110,7 +137,7 @@ where
         let call = call.clone();
         tasks.spawn(async move {
             let mut hist = new_histogram();
-            let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+            let (mut errors, mut first_error) = (0u64, None);
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
@@ -122,10 +149,8 @@ where
                     continue;
                 }
                 match result {
-                    Ok(()) => {
-                        ok += 1;
-                        let _ = hist.record((t1 - t0).as_micros().max(1) as u64);
-                    }
+                    // Saturating, so the histogram's count is the count of successful calls.
+                    Ok(()) => hist.saturating_record((t1 - t0).as_micros().max(1) as u64),
                     Err(e) => {
                         errors += 1;
                         first_error.get_or_insert(e);
@@ -134,33 +159,19 @@ where
                     }
                 }
             }
-            (hist, ok, errors, first_error)
+            (hist, errors, first_error)
         });
     }
     let mut hist = new_histogram();
-    let (mut ok, mut errors, mut first_error) = (0, 0, None);
+    let (mut errors, mut first_error) = (0, None);
     while let Some(joined) = tasks.join_next().await {
-        if let Ok((h, o, e, f)) = joined {
+        if let Ok((h, e, f)) = joined {
             let _ = hist.add(&h);
-            ok += o;
             errors += e;
             if first_error.is_none() {
                 first_error = f;
             }
         }
     }
-    let elapsed = Instant::now()
-        .saturating_duration_since(measure_from)
-        .max(Duration::from_millis(1));
-    LoadReport {
-        ok,
-        errors,
-        first_error,
-        elapsed,
-        qps: ok as f64 / elapsed.as_secs_f64(),
-        p50_us: hist.value_at_quantile(0.50),
-        p99_us: hist.value_at_quantile(0.99),
-        p999_us: hist.value_at_quantile(0.999),
-        max_us: hist.max(),
-    }
+    LoadReport::from_histogram(&hist, errors, first_error, measure_from, end)
 }

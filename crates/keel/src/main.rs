@@ -153,9 +153,8 @@ async fn bench_rpc(args: &RpcBenchArgs) -> anyhow::Result<loadgen::LoadReport> {
     });
     let expected = load.payload;
     let clients = std::sync::Arc::new(clients);
-    let options = CallOptions::default()
-        .codec(codec)
-        .timeout(Duration::from_secs(10));
+    // No per-call deadline, as in the tonic client it is compared with.
+    let options = CallOptions::default().codec(codec);
     let report = loadgen::closed_loop(
         load.concurrency,
         Duration::from_secs_f64(load.warmup),

@@ -63,7 +63,7 @@ impl ClientConn {
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
         let conn = Arc::new(ClientConn {
-            queue: WriteQueue::new(),
+            queue: WriteQueue::new(max_frame_size),
             pending: Mutex::new(FxHashMap::default()),
             next_id: AtomicU64::new(1),
             last_read_us: AtomicU64::new(0),
@@ -126,10 +126,6 @@ impl ClientConn {
                 .queue
                 .push(FrameType::Cancel, id, &Metadata::default(), &[]);
         }
-    }
-
-    pub(crate) fn max_frame_size(&self) -> u32 {
-        self.max_frame_size
     }
 
     /// The error a call gets when this connection is gone.

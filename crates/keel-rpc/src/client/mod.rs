@@ -29,7 +29,7 @@ pub use backoff::Backoff;
 use conn::{ClientConn, Pending, StreamSlot};
 
 use crate::protocol::{
-    Codec, DEFAULT_MAX_FRAME_SIZE, Frame, FrameType, HEADER_LEN, Metadata, RpcMessage, Text,
+    Codec, DEFAULT_MAX_FRAME_SIZE, Frame, FrameType, Metadata, RpcMessage, Text,
 };
 use crate::status::{Code, Status};
 
@@ -429,13 +429,6 @@ impl Channel {
             entries: request.options.metadata.clone(),
             ..Metadata::default()
         };
-        let size = HEADER_LEN + meta.encoded_len() + request.body.len();
-        if size > conn.max_frame_size() as usize {
-            return Err(Status::invalid_argument(format!(
-                "request frame of {size} bytes exceeds the limit of {} bytes",
-                conn.max_frame_size()
-            )));
-        }
         let id = conn.register(slot)?;
         match conn
             .queue
@@ -449,7 +442,7 @@ impl Channel {
             Ok(Err(e)) => {
                 conn.forget(id);
                 Err(Status::invalid_argument(format!(
-                    "cannot encode request: {e}"
+                    "cannot send request: {e}"
                 )))
             }
             Err(_closed) => {

@@ -371,15 +371,15 @@ impl Frame {
 
     /// Appends this frame's bytes to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
-        encode_with(dst, self.kind, self.request_id, &self.meta, |dst| {
-            dst.put_slice(&self.body);
-        })?;
-        // Flags are reserved (senders write 0), but a frame carrying some re-encodes as read.
-        if self.flags != 0 {
-            let at = dst.len() - (HEADER_LEN + self.meta.encoded_len() + self.body.len()) + 4;
-            dst[at] = self.flags;
-        }
-        Ok(())
+        encode_with(
+            dst,
+            self.kind,
+            self.flags,
+            self.request_id,
+            &self.meta,
+            u32::MAX,
+            |dst| dst.put_slice(&self.body),
+        )
     }
 
     /// Reads one frame from the front of `src`.
@@ -467,12 +467,15 @@ fn peek_header(src: &[u8], max_frame_size: u32) -> Result<Option<Header>, FrameE
 
 /// Appends a frame to `dst`, letting `write_body` put the body straight into the buffer (so a
 /// message is encoded once, with no intermediate allocation). The body length is patched in
-/// afterwards.
+/// afterwards. A frame larger than `max_frame_size` is not appended: `dst` is left as it was
+/// and the error says how large the frame would have been.
 pub fn encode_with(
     dst: &mut BytesMut,
     kind: FrameType,
+    flags: u8,
     request_id: u64,
     meta: &Metadata,
+    max_frame_size: u32,
     write_body: impl FnOnce(&mut BytesMut),
 ) -> Result<(), FrameError> {
     let meta_len = meta.encoded_len();
@@ -482,7 +485,7 @@ pub fn encode_with(
     dst.put_slice(&MAGIC);
     dst.put_u8(VERSION);
     dst.put_u8(kind as u8);
-    dst.put_u8(0);
+    dst.put_u8(flags);
     dst.put_u8(0);
     dst.put_u16(meta_len16);
     dst.put_u64(request_id);
@@ -494,12 +497,16 @@ pub fn encode_with(
     let body_start = dst.len();
     write_body(dst);
     let body_len = dst.len() - body_start;
-    let Ok(body_len32) = u32::try_from(body_len) else {
-        dst.truncate(start);
-        return Err(FrameError::TooLarge {
-            declared: (HEADER_LEN + meta_len + body_len) as u64,
-            max: u32::MAX,
-        });
+    let declared = (HEADER_LEN + meta_len + body_len) as u64;
+    let body_len32 = match u32::try_from(body_len) {
+        Ok(n) if declared <= u64::from(max_frame_size) => n,
+        _ => {
+            dst.truncate(start);
+            return Err(FrameError::TooLarge {
+                declared,
+                max: max_frame_size,
+            });
+        }
     };
     dst[start + 16..start + 20].copy_from_slice(&body_len32.to_be_bytes());
     Ok(())

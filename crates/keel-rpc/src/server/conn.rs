@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::service::{Context, Handler};
 use super::{Lifecycle, MethodEntry, RouteError, Shared};
 use crate::protocol::Codec;
-use crate::protocol::{Frame, FrameType, HEADER_LEN, Metadata};
+use crate::protocol::{Frame, FrameError, FrameType, Metadata};
 use crate::status::{Code, Status};
 use crate::transport::WriteQueue;
 
@@ -32,8 +32,6 @@ use crate::transport::WriteQueue;
 #[derive(Debug)]
 struct ConnState {
     queue: WriteQueue,
-    /// Largest frame the peer accepts (the same limit this side enforces).
-    max_frame_size: u32,
     /// Running calls by request id, so a cancel can stop one.
     calls: Mutex<FxHashMap<u64, AbortHandle>>,
     /// Signalled when the last running call finishes (for draining).
@@ -87,8 +85,8 @@ pub(super) async fn serve_binary(
 ) {
     let (mut reader, writer) = stream.into_split();
     let conn = Arc::new(ConnState {
-        queue: WriteQueue::new(),
-        max_frame_size: shared.config.max_frame_size,
+        // The client enforces the same limit on what it reads.
+        queue: WriteQueue::new(shared.config.max_frame_size),
         calls: Mutex::new(FxHashMap::default()),
         idle: Notify::new(),
     });
@@ -131,12 +129,15 @@ pub(super) async fn serve_binary(
         if conn.queue.is_closed() {
             break;
         }
-        // Registered before the emptiness check, so a call finishing in between still wakes us.
         let idle = conn.idle.notified();
         tokio::pin!(idle);
-        idle.as_mut().enable();
-        if draining && conn.calls.lock().is_empty() {
-            break;
+        if draining {
+            // Registered before the emptiness check, so a call finishing in between still
+            // wakes us. Only while draining: it takes the Notify's lock.
+            idle.as_mut().enable();
+            if conn.calls.lock().is_empty() {
+                break;
+            }
         }
         // A peer that sends requests but does not read replies would grow the write queue
         // without bound; stop reading from it until the queue drains.
@@ -317,7 +318,7 @@ fn on_request(
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             match std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut cx))) {
                 Ok(std::task::Poll::Ready(result)) => {
-                    finish_unary(conn, id, codec, &result);
+                    finish_unary(queue, id, codec, &result);
                     let code = result.err().map_or(Code::Ok, |s| s.code());
                     entry.stats.record(code, now.elapsed());
                     return;
@@ -364,22 +365,34 @@ enum Work {
 
 /// Queues a unary call's reply. A reply too large for one frame fails that call alone
 /// (`internal`) rather than making the peer drop the whole connection.
-fn finish_unary(conn: &ConnState, id: u64, codec: Codec, result: &Result<Bytes, Status>) {
-    let queue = &conn.queue;
+fn finish_unary(queue: &WriteQueue, id: u64, codec: Codec, result: &Result<Bytes, Status>) {
     match result {
         Ok(reply) => {
             let meta = status_meta(Code::Ok, "", Some(codec));
-            let size = HEADER_LEN + meta.encoded_len() + reply.len();
-            if size > conn.max_frame_size as usize {
-                let status = Status::internal(format!(
-                    "reply of {size} bytes exceeds the frame limit of {} bytes",
-                    conn.max_frame_size
-                ));
-                return reply_status(queue, FrameType::Response, id, &status);
+            if let Ok(Err(e)) = queue.push(FrameType::Response, id, &meta, reply) {
+                reply_status(queue, FrameType::Response, id, &reply_too_large(&e));
             }
-            let _ = queue.push(FrameType::Response, id, &meta, reply);
         }
         Err(status) => reply_status(queue, FrameType::Response, id, status),
+    }
+}
+
+fn reply_too_large(e: &FrameError) -> Status {
+    Status::internal(format!("reply exceeds the frame limit: {e}"))
+}
+
+/// Runs a unary handler's future to its end: under the call's deadline, with a panic turned
+/// into `internal`. Shared by the binary and the HTTP paths.
+pub(super) async fn run_unary(
+    call: BoxFuture<'static, Result<Bytes, Status>>,
+    deadline: Option<Instant>,
+) -> Result<Bytes, Status> {
+    match with_deadline(deadline, AssertUnwindSafe(call).catch_unwind()).await {
+        Some(Ok(result)) => result,
+        Some(Err(panic)) => Err(panicked(&*panic)),
+        None => Err(Status::deadline_exceeded(
+            "deadline exceeded while the call ran",
+        )),
     }
 }
 
@@ -396,15 +409,8 @@ async fn run_call(
     let id = guard.id;
     let outcome = match work {
         Work::Unary(call) => {
-            let call = AssertUnwindSafe(call).catch_unwind();
-            let result = match with_deadline(deadline, call).await {
-                Some(Ok(result)) => result,
-                Some(Err(panic)) => Err(panicked(&*panic)),
-                None => Err(Status::deadline_exceeded(
-                    "deadline exceeded while the call ran",
-                )),
-            };
-            finish_unary(&conn, id, codec, &result);
+            let result = run_unary(call, deadline).await;
+            finish_unary(&conn.queue, id, codec, &result);
             result.map(drop)
         }
         Work::Stream(start) => {
@@ -421,12 +427,13 @@ async fn run_call(
                 {
                     let item = item?;
                     conn.queue.writable().await;
-                    if conn
+                    match conn
                         .queue
                         .push(FrameType::StreamItem, id, &item_meta, &item)
-                        .is_err()
                     {
-                        return Err(Status::cancelled("connection closed"));
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(reply_too_large(&e)),
+                        Err(_closed) => return Err(Status::cancelled("connection closed")),
                     }
                 }
                 Ok(())

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::conn::panicked;
+use super::conn::{panicked, run_unary};
 use super::service::{Context, Handler};
 use super::{Lifecycle, RouteError, Shared};
 use crate::protocol::{Codec, Metadata};
@@ -267,21 +267,9 @@ async fn call(
     };
     shared.stats.inflight.fetch_add(1, Relaxed);
     let result = match &entry.handler {
-        Handler::Unary(handler) => {
-            let fut = AssertUnwindSafe(handler(ctx, body)).catch_unwind();
-            let out = match deadline {
-                Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
-                None => Some(fut.await),
-            };
-            let result = match out {
-                Some(Ok(r)) => r,
-                Some(Err(panic)) => Err(panicked(&*panic)),
-                None => Err(Status::deadline_exceeded(
-                    "deadline exceeded while the call ran",
-                )),
-            };
-            result.map(|reply| full(StatusCode::OK, "application/json", reply))
-        }
+        Handler::Unary(handler) => run_unary(handler(ctx, body), deadline)
+            .await
+            .map(|reply| full(StatusCode::OK, "application/json", reply)),
         Handler::ServerStreaming(handler) => {
             match AssertUnwindSafe(handler(ctx, body)).catch_unwind().await {
                 Err(panic) => Err(panicked(&*panic)),
@@ -289,16 +277,13 @@ async fn call(
                 Ok(Ok(stream)) => {
                     // A panic inside the stream becomes an error line, not a dead connection.
                     let lines = AssertUnwindSafe(stream).catch_unwind().map(|item| {
-                        let status = match item {
-                            Ok(Ok(bytes)) => Ok(bytes),
-                            Ok(Err(status)) => Err(status),
-                            Err(panic) => Err(panicked(&*panic)),
+                        let error_line = |status: &Status| {
+                            BytesMut::from(error_body(status).to_string().as_bytes())
                         };
-                        let mut line = match status {
-                            Ok(bytes) => BytesMut::from(&bytes[..]),
-                            Err(status) => {
-                                BytesMut::from(error_body(&status).to_string().as_bytes())
-                            }
+                        let mut line = match item {
+                            Ok(Ok(bytes)) => BytesMut::from(&bytes[..]),
+                            Ok(Err(status)) => error_line(&status),
+                            Err(panic) => error_line(&panicked(&*panic)),
                         };
                         line.extend_from_slice(b"\n");
                         Ok::<_, Infallible>(BodyFrame::data(line.freeze()))

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use keel_echo::{EchoReply, EchoRequest, EchoServer, EchoService};
 use keel_rpc::protocol::{DEFAULT_MAX_FRAME_SIZE, Frame};
-use keel_rpc::{Server, ServerConfig, ServiceDef, Status};
+use keel_rpc::{Channel, ChannelConfig, Server, ServerConfig, ServiceDef, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -91,6 +91,20 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
                 payload: vec![7; n],
             })
         })
+        .server_streaming("BigStream", |_ctx, req: EchoRequest| async move {
+            // Streams a 10-byte item, then one of `message` bytes.
+            let n: usize = req
+                .message
+                .parse()
+                .map_err(|_| Status::invalid_argument("message must be a size"))?;
+            let items = [10, n].map(|len| {
+                Ok(EchoReply {
+                    message: String::new(),
+                    payload: vec![7; len],
+                })
+            });
+            Ok(futures_util::stream::iter(items))
+        })
         .unary("Remaining", |ctx, _req: EchoRequest| async move {
             let ms = ctx
                 .remaining()
@@ -136,6 +150,13 @@ impl TestServer {
             stop: Some(stop),
             task,
         }
+    }
+
+    /// A connected channel to this server, with default settings.
+    pub async fn channel(&self) -> Channel {
+        Channel::connect(self.addr.to_string(), ChannelConfig::default())
+            .await
+            .unwrap()
     }
 
     /// Starts graceful shutdown and returns the serve task to await.
