@@ -60,6 +60,7 @@ pub fn compile_protos(
 #[derive(Debug, Default, Clone)]
 pub struct Builder {
     out_dir: Option<PathBuf>,
+    bytes: Vec<String>,
 }
 
 impl Builder {
@@ -71,6 +72,15 @@ impl Builder {
     /// Writes generated files to `dir` instead of `OUT_DIR`.
     pub fn out_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
         self.out_dir = Some(dir.into());
+        self
+    }
+
+    /// Generates `bytes::Bytes` instead of `Vec<u8>` for the `bytes` fields under these
+    /// protobuf paths (`"."` for all, `".pkg.Message.field"` for one). A decoded `Bytes`
+    /// field shares the received frame's buffer instead of copying it, which matters for large
+    /// payloads.
+    pub fn bytes<S: Into<String>>(mut self, paths: impl IntoIterator<Item = S>) -> Builder {
+        self.bytes.extend(paths.into_iter().map(Into::into));
         self
     }
 
@@ -124,6 +134,7 @@ impl Builder {
             .prost_path("::keel_rpc::__private::prost")
             .compile_well_known_types()
             .extern_path(".google.protobuf", "::keel_rpc::__private::pbjson_types")
+            .bytes(&self.bytes)
             .service_generator(Box::new(KeelGenerator));
         config.compile_fds(fds)?;
 

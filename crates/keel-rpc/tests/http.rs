@@ -119,3 +119,63 @@ async fn health_status_and_metrics() {
         .clone();
     assert_eq!(echo["calls"], 3);
 }
+
+#[tokio::test]
+async fn oversized_body_is_413_and_wrong_verb_is_405() {
+    let server = TestServer::start(ServerConfig {
+        max_frame_size: 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let big = format!(r#"{{"message":"{}"}}"#, "x".repeat(2000));
+    let (status, body) = http(server.addr, "POST", "/keel.echo.v1.Echo/Echo", &big).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("1024"), "{body}");
+
+    let req = "GET /keel.echo.v1.Echo/Echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("allow: post"), "{out}");
+    // A path that names no method stays a 404, whatever the verb.
+    let (status, _) = http(server.addr, "GET", "/no.Such/Echo", "").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn http_stream_cut_by_its_deadline_ends_with_an_error_line_and_is_counted() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let body = r#"{"count":1000,"intervalMs":20}"#;
+    let req = format!(
+        "POST /keel.echo.v1.Echo/Count HTTP/1.1\r\nHost: t\r\nkeel-timeout-ms: 150\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let (_, chunked) = out.split_once("\r\n\r\n").unwrap();
+    let lines: Vec<String> = common::dechunk(chunked)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(lines.len() >= 2, "{lines:?}");
+    assert_eq!(lines[0], r#"{"n":1}"#);
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(last["error"], "deadline_exceeded", "{lines:?}");
+
+    // Recorded when the stream ended, with the code it ended with.
+    let (_, metrics) = http(server.addr, "GET", "/metrics", "").await;
+    assert!(
+        metrics.contains(
+            r#"keel_rpc_requests_total{service="keel.echo.v1.Echo",method="Count",status="deadline_exceeded"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keel_rpc_inflight_calls 0"), "{metrics}");
+}

@@ -18,7 +18,7 @@ async fn deadline_fires_at_the_deadline_not_at_the_handler() {
     let started = Instant::now();
     let req = EchoRequest {
         message: "3600000".into(),
-        payload: Vec::new(),
+        payload: Default::default(),
     };
     let err = keel_rpc::client::unary::<_, _, EchoReply>(
         &channel,
@@ -73,4 +73,44 @@ async fn idle_connection_closes_after_exactly_the_idle_timeout() {
         waited >= Duration::from_secs(120) && waited < Duration::from_secs(160),
         "{waited:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_only_idle_connections_ends_at_once_not_after_the_grace() {
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    // An idle binary connection that has made a call, and an idle HTTP keep-alive connection.
+    let channel = server.channel().await;
+    let req = EchoRequest {
+        message: "0".into(),
+        payload: Default::default(),
+    };
+    keel_rpc::client::unary::<_, _, EchoReply>(
+        &channel,
+        TEST_SERVICE,
+        "Sleep",
+        &req,
+        CallOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut http = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut http, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::io::AsyncReadExt::read(&mut http, &mut buf)
+        .await
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let started = Instant::now();
+    server.shutdown().await.unwrap().unwrap();
+    // On the paused clock, waiting out the grace period would show as 60 s.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+    drop(channel);
 }

@@ -23,7 +23,7 @@ async fn call(
 ) -> Result<EchoReply, Status> {
     let req = EchoRequest {
         message: message.into(),
-        payload: Vec::new(),
+        payload: Default::default(),
     };
     keel_rpc::client::unary(channel, TEST_SERVICE, method, &req, options).await
 }
@@ -48,7 +48,7 @@ async fn unary_call_in_both_codecs() {
     let client = EchoClient::new(server.channel().await);
     let req = EchoRequest {
         message: "hello".into(),
-        payload: vec![0, 1, 2, 255],
+        payload: vec![0, 1, 2, 255].into(),
     };
     for codec in [Codec::Protobuf, Codec::Json] {
         let reply = client
@@ -56,7 +56,7 @@ async fn unary_call_in_both_codecs() {
             .await
             .unwrap();
         assert_eq!(reply.message, "hello");
-        assert_eq!(reply.payload, vec![0, 1, 2, 255]);
+        assert_eq!(reply.payload[..], [0, 1, 2, 255]);
     }
 }
 
@@ -107,7 +107,7 @@ async fn thousand_concurrent_calls_on_one_connection_pair_correctly() {
             let ms = (i * 7919) % 23;
             let req = EchoRequest {
                 message: ms.to_string(),
-                payload: i.to_be_bytes().to_vec(),
+                payload: i.to_be_bytes().to_vec().into(),
             };
             let reply: EchoReply = keel_rpc::client::unary(
                 &channel,
@@ -119,8 +119,8 @@ async fn thousand_concurrent_calls_on_one_connection_pair_correctly() {
             .await
             .unwrap();
             assert_eq!(
-                reply.payload,
-                i.to_be_bytes().to_vec(),
+                reply.payload[..],
+                i.to_be_bytes()[..],
                 "reply paired with the wrong call"
             );
             i
@@ -242,6 +242,14 @@ async fn dropping_a_call_cancels_its_handler() {
         server.server.stats().inflight.load(Ordering::SeqCst) == 0
     })
     .await;
+    // The cancelled call is counted as such.
+    let (_, metrics) = common::http(server.addr, "GET", "/metrics", "").await;
+    assert!(
+        metrics.contains(
+            r#"keel_rpc_requests_total{service="test.Test",method="Sleep",status="cancelled"} 1"#
+        ),
+        "{metrics}"
+    );
     // The connection is still good.
     call(&channel, "Sleep", "0", CallOptions::default())
         .await
@@ -375,7 +383,7 @@ async fn oversized_frame_is_refused() {
         .unwrap();
     let req = EchoRequest {
         message: String::new(),
-        payload: vec![0; 4096],
+        payload: vec![0; 4096].into(),
     };
     let err = EchoClient::new(small_channel).echo(&req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -401,7 +409,7 @@ async fn reply_over_the_frame_limit_fails_only_that_call() {
     // The same for a stream item: the stream ends with internal after the items that fit.
     let req = EchoRequest {
         message: "100000".into(),
-        payload: Vec::new(),
+        payload: Default::default(),
     };
     let mut stream = keel_rpc::client::server_streaming::<_, _, EchoReply>(
         &channel,
@@ -660,7 +668,7 @@ async fn metadata_reaches_the_handler() {
             *seen.lock().unwrap() = trace.clone().unwrap_or_default();
             Ok(EchoReply {
                 message: trace.unwrap_or_default(),
-                payload: Vec::new(),
+                payload: Default::default(),
             })
         }
     });
@@ -692,4 +700,120 @@ fn metadata_type_is_usable_directly() {
         ..Metadata::default()
     };
     assert_eq!(meta.service.as_deref(), Some("a.B"));
+}
+
+#[tokio::test]
+async fn a_peer_that_does_not_read_stalls_its_stream_not_the_server() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    // Ask for 10,000 items of 64 KiB (640 MiB) and never read a byte of the reply.
+    let mut req = request_frame(1, TEST_SERVICE, "Flood", None);
+    req.body = keel_rpc::__private::prost::Message::encode_to_vec(&EchoRequest {
+        message: "10000".into(),
+        payload: Default::default(),
+    })
+    .into();
+    let mut stuck = common::raw_connect(server.addr, &frame_bytes(&req)).await;
+    eventually("the stream started", || {
+        server.probe.flood_items.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // The producer stops once the connection's queue and socket buffers are full.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = server.probe.flood_items.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        assert!(
+            now < 10_000,
+            "the server produced everything for a peer that reads nothing"
+        );
+        last = now;
+    }
+    // Bounded: the 4 MiB queue plus what the kernel buffers, nowhere near 640 MiB.
+    assert!(
+        last < 1_000,
+        "{last} items of 64 KiB queued for a stalled peer"
+    );
+    // Everyone else is served meanwhile.
+    let channel = server.channel().await;
+    call(&channel, "Sleep", "0", CallOptions::default())
+        .await
+        .unwrap();
+    // Once the peer reads again, the stream resumes and runs to its end.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    let read_all = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match stuck.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+            if server.probe.flood_items.load(Ordering::SeqCst) == 10_000 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        read_all.is_ok(),
+        "stream did not resume ({total} bytes read)"
+    );
+}
+
+#[tokio::test]
+async fn a_draining_connection_still_detects_a_dead_peer() {
+    // A server that answers pings until a request arrives, then sends goaway and goes silent
+    // without closing, like a host that vanished while its calls were draining.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                let mut silent = false;
+                loop {
+                    match s.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    while let Ok(Some(f)) =
+                        Frame::decode(&mut buf, keel_rpc::protocol::DEFAULT_MAX_FRAME_SIZE)
+                    {
+                        if silent {
+                            continue;
+                        }
+                        let reply = match f.kind {
+                            FrameType::Ping => Frame::new(FrameType::Pong, f.request_id),
+                            FrameType::Request => {
+                                silent = true;
+                                Frame::new(FrameType::GoAway, f.request_id)
+                            }
+                            _ => continue,
+                        };
+                        let _ = s.write_all(&frame_bytes(&reply)).await;
+                    }
+                }
+            });
+        }
+    });
+    let config = ChannelConfig {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(100),
+        ..ChannelConfig::default()
+    };
+    let channel = Channel::connect(addr.to_string(), config).await.unwrap();
+    // No deadline: only keepalive can end this call.
+    let pending = {
+        let channel = channel.clone();
+        tokio::spawn(async move { call(&channel, "Sleep", "0", CallOptions::default()).await })
+    };
+    let err = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("a call on a draining connection to a dead peer hung")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("keepalive"), "{err}");
 }

@@ -138,24 +138,24 @@ where
         tasks.spawn(async move {
             let mut hist = new_histogram();
             let (mut errors, mut first_error) = (0u64, None);
-            loop {
-                let t0 = Instant::now();
-                if t0 >= end {
-                    break;
-                }
+            // One clock read per call: a call's end is the next one's start.
+            let mut t0 = Instant::now();
+            while t0 < end {
                 let result = call(worker).await;
                 let t1 = Instant::now();
-                if t0 < measure_from {
+                let started = std::mem::replace(&mut t0, t1);
+                if started < measure_from {
                     continue;
                 }
                 match result {
                     // Saturating, so the histogram's count is the count of successful calls.
-                    Ok(()) => hist.saturating_record((t1 - t0).as_micros().max(1) as u64),
+                    Ok(()) => hist.saturating_record((t1 - started).as_micros().max(1) as u64),
                     Err(e) => {
                         errors += 1;
                         first_error.get_or_insert(e);
                         // A dead server fails calls in microseconds; do not spin on it.
                         tokio::time::sleep(Duration::from_millis(1)).await;
+                        t0 = Instant::now();
                     }
                 }
             }

@@ -149,7 +149,7 @@ async fn bench_rpc(args: &RpcBenchArgs) -> anyhow::Result<loadgen::LoadReport> {
     }
     let request = std::sync::Arc::new(EchoRequest {
         message: String::new(),
-        payload: vec![0x5a; load.payload],
+        payload: vec![0x5a; load.payload].into(),
     });
     let expected = load.payload;
     let clients = std::sync::Arc::new(clients);

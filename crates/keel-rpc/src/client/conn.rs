@@ -255,8 +255,9 @@ impl ClientConn {
                     .as_deref()
                     .unwrap_or("server sent goaway")
                     .to_owned();
+                // Calls already sent still get their replies; new calls go elsewhere. Should
+                // the connection then fail, its calls learn the real reason, not this one.
                 tracing::debug!(peer = %self.peer, reason, "goaway received");
-                self.close_reason.lock().get_or_insert(reason);
                 self.draining.cancel();
             }
             FrameType::Request | FrameType::Cancel => {

@@ -170,7 +170,7 @@ pub async fn unary<T: CallTransport, Req: RpcMessage, Resp: RpcMessage>(
             options,
         })
         .await?;
-    reply.codec.decode(&reply.body)
+    reply.codec.decode(reply.body)
 }
 
 /// Starts a typed server-streaming call over any transport.
@@ -282,7 +282,7 @@ impl<T: RpcMessage> Streaming<T> {
     /// The next message; `Ok(None)` when the stream ended successfully.
     pub async fn message(&mut self) -> Result<Option<T>, Status> {
         match self.raw.next().await? {
-            Some((body, codec)) => codec.decode(&body).map(Some),
+            Some((body, codec)) => codec.decode(body).map(Some),
             None => Ok(None),
         }
     }
@@ -370,6 +370,12 @@ impl Channel {
     /// A connection to send a call on, waiting while a connection attempt is under way.
     async fn ready(&self, deadline: Option<Instant>) -> Result<Arc<ClientConn>, Status> {
         let shared = &self.inner.shared;
+        // The common case, connected, without subscribing to state changes.
+        if let Some(conn) = shared.conn.read().as_ref()
+            && !conn.draining.is_cancelled()
+        {
+            return Ok(conn.clone());
+        }
         let mut rx = shared.state.subscribe();
         loop {
             if let Some(conn) = shared.conn.read().as_ref()
@@ -557,13 +563,20 @@ async fn manage(shared: Arc<ChannelShared>, stop: CancellationToken) {
         shared.state.send_replace(ConnectivityState::Ready);
         tracing::debug!(addr = %shared.addr, "connected");
 
+        // Keepalive runs for the connection's whole life, through a drain after a goaway too:
+        // calls still running on a draining connection must learn if its peer dies.
+        tokio::spawn(keepalive(
+            conn.clone(),
+            config.keepalive_interval,
+            config.keepalive_timeout,
+        ));
         tokio::select! {
             () = stop.cancelled() => {
                 conn.close("channel dropped");
                 *shared.conn.write() = None;
                 return;
             }
-            () = keepalive(&conn, config) => {}
+            () = conn.draining.cancelled() => {}
         }
         *shared.conn.write() = None;
         if conn.closed.is_cancelled() {
@@ -592,15 +605,15 @@ async fn fail(shared: &ChannelShared, reason: String, stop: &CancellationToken, 
 }
 
 /// Pings a quiet connection and closes it if the peer stops answering. Returns when the
-/// connection is closed or draining.
-async fn keepalive(conn: &ClientConn, config: &ChannelConfig) {
+/// connection is closed.
+async fn keepalive(conn: Arc<ClientConn>, interval: Duration, timeout: Duration) {
     let mut ping_id: u64 = 0;
     loop {
         let quiet = conn.since_last_read();
-        let wait = config.keepalive_interval.saturating_sub(quiet);
+        let wait = interval.saturating_sub(quiet);
         if !wait.is_zero() {
             tokio::select! {
-                () = conn.draining.cancelled() => return,
+                () = conn.closed.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
             continue;
@@ -614,15 +627,12 @@ async fn keepalive(conn: &ClientConn, config: &ChannelConfig) {
             return;
         }
         tokio::select! {
-            () = conn.draining.cancelled() => return,
-            () = tokio::time::sleep(config.keepalive_timeout) => {}
+            () = conn.closed.cancelled() => return,
+            () = tokio::time::sleep(timeout) => {}
         }
-        if conn.since_last_read() >= config.keepalive_interval + config.keepalive_timeout {
+        if conn.since_last_read() >= interval + timeout {
             tracing::warn!(peer = %conn.peer, "no reply to keepalive ping; closing connection");
-            conn.close(&format!(
-                "no reply to a keepalive ping within {:?}",
-                config.keepalive_timeout
-            ));
+            conn.close(&format!("no reply to a keepalive ping within {timeout:?}"));
             return;
         }
     }

@@ -1,7 +1,7 @@
 //! Body codecs. A call declares its codec in the request metadata; the server decodes the
 //! request and encodes the reply with that same codec.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::status::Status;
@@ -42,13 +42,16 @@ impl Codec {
     }
 
     /// Reads a message encoded with this codec. A malformed body is `invalid_argument`.
-    pub fn decode<M: RpcMessage>(self, src: &[u8]) -> Result<M, Status> {
+    ///
+    /// Takes the body as [`Bytes`] so that `bytes` fields generated as `Bytes` (see
+    /// `keel_rpc_build::Builder::bytes`) share the received buffer instead of copying it.
+    pub fn decode<M: RpcMessage>(self, src: Bytes) -> Result<M, Status> {
         match self {
             Codec::Protobuf => M::decode(src)
                 .map_err(|e| Status::invalid_argument(format!("bad protobuf body: {e}"))),
             // An empty JSON body reads as the empty message, as an empty protobuf body does.
             Codec::Json if src.iter().all(u8::is_ascii_whitespace) => Ok(M::default()),
-            Codec::Json => serde_json::from_slice(src)
+            Codec::Json => serde_json::from_slice(&src)
                 .map_err(|e| Status::invalid_argument(format!("bad JSON body: {e}"))),
         }
     }

@@ -21,8 +21,9 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::metrics::MethodStats;
 use super::service::{Context, Handler};
-use super::{Lifecycle, MethodEntry, RouteError, Shared};
+use super::{Lifecycle, RouteError, Shared};
 use crate::protocol::Codec;
 use crate::protocol::{Frame, FrameError, FrameType, Metadata};
 use crate::status::{Code, Status};
@@ -39,15 +40,22 @@ struct ConnState {
 }
 
 /// Removes a call from the connection's table when its task ends, however it ends (finished,
-/// cancelled, aborted at shutdown).
+/// cancelled, aborted at shutdown), and records its outcome: a call whose task is dropped
+/// before it finished counts as `cancelled`.
 struct CallGuard {
     conn: Arc<ConnState>,
     shared: Arc<Shared>,
     id: u64,
+    stats: Arc<MethodStats>,
+    started: Instant,
+    /// Set when the call finished; `None` means it was cut short.
+    outcome: Option<Code>,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
+        let code = self.outcome.unwrap_or(Code::Cancelled);
+        self.stats.record(code, self.started.elapsed());
         let empty = {
             let mut calls = self.conn.calls.lock();
             calls.remove(&self.id);
@@ -339,19 +347,14 @@ fn on_request(
         conn: conn.clone(),
         shared: shared.clone(),
         id,
+        stats: entry.stats.clone(),
+        started: now,
+        outcome: None,
     };
     let mut calls = conn.calls.lock();
     // The table stays locked until the abort handle is in it, so a call that finishes at once
     // cannot remove its entry before the entry exists.
-    let task = tokio::spawn(run_call(
-        conn.clone(),
-        entry,
-        work,
-        deadline,
-        codec,
-        now,
-        guard,
-    ));
+    let task = tokio::spawn(run_call(conn.clone(), work, deadline, codec, guard));
     calls.insert(id, task.abort_handle());
 }
 
@@ -399,12 +402,10 @@ pub(super) async fn run_unary(
 /// Runs one call to completion and queues its reply (or replies, for a stream).
 async fn run_call(
     conn: Arc<ConnState>,
-    entry: Arc<MethodEntry>,
     work: Work,
     deadline: Option<Instant>,
     codec: Codec,
-    started: Instant,
-    guard: CallGuard,
+    mut guard: CallGuard,
 ) {
     let id = guard.id;
     let outcome = match work {
@@ -451,8 +452,7 @@ async fn run_call(
             result
         }
     };
-    let code = outcome.err().map_or(Code::Ok, |s| s.code());
-    entry.stats.record(code, started.elapsed());
+    guard.outcome = Some(outcome.err().map_or(Code::Ok, |s| s.code()));
     drop(guard);
 }
 

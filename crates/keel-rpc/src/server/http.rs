@@ -21,7 +21,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
+use http_body_util::{
+    BodyExt, Full, LengthLimitError, Limited, StreamBody, combinators::UnsyncBoxBody,
+};
 use hyper::body::{Frame as BodyFrame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,7 +32,7 @@ use tokio::time::Instant;
 
 use super::conn::{panicked, run_unary};
 use super::service::{Context, Handler};
-use super::{Lifecycle, RouteError, Shared};
+use super::{Lifecycle, MethodEntry, RouteError, Shared};
 use crate::protocol::{Codec, Metadata};
 use crate::status::{Code, Status};
 
@@ -176,6 +178,17 @@ async fn handle(
             Ok(resp) => resp,
             Err(status) => error_response(&status),
         },
+        (method, _) if method_path(&path).is_some_and(|(s, m)| shared.route(s, m).is_ok()) => {
+            let mut resp = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &error_body(&Status::invalid_argument(format!(
+                    "{method} is not allowed on {path}: call methods with POST"
+                ))),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+            resp
+        }
         _ => error_response(&Status::not_found(format!(
             "no route for {} {path}; call methods with POST /{{service}}/{{method}}",
             req.method()
@@ -215,8 +228,7 @@ async fn call(
     if draining {
         return Err(Status::unavailable("server is shutting down"));
     }
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
+    let Some((service, method)) = method_path(path) else {
         return Err(Status::not_found(format!(
             "{path} is not /{{service}}/{{method}}"
         )));
@@ -248,15 +260,19 @@ async fn call(
         ),
     };
     let limit = shared.config.max_frame_size as usize;
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            Status::invalid_argument(format!(
-                "reading the request body failed (limit {limit} bytes): {e}"
-            ))
-        })?
-        .to_bytes();
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            let status =
+                Status::invalid_argument(format!("request body over the limit of {limit} bytes"));
+            return Ok(json(StatusCode::PAYLOAD_TOO_LARGE, &error_body(&status)));
+        }
+        Err(e) => {
+            return Err(Status::invalid_argument(format!(
+                "reading the request body failed: {e}"
+            )));
+        }
+    };
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
     let ctx = Context {
@@ -266,47 +282,113 @@ async fn call(
         codec: Codec::Json,
     };
     shared.stats.inflight.fetch_add(1, Relaxed);
-    let result = match &entry.handler {
-        Handler::Unary(handler) => run_unary(handler(ctx, body), deadline)
+    let mut record = Recorder {
+        shared: shared.clone(),
+        entry: entry.clone(),
+        started,
+        outcome: None,
+    };
+    let start = match &entry.handler {
+        Handler::Unary(handler) => {
+            let result = run_unary(handler(ctx, body), deadline).await;
+            record.outcome = Some(result.as_ref().err().map_or(Code::Ok, |s| s.code()));
+            return result.map(|reply| full(StatusCode::OK, "application/json", reply));
+        }
+        Handler::ServerStreaming(handler) => AssertUnwindSafe(handler(ctx, body))
+            .catch_unwind()
             .await
-            .map(|reply| full(StatusCode::OK, "application/json", reply)),
-        Handler::ServerStreaming(handler) => {
-            match AssertUnwindSafe(handler(ctx, body)).catch_unwind().await {
-                Err(panic) => Err(panicked(&*panic)),
-                Ok(Err(status)) => Err(status),
-                Ok(Ok(stream)) => {
-                    // A panic inside the stream becomes an error line, not a dead connection.
-                    let lines = AssertUnwindSafe(stream).catch_unwind().map(|item| {
-                        let error_line = |status: &Status| {
-                            BytesMut::from(error_body(status).to_string().as_bytes())
-                        };
-                        let mut line = match item {
-                            Ok(Ok(bytes)) => BytesMut::from(&bytes[..]),
-                            Ok(Err(status)) => error_line(&status),
-                            Err(panic) => error_line(&panicked(&*panic)),
-                        };
-                        line.extend_from_slice(b"\n");
-                        Ok::<_, Infallible>(BodyFrame::data(line.freeze()))
-                    });
-                    let lines: Pin<Box<dyn futures_util::Stream<Item = _> + Send>> = match deadline
-                    {
-                        Some(d) => Box::pin(lines.take_until(tokio::time::sleep_until(d))),
-                        None => Box::pin(lines),
-                    };
-                    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(lines)));
-                    resp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static("application/x-ndjson"),
-                    );
-                    Ok(resp)
-                }
-            }
+            .unwrap_or_else(|panic| Err(panicked(&*panic))),
+    };
+    let stream = match start {
+        Ok(stream) => stream,
+        Err(status) => {
+            record.outcome = Some(status.code());
+            return Err(status);
         }
     };
-    shared.stats.inflight.fetch_sub(1, Relaxed);
-    entry.stats.record(
-        result.as_ref().err().map_or(Code::Ok, |s| s.code()),
-        started.elapsed(),
+    // A panic inside the stream becomes an error line, not a dead connection.
+    let items = AssertUnwindSafe(stream)
+        .catch_unwind()
+        .map(|item| match item {
+            Ok(item) => item,
+            Err(panic) => Err(panicked(&*panic)),
+        });
+    let state = NdjsonState {
+        items: Box::pin(items),
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        record,
+    };
+    let lines = futures_util::stream::unfold(state, next_line);
+    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(lines)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
     );
-    result
+    Ok(resp)
+}
+
+/// `/{service}/{method}` split in two.
+fn method_path(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
+}
+
+/// Counts an HTTP call in flight and records its outcome when it ends: for a stream, when the
+/// last line has been produced, or, if the client goes away first, as `cancelled`.
+struct Recorder {
+    shared: Arc<Shared>,
+    entry: Arc<MethodEntry>,
+    started: Instant,
+    outcome: Option<Code>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.shared.stats.inflight.fetch_sub(1, Relaxed);
+        let code = self.outcome.unwrap_or(Code::Cancelled);
+        self.entry.stats.record(code, self.started.elapsed());
+    }
+}
+
+type ItemStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+/// An NDJSON reply body in the making.
+struct NdjsonState {
+    items: ItemStream,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    record: Recorder,
+}
+
+/// The next line of an NDJSON reply: a message, or a final `{"error": ...}` line when the
+/// stream fails or its deadline passes.
+async fn next_line(
+    mut state: NdjsonState,
+) -> Option<(Result<BodyFrame<Bytes>, Infallible>, NdjsonState)> {
+    if state.record.outcome.is_some() {
+        return None;
+    }
+    let item = match state.deadline.as_mut() {
+        Some(deadline) => tokio::select! {
+            biased;
+            item = state.items.next() => item,
+            () = deadline.as_mut() => Some(Err(Status::deadline_exceeded(
+                "deadline exceeded while the stream ran",
+            ))),
+        },
+        None => state.items.next().await,
+    };
+    let mut line = match item {
+        None => {
+            state.record.outcome = Some(Code::Ok);
+            return None;
+        }
+        Some(Ok(bytes)) => BytesMut::from(&bytes[..]),
+        Some(Err(status)) => {
+            state.record.outcome = Some(status.code());
+            BytesMut::from(error_body(&status).to_string().as_bytes())
+        }
+    };
+    line.extend_from_slice(b"\n");
+    Some((Ok(BodyFrame::data(line.freeze())), state))
 }

@@ -155,7 +155,7 @@ impl ServiceDef {
                 let handler = handler.clone();
                 Box::pin(async move {
                     let codec = ctx.codec;
-                    let req: Req = codec.decode(&body)?;
+                    let req: Req = codec.decode(body)?;
                     let reply = handler(ctx, req).await?;
                     encode_reply(codec, &reply)
                 })
@@ -184,7 +184,7 @@ impl ServiceDef {
             let handler = handler.clone();
             Box::pin(async move {
                 let codec = ctx.codec;
-                let req: Req = codec.decode(&body)?;
+                let req: Req = codec.decode(body)?;
                 let stream = handler(ctx, req).await?;
                 Ok(stream
                     .map(move |item| item.and_then(|m| encode_reply(codec, &m)))

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::StreamExt;
 use keel_echo::{EchoReply, EchoRequest, EchoServer, EchoService};
 use keel_rpc::protocol::{DEFAULT_MAX_FRAME_SIZE, Frame};
 use keel_rpc::{Channel, ChannelConfig, Server, ServerConfig, ServiceDef, Status};
@@ -22,6 +23,8 @@ pub struct Probe {
     /// Handlers whose future was dropped before finishing (cancelled or timed out).
     pub dropped_unfinished: AtomicUsize,
     pub finished: AtomicUsize,
+    /// Items the `Flood` stream has produced.
+    pub flood_items: AtomicUsize,
 }
 
 struct DropProbe {
@@ -88,7 +91,7 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
                 .map_err(|_| Status::invalid_argument("message must be a size"))?;
             Ok(EchoReply {
                 message: String::new(),
-                payload: vec![7; n],
+                payload: vec![7; n].into(),
             })
         })
         .server_streaming("BigStream", |_ctx, req: EchoRequest| async move {
@@ -100,10 +103,28 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
             let items = [10, n].map(|len| {
                 Ok(EchoReply {
                     message: String::new(),
-                    payload: vec![7; len],
+                    payload: vec![7; len].into(),
                 })
             });
             Ok(futures_util::stream::iter(items))
+        })
+        .server_streaming("Flood", move |_ctx, req: EchoRequest| {
+            // Streams `message` items of 64 KiB as fast as the connection takes them.
+            let probe = probe.clone();
+            async move {
+                let n: usize = req
+                    .message
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("message must be a count"))?;
+                let item = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+                Ok(futures_util::stream::iter(0..n).map(move |_| {
+                    probe.flood_items.fetch_add(1, Ordering::SeqCst);
+                    Ok(EchoReply {
+                        message: String::new(),
+                        payload: item.clone(),
+                    })
+                }))
+            }
         })
         .unary("Remaining", |ctx, _req: EchoRequest| async move {
             let ms = ctx
@@ -112,7 +133,7 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
                 .unwrap_or_else(|| "none".into());
             Ok(EchoReply {
                 message: ms,
-                payload: Vec::new(),
+                payload: Default::default(),
             })
         })
 }
@@ -236,7 +257,7 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
     (status, body)
 }
 
-fn dechunk(mut body: &str) -> String {
+pub fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
