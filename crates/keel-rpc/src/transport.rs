@@ -30,6 +30,8 @@ pub(crate) struct WriteQueue {
     /// Wakes producers waiting for the queue to drain below the high-water mark.
     drained: Notify,
     closed: AtomicBool,
+    /// Set by [`WriteQueue::flush`]: the batch is complete, write without waiting for more.
+    urgent: AtomicBool,
 }
 
 /// The connection's writer has stopped; nothing more can be sent on it.
@@ -45,7 +47,20 @@ impl WriteQueue {
             ready: Notify::new(),
             drained: Notify::new(),
             closed: AtomicBool::new(false),
+            urgent: AtomicBool::new(false),
         }
+    }
+
+    /// Tells the writer that a batch is complete (a reader has dispatched everything it read),
+    /// so it writes at once instead of first letting other ready tasks add frames.
+    ///
+    /// This keeps connections from moving in lockstep: without it, every connection's replies
+    /// wait for the end of the scheduler pass that read every connection's requests, and the
+    /// peer sits idle meanwhile. With it, the first connection's replies are on the wire while
+    /// the next connection's requests are being handled.
+    pub(crate) fn flush(&self) {
+        self.urgent.store(true, Ordering::Release);
+        self.ready.notify_one();
     }
 
     /// Appends a frame. A frame over the size limit is refused with
@@ -112,6 +127,12 @@ impl WriteQueue {
     /// The writer loop: runs until the queue is closed and flushed, or the socket fails.
     pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(&self, mut io: W) -> std::io::Result<()> {
         let mut spare = BytesMut::with_capacity(16 * 1024);
+        // On a current-thread runtime a woken task joins the back of one FIFO run queue, so
+        // the writer already runs after every task that was ready when it was woken. A
+        // multi-thread runtime runs a task woken by the running one next (its LIFO slot), so
+        // there the writer must step aside once to let the rest of the batch in.
+        let step_aside = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread);
         let result = loop {
             {
                 let mut buf = self.buf.lock();
@@ -125,10 +146,13 @@ impl WriteQueue {
             }
             if spare.is_empty() {
                 self.ready.notified().await;
-                // Let the tasks that are ready to run now (replies finishing, callers sending)
-                // add their frames first, so one syscall carries them all. Under load this
-                // turns one write per frame into one write per scheduler pass.
-                tokio::task::yield_now().await;
+                // Unless the batch is known to be complete, let the tasks that are ready to run
+                // now (replies finishing, callers sending) add their frames first, so one
+                // syscall carries them all. Under load this turns one write per frame into one
+                // write per scheduler pass.
+                if !self.urgent.swap(false, Ordering::AcqRel) && step_aside {
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
             if let Err(e) = io.write_all(&spare).await {

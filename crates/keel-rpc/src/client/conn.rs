@@ -2,7 +2,7 @@
 //! routes replies to them, and a writer task draining the shared [`WriteQueue`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -44,8 +44,12 @@ pub(crate) struct ClientConn {
     epoch: Instant,
     /// Cancelled when the connection is closed for good.
     pub(crate) closed: CancellationToken,
+    /// `closed` as a flag, only read and written under the `pending` lock.
+    closed_flag: AtomicBool,
     /// Cancelled when no new calls should use this connection (goaway or closed).
     pub(crate) draining: CancellationToken,
+    /// `draining` as a plain flag, for the per-call check (a token's check takes a lock).
+    draining_flag: AtomicBool,
     close_reason: Mutex<Option<String>>,
     max_frame_size: u32,
     stream_buffer: usize,
@@ -69,7 +73,9 @@ impl ClientConn {
             last_read_us: AtomicU64::new(0),
             epoch: Instant::now(),
             closed: CancellationToken::new(),
+            closed_flag: AtomicBool::new(false),
             draining: CancellationToken::new(),
+            draining_flag: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             max_frame_size,
             stream_buffer,
@@ -95,6 +101,16 @@ impl ClientConn {
         conn
     }
 
+    /// Whether new calls should go elsewhere (goaway received, or closed).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining_flag.load(Ordering::Acquire)
+    }
+
+    fn start_draining(&self) {
+        self.draining_flag.store(true, Ordering::Release);
+        self.draining.cancel();
+    }
+
     /// Time since the last byte arrived.
     pub(crate) fn since_last_read(&self) -> std::time::Duration {
         let last = std::time::Duration::from_micros(self.last_read_us.load(Ordering::Relaxed));
@@ -107,7 +123,7 @@ impl ClientConn {
         let mut pending = self.pending.lock();
         // Checked under the lock that `close` takes, so a call never lands in a table that
         // has already been failed and would then wait forever.
-        if self.closed.is_cancelled() {
+        if self.closed_flag.load(Ordering::Relaxed) {
             return Err(self.unavailable());
         }
         pending.insert(id, slot);
@@ -142,16 +158,17 @@ impl ClientConn {
     pub(crate) fn close(&self, reason: &str) {
         let drained: Vec<Pending> = {
             let mut pending = self.pending.lock();
-            if self.closed.is_cancelled() {
+            if self.closed_flag.load(Ordering::Relaxed) {
                 return;
             }
+            self.closed_flag.store(true, Ordering::Relaxed);
             self.close_reason
                 .lock()
                 .get_or_insert_with(|| reason.to_owned());
             self.closed.cancel();
             pending.drain().map(|(_, p)| p).collect()
         };
-        self.draining.cancel();
+        self.start_draining();
         self.queue.close();
         let status = self.unavailable();
         for p in drained {
@@ -258,7 +275,7 @@ impl ClientConn {
                 // Calls already sent still get their replies; new calls go elsewhere. Should
                 // the connection then fail, its calls learn the real reason, not this one.
                 tracing::debug!(peer = %self.peer, reason, "goaway received");
-                self.draining.cancel();
+                self.start_draining();
             }
             FrameType::Request | FrameType::Cancel => {
                 tracing::warn!(peer = %self.peer, kind = ?frame.kind, "server sent a client-only frame");

@@ -372,14 +372,14 @@ impl Channel {
         let shared = &self.inner.shared;
         // The common case, connected, without subscribing to state changes.
         if let Some(conn) = shared.conn.read().as_ref()
-            && !conn.draining.is_cancelled()
+            && !conn.is_draining()
         {
             return Ok(conn.clone());
         }
         let mut rx = shared.state.subscribe();
         loop {
             if let Some(conn) = shared.conn.read().as_ref()
-                && !conn.draining.is_cancelled()
+                && !conn.is_draining()
             {
                 return Ok(conn.clone());
             }

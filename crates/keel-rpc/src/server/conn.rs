@@ -116,9 +116,11 @@ pub(super) async fn serve_binary(
 
     'conn: loop {
         // Dispatch every complete frame already buffered.
+        let mut dispatched = false;
         loop {
             match Frame::decode(&mut buf, config.max_frame_size) {
                 Ok(Some(frame)) => {
+                    dispatched = true;
                     if frame.kind == FrameType::Request {
                         last_id = last_id.max(frame.request_id);
                     }
@@ -133,6 +135,10 @@ pub(super) async fn serve_binary(
                     break 'conn;
                 }
             }
+        }
+        if dispatched {
+            // The replies of handlers that finished inline are all queued: send them now.
+            conn.queue.flush();
         }
         if conn.queue.is_closed() {
             break;
