@@ -1,0 +1,78 @@
+//! Durability for in-memory state machines, as the seeds' storage notes put it: a journal
+//! (write-ahead log) plus snapshots.
+//!
+//! A service keeps its state in memory, appends every change to the [`Journal`] before it
+//! acknowledges it, and now and then writes a [`Snapshot`] of the whole state so the journal
+//! can be cut short. On start, [`Journal::open`] hands back the newest snapshot and the records
+//! after it, to replay.
+//!
+//! - [`journal`]: segment files of checksummed, length-prefixed records; one writer thread
+//!   with group commit; fsync policies `always`, `interval` and `never`; recovery that cuts
+//!   off a crash-torn tail and refuses (naming file and offset) damage anywhere else.
+//! - [`snapshot`]: snapshot files, written to a temporary name, synced, then renamed.
+//! - `record`: the byte layout, as pure functions.
+//!
+//! The on-disk format is specified in `docs/storage.md`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub mod journal;
+mod record;
+pub mod snapshot;
+
+pub use journal::{
+    Appended, Journal, JournalOptions, JournalStats, Record, Recovered, SyncPolicy, TornTail,
+};
+pub use snapshot::Snapshot;
+
+/// What went wrong in the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O operation on a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error (shared: one failure is reported to every waiting append).
+        source: Arc<std::io::Error>,
+    },
+    /// A file holds data that fails its checks somewhere other than a torn tail.
+    #[error("{} is damaged at byte {offset}: {reason}", file.display())]
+    Corrupt {
+        /// The file.
+        file: PathBuf,
+        /// Byte offset of the first bad data.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A record larger than the configured maximum.
+    #[error("record of {len} bytes is over the limit of {max}")]
+    TooLarge {
+        /// The record's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A snapshot for an index that has not been appended yet.
+    #[error("snapshot at index {index}, but the journal's next index is {next}")]
+    InvalidSnapshot {
+        /// The snapshot's index.
+        index: u64,
+        /// The next index the journal would assign.
+        next: u64,
+    },
+    /// The journal is closed.
+    #[error("journal is closed")]
+    Closed,
+}
+
+impl StoreError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        }
+    }
+}
