@@ -179,3 +179,31 @@ async fn http_stream_cut_by_its_deadline_ends_with_an_error_line_and_is_counted(
     );
     assert!(metrics.contains("keel_rpc_inflight_calls 0"), "{metrics}");
 }
+
+#[tokio::test]
+async fn authorization_and_keel_meta_headers_become_metadata() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    for (key, header, want) in [
+        (
+            "authorization",
+            "Authorization: Bearer s3cret",
+            "Bearer s3cret",
+        ),
+        ("trace-id", "keel-meta-trace-id: abc123", "abc123"),
+        ("other", "X-Other: no", ""),
+    ] {
+        let body = format!(r#"{{"message":"{key}"}}"#);
+        let req = format!(
+            "POST /test.Test/Meta HTTP/1.1\r\nHost: t\r\n{header}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
+            .await
+            .unwrap();
+        let (_, body) = out.split_once("\r\n\r\n").unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["message"].as_str().unwrap_or(""), want, "{header}");
+    }
+}

@@ -1,6 +1,7 @@
 //! The `keel` command: run Keel services and measure them.
 //!
 //! - `keel serve`: the echo service on a port (binary protocol and HTTP/JSON).
+//! - `keel registry`: the naming service, durable in a data directory.
 //! - `keel bench rpc`: the built-in load generator against a Keel echo server.
 //! - `keel demo`: both at once, in one process, for a few seconds: the README's first command.
 
@@ -29,6 +30,33 @@ enum Command {
     Bench(BenchCommand),
     /// Start an echo server and drive it with the load generator for a few seconds.
     Demo(DemoArgs),
+    /// Run the naming service (registry) until Ctrl-C.
+    Registry(RegistryArgs),
+}
+
+#[derive(Args, Debug)]
+struct RegistryArgs {
+    /// Address to listen on (Keel RPC and HTTP/JSON).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    addr: SocketAddr,
+    /// Directory for the journal and snapshots.
+    #[arg(long, default_value = "keel-data/registry")]
+    data_dir: std::path::PathBuf,
+    /// When writes reach the disk: always (fsync before acknowledging, group commit),
+    /// interval:<ms>, or never.
+    #[arg(long, default_value = "always")]
+    sync: String,
+    /// Require this token for writes (`authorization: Bearer <token>`). Also read from
+    /// KEEL_REGISTRY_TOKEN.
+    #[arg(long, env = "KEEL_REGISTRY_TOKEN")]
+    token: Option<String>,
+    /// Share of a service's instances whose leases may lapse at once before protection keeps
+    /// them listed (1 turns protection off).
+    #[arg(long, default_value_t = 0.5)]
+    protect_threshold: f64,
+    /// Runtime worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args, Debug)]
@@ -92,7 +120,62 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo(args),
+        Command::Registry(args) => registry(args),
     }
+}
+
+fn parse_sync(spec: &str) -> anyhow::Result<keel_store::SyncPolicy> {
+    use keel_store::SyncPolicy;
+    match spec {
+        "always" => Ok(SyncPolicy::Always),
+        "never" => Ok(SyncPolicy::Never),
+        other => match other.strip_prefix("interval:").map(str::parse::<u64>) {
+            Some(Ok(ms)) if ms > 0 => Ok(SyncPolicy::Interval(Duration::from_millis(ms))),
+            _ => anyhow::bail!(
+                "--sync {other:?}: use always, never, or interval:<milliseconds> (e.g. interval:100)"
+            ),
+        },
+    }
+}
+
+fn registry(args: RegistryArgs) -> anyhow::Result<()> {
+    use keel_registry::{Registry, RegistryConfig};
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.protect_threshold),
+        "--protect-threshold {} must be between 0 and 1",
+        args.protect_threshold
+    );
+    let config = RegistryConfig {
+        data_dir: Some(args.data_dir.clone()),
+        sync: parse_sync(&args.sync)?,
+        token: args.token.clone().filter(|t| !t.is_empty()),
+        protect_threshold: args.protect_threshold,
+        ..RegistryConfig::default()
+    };
+    let rt = runtime(args.threads)?;
+    rt.block_on(async {
+        let registry = Registry::open(config)
+            .await
+            .with_context(|| format!("opening the registry in {}", args.data_dir.display()))?;
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("binding {}", args.addr))?;
+        // Printed on stdout so scripts and tests can wait for it.
+        println!(
+            "keel registry on {} (data in {}, revision {}); Ctrl-C stops",
+            listener.local_addr()?,
+            args.data_dir.display(),
+            registry.revision()
+        );
+        let server = Server::builder().add_service(registry.service()).build();
+        server
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        registry.close().await?;
+        Ok(())
+    })
 }
 
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {

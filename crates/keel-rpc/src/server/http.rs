@@ -259,6 +259,21 @@ async fn call(
                 })?,
         ),
     };
+    // `authorization` and `keel-meta-<key>` headers become the call's free metadata entries,
+    // as a binary-protocol caller would send them.
+    let mut metadata = Metadata::default();
+    for (name, value) in req.headers() {
+        let key = match name.as_str() {
+            "authorization" => "authorization",
+            other => match other.strip_prefix("keel-meta-") {
+                Some(key) if !key.is_empty() => key,
+                _ => continue,
+            },
+        };
+        metadata
+            .entries
+            .push((key.into(), Bytes::copy_from_slice(value.as_bytes())));
+    }
     let limit = shared.config.max_frame_size as usize;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
@@ -277,7 +292,7 @@ async fn call(
     let deadline = timeout.map(|t| started + t);
     let ctx = Context {
         deadline,
-        metadata: Metadata::default(),
+        metadata,
         peer: Some(peer),
         codec: Codec::Json,
     };

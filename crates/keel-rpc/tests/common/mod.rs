@@ -126,6 +126,18 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
                 }))
             }
         })
+        .unary("Meta", |ctx, req: EchoRequest| async move {
+            // Replies with the value of the metadata entry named by `message`.
+            let value = ctx
+                .metadata()
+                .get(&req.message)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            Ok(EchoReply {
+                message: value,
+                payload: Default::default(),
+            })
+        })
         .unary("Remaining", |ctx, _req: EchoRequest| async move {
             let ms = ctx
                 .remaining()

@@ -1,0 +1,36 @@
+//! Keel's naming service: the seeds' addressing service and coordination centre.
+//!
+//! - [`server`]: the [`Registry`] — leases kept alive by heartbeats, service instances,
+//!   watches that resume from a revision, versioned config, locks and elections with fencing
+//!   tokens, protection against empty pushes — durable through `keel-store`. Its API is a Keel
+//!   RPC service (`keel.registry.v1.Registry`, see `proto/registry.proto`), so it is also
+//!   served as HTTP/JSON on the same port.
+//! - [`client`]: [`RegistryDiscover`] (the `keel_governance::Discover` implementation: an
+//!   initial list plus a watch, the last known list while the registry is unreachable, a local
+//!   cache file across restarts) and [`Registration`] (keeps an instance's lease alive,
+//!   deregisters on shutdown).
+//! - `state`: the deterministic state machine that the journal replays.
+
+pub mod client;
+pub mod server;
+mod state;
+
+/// Generated from `proto/registry.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    keel_rpc::include_proto!("keel.registry.v1");
+}
+
+pub use client::{Registration, RegistryDiscover, RegistryHandle};
+pub use server::{Registry, RegistryConfig, RegistryStats};
+
+/// What can go wrong starting or stopping a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The journal or a snapshot could not be read or written.
+    #[error("registry storage: {0}")]
+    Store(#[from] keel_store::StoreError),
+    /// Start-up failed for another reason.
+    #[error("registry start-up: {0}")]
+    Startup(String),
+}
