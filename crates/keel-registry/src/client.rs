@@ -14,10 +14,10 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::proto::{
-    self, EventKind, InstanceRef, InstanceStatus, LeaseRef, RegisterRequest, WatchRequest,
-    watch_request::Target,
-};
+use futures_util::StreamExt;
+
+use crate::backend::NamingBackend;
+use crate::proto::{self, EventKind, InstanceStatus};
 
 /// The registry's generated client together with the token its writes need.
 #[derive(Debug, Clone)]
@@ -89,29 +89,29 @@ pub enum RegistrationState {
 /// third of the TTL, and, if the lease is lost (expired during a network fault), grants a new
 /// one and registers again. [`Registration::deregister`] removes the instance at shutdown.
 #[derive(Debug)]
-pub struct Registration {
+pub struct Registration<B: NamingBackend + Clone = RegistryHandle<Channel>> {
     state: watch::Receiver<RegistrationState>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     lease: Arc<Mutex<u64>>,
-    handle: RegistryHandle<Channel>,
+    backend: B,
     instance: proto::Instance,
 }
 
-impl Registration {
+impl<B: NamingBackend + Clone> Registration<B> {
     /// Registers `instance` with a lease of `ttl`, and keeps it registered in the background.
     /// Fails if the first registration fails.
     pub async fn start(
-        handle: RegistryHandle<Channel>,
+        backend: B,
         instance: proto::Instance,
         ttl: Duration,
-    ) -> Result<Registration, Status> {
-        let lease_id = register_once(&handle, &instance, ttl).await?;
+    ) -> Result<Registration<B>, Status> {
+        let lease_id = register_once(&backend, &instance, ttl).await?;
         let (tx, state) = watch::channel(RegistrationState::Registered { lease_id });
         let stop = CancellationToken::new();
         let lease = Arc::new(Mutex::new(lease_id));
         let task = tokio::spawn(keep_registered(
-            handle.clone(),
+            backend.clone(),
             instance.clone(),
             ttl,
             lease.clone(),
@@ -123,7 +123,7 @@ impl Registration {
             stop,
             task: Some(task),
             lease,
-            handle,
+            backend,
             instance,
         })
     }
@@ -150,22 +150,16 @@ impl Registration {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        let options = self.handle.options();
-        let client = self.handle.client();
-        let removed = client
-            .deregister_with(
-                &InstanceRef {
-                    namespace: self.instance.namespace.clone(),
-                    service: self.instance.service.clone(),
-                    id: self.instance.id.clone(),
-                },
-                options.clone(),
+        let removed = self
+            .backend
+            .deregister(
+                &self.instance.namespace,
+                &self.instance.service,
+                &self.instance.id,
             )
             .await;
         let lease_id = *self.lease.lock();
-        let revoked = client
-            .revoke_lease_with(&LeaseRef { id: lease_id }, options)
-            .await;
+        let revoked = self.backend.revoke_lease(lease_id).await;
         match (removed, revoked) {
             (Err(e), _) if e.code() != Code::NotFound => Err(e),
             (_, Err(e)) if e.code() != Code::NotFound => Err(e),
@@ -174,42 +168,27 @@ impl Registration {
     }
 }
 
-impl Drop for Registration {
+impl<B: NamingBackend + Clone> Drop for Registration<B> {
     fn drop(&mut self) {
         // Dropped without deregister: stop the heartbeats; the lease expires on its own.
         self.stop.cancel();
     }
 }
 
-async fn register_once(
-    handle: &RegistryHandle<Channel>,
+async fn register_once<B: NamingBackend>(
+    backend: &B,
     instance: &proto::Instance,
     ttl: Duration,
 ) -> Result<u64, Status> {
-    let client = handle.client();
-    let lease = client
-        .grant_lease_with(
-            &proto::GrantLeaseRequest {
-                ttl_ms: ttl.as_millis() as u64,
-            },
-            handle.options(),
-        )
-        .await?;
+    let lease = backend.grant_lease(ttl).await?;
     let mut instance = instance.clone();
-    instance.lease_id = lease.id;
-    client
-        .register_with(
-            &RegisterRequest {
-                instance: Some(instance),
-            },
-            handle.options(),
-        )
-        .await?;
-    Ok(lease.id)
+    instance.lease_id = lease;
+    backend.register(&instance).await?;
+    Ok(lease)
 }
 
-async fn keep_registered(
-    handle: RegistryHandle<Channel>,
+async fn keep_registered<B: NamingBackend>(
+    backend: B,
     instance: proto::Instance,
     ttl: Duration,
     lease: Arc<Mutex<u64>>,
@@ -234,15 +213,12 @@ async fn keep_registered(
             () = tokio::time::sleep(wait) => {}
         }
         let id = *lease.lock();
-        let result = handle
-            .client()
-            .keep_alive_with(&LeaseRef { id }, handle.options())
-            .await;
+        let result = backend.keep_alive(id).await;
         let outcome = match result {
-            Ok(_) => Ok(id),
+            Ok(()) => Ok(id),
             // The lease is gone (it expired while we could not reach the registry): start
             // over with a new one.
-            Err(e) if e.code() == Code::NotFound => register_once(&handle, &instance, ttl).await,
+            Err(e) if e.code() == Code::NotFound => register_once(&backend, &instance, ttl).await,
             Err(e) => Err(e),
         };
         match outcome {
@@ -272,8 +248,8 @@ async fn keep_registered(
 /// revision. With a cache directory, every list is also written to disk, so a process that
 /// restarts while the registry is down starts with the last list it saw.
 #[derive(Debug)]
-pub struct RegistryDiscover {
-    handle: RegistryHandle<Channel>,
+pub struct RegistryDiscover<B: NamingBackend + Clone = RegistryHandle<Channel>> {
+    backend: B,
     namespace: String,
     cache_dir: Option<PathBuf>,
     subscriptions: Mutex<HashMap<String, watch::Sender<Arc<Endpoints>>>>,
@@ -281,12 +257,13 @@ pub struct RegistryDiscover {
     _stop_on_drop: DropGuard,
 }
 
-impl RegistryDiscover {
-    /// Discovery of the services of `namespace` through `handle`.
-    pub fn new(handle: RegistryHandle<Channel>, namespace: impl Into<String>) -> RegistryDiscover {
+impl<B: NamingBackend + Clone> RegistryDiscover<B> {
+    /// Discovery of the services of `namespace` through `backend` (a [`RegistryHandle`] for
+    /// Keel's registry, or an etcd backend).
+    pub fn new(backend: B, namespace: impl Into<String>) -> RegistryDiscover<B> {
         let stop = CancellationToken::new();
         RegistryDiscover {
-            handle,
+            backend,
             namespace: namespace.into(),
             cache_dir: None,
             subscriptions: Mutex::new(HashMap::new()),
@@ -296,7 +273,7 @@ impl RegistryDiscover {
     }
 
     /// Keeps a copy of every list in `dir` and starts from it when the registry is down.
-    pub fn with_cache_dir(mut self, dir: impl Into<PathBuf>) -> RegistryDiscover {
+    pub fn with_cache_dir(mut self, dir: impl Into<PathBuf>) -> RegistryDiscover<B> {
         self.cache_dir = Some(dir.into());
         self
     }
@@ -313,7 +290,7 @@ impl RegistryDiscover {
     }
 }
 
-impl Discover for RegistryDiscover {
+impl<B: NamingBackend + Clone> Discover for RegistryDiscover<B> {
     fn subscribe(&self, service: &str) -> Result<watch::Receiver<Arc<Endpoints>>, DiscoverError> {
         if service.is_empty()
             || !service
@@ -343,7 +320,7 @@ impl Discover for RegistryDiscover {
         let rx = sender.subscribe();
         subs.insert(service.to_owned(), sender.clone());
         tokio::spawn(follow(
-            self.handle.clone(),
+            self.backend.clone(),
             self.namespace.clone(),
             service.to_owned(),
             cache,
@@ -395,8 +372,8 @@ fn to_instance(i: &proto::Instance) -> Instance {
 
 /// Follows one service: watch, apply events to a local copy, publish; on failure keep the
 /// last list (stale) and resume after a backoff.
-async fn follow(
-    handle: RegistryHandle<Channel>,
+async fn follow<B: NamingBackend>(
+    backend: B,
     namespace: String,
     service: String,
     cache: Option<PathBuf>,
@@ -432,14 +409,9 @@ async fn follow(
                 () = tokio::time::sleep(backoff.delay(failures - 1)) => {}
             }
         }
-        let request = WatchRequest {
-            namespace: namespace.clone(),
-            target: Some(Target::Service(service.clone())),
-            after_revision: revision,
-        };
         let opened = tokio::select! {
             () = stop.cancelled() => return,
-            r = handle.client().watch_with(&request, handle.options_without_deadline()) => r,
+            r = backend.watch(&namespace, &service, revision) => r,
         };
         let mut stream = match opened {
             Ok(s) => s,
@@ -455,10 +427,10 @@ async fn follow(
         loop {
             let message = tokio::select! {
                 () = stop.cancelled() => return,
-                m = stream.message() => m,
+                m = stream.next() => m,
             };
             match message {
-                Ok(Some(event)) => {
+                Some(Ok(event)) => {
                     failures = 0;
                     match EventKind::try_from(event.kind) {
                         Ok(EventKind::Reset) => {
@@ -485,7 +457,7 @@ async fn follow(
                     revision = revision.max(event.revision);
                     publish(&listed, revision, protected, false);
                 }
-                Ok(None) | Err(_) => {
+                None | Some(Err(_)) => {
                     failures = failures.saturating_add(1);
                     if revision > 0 {
                         publish(&listed, revision, protected, true);

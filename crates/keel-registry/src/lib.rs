@@ -9,9 +9,15 @@
 //!   initial list plus a watch, the last known list while the registry is unreachable, a local
 //!   cache file across restarts) and [`Registration`] (keeps an instance's lease alive,
 //!   deregisters on shutdown).
+//! - [`backend`]: [`NamingBackend`], one interface over Keel's registry and etcd
+//!   ([`etcd`], feature `etcd`, on by default), so the discovery and registration helpers
+//!   and services work on either.
 //! - `state`: the deterministic state machine that the journal replays.
 
+pub mod backend;
 pub mod client;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod server;
 mod state;
 
@@ -21,7 +27,10 @@ pub mod proto {
     keel_rpc::include_proto!("keel.registry.v1");
 }
 
+pub use backend::NamingBackend;
 pub use client::{Registration, RegistryDiscover, RegistryHandle};
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdBackend;
 pub use server::{Registry, RegistryConfig, RegistryStats};
 
 /// What can go wrong starting or stopping a registry.

@@ -1,0 +1,480 @@
+//! The etcd backend: [`NamingBackend`] on etcd v3, for deployments beyond one machine.
+//!
+//! Keys live under a prefix (default `/keel`):
+//!
+//! | key | value |
+//! |---|---|
+//! | `{prefix}/{ns}/services/{service}/{id}` | the instance as JSON (proto3 JSON mapping), attached to its lease |
+//! | `{prefix}/{ns}/config/{key}` | the raw value; etcd's key version is the entry's version |
+//! | `{prefix}/{ns}/locks/{name}/…` | etcd's lock service keys; the owner is the oldest |
+//!
+//! Revisions are etcd's revisions. A lock's fencing token is the create revision of the
+//! owner's key, which grows with every acquisition, as the registry's does. etcd has no
+//! protection against empty pushes; `protected` is always false here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcd_client::{
+    Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, LockOptions, PutOptions,
+    SortOrder, SortTarget, WatchOptions, WatchStream,
+};
+use futures_util::StreamExt;
+use keel_rpc::Status;
+use parking_lot::Mutex;
+
+use crate::backend::{EventStream, NamingBackend};
+use crate::proto::{ConfigEntry, EventKind, Instance, LockHolder, ServiceSnapshot, WatchEvent};
+
+type Keeper = Arc<tokio::sync::Mutex<(LeaseKeeper, LeaseKeepAliveStream)>>;
+
+/// [`NamingBackend`] on an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    client: Client,
+    prefix: String,
+    /// One keep-alive stream per lease, as etcd's own clients keep.
+    keepers: Arc<Mutex<HashMap<u64, Keeper>>>,
+}
+
+impl std::fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps an etcd client error to a status with a fitting code.
+fn status(e: etcd_client::Error) -> Status {
+    use keel_rpc::Code;
+    match &e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let code = match s.code() {
+                tonic::Code::NotFound => Code::NotFound,
+                tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Code::InvalidArgument,
+                tonic::Code::FailedPrecondition => Code::FailedPrecondition,
+                tonic::Code::PermissionDenied => Code::PermissionDenied,
+                tonic::Code::Unauthenticated => Code::Unauthenticated,
+                tonic::Code::Cancelled => Code::Cancelled,
+                tonic::Code::ResourceExhausted => Code::Overloaded,
+                _ => Code::Unavailable,
+            };
+            Status::new(code, format!("etcd: {}", s.message()))
+        }
+        // Opening a keep-alive stream for a lease etcd no longer has.
+        etcd_client::Error::LeaseKeepAliveError(m) if m.contains("not found") => {
+            Status::not_found(format!("etcd: {m}"))
+        }
+        _ => Status::unavailable(format!("etcd: {e}")),
+    }
+}
+
+fn namespace(ns: &str) -> &str {
+    if ns.is_empty() { "default" } else { ns }
+}
+
+impl EtcdBackend {
+    /// Connects to etcd at `endpoints` (`http://host:port`), keeping keys under `prefix`.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: impl Into<String>,
+    ) -> Result<EtcdBackend, Status> {
+        let client = Client::connect(endpoints, None).await.map_err(status)?;
+        Ok(EtcdBackend {
+            client,
+            prefix: prefix.into().trim_end_matches('/').to_owned(),
+            keepers: Arc::default(),
+        })
+    }
+
+    fn service_prefix(&self, ns: &str, service: &str) -> String {
+        format!("{}/{}/services/{service}/", self.prefix, namespace(ns))
+    }
+
+    fn config_key(&self, ns: &str, key: &str) -> String {
+        format!("{}/{}/config/{key}", self.prefix, namespace(ns))
+    }
+
+    fn lock_name(&self, ns: &str, name: &str) -> String {
+        format!("{}/{}/locks/{name}", self.prefix, namespace(ns))
+    }
+
+    /// The key of the lock's current owner and its create revision (the fencing token).
+    async fn lock_owner(&self, ns: &str, name: &str) -> Result<Option<(Vec<u8>, u64)>, Status> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{}/", self.lock_name(ns, name)), Some(options))
+            .await
+            .map_err(status)?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.key().to_vec(), kv.create_revision() as u64)))
+    }
+}
+
+fn decode_instance(value: &[u8], revision: i64) -> Option<Instance> {
+    let mut instance: Instance = serde_json::from_slice(value).ok()?;
+    instance.revision = revision as u64;
+    Some(instance)
+}
+
+impl NamingBackend for EtcdBackend {
+    async fn grant_lease(&self, ttl: Duration) -> Result<u64, Status> {
+        // etcd counts TTLs in whole seconds.
+        let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
+        let resp = self
+            .client
+            .clone()
+            .lease_grant(secs, None)
+            .await
+            .map_err(status)?;
+        Ok(resp.id() as u64)
+    }
+
+    async fn keep_alive(&self, lease: u64) -> Result<(), Status> {
+        let existing = self.keepers.lock().get(&lease).cloned();
+        let keeper = match existing {
+            Some(k) => k,
+            None => {
+                let pair = self
+                    .client
+                    .clone()
+                    .lease_keep_alive(lease as i64)
+                    .await
+                    .map_err(status)?;
+                let k: Keeper = Arc::new(tokio::sync::Mutex::new(pair));
+                self.keepers.lock().insert(lease, k.clone());
+                k
+            }
+        };
+        let mut pair = keeper.lock().await;
+        let sent = pair.0.keep_alive().await.map_err(status);
+        let answer = match sent {
+            Ok(()) => pair.1.message().await.map_err(status),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Some(resp)) if resp.ttl() > 0 => Ok(()),
+            Ok(_) => {
+                self.keepers.lock().remove(&lease);
+                Err(Status::not_found(format!(
+                    "lease {lease} has expired or was revoked"
+                )))
+            }
+            Err(e) => {
+                self.keepers.lock().remove(&lease);
+                Err(e)
+            }
+        }
+    }
+
+    async fn revoke_lease(&self, lease: u64) -> Result<(), Status> {
+        self.keepers.lock().remove(&lease);
+        self.client
+            .clone()
+            .lease_revoke(lease as i64)
+            .await
+            .map_err(status)?;
+        Ok(())
+    }
+
+    async fn register(&self, instance: &Instance) -> Result<u64, Status> {
+        if instance.service.is_empty() || instance.id.is_empty() {
+            return Err(Status::invalid_argument(
+                "instance needs a service and an id",
+            ));
+        }
+        let mut instance = instance.clone();
+        instance.namespace = namespace(&instance.namespace).to_owned();
+        if instance.weight == 0 {
+            instance.weight = keel_governance::discover::DEFAULT_WEIGHT;
+        }
+        let key = format!(
+            "{}{}",
+            self.service_prefix(&instance.namespace, &instance.service),
+            instance.id
+        );
+        let value = serde_json::to_vec(&instance)
+            .map_err(|e| Status::internal(format!("encoding the instance: {e}")))?;
+        let options = (instance.lease_id != 0)
+            .then(|| PutOptions::new().with_lease(instance.lease_id as i64));
+        let resp = self
+            .client
+            .clone()
+            .put(key, value, options)
+            .await
+            .map_err(status)?;
+        Ok(resp.header().map_or(0, |h| h.revision() as u64))
+    }
+
+    async fn deregister(&self, namespace: &str, service: &str, id: &str) -> Result<u64, Status> {
+        let key = format!("{}{id}", self.service_prefix(namespace, service));
+        let resp = self
+            .client
+            .clone()
+            .delete(key, None)
+            .await
+            .map_err(status)?;
+        if resp.deleted() == 0 {
+            return Err(Status::not_found(format!(
+                "no instance {id:?} of service {service:?}"
+            )));
+        }
+        Ok(resp.header().map_or(0, |h| h.revision() as u64))
+    }
+
+    async fn list(&self, namespace: &str, service: &str) -> Result<ServiceSnapshot, Status> {
+        let resp = self
+            .client
+            .clone()
+            .get(
+                self.service_prefix(namespace, service),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(status)?;
+        Ok(ServiceSnapshot {
+            instances: resp
+                .kvs()
+                .iter()
+                .filter_map(|kv| decode_instance(kv.value(), kv.mod_revision()))
+                .collect(),
+            revision: resp.header().map_or(0, |h| h.revision() as u64),
+            protected: false,
+        })
+    }
+
+    async fn watch(
+        &self,
+        namespace: &str,
+        service: &str,
+        after_revision: u64,
+    ) -> Result<EventStream, Status> {
+        let state = EtcdWatch {
+            backend: self.clone(),
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            next_revision: after_revision as i64 + 1,
+            reset: (after_revision == 0).then_some(false),
+            stream: None,
+            pending: VecDeque::new(),
+        };
+        Ok(futures_util::stream::unfold(state, |mut w| async move {
+            w.next().await.map(|item| (item, w))
+        })
+        .boxed())
+    }
+
+    async fn put_config(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<ConfigEntry, Status> {
+        let resp = self
+            .client
+            .clone()
+            .put(
+                self.config_key(namespace, key),
+                value.to_vec(),
+                Some(PutOptions::new().with_prev_key()),
+            )
+            .await
+            .map_err(status)?;
+        Ok(ConfigEntry {
+            namespace: crate::etcd::namespace(namespace).to_owned(),
+            key: key.to_owned(),
+            value,
+            version: resp.prev_key().map_or(0, |kv| kv.version() as u64) + 1,
+            revision: resp.header().map_or(0, |h| h.revision() as u64),
+        })
+    }
+
+    async fn get_config(&self, namespace: &str, key: &str) -> Result<Option<ConfigEntry>, Status> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.config_key(namespace, key), None)
+            .await
+            .map_err(status)?;
+        Ok(resp.kvs().first().map(|kv| ConfigEntry {
+            namespace: crate::etcd::namespace(namespace).to_owned(),
+            key: key.to_owned(),
+            value: Bytes::copy_from_slice(kv.value()),
+            version: kv.version() as u64,
+            revision: kv.mod_revision() as u64,
+        }))
+    }
+
+    async fn lock(
+        &self,
+        namespace: &str,
+        name: &str,
+        lease: u64,
+        timeout: Option<Duration>,
+    ) -> Result<LockHolder, Status> {
+        let mut client = self.client.clone();
+        let call = client.lock(
+            self.lock_name(namespace, name),
+            Some(LockOptions::new().with_lease(lease as i64)),
+        );
+        let resp = match timeout {
+            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
+                Status::deadline_exceeded(format!("lock {name:?} still held at the deadline"))
+            })?,
+            None => call.await,
+        }
+        .map_err(status)?;
+        let owned = self
+            .client
+            .clone()
+            .get(resp.key(), None)
+            .await
+            .map_err(status)?;
+        let token = owned
+            .kvs()
+            .first()
+            .map(|kv| kv.create_revision() as u64)
+            .ok_or_else(|| Status::aborted("lock was lost right after it was taken"))?;
+        Ok(LockHolder {
+            namespace: crate::etcd::namespace(namespace).to_owned(),
+            name: name.to_owned(),
+            lease_id: lease,
+            value: Bytes::new(),
+            token,
+            revision: token,
+        })
+    }
+
+    async fn unlock(&self, namespace: &str, name: &str, token: u64) -> Result<(), Status> {
+        match self.lock_owner(namespace, name).await? {
+            Some((key, owner)) if owner == token => {
+                self.client.clone().unlock(key).await.map_err(status)?;
+                Ok(())
+            }
+            Some((_, owner)) => Err(Status::new(
+                keel_rpc::Code::FailedPrecondition,
+                format!("lock {name:?} is held with token {owner}, not {token}"),
+            )),
+            None => Err(Status::not_found(format!("lock {name:?} is not held"))),
+        }
+    }
+
+    async fn check_fence(&self, namespace: &str, name: &str, token: u64) -> Result<bool, Status> {
+        Ok(self
+            .lock_owner(namespace, name)
+            .await?
+            .is_some_and(|(_, owner)| owner == token))
+    }
+}
+
+/// A service watch on etcd: a reset (list) when asked for or when etcd compacted past the
+/// resume point, then etcd's watch from the next revision.
+struct EtcdWatch {
+    backend: EtcdBackend,
+    namespace: String,
+    service: String,
+    next_revision: i64,
+    /// `Some(compacted)` when a reset is due.
+    reset: Option<bool>,
+    stream: Option<WatchStream>,
+    pending: VecDeque<WatchEvent>,
+}
+
+impl EtcdWatch {
+    async fn next(&mut self) -> Option<Result<WatchEvent, Status>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(Ok(event));
+            }
+            if let Some(compacted) = self.reset.take() {
+                let snapshot = match self.backend.list(&self.namespace, &self.service).await {
+                    Ok(s) => s,
+                    Err(e) => return Some(Err(e)),
+                };
+                self.next_revision = snapshot.revision as i64 + 1;
+                self.stream = None;
+                return Some(Ok(WatchEvent {
+                    revision: snapshot.revision,
+                    kind: EventKind::Reset as i32,
+                    instances: snapshot.instances,
+                    compacted,
+                    ..WatchEvent::default()
+                }));
+            }
+            if self.stream.is_none() {
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(self.next_revision);
+                let prefix = self.backend.service_prefix(&self.namespace, &self.service);
+                match self
+                    .backend
+                    .client
+                    .clone()
+                    .watch(prefix, Some(options))
+                    .await
+                {
+                    Ok(stream) => self.stream = Some(stream),
+                    Err(e) => return Some(Err(status(e))),
+                }
+            }
+            let stream = self.stream.as_mut()?;
+            let response = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.stream = None;
+                    return Some(Err(status(e)));
+                }
+            };
+            if response.compact_revision() > 0 || response.canceled() {
+                // etcd no longer has the history we asked for: start over from a list.
+                self.reset = Some(true);
+                continue;
+            }
+            let prefix = self.backend.service_prefix(&self.namespace, &self.service);
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let revision = kv.mod_revision();
+                self.next_revision = self.next_revision.max(revision + 1);
+                let id = kv
+                    .key_str()
+                    .ok()
+                    .and_then(|k| k.strip_prefix(prefix.as_str()))
+                    .unwrap_or_default()
+                    .to_owned();
+                let (kind, instance) = match event.event_type() {
+                    EventType::Put => (EventKind::Put, decode_instance(kv.value(), revision)),
+                    EventType::Delete => (
+                        EventKind::Delete,
+                        Some(Instance {
+                            namespace: namespace(&self.namespace).to_owned(),
+                            service: self.service.clone(),
+                            id,
+                            revision: revision as u64,
+                            ..Instance::default()
+                        }),
+                    ),
+                };
+                if let Some(instance) = instance {
+                    self.pending.push_back(WatchEvent {
+                        revision: revision as u64,
+                        kind: kind as i32,
+                        instance: Some(instance),
+                        ..WatchEvent::default()
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The behavioural suite every naming backend must pass, run against Keel's registry and
+//! against a real etcd started on loopback in a temporary directory. Without an `etcd` binary
+//! the etcd half is skipped with a message, or fails when `KEEL_REQUIRE_SERVICES=1`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use keel_governance::Discover;
+use keel_registry::proto::{EventKind, Instance};
+use keel_registry::{
+    EtcdBackend, NamingBackend, Registration, Registry, RegistryConfig, RegistryDiscover,
+    RegistryHandle,
+};
+use keel_rpc::{Channel, ChannelConfig, Code, Server};
+use tokio::net::TcpListener;
+
+const NS: &str = "parity";
+
+/// A Keel registry served on a free port, with a handle to it.
+struct KeelFixture {
+    handle: RegistryHandle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn keel() -> KeelFixture {
+    let registry = Registry::open(RegistryConfig {
+        min_ttl: Duration::from_millis(100),
+        ..RegistryConfig::default()
+    })
+    .await
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder().add_service(registry.service()).build();
+    tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::connect(addr.to_string(), ChannelConfig::default())
+        .await
+        .unwrap();
+    KeelFixture {
+        handle: RegistryHandle::new(channel),
+        _stop: stop,
+    }
+}
+
+/// An etcd process we started, killed when dropped.
+struct EtcdFixture {
+    backend: EtcdBackend,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EtcdFixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn etcd() -> Option<EtcdFixture> {
+    let available = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !available {
+        if std::env::var("KEEL_REQUIRE_SERVICES").as_deref() == Ok("1") {
+            panic!("etcd is required (KEEL_REQUIRE_SERVICES=1) but no `etcd` binary was found");
+        }
+        eprintln!(
+            "skipping the etcd half of the parity suite: no `etcd` binary (apt-get install etcd-server)"
+        );
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let child = Command::new("etcd")
+        .args(["--name", "keel-test", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{client}"),
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{client}"),
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster",
+            &format!("keel-test=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd");
+    let mut fixture = EtcdFixture {
+        backend: EtcdBackend::connect(&[format!("http://127.0.0.1:{client}")], "/keel-test")
+            .await
+            .unwrap_or_else(|e| panic!("etcd client: {e}")),
+        child,
+        _dir: dir,
+    };
+    // Ready when it answers a read.
+    for _ in 0..200 {
+        if fixture.backend.list(NS, "probe").await.is_ok() {
+            return Some(fixture);
+        }
+        if let Ok(Some(status)) = fixture.child.try_wait() {
+            panic!("etcd exited at start: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("etcd did not become ready on port {client}");
+}
+
+fn instance(service: &str, id: &str, port: u16, lease: u64) -> Instance {
+    Instance {
+        namespace: NS.into(),
+        service: service.into(),
+        id: id.into(),
+        address: format!("127.0.0.1:{port}"),
+        lease_id: lease,
+        ..Instance::default()
+    }
+}
+
+async fn ids<B: NamingBackend>(b: &B, service: &str) -> Vec<String> {
+    let mut v: Vec<String> = b
+        .list(NS, service)
+        .await
+        .unwrap()
+        .instances
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    v.sort();
+    v
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+async fn registration_list_and_watch<B: NamingBackend>(b: &B) {
+    let lease = b.grant_lease(Duration::from_secs(30)).await.unwrap();
+    b.register(&instance("orders", "a", 7101, lease))
+        .await
+        .unwrap();
+    b.register(&instance("orders", "b", 7102, lease))
+        .await
+        .unwrap();
+    assert_eq!(ids(b, "orders").await, ["a", "b"]);
+    let list = b.list(NS, "orders").await.unwrap();
+    assert_eq!(list.instances[0].weight, 100);
+
+    let mut watch = b.watch(NS, "orders", 0).await.unwrap();
+    let reset = watch.next().await.unwrap().unwrap();
+    assert_eq!(reset.kind, EventKind::Reset as i32);
+    assert_eq!(reset.instances.len(), 2);
+    b.register(&instance("orders", "c", 7103, lease))
+        .await
+        .unwrap();
+    let put = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        (put.kind, put.instance.unwrap().id.as_str()),
+        (EventKind::Put as i32, "c")
+    );
+    b.deregister(NS, "orders", "a").await.unwrap();
+    let del = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        (del.kind, del.instance.unwrap().id.as_str()),
+        (EventKind::Delete as i32, "a")
+    );
+    assert!(del.revision > put.revision && put.revision > reset.revision);
+
+    // Resuming from the reset's revision replays exactly what happened since.
+    let mut resumed = b.watch(NS, "orders", reset.revision).await.unwrap();
+    let first = resumed.next().await.unwrap().unwrap();
+    let second = resumed.next().await.unwrap().unwrap();
+    assert_eq!(first.instance.unwrap().id, "c");
+    assert_eq!(second.kind, EventKind::Delete as i32);
+    assert_eq!(second.instance.unwrap().id, "a");
+
+    let err = b.deregister(NS, "orders", "nobody").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+async fn leases_expire_unless_kept_alive<B: NamingBackend>(b: &B) {
+    let kept = b.grant_lease(Duration::from_secs(2)).await.unwrap();
+    let lapsing = b.grant_lease(Duration::from_secs(2)).await.unwrap();
+    b.register(&instance("pay", "kept", 7201, kept))
+        .await
+        .unwrap();
+    b.register(&instance("pay", "lapsing", 7202, lapsing))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while ids(b, "pay").await.len() == 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "lease never expired"
+        );
+        b.keep_alive(kept).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(ids(b, "pay").await, ["kept"]);
+    let err = b.keep_alive(lapsing).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    // Revoking removes at once.
+    b.revoke_lease(kept).await.unwrap();
+    assert!(ids(b, "pay").await.is_empty());
+}
+
+async fn locks_exclude_and_fence<B: NamingBackend>(b: &B) {
+    let la = b.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lb = b.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let a = b.lock(NS, "leader", la, None).await.unwrap();
+    let err = b
+        .lock(NS, "leader", lb, Some(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(b.check_fence(NS, "leader", a.token).await.unwrap());
+    b.unlock(NS, "leader", a.token).await.unwrap();
+    let bh = b
+        .lock(NS, "leader", lb, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(
+        bh.token > a.token,
+        "fencing tokens grow: {} then {}",
+        a.token,
+        bh.token
+    );
+    assert!(!b.check_fence(NS, "leader", a.token).await.unwrap());
+    assert!(b.check_fence(NS, "leader", bh.token).await.unwrap());
+    let err = b.unlock(NS, "leader", a.token).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    // The lock goes with its lease.
+    b.revoke_lease(lb).await.unwrap();
+    assert!(!b.check_fence(NS, "leader", bh.token).await.unwrap());
+    let again = b
+        .lock(NS, "leader", la, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(again.token > bh.token);
+}
+
+async fn config_is_versioned<B: NamingBackend>(b: &B) {
+    assert!(b.get_config(NS, "limits").await.unwrap().is_none());
+    let v1 = b.put_config(NS, "limits", "10".into()).await.unwrap();
+    let v2 = b.put_config(NS, "limits", "20".into()).await.unwrap();
+    assert_eq!((v1.version, v2.version), (1, 2));
+    let got = b.get_config(NS, "limits").await.unwrap().unwrap();
+    assert_eq!((&got.value[..], got.version), (&b"20"[..], 2));
+}
+
+async fn discovery_and_registration_helpers<B: NamingBackend + Clone>(b: &B) {
+    let discover = RegistryDiscover::new(b.clone(), NS);
+    let mut rx = discover.subscribe("search").unwrap();
+    let reg = Registration::start(
+        b.clone(),
+        instance("search", "s1", 7301, 0),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    rx.wait_for(|e| e.resolved && e.instances.len() == 1)
+        .await
+        .unwrap();
+    // Heartbeats keep it past several TTLs.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(ids(b, "search").await, ["s1"]);
+    reg.deregister().await.unwrap();
+    rx.wait_for(|e| e.instances.is_empty()).await.unwrap();
+    eventually("instance gone", || async {
+        ids(b, "search").await.is_empty()
+    })
+    .await;
+}
+
+macro_rules! parity {
+    ($($name:ident),* $(,)?) => {
+        mod keel_backend {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let fixture = keel().await;
+                    super::$name(&fixture.handle).await;
+                }
+            )*
+        }
+        mod etcd_backend {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(fixture) = etcd().await else { return };
+                    super::$name(&fixture.backend).await;
+                }
+            )*
+        }
+    };
+}
+
+parity!(
+    registration_list_and_watch,
+    leases_expire_unless_kept_alive,
+    locks_exclude_and_fence,
+    config_is_versioned,
+    discovery_and_registration_helpers,
+);
