@@ -3,10 +3,13 @@
 //! - `keel serve`: the echo service on a port (binary protocol and HTTP/JSON).
 //! - `keel registry`: the naming service, durable in a data directory.
 //! - `keel bench rpc`: the built-in load generator against a Keel echo server.
+//! - `keel bench registry`: a registry workload against Keel's registry or etcd.
 //! - `keel demo`: both at once, in one process, for a few seconds: the README's first command.
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+mod bench_registry;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -73,6 +76,8 @@ struct ServeArgs {
 enum BenchCommand {
     /// Unary echo calls against a Keel server.
     Rpc(RpcBenchArgs),
+    /// A registry workload against Keel's registry or etcd.
+    Registry(bench_registry::RegistryBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -117,6 +122,14 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let report = rt.block_on(bench_rpc(&args))?;
             print_report(&args, &report);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Registry(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let json = rt.block_on(bench_registry::run(&args))?;
+            println!("{json}");
             Ok(())
         }
         Command::Demo(args) => demo(args),
