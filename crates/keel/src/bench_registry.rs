@@ -84,7 +84,7 @@ pub(crate) async fn run(args: &RegistryBenchArgs) -> anyhow::Result<serde_json::
             let mut backends = Vec::new();
             for _ in 0..connections {
                 backends.push(
-                    EtcdBackend::connect(&[args.endpoint.clone()], "/keel-bench")
+                    EtcdBackend::connect(std::slice::from_ref(&args.endpoint), "/keel-bench")
                         .await
                         .with_context(|| format!("connecting to etcd at {}", args.endpoint))?,
                 );

@@ -92,6 +92,23 @@ pub struct CallOptions {
     pub codec: Codec,
     /// Free key/value metadata, e.g. a trace id.
     pub metadata: Vec<(Text, Bytes)>,
+    /// Routing key for consistent-hash balancing (see [`hash_key`]); not sent on the wire.
+    pub hash_key: Option<u64>,
+}
+
+/// 64-bit FNV-1a with a final avalanche step: stable across processes and versions, so every
+/// client maps a routing key to the same point of a consistent-hash ring.
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for short keys.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
 }
 
 impl CallOptions {
@@ -104,6 +121,13 @@ impl CallOptions {
     /// Sets the codec.
     pub fn codec(mut self, codec: Codec) -> CallOptions {
         self.codec = codec;
+        self
+    }
+
+    /// Routes this call by `key` under consistent-hash balancing: the same key reaches the
+    /// same instance while the set of instances is stable.
+    pub fn hash_key(mut self, key: impl AsRef<[u8]>) -> CallOptions {
+        self.hash_key = Some(hash_key(key.as_ref()));
         self
     }
 
