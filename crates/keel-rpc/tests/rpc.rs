@@ -817,3 +817,94 @@ async fn a_draining_connection_still_detects_a_dead_peer() {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("keepalive"), "{err}");
 }
+
+#[tokio::test]
+async fn a_hard_concurrency_limit_refuses_the_excess_at_once() {
+    let server = TestServer::start(ServerConfig {
+        max_concurrency: 4,
+        ..ServerConfig::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let channel = channel.clone();
+        slow.push(tokio::spawn(async move {
+            call(&channel, "Sleep", "300", CallOptions::default()).await
+        }));
+    }
+    eventually("four calls running", || {
+        server.probe.started.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    // The fifth is refused without running, long before the others finish.
+    let err = call(&channel, "Sleep", "0", CallOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Overloaded);
+    assert!(err.message().contains("concurrency limit"), "{err}");
+    assert_eq!(server.probe.started.load(Ordering::SeqCst), 4);
+    for s in slow {
+        s.await.unwrap().unwrap();
+    }
+    // Room again.
+    call(&channel, "Sleep", "0", CallOptions::default())
+        .await
+        .unwrap();
+    let metrics = server.server.render_metrics();
+    assert!(metrics.contains("keel_rpc_limited_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("keel_rpc_concurrency_limit 4"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_adaptive_limit_sheds_load_a_slow_service_cannot_take() {
+    let server = TestServer::start(ServerConfig {
+        adaptive_limit: true,
+        ..ServerConfig::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    // 64 callers of a service that can run 4 calls at once: the limiter learns that more
+    // than a few calls in flight only queue, and refuses the excess.
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut callers = Vec::new();
+    for _ in 0..64 {
+        let (channel, refused) = (channel.clone(), refused.clone());
+        callers.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < stop {
+                match call(&channel, "Work", "", CallOptions::default()).await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Code::Overloaded => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+        }));
+    }
+    for c in callers {
+        c.await.unwrap();
+    }
+    let limit = server.server.concurrency_limit().unwrap();
+    assert!(
+        limit < 32,
+        "the limit stayed at {limit} for a service that runs 4 at once"
+    );
+    assert!(refused.load(Ordering::SeqCst) > 0);
+    // A call that cannot finish within the no-load latency is refused without running.
+    let err = call(
+        &channel,
+        "Work",
+        "",
+        CallOptions::default().timeout(Duration::from_millis(2)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("no-load latency"), "{err}");
+}

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::limit::{Permit, Refusal};
 use super::metrics::MethodStats;
 use super::service::{Context, Handler};
 use super::{Lifecycle, RouteError, Shared};
@@ -50,12 +51,19 @@ struct CallGuard {
     started: Instant,
     /// Set when the call finished; `None` means it was cut short.
     outcome: Option<Code>,
+    /// The call's place under the server's concurrency limit, if one applies.
+    permit: Option<Permit>,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let code = self.outcome.unwrap_or(Code::Cancelled);
         self.stats.record(code, self.started.elapsed());
+        if code == Code::Ok
+            && let Some(permit) = &mut self.permit
+        {
+            permit.succeeded();
+        }
         let empty = {
             let mut calls = self.conn.calls.lock();
             calls.remove(&self.id);
@@ -316,6 +324,13 @@ fn on_request(
             return reply_status(queue, FrameType::Response, id, &status);
         }
     }
+    let mut permit = match admit(shared, frame.meta.timeout) {
+        Ok(permit) => permit,
+        Err(status) => {
+            entry.stats.record(status.code(), std::time::Duration::ZERO);
+            return reply_status(queue, FrameType::Response, id, &status);
+        }
+    };
     let ctx = Context {
         deadline,
         metadata: frame.meta,
@@ -335,6 +350,11 @@ fn on_request(
                     finish_unary(queue, id, codec, &result);
                     let code = result.err().map_or(Code::Ok, |s| s.code());
                     entry.stats.record(code, now.elapsed());
+                    if code == Code::Ok
+                        && let Some(p) = &mut permit
+                    {
+                        p.succeeded();
+                    }
                     return;
                 }
                 Err(panic) => {
@@ -356,12 +376,32 @@ fn on_request(
         stats: entry.stats.clone(),
         started: now,
         outcome: None,
+        permit,
     };
     let mut calls = conn.calls.lock();
     // The table stays locked until the abort handle is in it, so a call that finishes at once
     // cannot remove its entry before the entry exists.
     let task = tokio::spawn(run_call(conn.clone(), work, deadline, codec, guard));
     calls.insert(id, task.abort_handle());
+}
+
+/// Admits a call under the server's concurrency limit: `Ok(None)` when no limit applies.
+pub(super) fn admit(
+    shared: &Shared,
+    remaining: Option<std::time::Duration>,
+) -> Result<Option<Permit>, Status> {
+    if !shared.limiter.is_active() {
+        return Ok(None);
+    }
+    match shared.limiter.try_acquire(remaining) {
+        Ok(permit) => Ok(Some(permit)),
+        Err(Refusal::Overloaded { limit }) => Err(Status::overloaded(format!(
+            "server is at its concurrency limit ({limit} calls)"
+        ))),
+        Err(Refusal::DeadlineTooClose { no_load }) => Err(Status::deadline_exceeded(format!(
+            "the call's deadline is nearer than the server's no-load latency ({no_load:?}); not started"
+        ))),
+    }
 }
 
 /// A call that could not finish inline.

@@ -171,7 +171,7 @@ async fn handle(
         (&Method::GET, "/metrics") => full(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            super::metrics::render(&shared.stats, &shared.method_list),
+            super::metrics::render(&shared),
         ),
         (&Method::GET, "/status") => json(StatusCode::OK, &status_page(&shared)),
         (&Method::POST, _) => match call(&shared, req, &path, peer, draining).await {
@@ -214,6 +214,8 @@ fn status_page(shared: &Shared) -> serde_json::Value {
         "uptime_s": shared.started.elapsed().as_secs(),
         "connections_open": stats.connections_open.load(Relaxed),
         "inflight_calls": stats.inflight.load(Relaxed),
+        "concurrency_limit": shared.limiter.is_active().then(|| shared.limiter.limit()),
+        "limited_calls_inflight": shared.limiter.is_active().then(|| shared.limiter.inflight()),
         "methods": methods,
     })
 }
@@ -296,12 +298,14 @@ async fn call(
         peer: Some(peer),
         codec: Codec::Json,
     };
+    let permit = super::conn::admit(shared, timeout)?;
     shared.stats.inflight.fetch_add(1, Relaxed);
     let mut record = Recorder {
         shared: shared.clone(),
         entry: entry.clone(),
         started,
         outcome: None,
+        permit,
     };
     let start = match &entry.handler {
         Handler::Unary(handler) => {
@@ -356,6 +360,7 @@ struct Recorder {
     entry: Arc<MethodEntry>,
     started: Instant,
     outcome: Option<Code>,
+    permit: Option<super::limit::Permit>,
 }
 
 impl Drop for Recorder {
@@ -363,6 +368,11 @@ impl Drop for Recorder {
         self.shared.stats.inflight.fetch_sub(1, Relaxed);
         let code = self.outcome.unwrap_or(Code::Cancelled);
         self.entry.stats.record(code, self.started.elapsed());
+        if code == Code::Ok
+            && let Some(p) = &mut self.permit
+        {
+            p.succeeded();
+        }
     }
 }
 

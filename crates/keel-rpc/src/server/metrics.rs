@@ -77,10 +77,9 @@ pub struct ServerStats {
 }
 
 /// Renders Prometheus text exposition format (version 0.0.4).
-pub(crate) fn render(
-    stats: &ServerStats,
-    methods: &[(Arc<str>, Arc<str>, Arc<MethodStats>)],
-) -> String {
+pub(crate) fn render(shared: &super::Shared) -> String {
+    let stats: &ServerStats = &shared.stats;
+    let methods: &[(Arc<str>, Arc<str>, Arc<MethodStats>)] = &shared.method_list;
     let mut out = String::with_capacity(4096);
     let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: i64| {
         let _ = writeln!(
@@ -131,6 +130,30 @@ pub(crate) fn render(
         stats.unknown_method_calls.load(Relaxed) as i64,
     );
 
+    let limiter = &shared.limiter;
+    if limiter.is_active() {
+        gauge(
+            &mut out,
+            "keel_rpc_concurrency_limit",
+            "Calls the server admits at once now (fixed or adaptive).",
+            "gauge",
+            limiter.limit().min(i64::MAX as usize) as i64,
+        );
+        gauge(
+            &mut out,
+            "keel_rpc_limited_total",
+            "Calls refused with overloaded at the concurrency limit.",
+            "counter",
+            limiter.rejected.load(Relaxed) as i64,
+        );
+        gauge(
+            &mut out,
+            "keel_rpc_deadline_dropped_total",
+            "Calls refused because their deadline was nearer than the no-load latency.",
+            "counter",
+            limiter.deadline_dropped.load(Relaxed) as i64,
+        );
+    }
     out.push_str("# HELP keel_rpc_requests_total Finished calls by method and status.\n# TYPE keel_rpc_requests_total counter\n");
     for (service, method, m) in methods {
         for code in Code::ALL {

@@ -11,6 +11,7 @@
 
 mod conn;
 mod http;
+mod limit;
 pub mod metrics;
 pub mod service;
 
@@ -57,6 +58,13 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Answer HTTP/1.1 on the same port.
     pub http: bool,
+    /// Calls running at once on the whole server; beyond it a call gets `overloaded` at once.
+    /// 0: no fixed limit.
+    pub max_concurrency: usize,
+    /// Adapt the concurrency limit to measured throughput and no-load latency (brpc's auto
+    /// concurrency limiter), within `max_concurrency` if that is set; also refuse calls whose
+    /// deadline is nearer than the no-load latency. See `server/limit.rs`.
+    pub adaptive_limit: bool,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +77,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             http: true,
+            max_concurrency: 0,
+            adaptive_limit: false,
         }
     }
 }
@@ -88,6 +98,7 @@ pub(crate) struct Shared {
     pub(crate) method_list: Vec<(Arc<str>, Arc<str>, Arc<MethodStats>)>,
     pub(crate) stats: ServerStats,
     pub(crate) started: Instant,
+    pub(crate) limiter: Arc<limit::Limiter>,
 }
 
 /// Why a call could not be routed.
@@ -150,8 +161,13 @@ impl ServerBuilder {
             })
             .collect();
         method_list.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let limiter = Arc::new(limit::Limiter::new(
+            self.config.max_concurrency,
+            self.config.adaptive_limit,
+        ));
         Server {
             shared: Arc::new(Shared {
+                limiter,
                 config: self.config,
                 routes,
                 method_list,
@@ -196,9 +212,15 @@ impl Server {
             .map(|e| e.stats.clone())
     }
 
+    /// The concurrency limit in force now (fixed or adaptive); `None` without one.
+    pub fn concurrency_limit(&self) -> Option<usize> {
+        let limiter = &self.shared.limiter;
+        limiter.is_active().then(|| limiter.limit())
+    }
+
     /// The `/metrics` page as text.
     pub fn render_metrics(&self) -> String {
-        metrics::render(&self.shared.stats, &self.shared.method_list)
+        metrics::render(&self.shared)
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then shuts down

@@ -126,6 +126,19 @@ pub fn test_service(probe: Arc<Probe>) -> ServiceDef {
                 }))
             }
         })
+        .unary("Work", {
+            // A service with 4 workers and 10 ms of work per call: beyond 4 calls at once,
+            // calls queue for a worker.
+            let workers = Arc::new(tokio::sync::Semaphore::new(4));
+            move |_ctx, _req: EchoRequest| {
+                let workers = workers.clone();
+                async move {
+                    let _worker = workers.acquire().await.expect("never closed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok(EchoReply::default())
+                }
+            }
+        })
         .unary("Meta", |ctx, req: EchoRequest| async move {
             // Replies with the value of the metadata entry named by `message`.
             let value = ctx
