@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod bench_overload;
 mod bench_registry;
 
 use anyhow::Context as _;
@@ -70,6 +71,18 @@ struct ServeArgs {
     /// Runtime worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Also serve keel.bench.Work/Do, a service with this many workers (0: not served).
+    #[arg(long, default_value_t = 0)]
+    work_slots: usize,
+    /// Milliseconds of work per keel.bench.Work call.
+    #[arg(long, default_value_t = 10)]
+    work_ms: u64,
+    /// Server-wide concurrency limit (0: none).
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: usize,
+    /// Adapt the concurrency limit to measured latency (overload protection).
+    #[arg(long)]
+    adaptive_limit: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +91,8 @@ enum BenchCommand {
     Rpc(RpcBenchArgs),
     /// A registry workload against Keel's registry or etcd.
     Registry(bench_registry::RegistryBenchArgs),
+    /// Load on the work service (`keel serve --work-slots`), closed or open loop.
+    Work(bench_overload::WorkBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -122,6 +137,14 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let report = rt.block_on(bench_rpc(&args))?;
             print_report(&args, &report);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Work(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let json = rt.block_on(bench_overload::run(&args))?;
+            println!("{json}");
             Ok(())
         }
         Command::Bench(BenchCommand::Registry(args)) => {
@@ -209,10 +232,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "keel echo service on {} (Keel RPC + HTTP/JSON); Ctrl-C stops",
             listener.local_addr()?
         );
-        let server = Server::builder()
-            .add_service(EchoServer::new(EchoService))
-            .build();
-        server
+        let mut builder = Server::builder()
+            .config(ServerConfig {
+                max_concurrency: args.max_concurrency,
+                adaptive_limit: args.adaptive_limit,
+                ..ServerConfig::default()
+            })
+            .add_service(EchoServer::new(EchoService));
+        if args.work_slots > 0 {
+            builder = builder.add_service(bench_overload::work_service(
+                args.work_slots,
+                Duration::from_millis(args.work_ms),
+            ));
+        }
+        builder
+            .build()
             .serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
