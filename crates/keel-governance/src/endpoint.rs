@@ -97,6 +97,7 @@ const LATENCY_DECAY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct EndpointStats {
     inflight: AtomicUsize,
+    attempts: std::sync::atomic::AtomicU64,
     latency: Mutex<Latency>,
     outlier: Mutex<Outlier>,
 }
@@ -106,6 +107,7 @@ impl Default for EndpointStats {
         let now = Instant::now();
         EndpointStats {
             inflight: AtomicUsize::new(0),
+            attempts: std::sync::atomic::AtomicU64::new(0),
             latency: Mutex::new(Latency {
                 estimate_us: 0.0,
                 updated: now,
@@ -163,9 +165,15 @@ impl EndpointStats {
         !matches!(self.outlier.lock().health, Health::Healthy)
     }
 
+    /// Calls sent to this endpoint so far.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
     /// Marks a call as started; a half-open endpoint's call is its probe.
     pub fn start(&self) {
         self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.attempts.fetch_add(1, Ordering::Relaxed);
         let mut o = self.outlier.lock();
         if let Health::HalfOpen { probing } = &mut o.health {
             *probing = true;

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod bench_failover;
 mod bench_overload;
 mod bench_registry;
 
@@ -93,6 +94,8 @@ enum BenchCommand {
     Registry(bench_registry::RegistryBenchArgs),
     /// Load on the work service (`keel serve --work-slots`), closed or open loop.
     Work(bench_overload::WorkBenchArgs),
+    /// Load on several echo instances through a service channel, one killed midway.
+    Failover(bench_failover::FailoverBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -137,6 +140,14 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let report = rt.block_on(bench_rpc(&args))?;
             print_report(&args, &report);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Failover(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let json = rt.block_on(bench_failover::run(&args))?;
+            println!("{json}");
             Ok(())
         }
         Command::Bench(BenchCommand::Work(args)) => {
