@@ -19,8 +19,8 @@ use keel_rpc::{Code, Status};
 use crate::client::RegistryHandle;
 use crate::proto::{
     CheckFenceRequest, ConfigEntry, ConfigRef, GrantLeaseRequest, Instance, InstanceRef, LeaseRef,
-    LockHolder, LockRequest, PutConfigRequest, RegisterRequest, ServiceRef, ServiceSnapshot,
-    UnlockRequest, WatchEvent, WatchRequest, watch_request::Target,
+    LockHolder, LockRef, LockRequest, PutConfigRequest, RegisterRequest, ServiceRef,
+    ServiceSnapshot, UnlockRequest, WatchEvent, WatchRequest, watch_request::Target,
 };
 
 /// A stream of watch events.
@@ -85,6 +85,29 @@ pub trait NamingBackend: Send + Sync + 'static {
         &self,
         namespace: &str,
         name: &str,
+        token: u64,
+    ) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Campaigns to lead `election`, publishing `value`, under `lease`; waits (up to
+    /// `timeout`) until elected. The leader's `token` fences like a lock's.
+    fn campaign(
+        &self,
+        namespace: &str,
+        election: &str,
+        lease: u64,
+        value: Bytes,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<LockHolder, Status>> + Send;
+    /// The current leader of `election` (its value and token), if there is one.
+    fn leader(
+        &self,
+        namespace: &str,
+        election: &str,
+    ) -> impl Future<Output = Result<Option<LockHolder>, Status>> + Send;
+    /// Gives up leadership held with `token`; the next candidate is elected.
+    fn resign(
+        &self,
+        namespace: &str,
+        election: &str,
         token: u64,
     ) -> impl Future<Output = Result<(), Status>> + Send;
     /// Whether `token` is the lock's current fencing token.
@@ -237,6 +260,45 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
         };
         self.client().unlock_with(&req, self.options()).await?;
         Ok(())
+    }
+
+    async fn campaign(
+        &self,
+        namespace: &str,
+        election: &str,
+        lease: u64,
+        value: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<LockHolder, Status> {
+        // An election is a lock whose holder publishes a value.
+        let req = LockRequest {
+            namespace: namespace.into(),
+            name: election.into(),
+            lease_id: lease,
+            value,
+            no_wait: false,
+        };
+        let options = match timeout {
+            Some(t) => self.options_without_deadline().timeout(t),
+            None => self.options_without_deadline(),
+        };
+        self.client().lock_with(&req, options).await
+    }
+
+    async fn leader(&self, namespace: &str, election: &str) -> Result<Option<LockHolder>, Status> {
+        let req = LockRef {
+            namespace: namespace.into(),
+            name: election.into(),
+        };
+        match self.client().holder_with(&req, self.options()).await {
+            Ok(holder) => Ok(Some(holder)),
+            Err(e) if e.code() == Code::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn resign(&self, namespace: &str, election: &str, token: u64) -> Result<(), Status> {
+        self.unlock(namespace, election, token).await
     }
 
     async fn check_fence(&self, namespace: &str, name: &str, token: u64) -> Result<bool, Status> {

@@ -7,6 +7,7 @@
 //! | `{prefix}/{ns}/services/{service}/{id}` | the instance as JSON (proto3 JSON mapping), attached to its lease |
 //! | `{prefix}/{ns}/config/{key}` | the raw value; etcd's key version is the entry's version |
 //! | `{prefix}/{ns}/locks/{name}/…` | etcd's lock service keys; the owner is the oldest |
+//! | `{prefix}/{ns}/elections/{name}/…` | etcd's election service keys; the leader's value |
 //!
 //! Revisions are etcd's revisions. A lock's fencing token is the create revision of the
 //! owner's key, which grows with every acquisition, as the registry's does. etcd has no
@@ -18,8 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{
-    Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, LockOptions, PutOptions,
-    SortOrder, SortTarget, WatchOptions, WatchStream,
+    Client, EventType, GetOptions, LeaderKey, LeaseKeepAliveStream, LeaseKeeper, LockOptions,
+    PutOptions, ResignOptions, SortOrder, SortTarget, WatchOptions, WatchStream,
 };
 use futures_util::StreamExt;
 use keel_rpc::Status;
@@ -97,6 +98,10 @@ impl EtcdBackend {
 
     fn config_key(&self, ns: &str, key: &str) -> String {
         format!("{}/{}/config/{key}", self.prefix, namespace(ns))
+    }
+
+    fn election_name(&self, ns: &str, name: &str) -> String {
+        format!("{}/{}/elections/{name}", self.prefix, namespace(ns))
     }
 
     fn lock_name(&self, ns: &str, name: &str) -> String {
@@ -368,6 +373,98 @@ impl NamingBackend for EtcdBackend {
             )),
             None => Err(Status::not_found(format!("lock {name:?} is not held"))),
         }
+    }
+
+    async fn campaign(
+        &self,
+        namespace: &str,
+        election: &str,
+        lease: u64,
+        value: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<LockHolder, Status> {
+        let mut client = self.client.clone();
+        let call = client.campaign(
+            self.election_name(namespace, election),
+            value.to_vec(),
+            lease as i64,
+        );
+        let resp = match timeout {
+            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "not elected leader of {election:?} by the deadline"
+                ))
+            })?,
+            None => call.await,
+        }
+        .map_err(status)?;
+        let leader = resp
+            .leader()
+            .ok_or_else(|| Status::unavailable("etcd: campaign answered without a leader key"))?;
+        Ok(LockHolder {
+            namespace: crate::etcd::namespace(namespace).to_owned(),
+            name: election.to_owned(),
+            lease_id: leader.lease() as u64,
+            value,
+            token: leader.rev() as u64,
+            revision: leader.rev() as u64,
+        })
+    }
+
+    async fn leader(&self, namespace: &str, election: &str) -> Result<Option<LockHolder>, Status> {
+        match self
+            .client
+            .clone()
+            .leader(self.election_name(namespace, election))
+            .await
+        {
+            Ok(resp) => Ok(resp.kv().map(|kv| LockHolder {
+                namespace: crate::etcd::namespace(namespace).to_owned(),
+                name: election.to_owned(),
+                lease_id: kv.lease() as u64,
+                value: Bytes::copy_from_slice(kv.value()),
+                token: kv.create_revision() as u64,
+                revision: kv.create_revision() as u64,
+            })),
+            // etcd reports an election without candidates as an error.
+            Err(e) if e.to_string().contains("no leader") => Ok(None),
+            Err(e) => Err(status(e)),
+        }
+    }
+
+    async fn resign(&self, namespace: &str, election: &str, token: u64) -> Result<(), Status> {
+        let name = self.election_name(namespace, election);
+        let resp = self
+            .client
+            .clone()
+            .leader(name.clone())
+            .await
+            .map_err(status)?;
+        let Some(kv) = resp.kv() else {
+            return Err(Status::not_found(format!(
+                "election {election:?} has no leader"
+            )));
+        };
+        if kv.create_revision() as u64 != token {
+            return Err(Status::new(
+                keel_rpc::Code::FailedPrecondition,
+                format!(
+                    "election {election:?} is led with token {}, not {token}",
+                    kv.create_revision()
+                ),
+            ));
+        }
+        let leader = LeaderKey::new()
+            .with_name(name)
+            .with_key(kv.key().to_vec())
+            .with_rev(kv.create_revision())
+            .with_lease(kv.lease());
+        self.client
+            .clone()
+            .resign(Some(ResignOptions::new().with_leader(leader)))
+            .await
+            .map_err(status)?;
+        Ok(())
     }
 
     async fn check_fence(&self, namespace: &str, name: &str, token: u64) -> Result<bool, Status> {

@@ -267,6 +267,55 @@ async fn locks_exclude_and_fence<B: NamingBackend>(b: &B) {
     assert!(again.token > bh.token);
 }
 
+async fn elections_have_one_leader_at_a_time<B: NamingBackend + Clone>(b: &B) {
+    assert!(b.leader(NS, "scheduler").await.unwrap().is_none());
+    let la = b.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lb = b.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let a = b
+        .campaign(NS, "scheduler", la, "node-a".into(), None)
+        .await
+        .unwrap();
+    let leader = b.leader(NS, "scheduler").await.unwrap().unwrap();
+    assert_eq!((&leader.value[..], leader.token), (&b"node-a"[..], a.token));
+    // B stands too, but A leads until it resigns.
+    let err = b
+        .campaign(
+            NS,
+            "scheduler",
+            lb,
+            "node-b".into(),
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    let waiting = {
+        let b2 = b.clone();
+        tokio::spawn(async move {
+            b2.campaign(
+                NS,
+                "scheduler",
+                lb,
+                "node-b".into(),
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.resign(NS, "scheduler", a.token).await.unwrap();
+    let bh = waiting.await.unwrap().unwrap();
+    assert!(bh.token > a.token, "leadership tokens grow");
+    let leader = b.leader(NS, "scheduler").await.unwrap().unwrap();
+    assert_eq!(
+        (&leader.value[..], leader.token),
+        (&b"node-b"[..], bh.token)
+    );
+    // A's old token no longer resigns anything.
+    let err = b.resign(NS, "scheduler", a.token).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+}
+
 async fn config_is_versioned<B: NamingBackend>(b: &B) {
     assert!(b.get_config(NS, "limits").await.unwrap().is_none());
     let v1 = b.put_config(NS, "limits", "10".into()).await.unwrap();
@@ -329,6 +378,7 @@ parity!(
     registration_list_and_watch,
     leases_expire_unless_kept_alive,
     locks_exclude_and_fence,
+    elections_have_one_leader_at_a_time,
     config_is_versioned,
     discovery_and_registration_helpers,
 );

@@ -884,3 +884,48 @@ async fn status_errors_from_the_service_keep_their_codes_over_the_wire() {
     assert!(err.message().contains("12345"));
     served.stop().await;
 }
+
+#[tokio::test]
+async fn callers_keep_calling_with_the_cached_list_while_the_registry_is_down() {
+    use keel_governance::{ServiceChannel, ServiceChannelConfig};
+    // A real service instance, registered in a real registry.
+    let echo_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo_listener.local_addr().unwrap();
+    let echo = Server::builder()
+        .add_service(keel_echo::EchoServer::new(keel_echo::EchoService))
+        .build();
+    tokio::spawn(echo.serve(echo_listener, std::future::pending::<()>()));
+
+    let served = Served::start(RegistryConfig::default()).await;
+    let handle = served.handle().await;
+    let lease = handle
+        .client()
+        .grant_lease(&GrantLeaseRequest { ttl_ms: 60_000 })
+        .await
+        .unwrap()
+        .id;
+    let mut i = instance("echo", "e1", echo_addr.port(), lease);
+    i.address = echo_addr.to_string();
+    handle
+        .client()
+        .register(&RegisterRequest { instance: Some(i) })
+        .await
+        .unwrap();
+
+    let discover = RegistryDiscover::new(handle.clone(), "prod");
+    let channel = ServiceChannel::new(&discover, "echo", ServiceChannelConfig::default()).unwrap();
+    let client = keel_echo::EchoClient::new(channel);
+    let request = keel_echo::EchoRequest {
+        message: "hi".into(),
+        payload: Default::default(),
+    };
+    assert_eq!(client.echo(&request).await.unwrap().message, "hi");
+
+    // The registry dies. Calls go on with the last list.
+    served.stop().await;
+    let mut rx = discover.subscribe("echo").unwrap();
+    rx.wait_for(|e| e.stale).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(client.echo(&request).await.unwrap().message, "hi");
+    }
+}
