@@ -87,16 +87,22 @@ impl Instance_ {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn kill(&mut self) {
+    /// Stops the instance's runtime and waits until its threads are gone: from then on it
+    /// answers nothing.
+    async fn kill(&mut self) {
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(5)))
+                .await
+                .unwrap();
         }
     }
 }
 
 impl Drop for Instance_ {
     fn drop(&mut self) {
-        self.kill();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -217,7 +223,7 @@ async fn an_instance_that_dies_under_load_costs_no_failed_call() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    instances[1].kill();
+    instances[1].kill().await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.cancel();
     for w in workers {
@@ -312,7 +318,7 @@ async fn the_callers_zone_is_preferred_while_it_can_serve() {
         assert_eq!(who(&channel, CallOptions::default()).await.unwrap(), "i0");
     }
     // The local instance dies: calls cross to the other zone, none fail.
-    instances[0].kill();
+    instances[0].kill().await;
     for _ in 0..20 {
         let w = who(&channel, CallOptions::default()).await.unwrap();
         assert_ne!(w, "i0");
