@@ -12,6 +12,10 @@
 //! Revisions are etcd's revisions. A lock's fencing token is the create revision of the
 //! owner's key, which grows with every acquisition, as the registry's does. etcd has no
 //! protection against empty pushes; `protected` is always false here.
+//!
+//! etcd keys a lock request or a campaign by its lease (`{name}/{lease}`): after an attempt
+//! that timed out, try again under a new lease, or the clean-up of the abandoned attempt may
+//! remove the new one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -243,6 +243,9 @@ async fn locks_exclude_and_fence<B: NamingBackend>(b: &B) {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
     assert!(b.check_fence(NS, "leader", a.token).await.unwrap());
     b.unlock(NS, "leader", a.token).await.unwrap();
+    // A fresh lease after a timed-out attempt: on etcd a lock request is keyed by its lease,
+    // and the clean-up of the cancelled attempt could remove a new one under the same lease.
+    let lb = b.grant_lease(Duration::from_secs(30)).await.unwrap();
     let bh = b
         .lock(NS, "leader", lb, Some(Duration::from_secs(5)))
         .await
@@ -289,13 +292,16 @@ async fn elections_have_one_leader_at_a_time<B: NamingBackend + Clone>(b: &B) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    // A fresh lease for the second try: on etcd a campaign is keyed by its lease, and the
+    // clean-up of the cancelled campaign above could remove a new one made under the same lease.
+    let lc = b.grant_lease(Duration::from_secs(30)).await.unwrap();
     let waiting = {
         let b2 = b.clone();
         tokio::spawn(async move {
             b2.campaign(
                 NS,
                 "scheduler",
-                lb,
+                lc,
                 "node-b".into(),
                 Some(Duration::from_secs(10)),
             )
