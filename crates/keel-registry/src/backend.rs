@@ -119,6 +119,16 @@ pub trait NamingBackend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, Status>> + Send;
 }
 
+impl<T: CallTransport> RegistryHandle<T> {
+    /// Options for a call that waits (a lock, a campaign): the token, and `timeout` if any.
+    fn wait_options(&self, timeout: Option<Duration>) -> keel_rpc::CallOptions {
+        match timeout {
+            Some(t) => self.options_without_deadline().timeout(t),
+            None => self.options_without_deadline(),
+        }
+    }
+}
+
 impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
     async fn grant_lease(&self, ttl: Duration) -> Result<u64, Status> {
         let req = GrantLeaseRequest {
@@ -245,11 +255,9 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
             value: Bytes::new(),
             no_wait: false,
         };
-        let options = match timeout {
-            Some(t) => self.options_without_deadline().timeout(t),
-            None => self.options_without_deadline(),
-        };
-        self.client().lock_with(&req, options).await
+        self.client()
+            .lock_with(&req, self.wait_options(timeout))
+            .await
     }
 
     async fn unlock(&self, namespace: &str, name: &str, token: u64) -> Result<(), Status> {
@@ -278,11 +286,9 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
             value,
             no_wait: false,
         };
-        let options = match timeout {
-            Some(t) => self.options_without_deadline().timeout(t),
-            None => self.options_without_deadline(),
-        };
-        self.client().lock_with(&req, options).await
+        self.client()
+            .lock_with(&req, self.wait_options(timeout))
+            .await
     }
 
     async fn leader(&self, namespace: &str, election: &str) -> Result<Option<LockHolder>, Status> {

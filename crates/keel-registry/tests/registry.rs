@@ -44,7 +44,7 @@ async fn register(r: &Registry, i: Instance) -> u64 {
         .revision
 }
 
-async fn ids(r: &Registry, service: &str) -> Vec<String> {
+async fn snapshot(r: &Registry, service: &str) -> proto::ServiceSnapshot {
     r.list_instances(
         ctx(),
         ServiceRef {
@@ -54,10 +54,36 @@ async fn ids(r: &Registry, service: &str) -> Vec<String> {
     )
     .await
     .unwrap()
-    .instances
-    .into_iter()
-    .map(|i| i.id)
-    .collect()
+}
+
+async fn ids(r: &Registry, service: &str) -> Vec<String> {
+    snapshot(r, service)
+        .await
+        .instances
+        .into_iter()
+        .map(|i| i.id)
+        .collect()
+}
+
+/// Registers instances i0..i3 of service `api`, each under its own 1 s lease.
+async fn four_instances_one_lease_each(r: &Registry) -> Vec<u64> {
+    let mut leases = Vec::new();
+    for i in 0..4u16 {
+        let lease = grant(r, 1000).await;
+        register(r, instance("api", &format!("i{i}"), 8000 + i, lease)).await;
+        leases.push(lease);
+    }
+    leases
+}
+
+/// Renews `leases` every 300 ms, `rounds` times.
+async fn heartbeat(r: &Registry, leases: &[u64], rounds: usize) {
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for &id in leases {
+            r.keep_alive(ctx(), LeaseRef { id }).await.unwrap();
+        }
+    }
 }
 
 async fn watch(r: &Registry, service: &str, after: u64) -> keel_rpc::ResponseStream<WatchEvent> {
@@ -434,31 +460,12 @@ async fn locks_exclude_each_other_and_fencing_refuses_a_stale_holder() {
 #[tokio::test(start_paused = true)]
 async fn many_leases_lapsing_at_once_are_kept_listed_under_protection() {
     let r = Registry::open(RegistryConfig::default()).await.unwrap();
-    let mut leases = Vec::new();
-    for i in 0..4u16 {
-        let lease = grant(&r, 1000).await;
-        register(&r, instance("api", &format!("i{i}"), 8000 + i, lease)).await;
-        leases.push(lease);
-    }
+    let leases = four_instances_one_lease_each(&r).await;
     let mut stream = watch(&r, "api", 0).await;
     next(&mut stream).await;
     // Only i0 keeps heartbeating: three of four lapse together, like a network partition.
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        r.keep_alive(ctx(), LeaseRef { id: leases[0] })
-            .await
-            .unwrap();
-    }
-    let snap = r
-        .list_instances(
-            ctx(),
-            ServiceRef {
-                namespace: "prod".into(),
-                service: "api".into(),
-            },
-        )
-        .await
-        .unwrap();
+    heartbeat(&r, &leases[..1], 6).await;
+    let snap = snapshot(&r, "api").await;
     assert!(snap.protected);
     assert_eq!(snap.instances.len(), 4, "nothing removed");
     assert_eq!(snap.instances.iter().filter(|i| i.lease_expired).count(), 3);
@@ -482,22 +489,8 @@ async fn many_leases_lapsing_at_once_are_kept_listed_under_protection() {
     for i in 1..4u16 {
         register(&r, instance("api", &format!("i{i}"), 8000 + i, lease)).await;
     }
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        r.keep_alive(ctx(), LeaseRef { id: leases[0] })
-            .await
-            .unwrap();
-    }
-    let snap = r
-        .list_instances(
-            ctx(),
-            ServiceRef {
-                namespace: "prod".into(),
-                service: "api".into(),
-            },
-        )
-        .await
-        .unwrap();
+    heartbeat(&r, &leases[..1], 5).await;
+    let snap = snapshot(&r, "api").await;
     assert!(!snap.protected);
     assert_eq!(snap.instances.len(), 4);
     assert!(snap.instances.iter().all(|i| !i.lease_expired));
@@ -506,18 +499,8 @@ async fn many_leases_lapsing_at_once_are_kept_listed_under_protection() {
 #[tokio::test(start_paused = true)]
 async fn a_single_lapsed_lease_is_removed_not_protected() {
     let r = Registry::open(RegistryConfig::default()).await.unwrap();
-    let mut leases = Vec::new();
-    for i in 0..4u16 {
-        let lease = grant(&r, 1000).await;
-        register(&r, instance("api", &format!("i{i}"), 8000 + i, lease)).await;
-        leases.push(lease);
-    }
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for &l in &leases[1..] {
-            r.keep_alive(ctx(), LeaseRef { id: l }).await.unwrap();
-        }
-    }
+    let leases = four_instances_one_lease_each(&r).await;
+    heartbeat(&r, &leases[1..], 6).await;
     assert_eq!(ids(&r, "api").await, ["i1", "i2", "i3"]);
     assert!(r.protected_services().is_empty());
 }

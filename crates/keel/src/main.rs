@@ -142,33 +142,24 @@ fn main() -> anyhow::Result<()> {
             print_report(&args, &report);
             Ok(())
         }
-        Command::Bench(BenchCommand::Failover(args)) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let json = rt.block_on(bench_failover::run(&args))?;
-            println!("{json}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Work(args)) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let json = rt.block_on(bench_overload::run(&args))?;
-            println!("{json}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Registry(args)) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let json = rt.block_on(bench_registry::run(&args))?;
-            println!("{json}");
-            Ok(())
-        }
+        Command::Bench(BenchCommand::Failover(args)) => print_json(bench_failover::run(&args)),
+        Command::Bench(BenchCommand::Work(args)) => print_json(bench_overload::run(&args)),
+        Command::Bench(BenchCommand::Registry(args)) => print_json(bench_registry::run(&args)),
         Command::Demo(args) => demo(args),
         Command::Registry(args) => registry(args),
     }
+}
+
+/// Runs a benchmark on a current-thread runtime (the client pinned to one core, as every
+/// contender's) and prints its JSON line.
+fn print_json(
+    bench: impl std::future::Future<Output = anyhow::Result<serde_json::Value>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    println!("{}", rt.block_on(bench)?);
+    Ok(())
 }
 
 fn parse_sync(spec: &str) -> anyhow::Result<keel_store::SyncPolicy> {
