@@ -2,6 +2,7 @@
 //!
 //! - `keel serve`: the echo service on a port (binary protocol and HTTP/JSON).
 //! - `keel registry`: the naming service, durable in a data directory.
+//! - `keel gateway`: the reverse proxy and load balancer.
 //! - `keel bench rpc`: the built-in load generator against a Keel echo server.
 //! - `keel bench registry`: a registry workload against Keel's registry or etcd.
 //! - `keel demo`: both at once, in one process, for a few seconds: the README's first command.
@@ -37,6 +38,18 @@ enum Command {
     Demo(DemoArgs),
     /// Run the naming service (registry) until Ctrl-C.
     Registry(RegistryArgs),
+    /// Run the gateway (reverse proxy and load balancer) until Ctrl-C.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Args, Debug)]
+struct GatewayArgs {
+    /// Configuration file (TOML; see docs/gateway.md).
+    #[arg(long, default_value = "gateway.toml")]
+    config: String,
+    /// Runtime worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args, Debug)]
@@ -147,7 +160,31 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Registry(args)) => print_json(bench_registry::run(&args)),
         Command::Demo(args) => demo(args),
         Command::Registry(args) => registry(args),
+        Command::Gateway(args) => gateway(args),
     }
+}
+
+fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let config = keel_gateway::GatewayConfig::load(&args.config)?;
+    let listen = config.server.listen;
+    let gateway = keel_gateway::Gateway::new(config)?;
+    let rt = runtime(args.threads)?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        println!(
+            "keel gateway on {} ({}); Ctrl-C stops",
+            listener.local_addr()?,
+            args.config
+        );
+        gateway
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
 }
 
 /// Runs a benchmark on a current-thread runtime (the client pinned to one core, as every

@@ -1,0 +1,163 @@
+//! Routing: the first route whose host, path, method and headers all match serves a request;
+//! its path is then rewritten (prefix stripped and/or added) for the upstream.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::config::RouteConfig;
+
+/// A route, compiled.
+#[derive(Debug)]
+pub(crate) struct Route {
+    host: Option<String>,
+    path: Option<String>,
+    prefix: Option<String>,
+    methods: Vec<Method>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// Index of the upstream pool.
+    pub(crate) upstream: usize,
+    strip: Option<String>,
+    add: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// The routes in order.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    routes: Vec<Route>,
+}
+
+impl Route {
+    /// Compiles a route; `upstream` is its pool's index. Names and values were validated
+    /// with the configuration; a header that still does not parse is an error here.
+    pub(crate) fn compile(config: &RouteConfig, upstream: usize) -> Result<Route, String> {
+        let headers = config
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let name = HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| format!("{k:?} is not a header name"))?;
+                let value =
+                    HeaderValue::from_str(v).map_err(|_| format!("{v:?} is not a header value"))?;
+                Ok((name, value))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Route {
+            host: config.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            path: config.path.clone(),
+            prefix: config.path_prefix.clone(),
+            methods: config
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                .collect(),
+            headers,
+            upstream,
+            strip: config.strip_prefix.clone(),
+            add: config.add_prefix.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    fn matches(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> bool {
+        if let Some(want) = &self.host
+            && host.is_none_or(|h| !h.eq_ignore_ascii_case(want))
+        {
+            return false;
+        }
+        match (&self.path, &self.prefix) {
+            (Some(exact), _) if path != exact => return false,
+            (None, Some(prefix)) if !path.starts_with(prefix.as_str()) => return false,
+            _ => {}
+        }
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        self.headers
+            .iter()
+            .all(|(name, value)| headers.get(name) == Some(value))
+    }
+
+    /// The path (and query) to send upstream.
+    pub(crate) fn rewrite(&self, path: &str, query: Option<&str>) -> String {
+        let mut rest = path;
+        if let Some(strip) = &self.strip
+            && let Some(r) = path.strip_prefix(strip.as_str())
+        {
+            rest = r;
+        }
+        let mut out = String::with_capacity(path.len() + 16);
+        if let Some(add) = &self.add {
+            out.push_str(add.trim_end_matches('/'));
+        }
+        if !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+impl Router {
+    pub(crate) fn new(routes: Vec<Route>) -> Router {
+        Router { routes }
+    }
+
+    /// The route for a request, if any.
+    pub(crate) fn find(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, host, path, headers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(toml_text: &str) -> Route {
+        let config: RouteConfig = toml::from_str(toml_text).unwrap();
+        Route::compile(&config, 0).unwrap()
+    }
+
+    #[test]
+    fn matching_and_rewriting() {
+        let r = route(
+            "upstream = \"a\"\npath_prefix = \"/api/\"\nstrip_prefix = \"/api\"\nmethods = [\"GET\"]\nhost = \"Shop.example\"",
+        );
+        let h = HeaderMap::new();
+        assert!(r.matches(&Method::GET, Some("shop.example"), "/api/items", &h));
+        assert!(!r.matches(&Method::POST, Some("shop.example"), "/api/items", &h));
+        assert!(!r.matches(&Method::GET, Some("other"), "/api/items", &h));
+        assert!(!r.matches(&Method::GET, Some("shop.example"), "/apix", &h));
+        assert_eq!(r.rewrite("/api/items", Some("x=1")), "/items?x=1");
+        assert_eq!(r.rewrite("/api", None), "/");
+
+        let r = route(
+            "upstream = \"a\"\npath = \"/health\"\nadd_prefix = \"/v2/\"\n[headers]\nx-canary = \"1\"",
+        );
+        let mut h = HeaderMap::new();
+        assert!(!r.matches(&Method::GET, None, "/health", &h));
+        h.insert("x-canary", HeaderValue::from_static("1"));
+        assert!(r.matches(&Method::GET, None, "/health", &h));
+        assert!(!r.matches(&Method::GET, None, "/health/x", &h));
+        assert_eq!(r.rewrite("/health", None), "/v2/health");
+    }
+}

@@ -1,0 +1,97 @@
+//! Upstream pools: servers with weights, a balancer, per-server statistics for passive health
+//! (outlier ejection), and a pooled keep-alive HTTP client per pool.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keel_governance::balance::{self, Balancer, EndpointView};
+use keel_governance::endpoint::{EndpointStats, OutlierConfig};
+use tokio::time::Instant;
+
+use crate::config::UpstreamConfig;
+
+/// A request body on its way upstream.
+pub(crate) type UpBody = BoxBody<bytes::Bytes, hyper::Error>;
+
+/// One server of a pool.
+#[derive(Debug)]
+pub(crate) struct Server {
+    pub(crate) address: String,
+    pub(crate) weight: u32,
+    pub(crate) stats: EndpointStats,
+}
+
+/// A named pool.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    pub(crate) name: String,
+    pub(crate) servers: Vec<Arc<Server>>,
+    balancer: Box<dyn Balancer>,
+    pub(crate) client: Client<HttpConnector, UpBody>,
+    pub(crate) response_timeout: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) outlier: OutlierConfig,
+}
+
+impl Pool {
+    pub(crate) fn new(name: &str, config: &UpstreamConfig) -> Pool {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Pool {
+            name: name.to_owned(),
+            servers: config
+                .servers
+                .iter()
+                .map(|s| {
+                    Arc::new(Server {
+                        address: s.address.clone(),
+                        weight: s.weight,
+                        stats: EndpointStats::default(),
+                    })
+                })
+                .collect(),
+            balancer: balance::by_name(&config.balancer)
+                .unwrap_or_else(|| Box::new(balance::RoundRobin::default())),
+            client,
+            response_timeout: config.response_timeout,
+            max_attempts: config.max_attempts.max(1),
+            outlier: OutlierConfig::default(),
+        }
+    }
+
+    /// Picks a server, not one of `exclude`; the client address keys consistent hashing.
+    pub(crate) fn pick(&self, client: Option<IpAddr>, exclude: &[usize]) -> Option<usize> {
+        let now = Instant::now();
+        let views: Vec<EndpointView<'_>> = self
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| EndpointView {
+                id: &s.address,
+                weight: s.weight,
+                available: !exclude.contains(&i) && s.stats.selectable(now),
+                inflight: s.stats.inflight(),
+                latency_us: s.stats.latency_us(),
+            })
+            .collect();
+        let key = client.map(|ip| balance::hash_key(ip.to_string().as_bytes()));
+        self.balancer.pick(&views, key)
+    }
+
+    /// Whether one more server may be ejected (at most half of the pool at once).
+    pub(crate) fn may_eject(&self) -> bool {
+        let total = self.servers.len().max(1);
+        let ejected = self.servers.iter().filter(|s| s.stats.is_ejected()).count();
+        ((ejected + 1) as f64 / total as f64) <= self.outlier.max_ejected_share
+    }
+}

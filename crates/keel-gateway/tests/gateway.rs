@@ -1,0 +1,352 @@
+//! The gateway in front of real upstream HTTP servers on loopback.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keel_gateway::{Gateway, GatewayConfig};
+use tokio::net::TcpListener;
+
+/// An upstream that answers with JSON describing what it received; `/slow` takes 2 s.
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: Request<Incoming>| async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        if req.uri().path() == "/fail" {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"boom")));
+                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            return Ok::<_, Infallible>(r);
+                        }
+                        let header = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let body = serde_json::json!({
+                            "server": name,
+                            "method": req.method().as_str(),
+                            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                            "host": header("host"),
+                            "xff": header("x-forwarded-for"),
+                            "connection": header("connection"),
+                            "x_hop": header("x-hop"),
+                            "body": String::from_utf8_lossy(&req.into_body().collect().await.unwrap().to_bytes()),
+                        });
+                        let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+                        r.headers_mut()
+                            .insert("keep-alive", "timeout=5".parse().unwrap());
+                        Ok::<_, Infallible>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port with nothing listening.
+fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn gateway(config: &str) -> SocketAddr {
+    let config = GatewayConfig::parse(config).unwrap();
+    let gateway = Gateway::new(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway.serve(listener, std::future::pending::<()>()));
+    addr
+}
+
+struct Answer {
+    status: StatusCode,
+    json: serde_json::Value,
+    headers: http::HeaderMap,
+}
+
+async fn send(
+    gw: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{gw}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Answer {
+        status,
+        json,
+        headers,
+    }
+}
+
+#[tokio::test]
+async fn routes_by_host_path_method_and_header_and_rewrites_prefixes() {
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+[upstreams.canary]
+servers = [{{ address = "{b}" }}]
+[upstreams.shop]
+servers = [{{ address = "{c}" }}]
+
+[[routes]]
+path_prefix = "/api/"
+upstream = "canary"
+[routes.headers]
+x-canary = "1"
+
+[[routes]]
+path_prefix = "/api/"
+methods = ["GET", "POST"]
+upstream = "api"
+strip_prefix = "/api"
+add_prefix = "/v1"
+
+[[routes]]
+host = "shop.example"
+path = "/"
+upstream = "shop"
+"#
+    ))
+    .await;
+    let r = send(gw, "GET", "/api/items?x=1", &[], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        (r.json["server"].as_str(), r.json["path"].as_str()),
+        (Some("a"), Some("/v1/items?x=1"))
+    );
+    let r = send(gw, "GET", "/api/items", &[("x-canary", "1")], "").await;
+    assert_eq!(r.json["server"], "b");
+    let r = send(gw, "POST", "/api/orders", &[], "hello").await;
+    assert_eq!(
+        (r.json["server"].as_str(), r.json["body"].as_str()),
+        (Some("a"), Some("hello"))
+    );
+    let r = send(gw, "DELETE", "/api/orders", &[], "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json["error"], "no_route");
+    let r = send(gw, "GET", "/", &[("host", "shop.example:8080")], "").await;
+    assert_eq!(r.json["server"], "c");
+    assert_eq!(
+        r.json["host"], "shop.example:8080",
+        "the client's Host is kept"
+    );
+    let r = send(gw, "GET", "/", &[("host", "other.example")], "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn balances_across_servers_by_weight() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}", weight = 300 }}, {{ address = "{b}", weight = 100 }}]
+balancer = "weighted"
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let r = send(gw, "GET", "/", &[], "").await;
+        *counts
+            .entry(r.json["server"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!((counts["a"], counts["b"]), (30, 10));
+}
+
+#[tokio::test]
+async fn a_dead_server_costs_idempotent_requests_nothing_and_others_get_502() {
+    let a = upstream("a").await;
+    let dead = dead_addr();
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{dead}" }}, {{ address = "{a}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    for _ in 0..10 {
+        let r = send(gw, "GET", "/x", &[], "").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+        assert_eq!(r.json["server"], "a");
+    }
+    // The dead server failed five connects in a row: it is ejected, so even requests that
+    // cannot be retried now go to the live one.
+    for _ in 0..4 {
+        let r = send(gw, "POST", "/x", &[], "body").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    }
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_not_retried_and_gets_a_clear_502() {
+    let dead = dead_addr();
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{dead}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let r = send(gw, "POST", "/orders", &[], "{}").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json["error"], "bad_gateway");
+    assert!(
+        r.json["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&dead.to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_cut_off_with_504() {
+    let a = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+[[routes]]
+path = "/slow"
+upstream = "api"
+timeout_ms = 200
+"#
+    ))
+    .await;
+    let r = send(gw, "GET", "/slow", &[], "").await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json["error"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_on_their_hop_and_forwarding_headers_are_added() {
+    let a = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let r = send(
+        gw,
+        "GET",
+        "/",
+        &[
+            ("connection", "x-hop"),
+            ("x-hop", "secret"),
+            ("x-forwarded-for", "10.0.0.1"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(
+        r.json["x_hop"], "",
+        "a header named by Connection is not forwarded"
+    );
+    assert_eq!(r.json["xff"], "10.0.0.1, 127.0.0.1");
+    assert!(
+        r.headers.get("keep-alive").is_none(),
+        "the upstream's Keep-Alive is not passed back"
+    );
+}
+
+#[tokio::test]
+async fn speaks_http2_to_clients() {
+    let a = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = client
+        .request(
+            Request::get(format!("http://{gw}/h2"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let json: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(json["path"], "/h2");
+    assert_eq!(json["host"], gw.to_string(), ":authority became Host");
+}
+
+#[test]
+fn the_documented_example_config_is_valid() {
+    let doc = include_str!("../../../docs/gateway.md");
+    let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let end = start + doc[start..].find("```").expect("closed");
+    let config = GatewayConfig::parse(&doc[start..end]).unwrap();
+    assert_eq!(config.routes.len(), 2);
+    assert_eq!(config.upstreams["api"].servers[0].weight, 200);
+    assert_eq!(config.upstreams["api"].servers[1].weight, 100);
+    Gateway::new(config).unwrap();
+}
