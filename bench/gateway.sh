@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Gateway: Keel vs nginx vs HAProxy proxying to the same upstream, in one run.
+#
+#   bench/gateway.sh [seconds]      (default 10; medians of 3 interleaved runs)
+#
+# The upstream is an nginx answering a fixed "hello" body. Each proxy runs alone on core 1
+# (nginx: 1 worker; HAProxy: 1 thread; Keel: 1 runtime thread) with keep-alive on both legs;
+# wrk (-t1 -c64 --latency) and the upstream share core 0. Reports req/s, p50/p99, the proxy's
+# CPU seconds and RSS. Installs nginx, haproxy and wrk from Debian packages if missing. The
+# last line is one JSON object.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS="${1:-10}"
+REPS="${REPS:-3}"
+UP=7341; KEEL=7342; NGINX=7343; HAPROXY=7344
+
+for pkg in nginx haproxy wrk; do
+  if ! command -v "$pkg" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$pkg" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy wrk) >/dev/null
+    break
+  fi
+done
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+cargo build --release -q -p keel
+BIN="${CARGO_TARGET_DIR:-target}/release"
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+nginx_conf() { # port body-of-server-block
+  cat <<CONF
+worker_processes 1;
+pid $WORK/nginx-$1.pid;
+error_log $WORK/nginx-$1.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  upstream hello { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:$1;
+    $2
+  }
+}
+CONF
+}
+
+# The upstream: nginx answering "hello", on core 0.
+nginx_conf $UP 'location / { return 200 "hello\n"; }' > "$WORK/up.conf"
+taskset -c 0 "$NGINX_BIN" -p "$WORK" -c "$WORK/up.conf" -g 'daemon off;' 2>/dev/null & PIDS+=($!)
+
+# nginx as the proxy.
+nginx_conf $NGINX 'location / { proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection ""; }' > "$WORK/proxy.conf"
+taskset -c 1 "$NGINX_BIN" -p "$WORK" -c "$WORK/proxy.conf" -g 'daemon off;' 2>/dev/null & PIDS+=($!)
+NGINX_PID=$!
+
+# HAProxy as the proxy.
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:$HAPROXY
+  default_backend hello
+backend hello
+  server up 127.0.0.1:$UP
+CONF
+taskset -c 1 "$HAPROXY_BIN" -f "$WORK/haproxy.cfg" -db 2>/dev/null & PIDS+=($!)
+HAPROXY_PID=$!
+
+# Keel's gateway.
+cat > "$WORK/gateway.toml" <<CONF
+[server]
+listen = "127.0.0.1:$KEEL"
+[upstreams.hello]
+servers = [{ address = "127.0.0.1:$UP" }]
+[[routes]]
+path_prefix = "/"
+upstream = "hello"
+CONF
+taskset -c 1 "$BIN/keel" gateway --config "$WORK/gateway.toml" --threads 1 >/dev/null 2>&1 & PIDS+=($!)
+KEEL_PID=$!
+
+for port in $UP $KEEL $NGINX $HAPROXY; do
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+done
+
+# CPU ticks (utime + stime) of a process and its children, and their RSS in KiB.
+cpu_ticks() {
+  local t=0 v
+  for p in $1 $(pgrep -P "$1" || true); do
+    v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0); t=$((t + ${v:-0}))
+  done
+  echo $t
+}
+rss_kib() {
+  local r=0 v
+  for p in $1 $(pgrep -P "$1" || true); do
+    v=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); r=$((r + ${v:-0}))
+  done
+  echo $r
+}
+
+RESULTS="$(mktemp)"
+run() { # name port pid
+  local before after out
+  before=$(cpu_ticks "$3")
+  out=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency "http://127.0.0.1:$2/" 2>&1)
+  after=$(cpu_ticks "$3")
+  python3 - "$1" "$out" "$before" "$after" "$(rss_kib "$3")" "$(getconf CLK_TCK)" >> "$RESULTS" <<'PY'
+import json, re, sys
+name, out, before, after, rss, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def ms(v, unit):
+    return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+(?:us|ms|s))$", out, re.M))
+def parse(s):
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    return ms(m.group(1), m.group(2))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+print(json.dumps({"proxy": name, "rps": rps, "p50_ms": parse(lat["50"]), "p99_ms": parse(lat["99"]),
+                  "cpu_s": (after - before) / hz, "rss_kib": rss, "non_2xx": int(errors.group(1)) if errors else 0}))
+PY
+}
+
+for rep in $(seq 1 "$REPS"); do
+  run keel $KEEL $KEEL_PID
+  run nginx $NGINX $NGINX_PID
+  run haproxy $HAPROXY $HAPROXY_PID
+  echo "done: run $rep" >&2
+done
+
+python3 - "$RESULTS" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+med = lambda p, k: statistics.median(r[k] for r in rows if r["proxy"] == p)
+print(f"{'proxy':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU s':>7} {'RSS MiB':>8}")
+t = {}
+for p in ("keel", "nginx", "haproxy"):
+    t[p] = {k: med(p, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_s", "rss_kib", "non_2xx")}
+    print(f"{p:>8} {t[p]['rps']:>10.0f} {t[p]['p50_ms']:>8.3f} {t[p]['p99_ms']:>8.3f} {t[p]['cpu_s']:>7.2f} {t[p]['rss_kib']/1024:>8.1f}")
+print(json.dumps({
+    "keel_rps": t["keel"]["rps"], "nginx_rps": t["nginx"]["rps"], "haproxy_rps": t["haproxy"]["rps"],
+    "keel_p99_ms": t["keel"]["p99_ms"], "nginx_p99_ms": t["nginx"]["p99_ms"], "haproxy_p99_ms": t["haproxy"]["p99_ms"],
+    "keel_vs_nginx": round(t["keel"]["rps"] / t["nginx"]["rps"], 2),
+    "keel_vs_haproxy": round(t["keel"]["rps"] / t["haproxy"]["rps"], 2),
+    "all": t,
+}))
+PY
