@@ -173,7 +173,17 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let config = keel_gateway::GatewayConfig::load(&args.config)?;
     let listen = config.server.listen;
     let gateway = keel_gateway::Gateway::new(config)?;
-    let rt = runtime(args.threads)?;
+    // With one thread the gateway runs on the current-thread scheduler, which does less per
+    // task switch: +6% requests/s in bench/gateway.sh. (Not for the RPC server: there a
+    // multi-thread runtime's LIFO slot runs a connection's writer right after its reader, which
+    // keeps connections from moving in lockstep; see docs/benchmarks.md.)
+    let rt = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        runtime(args.threads)?
+    };
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -259,13 +269,6 @@ fn registry(args: RegistryArgs) -> anyhow::Result<()> {
 }
 
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    // One thread needs no work stealing: the current-thread scheduler does less per task
-    // switch (measured: +6% requests/s through the gateway).
-    if threads == 1 {
-        return Ok(tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?);
-    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
         builder.worker_threads(threads);
