@@ -65,6 +65,20 @@ async fn upstream(name: &'static str) -> SocketAddr {
     addr
 }
 
+/// A gateway sending everything to one upstream server.
+async fn one_upstream(server: SocketAddr) -> SocketAddr {
+    gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await
+}
+
 /// A port with nothing listening.
 fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -231,16 +245,7 @@ upstream = "api"
 #[tokio::test]
 async fn a_request_with_a_body_is_not_retried_and_gets_a_clear_502() {
     let dead = dead_addr();
-    let gw = gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{dead}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = one_upstream(dead).await;
     let r = send(gw, "POST", "/orders", &[], "{}").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.json["error"], "bad_gateway");
@@ -274,16 +279,7 @@ timeout_ms = 200
 #[tokio::test]
 async fn hop_by_hop_headers_stay_on_their_hop_and_forwarding_headers_are_added() {
     let a = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{a}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = one_upstream(a).await;
     let r = send(
         gw,
         "GET",
@@ -310,16 +306,7 @@ upstream = "api"
 #[tokio::test]
 async fn speaks_http2_to_clients() {
     let a = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{a}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = one_upstream(a).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
