@@ -125,6 +125,52 @@ pub struct UpstreamConfig {
     /// Attempts per request for connect failures of idempotent requests without a body.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Active health checks; without them only passive ejection applies.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// `[upstreams.NAME.health]`: each server is probed with `GET path` every `interval`; `fall`
+/// failed probes in a row (no answer within `timeout`, or a status outside 200-399) take it out
+/// of rotation, `rise` good ones in a row bring it back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path probed.
+    pub path: String,
+    /// Time between probes of one server.
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "ms",
+        rename = "interval_ms"
+    )]
+    pub interval: Duration,
+    /// Time a probe may take.
+    #[serde(
+        default = "default_probe_timeout",
+        deserialize_with = "ms",
+        rename = "timeout_ms"
+    )]
+    pub timeout: Duration,
+    /// Good probes in a row that make a server healthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failed probes in a row that make a server unhealthy.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
 }
 
 fn default_balancer() -> String {
@@ -209,6 +255,19 @@ impl GatewayConfig {
                     up.balancer,
                     keel_governance::balance::NAMES.join(", ")
                 ));
+            }
+            if let Some(h) = &up.health {
+                if !h.path.starts_with('/') {
+                    return bad(format!(
+                        "upstream {name:?}: health path {:?} must start with /",
+                        h.path
+                    ));
+                }
+                if h.rise == 0 || h.fall == 0 || h.interval.is_zero() {
+                    return bad(format!(
+                        "upstream {name:?}: health rise, fall and interval_ms must be positive"
+                    ));
+                }
             }
             for s in &up.servers {
                 let port_ok = s

@@ -30,7 +30,7 @@ pub use config::{ConfigError, GatewayConfig};
 struct Shared {
     config: GatewayConfig,
     router: router::Router,
-    pools: Vec<upstream::Pool>,
+    pools: Vec<Arc<upstream::Pool>>,
 }
 
 /// A configured gateway. Cheap to clone.
@@ -46,7 +46,7 @@ impl Gateway {
         let pools = config
             .upstreams
             .iter()
-            .map(|(name, up)| upstream::Pool::new(name, up))
+            .map(|(name, up)| Arc::new(upstream::Pool::new(name, up)))
             .collect();
         let routes = config
             .routes
@@ -81,6 +81,15 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
         let stop = tokio_util::sync::CancellationToken::new();
+        // Active health checks, one task per checked server, for as long as we serve.
+        let mut checks = tokio::task::JoinSet::new();
+        for pool in &self.shared.pools {
+            if pool.health.is_some() {
+                for index in 0..pool.servers.len() {
+                    checks.spawn(upstream::check_health(pool.clone(), index));
+                }
+            }
+        }
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -125,6 +134,7 @@ impl Gateway {
                 }
             });
         }
+        checks.abort_all();
         stop.cancel();
         tracker.close();
         tracker.wait().await;

@@ -3,8 +3,10 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -13,7 +15,7 @@ use keel_governance::balance::{self, Balancer, EndpointView};
 use keel_governance::endpoint::{EndpointStats, OutlierConfig};
 use tokio::time::Instant;
 
-use crate::config::UpstreamConfig;
+use crate::config::{HealthConfig, UpstreamConfig};
 
 /// A request body on its way upstream.
 pub(crate) type UpBody = BoxBody<bytes::Bytes, hyper::Error>;
@@ -24,6 +26,8 @@ pub(crate) struct Server {
     pub(crate) address: String,
     pub(crate) weight: u32,
     pub(crate) stats: EndpointStats,
+    /// The active health check's verdict (always true without checks).
+    pub(crate) healthy: AtomicBool,
 }
 
 /// A named pool.
@@ -36,6 +40,7 @@ pub(crate) struct Pool {
     pub(crate) response_timeout: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) outlier: OutlierConfig,
+    pub(crate) health: Option<HealthConfig>,
 }
 
 impl Pool {
@@ -57,6 +62,7 @@ impl Pool {
                         address: s.address.clone(),
                         weight: s.weight,
                         stats: EndpointStats::default(),
+                        healthy: AtomicBool::new(true),
                     })
                 })
                 .collect(),
@@ -66,6 +72,7 @@ impl Pool {
             response_timeout: config.response_timeout,
             max_attempts: config.max_attempts.max(1),
             outlier: OutlierConfig::default(),
+            health: config.health.clone(),
         }
     }
 
@@ -79,7 +86,9 @@ impl Pool {
             .map(|(i, s)| EndpointView {
                 id: &s.address,
                 weight: s.weight,
-                available: !exclude.contains(&i) && s.stats.selectable(now),
+                available: !exclude.contains(&i)
+                    && s.healthy.load(Ordering::Relaxed)
+                    && s.stats.selectable(now),
                 inflight: s.stats.inflight(),
                 latency_us: s.stats.latency_us(),
             })
@@ -93,5 +102,50 @@ impl Pool {
         let total = self.servers.len().max(1);
         let ejected = self.servers.iter().filter(|s| s.stats.is_ejected()).count();
         ((ejected + 1) as f64 / total as f64) <= self.outlier.max_ejected_share
+    }
+}
+
+/// Probes one server for ever (until the task is dropped), flipping its health flag after
+/// `rise` good or `fall` bad probes in a row.
+pub(crate) async fn check_health(pool: Arc<Pool>, index: usize) {
+    let Some(config) = pool.health.clone() else {
+        return;
+    };
+    let server = pool.servers[index].clone();
+    let (mut good, mut bad) = (0u32, 0u32);
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let uri = format!("http://{}{}", server.address, config.path);
+        let request = http::Request::get(uri)
+            .header(http::header::USER_AGENT, "keel-gateway-health")
+            .body(
+                http_body_util::Empty::<bytes::Bytes>::new()
+                    .map_err(|e| match e {})
+                    .boxed(),
+            );
+        let ok = match request {
+            Ok(request) => matches!(
+                tokio::time::timeout(config.timeout, pool.client.request(request)).await,
+                Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection()
+            ),
+            Err(_) => false,
+        };
+        if ok {
+            good += 1;
+            bad = 0;
+        } else {
+            bad += 1;
+            good = 0;
+        }
+        let healthy = server.healthy.load(Ordering::Relaxed);
+        if healthy && bad >= config.fall {
+            server.healthy.store(false, Ordering::Relaxed);
+            tracing::warn!(upstream = %pool.name, server = %server.address, "health check failed; out of rotation");
+        } else if !healthy && good >= config.rise {
+            server.healthy.store(true, Ordering::Relaxed);
+            tracing::info!(upstream = %pool.name, server = %server.address, "health check passed; back in rotation");
+        }
     }
 }

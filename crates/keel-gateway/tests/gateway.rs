@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,11 @@ use tokio::net::TcpListener;
 
 /// An upstream that answers with JSON describing what it received; `/slow` takes 2 s.
 async fn upstream(name: &'static str) -> SocketAddr {
+    upstream_with_health(name, Arc::new(AtomicBool::new(false))).await
+}
+
+/// The same, with `/health` answering 500 while `sick` is set.
+async fn upstream_with_health(name: &'static str, sick: Arc<AtomicBool>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -22,9 +29,16 @@ async fn upstream(name: &'static str) -> SocketAddr {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let sick = sick.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: Request<Incoming>| async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let sick = sick.clone();
+                    async move {
+                        if req.uri().path() == "/health" && sick.load(Ordering::SeqCst) {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"sick")));
+                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            return Ok::<_, Infallible>(r);
+                        }
                         if req.uri().path() == "/slow" {
                             tokio::time::sleep(Duration::from_secs(2)).await;
                         }
@@ -54,8 +68,8 @@ async fn upstream(name: &'static str) -> SocketAddr {
                         r.headers_mut()
                             .insert("keep-alive", "timeout=5".parse().unwrap());
                         Ok::<_, Infallible>(r)
-                    },
-                );
+                    }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -335,5 +349,59 @@ fn the_documented_example_config_is_valid() {
     assert_eq!(config.routes.len(), 2);
     assert_eq!(config.upstreams["api"].servers[0].weight, 200);
     assert_eq!(config.upstreams["api"].servers[1].weight, 100);
+    assert_eq!(config.upstreams["api"].health.as_ref().unwrap().fall, 3);
     Gateway::new(config).unwrap();
+}
+
+#[tokio::test]
+async fn active_health_checks_take_a_sick_server_out_and_bring_it_back() {
+    let (sick_a, sick_b) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let a = upstream_with_health("a", sick_a.clone()).await;
+    let b = upstream_with_health("b", sick_b.clone()).await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}]
+[upstreams.api.health]
+path = "/health"
+interval_ms = 20
+timeout_ms = 200
+rise = 2
+fall = 2
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let servers = |gw| async move {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let r = send(gw, "GET", "/", &[], "").await;
+            if r.status == StatusCode::OK {
+                seen.insert(r.json["server"].as_str().unwrap().to_owned());
+            } else {
+                seen.insert(format!(
+                    "{} {}",
+                    r.status.as_u16(),
+                    r.json["error"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        seen.into_iter().collect::<Vec<_>>()
+    };
+    assert_eq!(servers(gw).await, ["a", "b"]);
+    sick_a.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(servers(gw).await, ["b"], "a failed its checks");
+    sick_b.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(servers(gw).await, ["503 no_healthy_upstream"]);
+    sick_a.store(false, Ordering::SeqCst);
+    sick_b.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(servers(gw).await, ["a", "b"], "both recovered");
 }
