@@ -72,6 +72,10 @@ pub struct ServerSection {
     /// Keep idle client connections open this long.
     #[serde(deserialize_with = "ms", rename = "idle_timeout_ms")]
     pub idle_timeout: Duration,
+    /// Longest request target (path and query) accepted; longer gets 414.
+    pub max_uri_bytes: usize,
+    /// Largest request body accepted (by its Content-Length); larger gets 413.
+    pub max_body_bytes: u64,
 }
 
 impl Default for ServerSection {
@@ -80,6 +84,8 @@ impl Default for ServerSection {
             listen: "127.0.0.1:8080".parse().expect("constant address"),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 16 << 20,
         }
     }
 }
@@ -216,6 +222,25 @@ pub struct RouteConfig {
     /// Overrides the upstream's response timeout for this route.
     #[serde(default, deserialize_with = "opt_ms", rename = "timeout_ms")]
     pub timeout: Option<Duration>,
+    /// Client addresses (CIDRs or single addresses) allowed; everyone if empty.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Client addresses refused, checked before `allow`.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Token-bucket rate limit per client IP on this route.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A token bucket: `per_second` tokens a second, holding at most `burst`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second.
+    pub per_second: f64,
+    /// Requests allowed at once after a quiet period.
+    pub burst: u32,
 }
 
 fn opt_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -297,6 +322,22 @@ impl GatewayConfig {
                 if !p.starts_with('/') {
                     return bad(format!("route {}: path {p:?} must start with /", i + 1));
                 }
+            }
+            for cidr in r.allow.iter().chain(&r.deny) {
+                if crate::filter::parse_net(cidr).is_none() {
+                    return bad(format!(
+                        "route {}: {cidr:?} is not an address or CIDR",
+                        i + 1
+                    ));
+                }
+            }
+            if let Some(rl) = &r.rate_limit
+                && (rl.per_second <= 0.0 || rl.burst == 0)
+            {
+                return bad(format!(
+                    "route {}: rate_limit needs per_second > 0 and burst > 0",
+                    i + 1
+                ));
             }
             for m in &r.methods {
                 if http::Method::from_bytes(m.as_bytes()).is_err() {

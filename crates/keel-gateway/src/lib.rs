@@ -5,6 +5,7 @@
 //!   rewriting.
 //! - `upstream`: pools of servers with weights, a balancer (the same ones RPC callers use, from
 //!   `keel-governance`), passive health (outlier ejection) and a pooled keep-alive client.
+//! - `filter`: per-route client address allow/deny lists and token-bucket rate limits.
 //! - `proxy`: forwarding, hop-by-hop header handling, `X-Forwarded-*`, retries of connect
 //!   failures for idempotent requests, JSON errors.
 //!
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 pub mod config;
+mod filter;
 mod proxy;
 mod router;
 mod upstream;

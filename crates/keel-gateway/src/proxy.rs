@@ -7,7 +7,8 @@
 //!
 //! Errors are JSON `{"error": CODE, "detail": ...}`: 404 `no_route`, 502 `bad_gateway` (the
 //! server could not be reached or broke off), 503 `no_healthy_upstream`, 504
-//! `upstream_timeout`. A request that could not reach a server is retried on another one when
+//! `upstream_timeout`, 403 `forbidden` (address filter), 429 `rate_limited` (with
+//! `Retry-After`), 413 `body_too_large`, 414 `uri_too_long`. A request that could not reach a server is retried on another one when
 //! that is safe: an idempotent method and no body.
 
 use std::net::SocketAddr;
@@ -93,6 +94,54 @@ pub(crate) async fn handle(
             format!("no route for {} {path}", req.method()),
         );
     };
+    if !route.addresses.admits(peer.ip()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not use this route", peer.ip()),
+        );
+    }
+    if let Some(limiter) = &route.rate_limit
+        && let Err(wait) = limiter.check(peer.ip())
+    {
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests from {}; retry in {wait:?}", peer.ip()),
+        );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
+    let limits = &shared.config.server;
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > limits.max_uri_bytes {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "request target of {target_len} bytes; the limit is {}",
+                limits.max_uri_bytes
+            ),
+        );
+    }
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limits.max_body_bytes
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "body of {len} bytes; the limit is {}",
+                limits.max_body_bytes
+            ),
+        );
+    }
     let pool = &shared.pools[route.upstream];
     let target = route.rewrite(&path, req.uri().query());
     let timeout = route.timeout.unwrap_or(pool.response_timeout);

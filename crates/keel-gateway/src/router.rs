@@ -20,6 +20,8 @@ pub(crate) struct Route {
     strip: Option<String>,
     add: Option<String>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) addresses: crate::filter::AddressFilter,
+    pub(crate) rate_limit: Option<crate::filter::RateLimiter>,
 }
 
 /// The routes in order.
@@ -57,6 +59,11 @@ impl Route {
             strip: config.strip_prefix.clone(),
             add: config.add_prefix.clone(),
             timeout: config.timeout,
+            addresses: crate::filter::AddressFilter::new(&config.allow, &config.deny),
+            rate_limit: config
+                .rate_limit
+                .as_ref()
+                .map(crate::filter::RateLimiter::new),
         })
     }
 

@@ -405,3 +405,74 @@ upstream = "api"
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(servers(gw).await, ["a", "b"], "both recovered");
 }
+
+#[tokio::test]
+async fn address_filters_rate_limits_and_size_limits() {
+    let a = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[server]
+max_uri_bytes = 64
+max_body_bytes = 10
+
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+
+[[routes]]
+path_prefix = "/private/"
+upstream = "api"
+allow = ["10.0.0.0/8"]
+
+[[routes]]
+path_prefix = "/blocked/"
+upstream = "api"
+deny = ["127.0.0.0/8"]
+
+[[routes]]
+path_prefix = "/buy"
+upstream = "api"
+allow = ["127.0.0.1"]
+rate_limit = {{ per_second = 1.0, burst = 3 }}
+
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let r = send(gw, "GET", "/private/x", &[], "").await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let r = send(gw, "GET", "/blocked/x", &[], "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    for _ in 0..3 {
+        assert_eq!(
+            send(gw, "POST", "/buy", &[], "").await.status,
+            StatusCode::OK
+        );
+    }
+    let r = send(gw, "POST", "/buy", &[], "").await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+    // Other routes are not limited.
+    assert_eq!(
+        send(gw, "GET", "/other", &[], "").await.status,
+        StatusCode::OK
+    );
+    let long = format!("/{}", "x".repeat(100));
+    let r = send(gw, "GET", &long, &[], "").await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (StatusCode::URI_TOO_LONG, Some("uri_too_long"))
+    );
+    let r = send(gw, "POST", "/other", &[], "more than ten bytes").await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+    );
+}
