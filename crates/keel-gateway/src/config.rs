@@ -231,6 +231,9 @@ pub struct RouteConfig {
     /// Token-bucket rate limit per client IP on this route.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Authentication required on this route.
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 /// A token bucket: `per_second` tokens a second, holding at most `burst`.
@@ -339,6 +342,11 @@ impl GatewayConfig {
                     i + 1
                 ));
             }
+            if let Some(auth) = &r.auth
+                && let Err(e) = crate::auth::Auth::new(auth)
+            {
+                return bad(format!("route {} auth: {e}", i + 1));
+            }
             for m in &r.methods {
                 if http::Method::from_bytes(m.as_bytes()).is_err() {
                     return bad(format!("route {}: {m:?} is not an HTTP method", i + 1));
@@ -372,6 +380,14 @@ mod tests {
                 "must start with /",
             ),
             ("[surprise]\nx = 1", "unknown field"),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\n[[routes]]\nupstream = \"a\"\n[routes.auth.jwt]\nalgorithm = \"ES999\"",
+                "use HS256 or RS256",
+            ),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\n[[routes]]\nupstream = \"a\"\n[routes.auth.jwt]\nalgorithm = \"RS256\"\npublic_key_pem = \"junk\"",
+                "public_key_pem",
+            ),
         ];
         for (text, want) in cases {
             let err = GatewayConfig::parse(text).unwrap_err().to_string();

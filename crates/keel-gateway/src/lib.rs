@@ -5,6 +5,7 @@
 //!   rewriting.
 //! - `upstream`: pools of servers with weights, a balancer (the same ones RPC callers use, from
 //!   `keel-governance`), passive health (outlier ejection) and a pooled keep-alive client.
+//! - `auth`: per-route API keys and JWTs (HS256, RS256), forwarding chosen claims.
 //! - `filter`: per-route client address allow/deny lists and token-bucket rate limits.
 //! - `proxy`: forwarding, hop-by-hop header handling, `X-Forwarded-*`, retries of connect
 //!   failures for idempotent requests, JSON errors.
@@ -19,12 +20,14 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
+mod auth;
 pub mod config;
 mod filter;
 mod proxy;
 mod router;
 mod upstream;
 
+pub use auth::{AuthConfig, JwtConfig};
 pub use config::{ConfigError, GatewayConfig};
 
 /// What every connection shares.

@@ -8,7 +8,7 @@
 //! Errors are JSON `{"error": CODE, "detail": ...}`: 404 `no_route`, 502 `bad_gateway` (the
 //! server could not be reached or broke off), 503 `no_healthy_upstream`, 504
 //! `upstream_timeout`, 403 `forbidden` (address filter), 429 `rate_limited` (with
-//! `Retry-After`), 413 `body_too_large`, 414 `uri_too_long`. A request that could not reach a server is retried on another one when
+//! `Retry-After`), 413 `body_too_large`, 414 `uri_too_long`, 401 `unauthenticated`. A request that could not reach a server is retried on another one when
 //! that is safe: an idempotent method and no body.
 
 use std::net::SocketAddr;
@@ -147,6 +147,14 @@ pub(crate) async fn handle(
     let timeout = route.timeout.unwrap_or(pool.response_timeout);
 
     let (mut parts, body) = req.into_parts();
+    if let Some(auth) = &route.auth
+        && let Err(why) = auth.check(&mut parts.headers)
+    {
+        let mut resp = error(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
     strip_hop_by_hop(&mut parts.headers);
     // The upstream leg is HTTP/1.1 whatever the client spoke; an HTTP/2 request carries its
     // host in the :authority pseudo-header, which becomes Host.

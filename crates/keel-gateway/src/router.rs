@@ -22,6 +22,7 @@ pub(crate) struct Route {
     pub(crate) timeout: Option<Duration>,
     pub(crate) addresses: crate::filter::AddressFilter,
     pub(crate) rate_limit: Option<crate::filter::RateLimiter>,
+    pub(crate) auth: Option<crate::auth::Auth>,
 }
 
 /// The routes in order.
@@ -64,6 +65,11 @@ impl Route {
                 .rate_limit
                 .as_ref()
                 .map(crate::filter::RateLimiter::new),
+            auth: config
+                .auth
+                .as_ref()
+                .map(crate::auth::Auth::new)
+                .transpose()?,
         })
     }
 

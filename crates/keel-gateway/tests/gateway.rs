@@ -62,6 +62,7 @@ async fn upstream_with_health(name: &'static str, sick: Arc<AtomicBool>) -> Sock
                             "xff": header("x-forwarded-for"),
                             "connection": header("connection"),
                             "x_hop": header("x-hop"),
+                            "x_user_id": header("x-user-id"),
                             "body": String::from_utf8_lossy(&req.into_body().collect().await.unwrap().to_bytes()),
                         });
                         let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -350,6 +351,10 @@ fn the_documented_example_config_is_valid() {
     assert_eq!(config.upstreams["api"].servers[0].weight, 200);
     assert_eq!(config.upstreams["api"].servers[1].weight, 100);
     assert_eq!(config.upstreams["api"].health.as_ref().unwrap().fall, 3);
+    assert_eq!(
+        config.routes[0].auth.as_ref().unwrap().api_keys,
+        ["change-me"]
+    );
     Gateway::new(config).unwrap();
 }
 
@@ -474,5 +479,164 @@ upstream = "api"
     assert_eq!(
         (r.status, r.json["error"].as_str()),
         (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+    );
+}
+
+/// A throwaway RSA key pair, generated with openssl for these tests only.
+const TEST_RSA_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQDgwe6h6MI9tHTf\nMOXZuWik343Ioz+PNBjGjqE0Dn4ItCx7Xouu2Mb5E1tDJitJTvVGDsX2Gw7OJnTY\nbBIMBWdVb1ELLF9J+r5YBOlMqGMtM/OdAYL5ZSuXXgHrWSfJ9EKrO/sdVrhOMJgy\ny3t1JBhoQlEpkVT1n7a4lA/kEomhIDTYhKSZ5saUNYp0z32f7XPNDJjEktcm8Sl8\n7Xl2NmmXZOBdbts5GBRaNa8AOVFkdQ4sqLOgA8vC2UfGfp2RBtFVJWFeRWrpvUcj\nb0XBdhIVX0uOjYJwM/v6PBImg2OB5gnP1ZdMlEbWTLlqwkOhCLdwxTfbmMqZw4G/\nbc+OtUVfAgMBAAECggEAA4MTM1ElLbx1AO1rJLW+X5fUR88wbSGxEa8T8E+RZUR9\nEwz348zPO2aaGM3qv6PFWLiRtZgtcaW+dHfSxoClPy7ZHL9iSUNzcU6oNLwcl43D\nzK9l9jMEcQaZoPHCTPCzssp7v5Lhh1Jzd/t1EQFT/E6tgu0agX1jEs+wJGm9eb8b\nY9n9TULCYhEMNg6GLk+HkFmKEU/TkTa9LtionjS6UjZ5EloqQMr7fTonyRN+MYWr\nVuvmFPttrt1F9u36LNeZ/++SYl/0PIFXWnzUNWHG496g+d+BD6NSMN6LcZV9blEv\nWnqkRp1/GdyCANi7RhYRxVRLl4U2ucYhuLoSwbP/4QKBgQD0A7AGn0KHixdDtSQS\nPsfxi34Oem3aSRCQLD6FJIv2os9yisfihaFnqCNaKDKpVerB+E2dNsMOeW2VxEeS\nqxEDBpn3JvnMHXGpJMIRuffDUNg/WhN87KsYL+0SQY38gEyckjQycVwz9vOQ0Jaz\nYUYgpsf9pjec92/iLdPZ9wJozwKBgQDrzBpXRWefX3R3zYBla9F2WovJOQWnQyCl\nQFt+ZNP/dgsd6/mIDV2Shzrb5NJ+Eop7dCij1OsUJCrXo4kk9VksGYWV05V+/Dsv\n2ERNfdbeA21SPdshtbPc9bSICWO1SF/DSSoL3VNo2BRyaKgGeGMly/SymMWPagQW\ng1ZCcYdecQKBgGt7EFbqYYCYmIe/SwMqWiGf4sd3z9ldY4lNo8A7p9bcQenfDUpO\nuBiTa/bzS9VgvcXwnCdKjsJaZBWa3jfRV+3wQ3Mk3NS2h3EMetsaAfMrMgU9pOXa\nzUYbHh5zd5on3Rb+IzWwzv8ooIJCDo82opARRngIdeiS6NpEe1M/xPTrAoGBANH9\nRkgKKyonXBWFEZ9A0Z1RLcPZ4EsA4QXJtrFtIc8TVPskt2iOXpKrk6NYuIxF/sXK\nwJaGe4PIYc8AeJZNWUiIwgqYDz6zahJFyy4nrz6wVp8zLv9qTe+tcUTk98Lt3TqQ\n4b0HMczhAfSRd3GrrMBwTk7u9qGtjE5wUFWDvUZBAoGBAJ2rNKBWKJlz3fi268pg\nS5XTrwd4iOmlXml5u6xA9Koha3Gr4LJLBW0QDV4DmK7ivxRdAcSdptTV7euFOQeS\nLm4me2cZ7tlp3HZHzs+gRrvBtqD8uezoGMJ7k0w3qhsOTMydrpOQ3bb5B6JezVCR\nf+vOQSoq2u8KmQ1m+EQ9urqn\n-----END PRIVATE KEY-----";
+const TEST_RSA_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA4MHuoejCPbR03zDl2blo\npN+NyKM/jzQYxo6hNA5+CLQse16LrtjG+RNbQyYrSU71Rg7F9hsOziZ02GwSDAVn\nVW9RCyxfSfq+WATpTKhjLTPznQGC+WUrl14B61knyfRCqzv7HVa4TjCYMst7dSQY\naEJRKZFU9Z+2uJQP5BKJoSA02ISkmebGlDWKdM99n+1zzQyYxJLXJvEpfO15djZp\nl2TgXW7bORgUWjWvADlRZHUOLKizoAPLwtlHxn6dkQbRVSVhXkVq6b1HI29FwXYS\nFV9Ljo2CcDP7+jwSJoNjgeYJz9WXTJRG1ky5asJDoQi3cMU325jKmcOBv23PjrVF\nXwIDAQAB\n-----END PUBLIC KEY-----";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    claims: serde_json::Value,
+) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn api_keys_and_jwts_guard_routes_and_claims_are_forwarded() {
+    let a = upstream("a").await;
+    let public = TEST_RSA_PUBLIC.replace('\n', "\\n");
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+
+[[routes]]
+path_prefix = "/keys/"
+upstream = "api"
+auth = {{ api_keys = ["k-123"] }}
+
+[[routes]]
+path_prefix = "/hs/"
+upstream = "api"
+[routes.auth.jwt]
+algorithm = "HS256"
+secret = "s3cret"
+issuer = "keel-test"
+audience = "shop"
+forward_claims = {{ sub = "x-user-id" }}
+
+[[routes]]
+path_prefix = "/rs/"
+upstream = "api"
+[routes.auth.jwt]
+algorithm = "RS256"
+public_key_pem = "{public}"
+forward_claims = {{ sub = "x-user-id" }}
+"#
+    ))
+    .await;
+    // API keys.
+    assert_eq!(
+        send(gw, "GET", "/keys/x", &[("x-api-key", "k-123")], "")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let r = send(gw, "GET", "/keys/x", &[("x-api-key", "nope")], "").await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
+    );
+    assert_eq!(r.headers.get("www-authenticate").unwrap(), "Bearer");
+
+    // HS256 with issuer and audience.
+    let hs = jsonwebtoken::EncodingKey::from_secret(b"s3cret");
+    let good = token(
+        jsonwebtoken::Algorithm::HS256,
+        &hs,
+        serde_json::json!({"sub": "user-7", "iss": "keel-test", "aud": "shop", "exp": now() + 60}),
+    );
+    let bearer = format!("Bearer {good}");
+    let r = send(
+        gw,
+        "GET",
+        "/hs/me",
+        &[("authorization", &bearer), ("x-user-id", "forged")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        r.json["x_user_id"], "user-7",
+        "the claim is forwarded, the forged header dropped"
+    );
+    let cases = [
+        (
+            "expired",
+            serde_json::json!({"sub": "u", "iss": "keel-test", "aud": "shop", "exp": now() - 120}),
+        ),
+        (
+            "wrong audience",
+            serde_json::json!({"sub": "u", "iss": "keel-test", "aud": "other", "exp": now() + 60}),
+        ),
+        (
+            "wrong issuer",
+            serde_json::json!({"sub": "u", "iss": "evil", "aud": "shop", "exp": now() + 60}),
+        ),
+        (
+            "not yet valid",
+            serde_json::json!({"sub": "u", "iss": "keel-test", "aud": "shop", "exp": now() + 600, "nbf": now() + 300}),
+        ),
+    ];
+    for (what, claims) in cases {
+        let bearer = format!(
+            "Bearer {}",
+            token(jsonwebtoken::Algorithm::HS256, &hs, claims)
+        );
+        let r = send(gw, "GET", "/hs/me", &[("authorization", &bearer)], "").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {}", r.json);
+    }
+    let forged = token(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(b"guess"),
+        serde_json::json!({"sub": "u", "iss": "keel-test", "aud": "shop", "exp": now() + 60}),
+    );
+    let bearer = format!("Bearer {forged}");
+    assert_eq!(
+        send(gw, "GET", "/hs/me", &[("authorization", &bearer)], "")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(gw, "GET", "/hs/me", &[], "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // RS256.
+    let rs = jsonwebtoken::EncodingKey::from_rsa_pem(TEST_RSA_PRIVATE.as_bytes()).unwrap();
+    let good = token(
+        jsonwebtoken::Algorithm::RS256,
+        &rs,
+        serde_json::json!({"sub": "user-9", "exp": now() + 60}),
+    );
+    let bearer = format!("Bearer {good}");
+    let r = send(gw, "GET", "/rs/me", &[("authorization", &bearer)], "").await;
+    assert_eq!(
+        (r.status, r.json["x_user_id"].as_str()),
+        (StatusCode::OK, Some("user-9"))
+    );
+    // An HS256 token signed with the public key as a secret (the classic key-confusion attack).
+    let confused = token(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_RSA_PUBLIC.as_bytes()),
+        serde_json::json!({"sub": "admin", "exp": now() + 60}),
+    );
+    let bearer = format!("Bearer {confused}");
+    assert_eq!(
+        send(gw, "GET", "/rs/me", &[("authorization", &bearer)], "")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
     );
 }
