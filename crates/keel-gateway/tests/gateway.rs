@@ -640,3 +640,84 @@ forward_claims = {{ sub = "x-user-id" }}
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Sends raw bytes and returns what comes back before the connection closes (or 5 s pass).
+async fn raw(gw: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_and_ambiguous_requests_are_refused() {
+    let a = upstream("a").await;
+    let gw = one_upstream(a).await;
+    // A request line that is not HTTP.
+    let out = raw(gw, b"HELLO THERE\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+    // Both Content-Length and Transfer-Encoding (request smuggling): hyper frames the body by
+    // Transfer-Encoding and closes the connection after answering (RFC 9112 6.1), so the
+    // request hidden behind it is never read. (Answering 400 instead is still to do.)
+    let out = raw(
+        gw,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(!out.contains("smuggled"), "{out:?}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out:?}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out:?}"
+    );
+    // Two different Content-Lengths.
+    let out = raw(
+        gw,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+    // Headers far over the limit.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let out = raw(gw, big.as_bytes()).await;
+    assert!(
+        out.starts_with("HTTP/1.1 431") || out.starts_with("HTTP/1.1 400"),
+        "{out:?}"
+    );
+    // A well-formed request on a fresh connection still works.
+    let out = raw(
+        gw,
+        b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[server]
+header_timeout_ms = 300
+[upstreams.api]
+servers = [{{ address = "{a}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // Slowloris: no end of headers. The gateway closes the connection after its timeout.
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "the connection was held open");
+}
