@@ -128,7 +128,7 @@ pub struct UpstreamConfig {
         rename = "response_timeout_ms"
     )]
     pub response_timeout: Duration,
-    /// Attempts per request for connect failures of idempotent requests without a body.
+    /// Attempts per request, for idempotent requests without a body that got no answer.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
     /// Active health checks; without them only passive ejection applies.

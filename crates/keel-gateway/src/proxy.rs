@@ -8,8 +8,11 @@
 //! Errors are JSON `{"error": CODE, "detail": ...}`: 404 `no_route`, 502 `bad_gateway` (the
 //! server could not be reached or broke off), 503 `no_healthy_upstream`, 504
 //! `upstream_timeout`, 403 `forbidden` (address filter), 429 `rate_limited` (with
-//! `Retry-After`), 413 `body_too_large`, 414 `uri_too_long`, 401 `unauthenticated`. A request that could not reach a server is retried on another one when
-//! that is safe: an idempotent method and no body.
+//! `Retry-After`), 413 `body_too_large`, 414 `uri_too_long`, 401 `unauthenticated`.
+//!
+//! A request that got no answer from a server (connection refused, or lost before the
+//! response) is retried on another one when that is safe: an idempotent method and no body.
+//! A server that answers too slowly is not retried (504).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -228,13 +231,12 @@ pub(crate) async fn handle(
                 };
                 (outcome, Ok(resp))
             }
-            Ok(Err(e)) => {
-                let connect = e.is_connect();
-                (
-                    Outcome::Failure,
-                    Err((connect, format!("{}: {e}", server.address))),
-                )
-            }
+            // No answer at all (refused, or the connection lost before the response): an
+            // idempotent request without a body can go to another server.
+            Ok(Err(e)) => (
+                Outcome::Failure,
+                Err((true, format!("{}: {e}", server.address))),
+            ),
             Err(_) => (
                 Outcome::Failure,
                 Err((
@@ -257,7 +259,7 @@ pub(crate) async fn handle(
                 return Response::from_parts(parts, body.boxed());
             }
             Err((true, detail)) if replayable => {
-                tracing::debug!(upstream = %pool.name, %detail, "connect failed; trying another server");
+                tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
                 tried.push(index);
                 last_error = detail;
             }

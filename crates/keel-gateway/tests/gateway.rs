@@ -721,3 +721,70 @@ upstream = "api"
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     assert!(closed.is_ok(), "the connection was held open");
 }
+
+#[tokio::test]
+async fn an_upstream_killed_under_load_fails_no_idempotent_request() {
+    // One upstream on its own runtime, so dropping that runtime kills it mid-request.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let doomed = {
+        let _in = runtime.enter();
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            tx.send(upstream("doomed").await).unwrap();
+        });
+        rx.recv().unwrap()
+    };
+    let survivor = upstream("survivor").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{doomed}" }}, {{ address = "{survivor}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let stop = tokio::time::Instant::now() + Duration::from_millis(1200);
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let client = client.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while tokio::time::Instant::now() < stop {
+                let req = Request::get(format!("http://{gw}/item"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status();
+                let _ = resp.into_body().collect().await;
+                if status == StatusCode::OK {
+                    ok += 1;
+                } else {
+                    failed.push(status);
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    runtime.shutdown_background();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(ok > 100, "{ok} requests served");
+    assert!(
+        failed.is_empty(),
+        "{} GETs failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
