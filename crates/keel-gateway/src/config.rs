@@ -302,7 +302,7 @@ impl GatewayConfig {
                     .address
                     .rsplit_once(':')
                     .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-                if !port_ok {
+                if !port_ok || s.address.parse::<http::uri::Authority>().is_err() {
                     return bad(format!(
                         "upstream {name:?}: server address {:?} is not host:port",
                         s.address

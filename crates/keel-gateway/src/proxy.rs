@@ -199,7 +199,7 @@ pub(crate) async fn handle(
         let server = &pool.servers[index];
         let uri = match Uri::builder()
             .scheme("http")
-            .authority(server.address.as_str())
+            .authority(server.authority.clone())
             .path_and_query(target.as_str())
             .build()
         {

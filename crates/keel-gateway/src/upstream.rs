@@ -24,6 +24,8 @@ pub(crate) type UpBody = BoxBody<bytes::Bytes, hyper::Error>;
 #[derive(Debug)]
 pub(crate) struct Server {
     pub(crate) address: String,
+    /// `address` parsed once, for building each request's URI.
+    pub(crate) authority: http::uri::Authority,
     pub(crate) weight: u32,
     pub(crate) stats: EndpointStats,
     /// The active health check's verdict (always true without checks).
@@ -59,6 +61,10 @@ impl Pool {
                 .iter()
                 .map(|s| {
                     Arc::new(Server {
+                        authority: s
+                            .address
+                            .parse()
+                            .expect("server addresses are checked with the configuration"),
                         address: s.address.clone(),
                         weight: s.weight,
                         stats: EndpointStats::default(),
@@ -93,7 +99,10 @@ impl Pool {
                 latency_us: s.stats.latency_us(),
             })
             .collect();
-        let key = client.map(|ip| balance::hash_key(ip.to_string().as_bytes()));
+        let key = client.map(|ip| match ip {
+            IpAddr::V4(v4) => balance::hash_key(&v4.octets()),
+            IpAddr::V6(v6) => balance::hash_key(&v6.octets()),
+        });
         self.balancer.pick(&views, key)
     }
 

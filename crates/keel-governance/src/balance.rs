@@ -101,7 +101,11 @@ impl Balancer for SmoothWeighted {
         for (i, e) in endpoints.iter().enumerate().filter(|(_, e)| e.available) {
             let w = i64::from(e.weight.max(1));
             total += w;
-            let score = current.entry(e.id.to_owned()).or_insert(0);
+            // Look up before inserting: only an endpoint seen for the first time allocates.
+            let score = match current.get_mut(e.id) {
+                Some(score) => score,
+                None => current.entry(e.id.to_owned()).or_insert(0),
+            };
             *score += w;
             if best.is_none_or(|(_, s)| *score > s) {
                 best = Some((i, *score));

@@ -106,6 +106,11 @@ impl Drop for Instance_ {
     }
 }
 
+/// Instances i0, i1, ... answering OK.
+fn start_instances(n: usize) -> Vec<Instance_> {
+    (0..n).map(|i| Instance_::start(&format!("i{i}"))).collect()
+}
+
 async fn who(channel: &ServiceChannel, options: CallOptions) -> Result<String, Status> {
     let reply: EchoReply =
         keel_rpc::client::unary(channel, "t.Who", "Who", &EchoRequest::default(), options).await?;
@@ -136,7 +141,7 @@ async fn ready(channel: &ServiceChannel, n: usize) {
 
 #[tokio::test]
 async fn round_robin_spreads_evenly_and_follows_discovery() {
-    let instances: Vec<Instance_> = (0..3).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let instances = start_instances(3);
     let discover = StaticDiscover::new();
     discover.set("who", instances.iter().map(|i| i.instance("")).collect());
     let channel = ServiceChannel::new(&discover, "who", config("round_robin")).unwrap();
@@ -157,7 +162,7 @@ async fn round_robin_spreads_evenly_and_follows_discovery() {
 
 #[tokio::test]
 async fn p2c_and_weighted_balancers_serve_every_instance() {
-    let instances: Vec<Instance_> = (0..3).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let instances = start_instances(3);
     let discover = StaticDiscover::new();
     let mut list: Vec<Instance> = instances.iter().map(|i| i.instance("")).collect();
     list[0].weight = 300;
@@ -188,8 +193,7 @@ async fn p2c_and_weighted_balancers_serve_every_instance() {
 
 #[tokio::test]
 async fn an_instance_that_dies_under_load_costs_no_failed_call() {
-    let mut instances: Vec<Instance_> =
-        (0..3).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let mut instances = start_instances(3);
     let discover = StaticDiscover::new();
     discover.set("who", instances.iter().map(|i| i.instance("")).collect());
     let channel = ServiceChannel::new(&discover, "who", config("p2c")).unwrap();
@@ -250,7 +254,7 @@ async fn an_instance_that_dies_under_load_costs_no_failed_call() {
 
 #[tokio::test]
 async fn a_failing_instance_is_ejected_then_probed_back() {
-    let instances: Vec<Instance_> = (0..3).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let instances = start_instances(3);
     instances[2].mode.store(INTERNAL, Ordering::SeqCst);
     let discover = StaticDiscover::new();
     discover.set("who", instances.iter().map(|i| i.instance("")).collect());
@@ -293,8 +297,7 @@ async fn a_failing_instance_is_ejected_then_probed_back() {
 
 #[tokio::test]
 async fn the_callers_zone_is_preferred_while_it_can_serve() {
-    let mut instances: Vec<Instance_> =
-        (0..3).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let mut instances = start_instances(3);
     let discover = StaticDiscover::new();
     discover.set(
         "who",
@@ -327,7 +330,7 @@ async fn the_callers_zone_is_preferred_while_it_can_serve() {
 
 #[tokio::test]
 async fn consistent_hashing_keeps_a_key_on_one_instance() {
-    let instances: Vec<Instance_> = (0..4).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let instances = start_instances(4);
     let discover = StaticDiscover::new();
     discover.set("who", instances.iter().map(|i| i.instance("")).collect());
     let channel = ServiceChannel::new(&discover, "who", config("consistent_hash")).unwrap();
@@ -353,7 +356,7 @@ async fn consistent_hashing_keeps_a_key_on_one_instance() {
 
 #[tokio::test]
 async fn retries_stay_within_the_budget() {
-    let instances: Vec<Instance_> = (0..3).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let instances = start_instances(3);
     for i in &instances {
         i.mode.store(OVERLOADED, Ordering::SeqCst);
     }
@@ -389,7 +392,7 @@ async fn retries_stay_within_the_budget() {
 
 #[tokio::test]
 async fn hedging_answers_from_the_fast_instance() {
-    let instances: Vec<Instance_> = (0..2).map(|i| Instance_::start(&format!("i{i}"))).collect();
+    let instances = start_instances(2);
     instances[0].mode.store(SLOW, Ordering::SeqCst);
     let discover = StaticDiscover::new();
     discover.set("who", instances.iter().map(|i| i.instance("")).collect());

@@ -120,12 +120,27 @@ pub trait NamingBackend: Send + Sync + 'static {
 }
 
 impl<T: CallTransport> RegistryHandle<T> {
-    /// Options for a call that waits (a lock, a campaign): the token, and `timeout` if any.
-    fn wait_options(&self, timeout: Option<Duration>) -> keel_rpc::CallOptions {
-        match timeout {
+    /// Takes a lock (publishing `value`), waiting up to `timeout` if one is set.
+    async fn take_lock(
+        &self,
+        namespace: &str,
+        name: &str,
+        lease: u64,
+        value: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<LockHolder, Status> {
+        let req = LockRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+            lease_id: lease,
+            value,
+            no_wait: false,
+        };
+        let options = match timeout {
             Some(t) => self.options_without_deadline().timeout(t),
             None => self.options_without_deadline(),
-        }
+        };
+        self.client().lock_with(&req, options).await
     }
 }
 
@@ -248,15 +263,7 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
         lease: u64,
         timeout: Option<Duration>,
     ) -> Result<LockHolder, Status> {
-        let req = LockRequest {
-            namespace: namespace.into(),
-            name: name.into(),
-            lease_id: lease,
-            value: Bytes::new(),
-            no_wait: false,
-        };
-        self.client()
-            .lock_with(&req, self.wait_options(timeout))
+        self.take_lock(namespace, name, lease, Bytes::new(), timeout)
             .await
     }
 
@@ -279,15 +286,7 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
         timeout: Option<Duration>,
     ) -> Result<LockHolder, Status> {
         // An election is a lock whose holder publishes a value.
-        let req = LockRequest {
-            namespace: namespace.into(),
-            name: election.into(),
-            lease_id: lease,
-            value,
-            no_wait: false,
-        };
-        self.client()
-            .lock_with(&req, self.wait_options(timeout))
+        self.take_lock(namespace, election, lease, value, timeout)
             .await
     }
 

@@ -131,6 +131,20 @@ impl EtcdBackend {
     }
 }
 
+/// Runs `fut`, giving up with `deadline_exceeded` after `timeout` if one is set.
+async fn within<F: std::future::Future>(
+    timeout: Option<Duration>,
+    fut: F,
+    what: impl FnOnce() -> String,
+) -> Result<F::Output, Status> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .map_err(|_| Status::deadline_exceeded(what())),
+        None => Ok(fut.await),
+    }
+}
+
 fn decode_instance(value: &[u8], revision: i64) -> Option<Instance> {
     let mut instance: Instance = serde_json::from_slice(value).ok()?;
     instance.revision = revision as u64;
@@ -337,12 +351,10 @@ impl NamingBackend for EtcdBackend {
             self.lock_name(namespace, name),
             Some(LockOptions::new().with_lease(lease as i64)),
         );
-        let resp = match timeout {
-            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
-                Status::deadline_exceeded(format!("lock {name:?} still held at the deadline"))
-            })?,
-            None => call.await,
-        }
+        let resp = within(timeout, call, || {
+            format!("lock {name:?} still held at the deadline")
+        })
+        .await?
         .map_err(status)?;
         let owned = self
             .client
@@ -393,14 +405,10 @@ impl NamingBackend for EtcdBackend {
             value.to_vec(),
             lease as i64,
         );
-        let resp = match timeout {
-            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "not elected leader of {election:?} by the deadline"
-                ))
-            })?,
-            None => call.await,
-        }
+        let resp = within(timeout, call, || {
+            format!("not elected leader of {election:?} by the deadline")
+        })
+        .await?
         .map_err(status)?;
         let leader = resp
             .leader()

@@ -65,6 +65,27 @@ async fn ids(r: &Registry, service: &str) -> Vec<String> {
         .collect()
 }
 
+/// Grants a one-minute lease over the network.
+async fn remote_lease(handle: &RegistryHandle) -> u64 {
+    handle
+        .client()
+        .grant_lease(&GrantLeaseRequest { ttl_ms: 60_000 })
+        .await
+        .unwrap()
+        .id
+}
+
+/// Registers an instance over the network.
+async fn remote_register(handle: &RegistryHandle, instance: Instance) {
+    handle
+        .client()
+        .register(&RegisterRequest {
+            instance: Some(instance),
+        })
+        .await
+        .unwrap();
+}
+
 /// Registers instances i0..i3 of service `api`, each under its own 1 s lease.
 async fn four_instances_one_lease_each(r: &Registry) -> Vec<u64> {
     let mut leases = Vec::new();
@@ -721,19 +742,8 @@ async fn discovery_follows_changes_keeps_the_last_list_and_starts_from_its_cache
     let served = Served::start(RegistryConfig::default()).await;
     let addr = served.addr;
     let handle = served.handle().await;
-    let lease = handle
-        .client()
-        .grant_lease(&GrantLeaseRequest { ttl_ms: 60_000 })
-        .await
-        .unwrap()
-        .id;
-    handle
-        .client()
-        .register(&RegisterRequest {
-            instance: Some(instance("orders", "a", 7201, lease)),
-        })
-        .await
-        .unwrap();
+    let lease = remote_lease(&handle).await;
+    remote_register(&handle, instance("orders", "a", 7201, lease)).await;
     let discover = RegistryDiscover::new(handle.clone(), "prod").with_cache_dir(cache.path());
     let mut rx = discover.subscribe("orders").unwrap();
     let got = rx
@@ -743,13 +753,7 @@ async fn discovery_follows_changes_keeps_the_last_list_and_starts_from_its_cache
         .clone();
     assert_eq!(got.instances[0].address, "127.0.0.1:7201");
 
-    handle
-        .client()
-        .register(&RegisterRequest {
-            instance: Some(instance("orders", "b", 7202, lease)),
-        })
-        .await
-        .unwrap();
+    remote_register(&handle, instance("orders", "b", 7202, lease)).await;
     rx.wait_for(|e| e.instances.len() == 2).await.unwrap();
 
     // The registry goes away: the list stays, marked stale.
@@ -775,19 +779,8 @@ async fn discovery_resumes_after_the_registry_comes_back() {
     let addr = listener.local_addr().unwrap();
     let served = Served::start_on(listener, durable_config(dir.path())).await;
     let handle = served.handle().await;
-    let lease = handle
-        .client()
-        .grant_lease(&GrantLeaseRequest { ttl_ms: 60_000 })
-        .await
-        .unwrap()
-        .id;
-    handle
-        .client()
-        .register(&RegisterRequest {
-            instance: Some(instance("orders", "a", 7301, lease)),
-        })
-        .await
-        .unwrap();
+    let lease = remote_lease(&handle).await;
+    remote_register(&handle, instance("orders", "a", 7301, lease)).await;
     let discover = RegistryDiscover::new(handle.clone(), "prod");
     let mut rx = discover.subscribe("orders").unwrap();
     rx.wait_for(|e| e.instances.len() == 1 && !e.stale)
@@ -800,13 +793,7 @@ async fn discovery_resumes_after_the_registry_comes_back() {
     let listener = TcpListener::bind(addr).await.unwrap();
     let served = Served::start_on(listener, durable_config(dir.path())).await;
     let handle2 = served.handle().await;
-    handle2
-        .client()
-        .register(&RegisterRequest {
-            instance: Some(instance("orders", "b", 7302, lease)),
-        })
-        .await
-        .unwrap();
+    remote_register(&handle2, instance("orders", "b", 7302, lease)).await;
     let back = rx
         .wait_for(|e| !e.stale && e.instances.len() == 2)
         .await
@@ -881,19 +868,10 @@ async fn callers_keep_calling_with_the_cached_list_while_the_registry_is_down() 
 
     let served = Served::start(RegistryConfig::default()).await;
     let handle = served.handle().await;
-    let lease = handle
-        .client()
-        .grant_lease(&GrantLeaseRequest { ttl_ms: 60_000 })
-        .await
-        .unwrap()
-        .id;
+    let lease = remote_lease(&handle).await;
     let mut i = instance("echo", "e1", echo_addr.port(), lease);
     i.address = echo_addr.to_string();
-    handle
-        .client()
-        .register(&RegisterRequest { instance: Some(i) })
-        .await
-        .unwrap();
+    remote_register(&handle, i).await;
 
     let discover = RegistryDiscover::new(handle.clone(), "prod");
     let channel = ServiceChannel::new(&discover, "echo", ServiceChannelConfig::default()).unwrap();

@@ -54,11 +54,7 @@ async fn http_errors_carry_status_name_and_fitting_http_status() {
 async fn http_deadline_header() {
     let server = TestServer::start(ServerConfig::default()).await;
     let req = "POST /test.Test/Sleep HTTP/1.1\r\nHost: t\r\nkeel-timeout-ms: 50\r\nContent-Length: 19\r\nConnection: close\r\n\r\n{\"message\":\"5000\"}\n";
-    let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
-        .await
-        .unwrap();
+    let out = common::http_raw(server.addr, req.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
     assert!(out.contains("deadline_exceeded"), "{out}");
 }
@@ -133,11 +129,7 @@ async fn oversized_body_is_413_and_wrong_verb_is_405() {
     assert!(body.contains("1024"), "{body}");
 
     let req = "GET /keel.echo.v1.Echo/Echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-    let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
-        .await
-        .unwrap();
+    let out = common::http_raw(server.addr, req.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 405"), "{out}");
     assert!(out.to_ascii_lowercase().contains("allow: post"), "{out}");
     // A path that names no method stays a 404, whatever the verb.
@@ -153,11 +145,7 @@ async fn http_stream_cut_by_its_deadline_ends_with_an_error_line_and_is_counted(
         "POST /keel.echo.v1.Echo/Count HTTP/1.1\r\nHost: t\r\nkeel-timeout-ms: 150\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
-        .await
-        .unwrap();
+    let out = common::http_raw(server.addr, req.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     let (_, chunked) = out.split_once("\r\n\r\n").unwrap();
     let lines: Vec<String> = common::dechunk(chunked)
@@ -197,11 +185,7 @@ async fn authorization_and_keel_meta_headers_become_metadata() {
             "POST /test.Test/Meta HTTP/1.1\r\nHost: t\r\n{header}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        let mut stream = common::raw_connect(server.addr, req.as_bytes()).await;
-        let mut out = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out)
-            .await
-            .unwrap();
+        let out = common::http_raw(server.addr, req.as_bytes()).await;
         let (_, body) = out.split_once("\r\n\r\n").unwrap();
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["message"].as_str().unwrap_or(""), want, "{header}");

@@ -28,6 +28,26 @@ async fn call(
     keel_rpc::client::unary(channel, TEST_SERVICE, method, &req, options).await
 }
 
+/// Starts `n` calls that sleep 300 ms and waits until all of them run on the server.
+async fn occupy(
+    server: &TestServer,
+    channel: &Channel,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<EchoReply, Status>>> {
+    let mut slow = Vec::new();
+    for _ in 0..n {
+        let channel = channel.clone();
+        slow.push(tokio::spawn(async move {
+            call(&channel, "Sleep", "300", CallOptions::default()).await
+        }));
+    }
+    eventually("the slow calls running", || {
+        server.probe.started.load(Ordering::SeqCst) == n
+    })
+    .await;
+    slow
+}
+
 fn frame_bytes(frame: &Frame) -> Vec<u8> {
     let mut buf = BytesMut::new();
     frame.encode(&mut buf).unwrap();
@@ -616,17 +636,7 @@ async fn inflight_cap_per_connection_answers_overloaded() {
     };
     let server = TestServer::start(config).await;
     let channel = server.channel().await;
-    let mut slow = Vec::new();
-    for _ in 0..2 {
-        let channel = channel.clone();
-        slow.push(tokio::spawn(async move {
-            call(&channel, "Sleep", "300", CallOptions::default()).await
-        }));
-    }
-    eventually("two calls running", || {
-        server.probe.started.load(Ordering::SeqCst) == 2
-    })
-    .await;
+    let slow = occupy(&server, &channel, 2).await;
     let err = call(&channel, "Sleep", "0", CallOptions::default())
         .await
         .unwrap_err();
@@ -826,17 +836,7 @@ async fn a_hard_concurrency_limit_refuses_the_excess_at_once() {
     })
     .await;
     let channel = server.channel().await;
-    let mut slow = Vec::new();
-    for _ in 0..4 {
-        let channel = channel.clone();
-        slow.push(tokio::spawn(async move {
-            call(&channel, "Sleep", "300", CallOptions::default()).await
-        }));
-    }
-    eventually("four calls running", || {
-        server.probe.started.load(Ordering::SeqCst) == 4
-    })
-    .await;
+    let slow = occupy(&server, &channel, 4).await;
     // The fifth is refused without running, long before the others finish.
     let err = call(&channel, "Sleep", "0", CallOptions::default())
         .await

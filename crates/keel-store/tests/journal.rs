@@ -280,7 +280,7 @@ async fn oversized_records_are_refused() {
 /// The child side of the kill -9 test: appends as fast as it can and prints each index once
 /// its append has been acknowledged.
 #[test]
-#[ignore = "run by kill_9_during_appends_loses_no_acknowledged_record"]
+#[ignore = "a child process: kill_9_during_appends_loses_no_acknowledged_record starts it (and SIGKILLs it) in every cargo test run"]
 fn child_appender() {
     let Ok(dir) = std::env::var("KEEL_STORE_CHILD_DIR") else {
         return;

@@ -41,8 +41,6 @@ struct Window {
     started: Instant,
     succeeded: u64,
     latency_sum_us: f64,
-    /// Whether a call was refused, or the limit reached, during the window.
-    limited: bool,
     min_latency_us: f64,
     windows: u32,
     /// During a remeasuring window: the limit to return to.
@@ -56,6 +54,9 @@ pub(crate) struct Limiter {
     adaptive: Option<Mutex<Window>>,
     inflight: AtomicUsize,
     limit: AtomicUsize,
+    /// Whether a call was refused, or the limit reached, during the current window. An
+    /// atomic, so admitting a call never takes the window's lock.
+    limited: std::sync::atomic::AtomicBool,
     /// No-load latency in microseconds (0 until measured), for the deadline check.
     no_load_us: AtomicU64,
     pub(crate) rejected: AtomicU64,
@@ -109,7 +110,6 @@ impl Limiter {
                     started: Instant::now(),
                     succeeded: 0,
                     latency_sum_us: 0.0,
-                    limited: false,
                     min_latency_us: 0.0,
                     windows: 0,
                     probing: None,
@@ -117,6 +117,7 @@ impl Limiter {
             }),
             inflight: AtomicUsize::new(0),
             limit: AtomicUsize::new(initial),
+            limited: std::sync::atomic::AtomicBool::new(false),
             no_load_us: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             deadline_dropped: AtomicU64::new(0),
@@ -173,9 +174,7 @@ impl Limiter {
     }
 
     fn mark_limited(&self) {
-        if let Some(window) = &self.adaptive {
-            window.lock().limited = true;
-        }
+        self.limited.store(true, Ordering::Relaxed);
     }
 
     fn release(&self, elapsed: Duration, ok: bool) {
@@ -194,6 +193,7 @@ impl Limiter {
         if !full {
             return;
         }
+        let limited = self.limited.swap(false, Ordering::Relaxed);
         if w.succeeded > 0 {
             let latency = w.latency_sum_us / w.succeeded as f64;
             w.windows += 1;
@@ -211,14 +211,14 @@ impl Limiter {
                     // Queueing: shrink toward the concurrency that keeps latency tolerable.
                     ((current as f64 * tolerated / latency).floor() as usize)
                         .min(current.saturating_sub(1))
-                } else if w.limited {
+                } else if limited {
                     // At the limit without queueing: there is room for more.
                     current + (current / 10).max(1)
                 } else {
                     current
                 }
             };
-            if w.windows % REMEASURE_EVERY == 0 && w.limited {
+            if w.windows % REMEASURE_EVERY == 0 && limited {
                 w.probing = Some(limit);
                 limit /= 2;
             }
@@ -230,7 +230,6 @@ impl Limiter {
             self.no_load_us
                 .store(w.min_latency_us as u64, Ordering::Relaxed);
         }
-        w.limited = false;
         w.started = Instant::now();
         w.succeeded = 0;
         w.latency_sum_us = 0.0;

@@ -252,6 +252,14 @@ pub async fn raw_connect(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
     stream
 }
 
+/// Sends raw request bytes and returns everything the server writes until it closes.
+pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = raw_connect(addr, request).await;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// Sends one HTTP/1.1 request and returns (status, body).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let req = format!(
