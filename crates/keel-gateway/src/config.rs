@@ -58,6 +58,32 @@ pub struct GatewayConfig {
     /// Routes, tried in order; the first that matches serves the request.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The admin listener (metrics, state, reload); off if absent.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+}
+
+/// `[admin]`: Prometheus `/metrics` and the JSON admin API on their own port.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address to listen on; keep it on loopback or a private network.
+    pub listen: SocketAddr,
+    /// If set, every admin request except `GET /metrics` needs `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `[server.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this certificate.
+/// The files are read again on every reload, so a renewed certificate applies without a
+/// restart.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
 }
 
 /// `[server]`.
@@ -76,6 +102,12 @@ pub struct ServerSection {
     pub max_uri_bytes: usize,
     /// Largest request body accepted (by its Content-Length); larger gets 413.
     pub max_body_bytes: u64,
+    /// Client connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Access log: `"stdout"`, a file path, or absent for none. One JSON object per line.
+    pub access_log: Option<String>,
+    /// TLS; plain HTTP (with h2c) if absent.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerSection {
@@ -86,12 +118,15 @@ impl Default for ServerSection {
             idle_timeout: Duration::from_secs(60),
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 16 << 20,
+            max_connections: 100_000,
+            access_log: None,
+            tls: None,
         }
     }
 }
 
 /// One server of an upstream pool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerEntry {
     /// `host:port`.
@@ -106,14 +141,39 @@ fn default_weight() -> u32 {
 }
 
 /// `[upstreams.NAME]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The servers.
     pub servers: Vec<ServerEntry>,
-    /// Balancer: round_robin, weighted, random, p2c or consistent_hash (by client IP).
+    /// Balancer: round_robin, weighted, random, p2c, least_conn or consistent_hash.
     #[serde(default = "default_balancer")]
     pub balancer: String,
+    /// What consistent_hash hashes: `"ip"` (the client address, the default),
+    /// `"header:NAME"` or `"cookie:NAME"`; a request without that header or cookie falls back
+    /// to its address.
+    #[serde(default)]
+    pub hash_key: Option<String>,
+    /// Sticky sessions: the first answer sets this cookie to an opaque server id, and later
+    /// requests carrying it go to the same server while it is healthy.
+    #[serde(default)]
+    pub sticky_cookie: Option<String>,
+    /// `"http1"` (default) or `"h2c"`: HTTP/2 without TLS to the servers, for gRPC.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Requests in flight to this upstream at most; more wait in a queue. Unlimited if absent.
+    #[serde(default)]
+    pub max_inflight: Option<usize>,
+    /// Requests that may wait for a slot; more get 503 at once.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    /// Longest wait in the queue before 503.
+    #[serde(
+        default = "default_queue_timeout",
+        deserialize_with = "ms",
+        rename = "queue_timeout_ms"
+    )]
+    pub queue_timeout: Duration,
     /// Time to connect to a server.
     #[serde(
         default = "default_connect_timeout",
@@ -139,7 +199,7 @@ pub struct UpstreamConfig {
 /// `[upstreams.NAME.health]`: each server is probed with `GET path` every `interval`; `fall`
 /// failed probes in a row (no answer within `timeout`, or a status outside 200-399) take it out
 /// of rotation, `rise` good ones in a row bring it back.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Path probed.
@@ -182,6 +242,15 @@ fn default_fall() -> u32 {
 fn default_balancer() -> String {
     "round_robin".into()
 }
+fn default_protocol() -> String {
+    "http1".into()
+}
+fn default_queue_size() -> usize {
+    1024
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(1)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
 }
@@ -196,6 +265,9 @@ fn default_attempts() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// Name in metrics and the access log; `route-N` (from 1) if absent.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Host header (without port) to match; any host if absent.
     #[serde(default)]
     pub host: Option<String>,
@@ -211,8 +283,15 @@ pub struct RouteConfig {
     /// Headers that must be present with these exact values.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// The upstream pool.
-    pub upstream: String,
+    /// The upstream pool (one of `upstream` and `static_dir`).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Serve files from this directory instead of proxying.
+    #[serde(default)]
+    pub static_dir: Option<String>,
+    /// Cache upstream answers.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
     /// Removed from the front of the path before forwarding.
     #[serde(default)]
     pub strip_prefix: Option<String>,
@@ -234,6 +313,26 @@ pub struct RouteConfig {
     /// Authentication required on this route.
     #[serde(default)]
     pub auth: Option<crate::auth::AuthConfig>,
+}
+
+/// `cache = { ... }` on a route: GET and HEAD answers kept in memory as their
+/// `Cache-Control` (`s-maxage`, `max-age`) or `Expires` allow.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of bodies and headers held at most; the least recently used go first.
+    pub max_bytes: u64,
+    /// Larger answers are passed through uncached.
+    #[serde(default = "default_max_entry")]
+    pub max_entry_bytes: u64,
+    /// Freshness of answers that say nothing about it; 0 (default) caches only answers that
+    /// allow it explicitly.
+    #[serde(default, deserialize_with = "ms", rename = "default_ttl_ms")]
+    pub default_ttl: Duration,
+}
+
+fn default_max_entry() -> u64 {
+    1 << 20
 }
 
 /// A token bucket: `per_second` tokens a second, holding at most `burst`.
@@ -273,9 +372,42 @@ impl GatewayConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be positive".into());
+        }
         for (name, up) in &self.upstreams {
             if up.servers.is_empty() {
                 return bad(format!("upstream {name:?} has no servers"));
+            }
+            if !matches!(up.protocol.as_str(), "http1" | "h2c") {
+                return bad(format!(
+                    "upstream {name:?}: protocol {:?} is not http1 or h2c",
+                    up.protocol
+                ));
+            }
+            if let Some(key) = &up.hash_key
+                && !(key == "ip"
+                    || key
+                        .strip_prefix("header:")
+                        .or_else(|| key.strip_prefix("cookie:"))
+                        .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok()))
+            {
+                return bad(format!(
+                    "upstream {name:?}: hash_key {key:?} is not ip, header:NAME or cookie:NAME"
+                ));
+            }
+            if let Some(cookie) = &up.sticky_cookie
+                && (cookie.is_empty()
+                    || !cookie
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+            {
+                return bad(format!(
+                    "upstream {name:?}: sticky_cookie {cookie:?} is not a cookie name"
+                ));
+            }
+            if up.max_inflight == Some(0) {
+                return bad(format!("upstream {name:?}: max_inflight must be positive"));
             }
             if keel_governance::balance::by_name(&up.balancer).is_none() {
                 return bad(format!(
@@ -311,11 +443,35 @@ impl GatewayConfig {
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
-            if !self.upstreams.contains_key(&r.upstream) {
+            match (&r.upstream, &r.static_dir) {
+                (Some(up), None) if !self.upstreams.contains_key(up) => {
+                    return bad(format!(
+                        "route {} names upstream {up:?}, which is not defined",
+                        i + 1,
+                    ));
+                }
+                (Some(_), None) => {}
+                (None, Some(dir)) => {
+                    if !std::path::Path::new(dir).is_dir() {
+                        return bad(format!(
+                            "route {}: static_dir {dir:?} is not a directory",
+                            i + 1
+                        ));
+                    }
+                }
+                _ => {
+                    return bad(format!(
+                        "route {} needs exactly one of upstream and static_dir",
+                        i + 1
+                    ));
+                }
+            }
+            if let Some(c) = &r.cache
+                && (c.max_bytes == 0 || c.max_entry_bytes == 0 || c.max_entry_bytes > c.max_bytes)
+            {
                 return bad(format!(
-                    "route {} names upstream {:?}, which is not defined",
-                    i + 1,
-                    r.upstream
+                    "route {}: cache needs 0 < max_entry_bytes <= max_bytes",
+                    i + 1
                 ));
             }
             for p in [&r.path, &r.path_prefix, &r.strip_prefix, &r.add_prefix]
@@ -366,6 +522,23 @@ mod tests {
         let cases = [
             ("[server]\nlisten = 5", "invalid type"),
             ("[[routes]]\nupstream = \"nope\"", "not defined"),
+            ("[[routes]]\npath = \"/\"", "exactly one of"),
+            (
+                "[[routes]]\nstatic_dir = \"/definitely/not/here\"",
+                "not a directory",
+            ),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\nhash_key = \"body\"",
+                "hash_key",
+            ),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\nprotocol = \"h3\"",
+                "protocol",
+            ),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\nmax_inflight = 0",
+                "max_inflight",
+            ),
             ("[upstreams.a]\nservers = []", "no servers"),
             (
                 "[upstreams.a]\nservers = [{ address = \"x\" }]",

@@ -2,79 +2,188 @@
 //!
 //! - [`config`]: the TOML configuration, checked on load with clear errors.
 //! - `router`: routes by host, path (exact or prefix), method and headers, with prefix
-//!   rewriting.
+//!   rewriting; a route proxies to an upstream pool or serves a directory.
 //! - `upstream`: pools of servers with weights, a balancer (the same ones RPC callers use, from
-//!   `keel-governance`), passive health (outlier ejection) and a pooled keep-alive client.
+//!   `keel-governance`, plus hashing by header or cookie and sticky sessions), active and
+//!   passive health, a bounded wait queue, and a pooled keep-alive client (HTTP/1.1 or h2c).
 //! - `auth`: per-route API keys and JWTs (HS256, RS256), forwarding chosen claims.
 //! - `filter`: per-route client address allow/deny lists and token-bucket rate limits.
-//! - `proxy`: forwarding, hop-by-hop header handling, `X-Forwarded-*`, retries of connect
-//!   failures for idempotent requests, JSON errors.
+//! - `proxy`: forwarding, hop-by-hop header handling, `X-Forwarded-*`, retries of requests
+//!   that got no answer when that is safe, WebSocket upgrades, JSON errors.
+//! - `cache`: per-route response cache with miss coalescing; `static_files`: files with
+//!   conditional and range requests.
+//! - `admin`: Prometheus metrics, routes and upstream states as JSON, and reload, on their own
+//!   port; `access`: the access log.
 //!
-//! HTTP/1.1 and HTTP/2 (h2c) downstream, detected per connection.
+//! HTTP/1.1 and HTTP/2 downstream (h2c, or TLS with ALPN). A [`Gateway`] can be reloaded with a
+//! new configuration while it serves: requests already routed finish on the old one, open
+//! client connections carry on with the new one, and pools whose settings did not change keep
+//! their connections, health and statistics.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod access;
+mod admin;
 mod auth;
+mod cache;
 pub mod config;
 mod filter;
+mod metrics;
 mod proxy;
 mod router;
+mod static_files;
+mod tls;
 mod upstream;
 
 pub use auth::{AuthConfig, JwtConfig};
 pub use config::{ConfigError, GatewayConfig};
 
-/// What every connection shares.
-#[derive(Debug)]
+/// One configuration, compiled: what a request is served with.
 struct Shared {
     config: GatewayConfig,
     router: router::Router,
     pools: Vec<Arc<upstream::Pool>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    access: Option<Arc<access::AccessLog>>,
 }
 
-/// A configured gateway. Cheap to clone.
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("router", &self.router)
+            .field("pools", &self.pools)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What lives as long as the gateway, across reloads.
+#[derive(Debug)]
+struct Inner {
+    current: ArcSwap<Shared>,
+    /// The file the configuration came from, re-read by [`Gateway::reload_file`].
+    path: Option<PathBuf>,
+    metrics: metrics::Metrics,
+    /// Serialises reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// A configured gateway. Cheap to clone; clones share state and reloads.
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
 }
 
 impl Gateway {
     /// Builds a gateway from a checked configuration.
     pub fn new(config: GatewayConfig) -> Result<Gateway, ConfigError> {
-        let names: Vec<&String> = config.upstreams.keys().collect();
-        let pools = config
-            .upstreams
-            .iter()
-            .map(|(name, up)| Arc::new(upstream::Pool::new(name, up)))
-            .collect();
-        let routes = config
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let upstream = names
-                    .iter()
-                    .position(|n| **n == r.upstream)
-                    .ok_or_else(|| {
-                        ConfigError::Invalid(format!("route {} names no upstream", i + 1))
-                    })?;
-                router::Route::compile(r, upstream)
-                    .map_err(|e| ConfigError::Invalid(format!("route {}: {e}", i + 1)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        Gateway::build(config, None)
+    }
+
+    /// Builds a gateway from a configuration file, which [`Gateway::reload_file`] re-reads.
+    pub fn from_file(path: impl Into<PathBuf>) -> Result<Gateway, ConfigError> {
+        let path = path.into();
+        let config = GatewayConfig::load(&path.to_string_lossy())?;
+        Gateway::build(config, Some(path))
+    }
+
+    fn build(config: GatewayConfig, path: Option<PathBuf>) -> Result<Gateway, ConfigError> {
+        let metrics = metrics::Metrics::default();
+        let shared = compile(config, None, &metrics)?;
         Ok(Gateway {
-            shared: Arc::new(Shared {
-                router: router::Router::new(routes),
-                pools,
-                config,
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(shared),
+                path,
+                metrics,
+                reloading: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> GatewayConfig {
+        self.inner.current.load().config.clone()
+    }
+
+    /// Applies a new configuration without dropping requests in flight or open connections.
+    /// An invalid one is refused with the reason and the old one keeps serving. The listen
+    /// address and the admin listener are fixed at start; changes to them are refused.
+    pub async fn reload(&self, config: GatewayConfig) -> Result<(), ConfigError> {
+        let _one_at_a_time = self.inner.reloading.lock().await;
+        let old = self.inner.current.load_full();
+        let result = if config.server.listen != old.config.server.listen
+            || config.admin != old.config.admin
+        {
+            Err(ConfigError::Invalid(
+                "server.listen and [admin] cannot change on reload; restart for that".into(),
+            ))
+        } else {
+            compile(config, Some(&old), &self.inner.metrics)
+        };
+        match result {
+            Ok(shared) => {
+                for pool in &shared.pools {
+                    upstream::start_checks(pool);
+                }
+                self.inner.current.store(Arc::new(shared));
+                self.inner.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.inner
+                    .metrics
+                    .reloads_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "reload refused; the old configuration stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-reads the file the gateway was built from (see [`Gateway::from_file`]) and applies
+    /// it as [`Gateway::reload`] does.
+    pub async fn reload_file(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.inner.path else {
+            return Err(ConfigError::Invalid(
+                "this gateway was not started from a file".into(),
+            ));
+        };
+        match GatewayConfig::load(&path.to_string_lossy()) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                self.inner
+                    .metrics
+                    .reloads_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Prometheus text of the gateway's metrics (what the admin port serves at `/metrics`).
+    pub fn render_metrics(&self) -> String {
+        self.inner.metrics.render(&self.inner.current.load())
+    }
+
+    /// Serves the admin API (see the `admin` module docs) on `listener` until `shutdown`.
+    pub async fn serve_admin(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        admin::serve(self, listener, shutdown).await
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then lets the requests
@@ -85,15 +194,9 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
-        let stop = tokio_util::sync::CancellationToken::new();
-        // Active health checks, one task per checked server, for as long as we serve.
-        let mut checks = tokio::task::JoinSet::new();
-        for pool in &self.shared.pools {
-            if pool.health.is_some() {
-                for index in 0..pool.servers.len() {
-                    checks.spawn(upstream::check_health(pool.clone(), index));
-                }
-            }
+        let stop = CancellationToken::new();
+        for pool in &self.inner.current.load().pools {
+            upstream::start_checks(pool);
         }
         tokio::pin!(shutdown);
         loop {
@@ -108,41 +211,160 @@ impl Gateway {
                     }
                 },
             };
+            let metrics = &self.inner.metrics;
+            metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            let shared = self.inner.current.load();
+            let open = metrics.connections_open.load(Ordering::Relaxed);
+            if open >= shared.config.server.max_connections as i64 {
+                metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
+            let tls = shared.tls.clone();
             let header_timeout = shared.config.server.header_timeout;
+            drop(shared);
+            let inner = self.inner.clone();
             let stop = stop.clone();
+            inner
+                .metrics
+                .connections_open
+                .fetch_add(1, Ordering::Relaxed);
             tracker.spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(proxy::handle(shared, req, peer).await)
-                    }
-                });
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout);
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                match tls {
+                    None => serve_connection(inner.clone(), stream, peer, false, stop).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                serve_connection(inner.clone(), stream, peer, true, stop).await;
+                            }
+                            Ok(Err(e)) => {
+                                inner
+                                    .metrics
+                                    .tls_handshake_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                inner
+                                    .metrics
+                                    .tls_handshake_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                    () = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
                 }
+                inner
+                    .metrics
+                    .connections_open
+                    .fetch_sub(1, Ordering::Relaxed);
             });
         }
-        checks.abort_all();
         stop.cancel();
         tracker.close();
         tracker.wait().await;
         Ok(())
     }
+}
+
+/// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends or `stop`
+/// asks it to wind down.
+async fn serve_connection<I>(
+    inner: Arc<Inner>,
+    io: I,
+    peer: std::net::SocketAddr,
+    tls: bool,
+    stop: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = inner.current.load().config.server.header_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        let inner = inner.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(inner, req, peer, tls).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Compiles `config`, keeping from `old` the pools whose settings are unchanged and the
+/// access log if it goes to the same place.
+fn compile(
+    config: GatewayConfig,
+    old: Option<&Shared>,
+    metrics: &metrics::Metrics,
+) -> Result<Shared, ConfigError> {
+    let names: Vec<&String> = config.upstreams.keys().collect();
+    let pools: Vec<Arc<upstream::Pool>> = config
+        .upstreams
+        .iter()
+        .map(|(name, up)| {
+            old.and_then(|o| {
+                o.pools
+                    .iter()
+                    .find(|p| &p.name == name && p.config == *up)
+                    .cloned()
+            })
+            .unwrap_or_else(|| Arc::new(upstream::Pool::new(name, up)))
+        })
+        .collect();
+    let routes = config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let upstream = r
+                .upstream
+                .as_ref()
+                .map(|u| {
+                    names.iter().position(|n| *n == u).ok_or_else(|| {
+                        ConfigError::Invalid(format!("route {} names no upstream", i + 1))
+                    })
+                })
+                .transpose()?;
+            let name = r.name.clone().unwrap_or_else(|| format!("route-{}", i + 1));
+            let route_metrics = metrics.route(&name);
+            router::Route::compile(r, name, upstream, route_metrics)
+                .map_err(|e| ConfigError::Invalid(format!("route {}: {e}", i + 1)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(tls::acceptor)
+        .transpose()
+        .map_err(ConfigError::Invalid)?;
+    let access = match &config.server.access_log {
+        None => None,
+        Some(target) => match old.and_then(|o| o.access.as_ref()) {
+            Some(log) if log.target == *target => Some(log.clone()),
+            _ => Some(Arc::new(access::AccessLog::open(target).map_err(|e| {
+                ConfigError::Invalid(format!("access_log {target:?}: {e}"))
+            })?)),
+        },
+    };
+    Ok(Shared {
+        router: router::Router::new(routes),
+        pools,
+        tls,
+        access,
+        config,
+    })
 }

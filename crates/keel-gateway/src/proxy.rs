@@ -1,14 +1,17 @@
-//! The proxy: route the request, pick a server, forward it over a pooled keep-alive
-//! connection, stream the answer back.
+//! The proxy: route the request, apply the route's filters, then serve it from a directory,
+//! the cache, or a server of the upstream pool over a pooled keep-alive connection, streaming
+//! the answer back.
 //!
 //! Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`, `Proxy-*`, `TE`,
-//! `Trailer`, `Transfer-Encoding`, `Upgrade`) are not forwarded in either direction;
+//! `Trailer`, `Transfer-Encoding`, `Upgrade`) are not forwarded in either direction, except
+//! `Upgrade` on a WebSocket handshake and `TE: trailers` to an HTTP/2 (gRPC) upstream;
 //! `X-Forwarded-For`, `-Proto` and `-Host` are added; the client's `Host` is kept.
 //!
 //! Errors are JSON `{"error": CODE, "detail": ...}`: 404 `no_route`, 502 `bad_gateway` (the
-//! server could not be reached or broke off), 503 `no_healthy_upstream`, 504
-//! `upstream_timeout`, 403 `forbidden` (address filter), 429 `rate_limited` (with
-//! `Retry-After`), 413 `body_too_large`, 414 `uri_too_long`, 401 `unauthenticated`.
+//! server could not be reached or broke off), 503 `no_healthy_upstream`, 503 `upstream_busy`
+//! (the pool's wait queue is full or the wait timed out), 504 `upstream_timeout`, 403
+//! `forbidden` (address filter), 429 `rate_limited` (with `Retry-After`), 413
+//! `body_too_large`, 414 `uri_too_long`, 401 `unauthenticated`.
 //!
 //! A request that got no answer from a server (connection refused, or lost before the
 //! response) is retried on another one when that is safe: an idempotent method and no body.
@@ -16,22 +19,34 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
 use keel_governance::endpoint::Outcome;
 use tokio::time::Instant;
 
-use crate::Shared;
-use crate::upstream::UpBody;
+use crate::router::Target;
+use crate::upstream::{Pool, QueueError, UpBody};
+use crate::{Inner, Shared, cache};
+
+/// The error type of bodies sent to clients.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body on its way to the client.
-pub(crate) type DownBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+pub(crate) type DownBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
-fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response<DownBody> {
+/// A JSON error answer.
+pub(crate) fn error(
+    status: StatusCode,
+    code: &str,
+    detail: impl Into<String>,
+) -> Response<DownBody> {
     let body = serde_json::json!({ "error": code, "detail": detail.into() }).to_string();
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *resp.status_mut() = status;
@@ -54,17 +69,31 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = std::iter::once(connection)
+            .chain(headers.get_all(header::CONNECTION).iter().skip(1))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// Whether a header holds `token` in its comma-separated list (case-insensitive).
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -74,22 +103,91 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Serves one request.
+/// What the access log and the metrics learn while a request is served.
+#[derive(Debug, Default)]
+struct Note {
+    route: Option<usize>,
+    /// (pool, server) that answered.
+    server: Option<(usize, usize)>,
+    cache: Option<&'static str>,
+}
+
+/// Serves one request, then counts it and logs it.
 pub(crate) async fn handle(
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    tls: bool,
 ) -> Response<DownBody> {
-    let host = req
-        .headers()
+    let started = Instant::now();
+    let shared = inner.current.load_full();
+    // Only what the access log needs is copied, and only when there is one.
+    let logged = shared.access.as_ref().map(|_| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            host_of(&req),
+            SystemTime::now(),
+        )
+    });
+    let mut note = Note::default();
+    let resp = serve(&shared, req, peer, tls, &mut note).await;
+    let elapsed = started.elapsed();
+    match note.route {
+        Some(i) => shared.router.routes()[i]
+            .metrics
+            .record(resp.status(), elapsed),
+        None => {
+            inner
+                .metrics
+                .unrouted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    if let (Some(access), Some((method, uri, host, at))) = (&shared.access, logged) {
+        let server = note
+            .server
+            .and_then(|(p, s)| shared.pools.get(p)?.servers.get(s).cloned());
+        access.write(&crate::access::Entry {
+            ts_ms: at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            client: peer.ip().to_string(),
+            method: method.as_str(),
+            host: host.as_deref(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()),
+            status: resp.status().as_u16(),
+            duration_us: elapsed.as_micros() as u64,
+            route: note.route.map(|i| shared.router.routes()[i].name.as_str()),
+            upstream_server: server.as_ref().map(|s| s.address.as_str()),
+            cache: note.cache,
+        });
+    }
+    resp
+}
+
+/// The request's host without port: `Host`, or the authority of an HTTP/2 request.
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
-        .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_owned());
+        .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_owned())
+}
+
+async fn serve(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+    note: &mut Note,
+) -> Response<DownBody> {
+    let host = host_of(&req);
     let path = req.uri().path().to_owned();
-    let Some(route) = shared
-        .router
-        .find(req.method(), host.as_deref(), &path, req.headers())
+    let Some((route_index, route)) =
+        shared
+            .router
+            .find(req.method(), host.as_deref(), &path, req.headers())
     else {
         return error(
             StatusCode::NOT_FOUND,
@@ -97,6 +195,7 @@ pub(crate) async fn handle(
             format!("no route for {} {path}", req.method()),
         );
     };
+    note.route = Some(route_index);
     if !route.addresses.admits(peer.ip()) {
         return error(
             StatusCode::FORBIDDEN,
@@ -145,23 +244,53 @@ pub(crate) async fn handle(
             ),
         );
     }
-    let pool = &shared.pools[route.upstream];
-    let target = route.rewrite(&path, req.uri().query());
-    let timeout = route.timeout.unwrap_or(pool.response_timeout);
-
-    let (mut parts, body) = req.into_parts();
     if let Some(auth) = &route.auth
-        && let Err(why) = auth.check(&mut parts.headers)
+        && let Err(why) = auth.check(req.headers_mut())
     {
         let mut resp = error(StatusCode::UNAUTHORIZED, "unauthenticated", why);
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return resp;
     }
+    let pool_index = match &route.target {
+        Target::Static(dir) => {
+            let file = route.rewrite(&path, None);
+            return dir.serve(req.method(), &file, req.headers()).await;
+        }
+        Target::Upstream(i) => *i,
+    };
+    let pool = &shared.pools[pool_index];
+    let target = route.rewrite(&path, req.uri().query());
+
+    let on_upgrade = (req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && has_token(req.headers(), &header::CONNECTION, "upgrade"))
+    .then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade = on_upgrade
+        .as_ref()
+        .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
+    let te_trailers = pool.h2 && has_token(&parts.headers, &header::TE, "trailers");
     strip_hop_by_hop(&mut parts.headers);
-    // The upstream leg is HTTP/1.1 whatever the client spoke; an HTTP/2 request carries its
-    // host in the :authority pseudo-header, which becomes Host.
-    parts.version = http::Version::HTTP_11;
+    if let Some(protocol) = upgrade {
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // The upstream leg speaks the pool's protocol whatever the client spoke; an HTTP/2
+    // request carries its host in the :authority pseudo-header, which becomes Host.
+    let client_version = parts.version;
+    parts.version = if pool.h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
@@ -179,103 +308,262 @@ pub(crate) async fn handle(
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         parts.headers.insert("x-forwarded-for", v);
     }
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    parts.headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
     if let Some(h) = &host
         && let Ok(v) = HeaderValue::from_str(h)
     {
         parts.headers.insert("x-forwarded-host", v);
     }
-    // Only a bodiless idempotent request can be sent again after a failed attempt.
-    let replayable = is_idempotent(&parts.method) && body.is_end_stream();
-    let mut body = Some(body.boxed());
-    let mut tried: Vec<usize> = Vec::new();
-    let mut last_error = String::new();
-    for _ in 0..pool.max_attempts {
-        let Some(index) = pool.pick(Some(peer.ip()), &tried) else {
-            break;
-        };
-        let server = &pool.servers[index];
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(server.authority.clone())
-            .path_and_query(target.as_str())
-            .build()
-        {
-            Ok(uri) => uri,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!("cannot forward path {target:?}: {e}"),
-                );
-            }
-        };
-        let mut up = Request::from_parts(parts.clone(), ());
-        *up.uri_mut() = uri;
-        let up_body: UpBody = match body.take() {
-            Some(b) => b,
-            None => Empty::new().map_err(|e| match e {}).boxed(),
-        };
-        let up = up.map(|()| up_body);
-        server.stats.start();
-        let started = Instant::now();
-        let result = tokio::time::timeout(timeout, pool.client.request(up)).await;
-        let (outcome, answer) = match result {
-            Ok(Ok(resp)) => {
-                let outcome = if resp.status().is_server_error() {
-                    Outcome::Failure
-                } else {
-                    Outcome::Success
-                };
-                (outcome, Ok(resp))
-            }
-            // No answer at all (refused, or the connection lost before the response): an
-            // idempotent request without a body can go to another server.
-            Ok(Err(e)) => (
-                Outcome::Failure,
-                Err((true, format!("{}: {e}", server.address))),
-            ),
-            Err(_) => (
-                Outcome::Failure,
-                Err((
-                    false,
-                    format!("{} did not answer within {timeout:?}", server.address),
-                )),
-            ),
-        };
-        let may_eject = outcome == Outcome::Failure && pool.may_eject();
-        if server
-            .stats
-            .finish(outcome, started.elapsed(), &pool.outlier, may_eject)
-        {
-            tracing::warn!(upstream = %pool.name, server = %server.address, "server ejected after failures");
-        }
-        match answer {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                return Response::from_parts(parts, body.boxed());
-            }
-            Err((true, detail)) if replayable => {
-                tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
-                tried.push(index);
-                last_error = detail;
-            }
-            Err((_, detail)) if detail.contains("did not answer") => {
-                return error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
-            }
-            Err((_, detail)) => return error(StatusCode::BAD_GATEWAY, "bad_gateway", detail),
-        }
-    }
-    if tried.is_empty() {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_healthy_upstream",
-            format!("no healthy server in upstream {:?}", pool.name),
-        )
+    let timeout = route.timeout.unwrap_or(pool.response_timeout);
+    let up = Upstream {
+        pool,
+        pool_index,
+        timeout,
+        target: &target,
+        peer,
+    };
+
+    let Some(cache) = route
+        .cache
+        .as_ref()
+        .filter(|_| on_upgrade.is_none() && matches!(parts.method, Method::GET | Method::HEAD))
+    else {
+        let resp = up.forward(parts, body, on_upgrade, note).await;
+        return downgrade_version(resp, client_version);
+    };
+    let head = parts.method == Method::HEAD;
+    let mut resp = if cache::bypass(&parts.headers) {
+        note.cache = Some("BYPASS");
+        let mut resp = up.forward(parts, body, None, note).await;
+        cache::mark(&mut resp, "BYPASS");
+        resp
     } else {
-        error(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
+        let key = format!("{}{target}", host.as_deref().unwrap_or(""));
+        if let Some(hit) = cache.get(&key) {
+            note.cache = Some("HIT");
+            return hit.respond(head);
+        }
+        note.cache = Some("MISS");
+        if head {
+            up.forward(parts, body, None, note).await
+        } else {
+            match cache.miss(&key) {
+                cache::Miss::Lead(guard) => {
+                    let resp = up.forward(parts, body, None, note).await;
+                    cache.offer(&guard, resp).await
+                }
+                cache::Miss::Follow(mut fetching) => {
+                    let _ = tokio::time::timeout(timeout, fetching.changed()).await;
+                    if let Some(hit) = cache.get(&key) {
+                        note.cache = Some("HIT");
+                        return hit.respond(head);
+                    }
+                    up.forward(parts, body, None, note).await
+                }
+            }
+        }
+    };
+    if !resp.headers().contains_key("x-cache") {
+        cache::mark(&mut resp, "MISS");
     }
+    downgrade_version(resp, client_version)
+}
+
+/// The answer goes back in the client's HTTP version, whatever the upstream spoke.
+fn downgrade_version(mut resp: Response<DownBody>, version: http::Version) -> Response<DownBody> {
+    *resp.version_mut() = version;
+    resp
+}
+
+/// One request's way to the servers of a pool.
+struct Upstream<'a> {
+    pool: &'a Pool,
+    pool_index: usize,
+    timeout: Duration,
+    target: &'a str,
+    peer: SocketAddr,
+}
+
+impl Upstream<'_> {
+    /// Waits for a slot in the pool's queue (if it has one), then sends the request to a
+    /// server, and on no answer to others while that is safe.
+    async fn forward(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        note: &mut Note,
+    ) -> Response<DownBody> {
+        let pool = self.pool;
+        let _slot = match &pool.queue {
+            None => None,
+            Some(queue) => match queue.enter().await {
+                Ok(permit) => Some(permit),
+                Err(QueueError::Full(size)) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream_busy",
+                        format!(
+                            "upstream {:?} is at capacity and {size} requests already wait",
+                            pool.name
+                        ),
+                    );
+                }
+                Err(QueueError::TimedOut(wait)) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream_busy",
+                        format!("upstream {:?} had no free slot within {wait:?}", pool.name),
+                    );
+                }
+            },
+        };
+        // Only a bodiless idempotent request can be sent again after a failed attempt.
+        let replayable = is_idempotent(&parts.method) && body.is_end_stream();
+        let mut body = Some(body.boxed());
+        let mut on_upgrade = on_upgrade;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error = String::new();
+        for _ in 0..pool.max_attempts {
+            let Some(index) = pool.pick(self.peer.ip(), &parts.headers, &tried) else {
+                break;
+            };
+            let server = &pool.servers[index];
+            let uri = match Uri::builder()
+                .scheme("http")
+                .authority(server.authority.clone())
+                .path_and_query(self.target)
+                .build()
+            {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        format!("cannot forward path {:?}: {e}", self.target),
+                    );
+                }
+            };
+            let mut up = Request::from_parts(parts.clone(), ());
+            *up.uri_mut() = uri;
+            let up_body: UpBody = match body.take() {
+                Some(b) => b,
+                None => Empty::new().map_err(|e| match e {}).boxed(),
+            };
+            let up = up.map(|()| up_body);
+            note.server = Some((self.pool_index, index));
+            server
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            server.stats.start();
+            let started = Instant::now();
+            let result = tokio::time::timeout(self.timeout, pool.client.request(up)).await;
+            let (outcome, answer) = match result {
+                Ok(Ok(resp)) => {
+                    let outcome = if resp.status().is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    (outcome, Ok(resp))
+                }
+                // No answer at all (refused, or the connection lost before the response):
+                // an idempotent request without a body can go to another server.
+                Ok(Err(e)) => (
+                    Outcome::Failure,
+                    Err((true, format!("{}: {e}", server.address))),
+                ),
+                Err(_) => (
+                    Outcome::Failure,
+                    Err((
+                        false,
+                        format!(
+                            "{} did not answer within {:?}",
+                            server.address, self.timeout
+                        ),
+                    )),
+                ),
+            };
+            if outcome == Outcome::Failure {
+                server
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let may_eject = outcome == Outcome::Failure && pool.may_eject();
+            if server
+                .stats
+                .finish(outcome, started.elapsed(), &pool.outlier, may_eject)
+            {
+                tracing::warn!(upstream = %pool.name, server = %server.address, "server ejected after failures");
+            }
+            match answer {
+                Ok(mut resp) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client) = on_upgrade.take()
+                    {
+                        tunnel(client, hyper::upgrade::on(&mut resp));
+                        let (parts, _) = resp.into_parts();
+                        return Response::from_parts(parts, empty());
+                    }
+                    let (mut parts_out, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts_out.headers);
+                    if let Some(name) = &pool.sticky_cookie
+                        && crate::upstream::cookie(&parts.headers, name)
+                            != Some(server.sticky_id.as_str())
+                        && let Ok(v) = HeaderValue::from_str(&format!(
+                            "{name}={}; Path=/; HttpOnly",
+                            server.sticky_id
+                        ))
+                    {
+                        parts_out.headers.append(header::SET_COOKIE, v);
+                    }
+                    return Response::from_parts(parts_out, body.map_err(BoxError::from).boxed());
+                }
+                Err((true, detail)) if replayable => {
+                    tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
+                    tried.push(index);
+                    last_error = detail;
+                }
+                Err((false, detail)) => {
+                    return error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
+                }
+                Err((true, detail)) => {
+                    return error(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
+                }
+            }
+        }
+        if tried.is_empty() {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_upstream",
+                format!("no healthy server in upstream {:?}", pool.name),
+            )
+        } else {
+            error(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
+        }
+    }
+}
+
+fn empty() -> DownBody {
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed()
+}
+
+/// Joins the client's and the server's upgraded connections and copies bytes both ways until
+/// either side closes.
+fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, server) {
+            Ok((client, server)) => {
+                let mut client = TokioIo::new(client);
+                let mut server = TokioIo::new(server);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
 }

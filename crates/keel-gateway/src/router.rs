@@ -1,22 +1,35 @@
 //! Routing: the first route whose host, path, method and headers all match serves a request;
 //! its path is then rewritten (prefix stripped and/or added) for the upstream.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::config::RouteConfig;
 
+/// Where a route sends its requests.
+#[derive(Debug)]
+pub(crate) enum Target {
+    /// The upstream pool with this index.
+    Upstream(usize),
+    /// Files under a directory.
+    Static(crate::static_files::StaticDir),
+}
+
 /// A route, compiled.
 #[derive(Debug)]
 pub(crate) struct Route {
+    /// Its name in metrics and logs.
+    pub(crate) name: String,
+    pub(crate) target: Target,
+    pub(crate) cache: Option<Arc<crate::cache::Cache>>,
+    pub(crate) metrics: Arc<crate::metrics::RouteMetrics>,
     host: Option<String>,
     path: Option<String>,
     prefix: Option<String>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, HeaderValue)>,
-    /// Index of the upstream pool.
-    pub(crate) upstream: usize,
     strip: Option<String>,
     add: Option<String>,
     pub(crate) timeout: Option<Duration>,
@@ -32,9 +45,20 @@ pub(crate) struct Router {
 }
 
 impl Route {
-    /// Compiles a route; `upstream` is its pool's index. Names and values were validated
-    /// with the configuration; a header that still does not parse is an error here.
-    pub(crate) fn compile(config: &RouteConfig, upstream: usize) -> Result<Route, String> {
+    /// Compiles a route named `name` (counting into `metrics`); `upstream` is its pool's index
+    /// if it proxies. Names and values were validated with the configuration; a header that
+    /// still does not parse is an error here.
+    pub(crate) fn compile(
+        config: &RouteConfig,
+        name: String,
+        upstream: Option<usize>,
+        metrics: Arc<crate::metrics::RouteMetrics>,
+    ) -> Result<Route, String> {
+        let target = match (upstream, &config.static_dir) {
+            (Some(i), _) => Target::Upstream(i),
+            (None, Some(dir)) => Target::Static(crate::static_files::StaticDir::new(dir)?),
+            (None, None) => return Err("no upstream and no static_dir".into()),
+        };
         let headers = config
             .headers
             .iter()
@@ -47,6 +71,13 @@ impl Route {
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Route {
+            name,
+            target,
+            cache: config
+                .cache
+                .as_ref()
+                .map(|c| Arc::new(crate::cache::Cache::new(c))),
+            metrics,
             host: config.host.as_ref().map(|h| h.to_ascii_lowercase()),
             path: config.path.clone(),
             prefix: config.path_prefix.clone(),
@@ -56,7 +87,6 @@ impl Route {
                 .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
                 .collect(),
             headers,
-            upstream,
             strip: config.strip_prefix.clone(),
             add: config.add_prefix.clone(),
             timeout: config.timeout,
@@ -98,6 +128,31 @@ impl Route {
             .all(|(name, value)| headers.get(name) == Some(value))
     }
 
+    /// What the admin API shows of it.
+    pub(crate) fn describe(&self, pools: &[Arc<crate::upstream::Pool>]) -> serde_json::Value {
+        let (upstream, static_dir) = match &self.target {
+            Target::Upstream(i) => (pools.get(*i).map(|p| p.name.clone()), None),
+            Target::Static(dir) => (None, Some(dir.root().display().to_string())),
+        };
+        serde_json::json!({
+            "name": self.name,
+            "host": self.host,
+            "path": self.path,
+            "path_prefix": self.prefix,
+            "methods": self.methods.iter().map(Method::as_str).collect::<Vec<_>>(),
+            "headers": self.headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap_or(""))).collect::<std::collections::BTreeMap<_, _>>(),
+            "upstream": upstream,
+            "static_dir": static_dir,
+            "strip_prefix": self.strip,
+            "add_prefix": self.add,
+            "timeout_ms": self.timeout.map(|t| t.as_millis() as u64),
+            "rate_limited": self.rate_limit.is_some(),
+            "auth": self.auth.is_some(),
+            "cache": self.cache.is_some(),
+            "requests": self.metrics.total(),
+        })
+    }
+
     /// The path (and query) to send upstream.
     pub(crate) fn rewrite(&self, path: &str, query: Option<&str>) -> String {
         let mut rest = path;
@@ -127,17 +182,23 @@ impl Router {
         Router { routes }
     }
 
-    /// The route for a request, if any.
+    /// The routes in order.
+    pub(crate) fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The route for a request, if any, with its index.
     pub(crate) fn find(
         &self,
         method: &Method,
         host: Option<&str>,
         path: &str,
         headers: &HeaderMap,
-    ) -> Option<&Route> {
+    ) -> Option<(usize, &Route)> {
         self.routes
             .iter()
-            .find(|r| r.matches(method, host, path, headers))
+            .enumerate()
+            .find(|(_, r)| r.matches(method, host, path, headers))
     }
 }
 
@@ -147,7 +208,7 @@ mod tests {
 
     fn route(toml_text: &str) -> Route {
         let config: RouteConfig = toml::from_str(toml_text).unwrap();
-        Route::compile(&config, 0).unwrap()
+        Route::compile(&config, "r".into(), Some(0), Default::default()).unwrap()
     }
 
     #[test]

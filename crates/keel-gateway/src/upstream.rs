@@ -1,10 +1,14 @@
 //! Upstream pools: servers with weights, a balancer, per-server statistics for passive health
-//! (outlier ejection), and a pooled keep-alive HTTP client per pool.
+//! (outlier ejection), active health checks, sticky sessions, a bounded wait queue in front of
+//! the servers, and a pooled keep-alive HTTP client per pool (HTTP/1.1, or HTTP/2 for h2c).
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use http::{HeaderMap, HeaderName};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
@@ -30,6 +34,114 @@ pub(crate) struct Server {
     pub(crate) stats: EndpointStats,
     /// The active health check's verdict (always true without checks).
     pub(crate) healthy: AtomicBool,
+    /// Requests sent to it, and those that failed (no answer, or a 5xx).
+    pub(crate) requests: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    /// The opaque id a sticky-session cookie carries.
+    pub(crate) sticky_id: String,
+}
+
+impl Server {
+    /// Whether it may take traffic: healthy and not ejected.
+    pub(crate) fn is_up(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.stats.is_ejected()
+    }
+}
+
+/// What consistent hashing hashes.
+#[derive(Debug)]
+enum HashKey {
+    Ip,
+    Header(HeaderName),
+    Cookie(String),
+}
+
+/// The value of cookie `name` in a request, if sent.
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// Why a request could not get a slot.
+#[derive(Debug)]
+pub(crate) enum QueueError {
+    Full(usize),
+    TimedOut(Duration),
+}
+
+/// At most `max_inflight` requests at once; up to `size` more wait, each for at most
+/// `timeout`.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    slots: Arc<Semaphore>,
+    pub(crate) max_inflight: usize,
+    waiting: AtomicUsize,
+    size: usize,
+    timeout: Duration,
+    rejected: AtomicU64,
+}
+
+/// Counts a waiter for as long as it waits (also when its request is abandoned).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Queue {
+    fn new(max_inflight: usize, size: usize, timeout: Duration) -> Queue {
+        Queue {
+            slots: Arc::new(Semaphore::new(max_inflight)),
+            max_inflight,
+            waiting: AtomicUsize::new(0),
+            size,
+            timeout,
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// A slot, at once or after a bounded wait.
+    pub(crate) async fn enter(&self) -> Result<OwnedSemaphorePermit, QueueError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.size {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(QueueError::Full(self.size));
+        }
+        let _waiting = Waiting(&self.waiting);
+        match tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                Err(QueueError::TimedOut(self.timeout))
+            }
+        }
+    }
+
+    /// Requests waiting now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests turned away (queue full or wait too long) so far.
+    pub(crate) fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Requests holding a slot now.
+    pub(crate) fn inflight(&self) -> usize {
+        self.max_inflight - self.slots.available_permits()
+    }
 }
 
 /// A named pool.
@@ -38,6 +150,16 @@ pub(crate) struct Pool {
     pub(crate) name: String,
     pub(crate) servers: Vec<Arc<Server>>,
     balancer: Box<dyn Balancer>,
+    pub(crate) balancer_name: String,
+    hash_key: HashKey,
+    pub(crate) sticky_cookie: Option<String>,
+    /// Whether the servers speak HTTP/2 (h2c).
+    pub(crate) h2: bool,
+    pub(crate) queue: Option<Queue>,
+    /// The configuration it was built from, to keep the pool (and its connections and
+    /// statistics) across a reload that does not change it.
+    pub(crate) config: UpstreamConfig,
+    checks_started: AtomicBool,
     pub(crate) client: Client<HttpConnector, UpBody>,
     pub(crate) response_timeout: Duration,
     pub(crate) max_attempts: u32,
@@ -50,9 +172,11 @@ impl Pool {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        let h2 = config.protocol == "h2c";
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
+            .http2_only(h2)
             .build(connector);
         Pool {
             name: name.to_owned(),
@@ -69,11 +193,29 @@ impl Pool {
                         weight: s.weight,
                         stats: EndpointStats::default(),
                         healthy: AtomicBool::new(true),
+                        requests: AtomicU64::new(0),
+                        failures: AtomicU64::new(0),
+                        sticky_id: format!("{:016x}", balance::hash_key(s.address.as_bytes())),
                     })
                 })
                 .collect(),
             balancer: balance::by_name(&config.balancer)
                 .unwrap_or_else(|| Box::new(balance::RoundRobin::default())),
+            balancer_name: config.balancer.clone(),
+            hash_key: match config.hash_key.as_deref() {
+                Some(k) if k.starts_with("header:") => {
+                    HeaderName::from_bytes(&k.as_bytes()[7..]).map_or(HashKey::Ip, HashKey::Header)
+                }
+                Some(k) if k.starts_with("cookie:") => HashKey::Cookie(k[7..].to_owned()),
+                _ => HashKey::Ip,
+            },
+            sticky_cookie: config.sticky_cookie.clone(),
+            h2,
+            queue: config
+                .max_inflight
+                .map(|n| Queue::new(n, config.queue_size, config.queue_timeout)),
+            config: config.clone(),
+            checks_started: AtomicBool::new(false),
             client,
             response_timeout: config.response_timeout,
             max_attempts: config.max_attempts.max(1),
@@ -82,8 +224,23 @@ impl Pool {
         }
     }
 
-    /// Picks a server, not one of `exclude`; the client address keys consistent hashing.
-    pub(crate) fn pick(&self, client: Option<IpAddr>, exclude: &[usize]) -> Option<usize> {
+    /// Picks a server, not one of `exclude`: the one a sticky cookie names if it is up, else
+    /// the balancer's choice (consistent hashing keyed by the client address, a header or a
+    /// cookie).
+    pub(crate) fn pick(
+        &self,
+        client: IpAddr,
+        headers: &HeaderMap,
+        exclude: &[usize],
+    ) -> Option<usize> {
+        if let Some(name) = &self.sticky_cookie
+            && let Some(id) = cookie(headers, name)
+            && let Some(i) = self.servers.iter().position(|s| s.sticky_id == id)
+            && !exclude.contains(&i)
+            && self.servers[i].is_up()
+        {
+            return Some(i);
+        }
         let now = Instant::now();
         let views: Vec<EndpointView<'_>> = self
             .servers
@@ -99,11 +256,16 @@ impl Pool {
                 latency_us: s.stats.latency_us(),
             })
             .collect();
-        let key = client.map(|ip| match ip {
+        let named = match &self.hash_key {
+            HashKey::Ip => None,
+            HashKey::Header(h) => headers.get(h).map(|v| balance::hash_key(v.as_bytes())),
+            HashKey::Cookie(c) => cookie(headers, c).map(|v| balance::hash_key(v.as_bytes())),
+        };
+        let key = named.unwrap_or_else(|| match client {
             IpAddr::V4(v4) => balance::hash_key(&v4.octets()),
             IpAddr::V6(v6) => balance::hash_key(&v6.octets()),
         });
-        self.balancer.pick(&views, key)
+        self.balancer.pick(&views, Some(key))
     }
 
     /// Whether one more server may be ejected (at most half of the pool at once).
@@ -114,18 +276,32 @@ impl Pool {
     }
 }
 
-/// Probes one server for ever (until the task is dropped), flipping its health flag after
-/// `rise` good or `fall` bad probes in a row.
-pub(crate) async fn check_health(pool: Arc<Pool>, index: usize) {
-    let Some(config) = pool.health.clone() else {
+/// Starts the active health checks of `pool` (once; later calls do nothing). Each runs until
+/// the pool is dropped, e.g. replaced by a reload.
+pub(crate) fn start_checks(pool: &Arc<Pool>) {
+    if pool.health.is_none() || pool.checks_started.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    for index in 0..pool.servers.len() {
+        tokio::spawn(check_health(Arc::downgrade(pool), index));
+    }
+}
+
+/// Probes one server while its pool lives, flipping its health flag after `rise` good or
+/// `fall` bad probes in a row.
+async fn check_health(pool: Weak<Pool>, index: usize) {
+    let Some(config) = pool.upgrade().and_then(|p| p.health.clone()) else {
         return;
     };
-    let server = pool.servers[index].clone();
     let (mut good, mut bad) = (0u32, 0u32);
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let server = pool.servers[index].clone();
         let uri = format!("http://{}{}", server.address, config.path);
         let request = http::Request::get(uri)
             .header(http::header::USER_AGENT, "keel-gateway-health")

@@ -1,148 +1,18 @@
 //! The gateway in front of real upstream HTTP servers on loopback.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+mod common;
+
+use common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use keel_gateway::{Gateway, GatewayConfig};
-use tokio::net::TcpListener;
-
-/// An upstream that answers with JSON describing what it received; `/slow` takes 2 s.
-async fn upstream(name: &'static str) -> SocketAddr {
-    upstream_with_health(name, Arc::new(AtomicBool::new(false))).await
-}
-
-/// The same, with `/health` answering 500 while `sick` is set.
-async fn upstream_with_health(name: &'static str, sick: Arc<AtomicBool>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let sick = sick.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let sick = sick.clone();
-                    async move {
-                        if req.uri().path() == "/health" && sick.load(Ordering::SeqCst) {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"sick")));
-                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                            return Ok::<_, Infallible>(r);
-                        }
-                        if req.uri().path() == "/slow" {
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                        }
-                        if req.uri().path() == "/fail" {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"boom")));
-                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                            return Ok::<_, Infallible>(r);
-                        }
-                        let header = |n: &str| {
-                            req.headers()
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned()
-                        };
-                        let body = serde_json::json!({
-                            "server": name,
-                            "method": req.method().as_str(),
-                            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
-                            "host": header("host"),
-                            "xff": header("x-forwarded-for"),
-                            "connection": header("connection"),
-                            "x_hop": header("x-hop"),
-                            "x_user_id": header("x-user-id"),
-                            "body": String::from_utf8_lossy(&req.into_body().collect().await.unwrap().to_bytes()),
-                        });
-                        let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-                        r.headers_mut()
-                            .insert("keep-alive", "timeout=5".parse().unwrap());
-                        Ok::<_, Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// A gateway sending everything to one upstream server.
-async fn one_upstream(server: SocketAddr) -> SocketAddr {
-    gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await
-}
-
-/// A port with nothing listening.
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-async fn gateway(config: &str) -> SocketAddr {
-    let config = GatewayConfig::parse(config).unwrap();
-    let gateway = Gateway::new(config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(gateway.serve(listener, std::future::pending::<()>()));
-    addr
-}
-
-struct Answer {
-    status: StatusCode,
-    json: serde_json::Value,
-    headers: http::HeaderMap,
-}
-
-async fn send(
-    gw: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Answer {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{gw}{path}"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = client
-        .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Answer {
-        status,
-        json,
-        headers,
-    }
-}
 
 #[tokio::test]
 async fn routes_by_host_path_method_and_header_and_rewrites_prefixes() {
@@ -639,16 +509,6 @@ forward_claims = {{ sub = "x-user-id" }}
             .status,
         StatusCode::UNAUTHORIZED
     );
-}
-
-/// Sends raw bytes and returns what comes back before the connection closes (or 5 s pass).
-async fn raw(gw: SocketAddr, bytes: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 //! - [`SmoothWeighted`]: nginx's smooth weighted round robin: weights honoured exactly over a
 //!   cycle, with picks of one endpoint spread out rather than bunched.
 //! - [`Random`]: weighted random.
+//! - [`LeastConnections`]: the fewest calls in flight relative to weight, ties taken in turn.
 //! - [`P2c`]: power of two choices over `(in-flight + 1) × peak-EWMA latency`, as Finagle and
 //!   linkerd do: two random candidates, the less loaded wins.
 //! - [`ConsistentHash`]: a ring with virtual nodes proportional to weight; a call's key maps
@@ -46,6 +47,7 @@ pub const NAMES: &[&str] = &[
     "weighted",
     "random",
     "p2c",
+    "least_conn",
     "consistent_hash",
 ];
 
@@ -55,6 +57,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn Balancer>> {
         "round_robin" | "rr" => Box::new(RoundRobin::default()),
         "weighted" | "swrr" | "weighted_round_robin" => Box::new(SmoothWeighted::default()),
         "random" => Box::new(Random),
+        "least_conn" | "least_connections" => Box::new(LeastConnections::default()),
         "p2c" | "least_loaded" => Box::new(P2c),
         "consistent_hash" | "chash" => Box::new(ConsistentHash::default()),
         _ => return None,
@@ -77,6 +80,44 @@ impl Balancer for RoundRobin {
         (0..n)
             .map(|k| (start + k) % n)
             .find(|&i| endpoints[i].available)
+    }
+}
+
+/// The available endpoint with the fewest calls in flight per unit of weight (nginx's
+/// `least_conn`); among equals, each in turn, so an idle pool still spreads its calls.
+#[derive(Debug, Default)]
+pub struct LeastConnections {
+    next: AtomicUsize,
+}
+
+impl Balancer for LeastConnections {
+    fn pick(&self, endpoints: &[EndpointView<'_>], _key: Option<u64>) -> Option<usize> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let e = &endpoints[i];
+            if !e.available {
+                continue;
+            }
+            // Compare inflight_a / weight_a with inflight_b / weight_b without division.
+            let better = match best {
+                None => true,
+                Some(j) => {
+                    let o = &endpoints[j];
+                    (e.inflight as u128) * u128::from(o.weight.max(1))
+                        < (o.inflight as u128) * u128::from(e.weight.max(1))
+                }
+            };
+            if better {
+                best = Some(i);
+            }
+        }
+        best
     }
 }
 
@@ -291,6 +332,23 @@ mod tests {
             c[b.pick(eps, None).unwrap()] += 1;
         }
         c
+    }
+
+    #[test]
+    fn least_connections_prefers_the_least_loaded_per_weight() {
+        let v = views(&[100, 100, 200]);
+        let mut eps = as_views(&v);
+        eps[0].inflight = 3;
+        eps[1].inflight = 1;
+        eps[2].inflight = 3; // 1.5 per 100 of weight: more loaded than [1]
+        let b = LeastConnections::default();
+        assert_eq!(b.pick(&eps, None), Some(1));
+        eps[1].available = false;
+        assert_eq!(b.pick(&eps, None), Some(2));
+        // All idle: every endpoint gets its turn.
+        let eps = as_views(&v);
+        let c = counts(&b, &eps, 300);
+        assert_eq!(c, vec![100, 100, 100]);
     }
 
     #[test]

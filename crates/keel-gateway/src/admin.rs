@@ -1,0 +1,195 @@
+//! The admin port: Prometheus metrics and a JSON API.
+//!
+//! - `GET /metrics`: Prometheus text (no token needed, for scrapers).
+//! - `GET /admin/routes`: the routes in order, with their request counts.
+//! - `GET /admin/upstreams`: every pool and server: health, ejection, requests in flight,
+//!   latency estimate, queue depth.
+//! - `POST /admin/reload`: with an empty body, re-reads the configuration file; with a body,
+//!   applies it as the new configuration (TOML). 200 `{"reloaded": true}`, or 400
+//!   `{"error": "invalid_config", "detail": ...}` and the old configuration keeps serving.
+//!
+//! With `[admin] token` set, everything but `/metrics` needs `Authorization: Bearer <token>`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::{Gateway, GatewayConfig};
+
+type AdminBody = Full<Bytes>;
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<AdminBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn fail(status: StatusCode, code: &str, detail: impl std::fmt::Display) -> Response<AdminBody> {
+    json(
+        status,
+        &serde_json::json!({ "error": code, "detail": detail.to_string() }),
+    )
+}
+
+pub(crate) async fn serve(
+    gateway: Gateway,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let gateway = gateway.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&gateway, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody> {
+    let shared = gateway.inner.current.load_full();
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        let mut resp = Response::new(Full::new(Bytes::from(gateway.render_metrics())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return resp;
+    }
+    if let Some(token) = shared.config.admin.as_ref().and_then(|a| a.token.as_ref()) {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(token.as_str()) {
+            return fail(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "the admin API needs Authorization: Bearer <admin token>",
+            );
+        }
+    }
+    match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/admin/routes") => {
+            let routes: Vec<serde_json::Value> = shared
+                .router
+                .routes()
+                .iter()
+                .map(|r| r.describe(&shared.pools))
+                .collect();
+            json(StatusCode::OK, &serde_json::Value::from(routes))
+        }
+        (Method::GET, "/admin/upstreams") => {
+            let mut out = serde_json::Map::new();
+            for pool in &shared.pools {
+                let servers: Vec<serde_json::Value> = pool
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "address": s.address,
+                            "weight": s.weight,
+                            "healthy": s.healthy.load(Ordering::Relaxed),
+                            "ejected": s.stats.is_ejected(),
+                            "up": s.is_up(),
+                            "inflight": s.stats.inflight(),
+                            "latency_us": s.stats.latency_us(),
+                            "requests": s.requests.load(Ordering::Relaxed),
+                            "failures": s.failures.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                let queue = pool.queue.as_ref().map(|q| {
+                    serde_json::json!({
+                        "max_inflight": q.max_inflight,
+                        "inflight": q.inflight(),
+                        "waiting": q.waiting(),
+                        "rejected": q.rejected(),
+                    })
+                });
+                out.insert(
+                    pool.name.clone(),
+                    serde_json::json!({
+                        "balancer": pool.balancer_name,
+                        "protocol": if pool.h2 { "h2c" } else { "http1" },
+                        "health_checks": pool.health.is_some(),
+                        "queue": queue,
+                        "servers": servers,
+                    }),
+                );
+            }
+            json(StatusCode::OK, &serde_json::Value::Object(out))
+        }
+        (Method::POST, "/admin/reload") => {
+            let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return fail(StatusCode::BAD_REQUEST, "invalid_request", e),
+            };
+            let result = if body.iter().all(u8::is_ascii_whitespace) {
+                gateway.reload_file().await
+            } else {
+                match std::str::from_utf8(&body)
+                    .map_err(|_| crate::ConfigError::Parse("the body is not UTF-8".into()))
+                    .and_then(GatewayConfig::parse)
+                {
+                    Ok(config) => gateway.reload(config).await,
+                    Err(e) => {
+                        gateway
+                            .inner
+                            .metrics
+                            .reloads_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        Err(e)
+                    }
+                }
+            };
+            match result {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({ "reloaded": true })),
+                Err(e) => fail(StatusCode::BAD_REQUEST, "invalid_config", e),
+            }
+        }
+        (_, "/admin/routes" | "/admin/upstreams" | "/admin/reload") => fail(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "see the admin API in docs/gateway.md",
+        ),
+        (_, path) => fail(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {path}"),
+        ),
+    }
+}

@@ -1,0 +1,208 @@
+//! Monitoring points, rendered as Prometheus text on the admin port.
+//!
+//! A route's counters are resolved when the route is compiled (and kept, by route name, across
+//! reloads), so a request touches only atomics. Upstream figures are read from the pools at
+//! render time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::Shared;
+
+/// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).
+const BOUNDS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// Requests of one route: by status class and by latency to the response head.
+#[derive(Debug, Default)]
+pub(crate) struct RouteMetrics {
+    /// 1xx … 5xx.
+    by_class: [AtomicU64; 5],
+    buckets: [AtomicU64; BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl RouteMetrics {
+    pub(crate) fn record(&self, status: http::StatusCode, elapsed: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Relaxed);
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BOUNDS_US.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Requests answered so far.
+    pub(crate) fn total(&self) -> u64 {
+        self.by_class.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
+/// Gateway-wide counters, kept across reloads.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    routes: Mutex<BTreeMap<String, Arc<RouteMetrics>>>,
+    /// Requests no route matched.
+    pub(crate) unrouted: AtomicU64,
+    pub(crate) connections_open: AtomicI64,
+    pub(crate) connections_accepted: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) tls_handshake_failures: AtomicU64,
+    pub(crate) reloads: AtomicU64,
+    pub(crate) reloads_refused: AtomicU64,
+}
+
+impl Metrics {
+    /// The counters of the route named `name`, created on first use.
+    pub(crate) fn route(&self, name: &str) -> Arc<RouteMetrics> {
+        self.routes
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Prometheus text exposition (version 0.0.4).
+    pub(crate) fn render(&self, shared: &Shared) -> String {
+        let mut out = String::with_capacity(4096);
+        let routes: Vec<(String, Arc<RouteMetrics>)> = self
+            .routes
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.push_str("# HELP keel_gateway_requests_total Requests answered, by route and status class.\n# TYPE keel_gateway_requests_total counter\n");
+        for (name, m) in &routes {
+            for (i, c) in m.by_class.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "keel_gateway_requests_total{{route=\"{}\",class=\"{}xx\"}} {}",
+                    escape(name),
+                    i + 1,
+                    c.load(Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "keel_gateway_requests_total{{route=\"\",class=\"4xx\"}} {}",
+            self.unrouted.load(Relaxed)
+        );
+        out.push_str("# HELP keel_gateway_request_duration_seconds Time to the response head, by route.\n# TYPE keel_gateway_request_duration_seconds histogram\n");
+        for (name, m) in &routes {
+            let name = escape(name);
+            let mut cumulative = 0;
+            for (i, b) in m.buckets.iter().enumerate() {
+                cumulative += b.load(Relaxed);
+                let le = BOUNDS_US
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+                let _ = writeln!(
+                    out,
+                    "keel_gateway_request_duration_seconds_bucket{{route=\"{name}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "keel_gateway_request_duration_seconds_sum{{route=\"{name}\"}} {}\nkeel_gateway_request_duration_seconds_count{{route=\"{name}\"}} {cumulative}",
+                m.sum_us.load(Relaxed) as f64 / 1e6
+            );
+        }
+        out.push_str("# HELP keel_gateway_upstream_server_up 1 if the server may take traffic (healthy and not ejected).\n# TYPE keel_gateway_upstream_server_up gauge\n");
+        let mut per_server = String::new();
+        let mut per_pool = String::new();
+        for pool in &shared.pools {
+            let up = escape(&pool.name);
+            for s in pool.servers.iter() {
+                let labels = format!("upstream=\"{up}\",server=\"{}\"", escape(&s.address));
+                let _ = writeln!(
+                    out,
+                    "keel_gateway_upstream_server_up{{{labels}}} {}",
+                    u8::from(s.is_up())
+                );
+                let _ = writeln!(
+                    per_server,
+                    "keel_gateway_upstream_requests_total{{{labels}}} {}\nkeel_gateway_upstream_failures_total{{{labels}}} {}\nkeel_gateway_upstream_inflight{{{labels}}} {}",
+                    s.requests.load(Relaxed),
+                    s.failures.load(Relaxed),
+                    s.stats.inflight()
+                );
+            }
+            let (waiting, rejected) = pool
+                .queue
+                .as_ref()
+                .map_or((0, 0), |q| (q.waiting(), q.rejected()));
+            let _ = writeln!(
+                per_pool,
+                "keel_gateway_upstream_queue_depth{{upstream=\"{up}\"}} {waiting}\nkeel_gateway_upstream_queue_rejected_total{{upstream=\"{up}\"}} {rejected}"
+            );
+        }
+        out.push_str("# TYPE keel_gateway_upstream_requests_total counter\n# TYPE keel_gateway_upstream_failures_total counter\n# TYPE keel_gateway_upstream_inflight gauge\n");
+        out.push_str(&per_server);
+        out.push_str("# HELP keel_gateway_upstream_queue_depth Requests waiting for an upstream slot.\n# TYPE keel_gateway_upstream_queue_depth gauge\n# TYPE keel_gateway_upstream_queue_rejected_total counter\n");
+        out.push_str(&per_pool);
+        for (name, kind, value) in [
+            (
+                "connections_open",
+                "gauge",
+                self.connections_open.load(Relaxed),
+            ),
+            (
+                "connections_accepted_total",
+                "counter",
+                self.connections_accepted.load(Relaxed) as i64,
+            ),
+            (
+                "connections_refused_total",
+                "counter",
+                self.connections_refused.load(Relaxed) as i64,
+            ),
+            (
+                "tls_handshake_failures_total",
+                "counter",
+                self.tls_handshake_failures.load(Relaxed) as i64,
+            ),
+            (
+                "reloads_total",
+                "counter",
+                self.reloads.load(Relaxed) as i64,
+            ),
+            (
+                "reloads_refused_total",
+                "counter",
+                self.reloads_refused.load(Relaxed) as i64,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE keel_gateway_{name} {kind}\nkeel_gateway_{name} {value}"
+            );
+        }
+        if let Some(access) = &shared.access {
+            let _ = writeln!(
+                out,
+                "# TYPE keel_gateway_access_log_dropped_total counter\nkeel_gateway_access_log_dropped_total {}",
+                access.dropped()
+            );
+        }
+        out
+    }
+}
+
+/// Escapes a label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

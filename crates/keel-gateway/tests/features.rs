@@ -1,0 +1,419 @@
+//! Balancing policies, sticky sessions, the upstream wait queue, static files and the
+//! response cache, against real servers on loopback.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+fn server_of(a: &Answer) -> String {
+    a.json["server"].as_str().unwrap_or("").to_owned()
+}
+
+#[tokio::test]
+async fn hashing_by_header_and_cookie_and_sticky_sessions() {
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
+    let gw = gateway(&format!(
+        r#"
+[upstreams.by_user]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}, {{ address = "{c}" }}]
+balancer = "consistent_hash"
+hash_key = "header:x-user"
+[upstreams.by_session]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}, {{ address = "{c}" }}]
+balancer = "consistent_hash"
+hash_key = "cookie:sid"
+[upstreams.sticky]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}, {{ address = "{c}" }}]
+sticky_cookie = "keel_srv"
+[[routes]]
+path_prefix = "/user"
+upstream = "by_user"
+[[routes]]
+path_prefix = "/session"
+upstream = "by_session"
+[[routes]]
+path_prefix = "/sticky"
+upstream = "sticky"
+"#
+    ))
+    .await;
+
+    // One user always lands on one server; many users spread over all three.
+    let mut seen = HashSet::new();
+    for user in 0..30 {
+        let user = format!("user-{user}");
+        let first = server_of(&send(gw, "GET", "/user", &[("x-user", &user)], "").await);
+        for _ in 0..3 {
+            let again = send(gw, "GET", "/user", &[("x-user", &user)], "").await;
+            assert_eq!(server_of(&again), first, "{user} moved");
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "users should spread: {seen:?}");
+
+    let mut seen = HashSet::new();
+    for sid in 0..30 {
+        let cookie = format!("theme=dark; sid=s{sid}");
+        let first = server_of(&send(gw, "GET", "/session", &[("cookie", &cookie)], "").await);
+        let again = send(gw, "GET", "/session", &[("cookie", &cookie)], "").await;
+        assert_eq!(server_of(&again), first);
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "sessions should spread: {seen:?}");
+
+    // Without the cookie, round robin; the answer sets it, and with it every request goes to
+    // the same server.
+    let first = send(gw, "GET", "/sticky", &[], "").await;
+    let set = first.headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.starts_with("keel_srv=") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    let pair = set.split(';').next().unwrap().to_owned();
+    for _ in 0..12 {
+        let again = send(gw, "GET", "/sticky", &[("cookie", &pair)], "").await;
+        assert_eq!(server_of(&again), server_of(&first));
+        assert!(
+            !again.headers.contains_key("set-cookie"),
+            "a valid cookie is not set again"
+        );
+    }
+    let mut rotating = HashSet::new();
+    for _ in 0..6 {
+        rotating.insert(server_of(&send(gw, "GET", "/sticky", &[], "").await));
+    }
+    assert_eq!(rotating.len(), 3);
+    // A cookie naming no server (or a tampered one) is ignored and replaced.
+    let bogus = send(gw, "GET", "/sticky", &[("cookie", "keel_srv=ffff")], "").await;
+    assert_eq!(bogus.status, StatusCode::OK);
+    assert!(bogus.headers.contains_key("set-cookie"));
+}
+
+#[tokio::test]
+async fn least_connections_avoids_a_busy_server() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}]
+balancer = "least_conn"
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    // One long request occupies one server; while it runs, everything goes to the other.
+    let long = tokio::spawn(async move { send(gw, "GET", "/sleep/1500", &[], "").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10 {
+        *counts
+            .entry(server_of(&send(gw, "GET", "/", &[], "").await))
+            .or_default() += 1;
+    }
+    let busy = server_of(&long.await.unwrap());
+    assert_eq!(counts.get(&busy), None, "{counts:?}, busy {busy}");
+    assert_eq!(counts.values().sum::<usize>(), 10);
+}
+
+#[tokio::test]
+async fn a_burst_waits_in_the_queue_and_overflow_gets_503() {
+    let server = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.small]
+servers = [{{ address = "{server}" }}]
+max_inflight = 2
+queue_size = 2
+queue_timeout_ms = 3000
+[upstreams.impatient]
+servers = [{{ address = "{server}" }}]
+max_inflight = 1
+queue_size = 10
+queue_timeout_ms = 100
+[[routes]]
+path_prefix = "/small/"
+strip_prefix = "/small"
+upstream = "small"
+[[routes]]
+path_prefix = "/impatient/"
+strip_prefix = "/impatient"
+upstream = "impatient"
+"#
+    ))
+    .await;
+    // 2 run, 2 wait their turn, 2 are turned away at once.
+    let burst: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { send(gw, "GET", "/small/sleep/400", &[], "").await }))
+        .collect();
+    let mut ok = 0;
+    let mut busy = 0;
+    for t in burst {
+        let a = t.await.unwrap();
+        match a.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(a.json["error"], "upstream_busy");
+                busy += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, busy), (4, 2));
+
+    // A wait longer than queue_timeout ends in 503 too.
+    let hold = tokio::spawn(async move { send(gw, "GET", "/impatient/sleep/800", &[], "").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waited = send(gw, "GET", "/impatient/", &[], "").await;
+    assert_eq!(waited.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        waited.json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no free slot"),
+        "{}",
+        waited.json
+    );
+    assert_eq!(hold.await.unwrap().status, StatusCode::OK);
+    // Once the slot is free, requests pass again.
+    assert_eq!(
+        send(gw, "GET", "/impatient/", &[], "").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn static_files_with_validators_ranges_and_no_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("site");
+    std::fs::create_dir_all(root.join("docs")).unwrap();
+    std::fs::write(root.join("index.html"), "<h1>home</h1>").unwrap();
+    let text: String = (0..1000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    std::fs::write(root.join("docs/a.txt"), &text).unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "top secret").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("escape.txt")).unwrap();
+    let gw = gateway(&format!(
+        r#"
+[[routes]]
+path_prefix = "/static/"
+strip_prefix = "/static"
+static_dir = "{}"
+"#,
+        root.display()
+    ))
+    .await;
+
+    let full = send(gw, "GET", "/static/docs/a.txt", &[], "").await;
+    assert_eq!(full.status, StatusCode::OK);
+    assert_eq!(full.body, text.as_bytes());
+    assert_eq!(full.headers["content-type"], "text/plain");
+    assert_eq!(full.headers["accept-ranges"], "bytes");
+    let etag = full.headers["etag"].to_str().unwrap().to_owned();
+    let modified = full.headers["last-modified"].to_str().unwrap().to_owned();
+
+    // Conditional GETs.
+    let same = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("if-none-match", &etag)],
+        "",
+    )
+    .await;
+    assert_eq!(same.status, StatusCode::NOT_MODIFIED);
+    assert!(same.body.is_empty());
+    let same = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("if-modified-since", &modified)],
+        "",
+    )
+    .await;
+    assert_eq!(same.status, StatusCode::NOT_MODIFIED);
+    let changed = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("if-none-match", "\"other\"")],
+        "",
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::OK);
+
+    // Ranges.
+    let part = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("range", "bytes=10-19")],
+        "",
+    )
+    .await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.body, text.as_bytes()[10..20]);
+    assert_eq!(part.headers["content-range"], "bytes 10-19/1000");
+    let tail = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("range", "bytes=-5")],
+        "",
+    )
+    .await;
+    assert_eq!(tail.body, text.as_bytes()[995..]);
+    let stale = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("range", "bytes=0-9"), ("if-range", "\"old\"")],
+        "",
+    )
+    .await;
+    assert_eq!(stale.status, StatusCode::OK, "a stale If-Range gets it all");
+    let beyond = send(
+        gw,
+        "GET",
+        "/static/docs/a.txt",
+        &[("range", "bytes=5000-")],
+        "",
+    )
+    .await;
+    assert_eq!(beyond.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(beyond.headers["content-range"], "bytes */1000");
+
+    // HEAD, directories, methods, absent files.
+    let head = send(gw, "HEAD", "/static/docs/a.txt", &[], "").await;
+    assert_eq!(head.headers["content-length"], "1000");
+    assert!(head.body.is_empty());
+    let index = send(gw, "GET", "/static/", &[], "").await;
+    assert_eq!(index.body, "<h1>home</h1>".as_bytes());
+    assert_eq!(index.headers["content-type"], "text/html");
+    assert_eq!(
+        send(gw, "POST", "/static/docs/a.txt", &[], "x")
+            .await
+            .status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        send(gw, "GET", "/static/nope.txt", &[], "").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // No way out: a symlink pointing outside, dot-dot segments raw or escaped.
+    let escape = send(gw, "GET", "/static/escape.txt", &[], "").await;
+    assert_eq!(escape.status, StatusCode::FORBIDDEN);
+    for path in [
+        "/static/../secret.txt",
+        "/static/docs/%2e%2e/%2e%2e/secret.txt",
+        "/static/docs/..%2f..%2fsecret.txt",
+        "/static/docs/..%5c..%5csecret.txt",
+    ] {
+        let answer = raw(
+            gw,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(!answer.contains("top secret"), "{path}: {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 404"),
+            "{path}: {answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_cache_honours_cache_control_and_coalesces_misses() {
+    let server = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+cache = {{ max_bytes = 65536, max_entry_bytes = 8192 }}
+"#
+    ))
+    .await;
+    let get = |path: &'static str, headers: &'static [(&'static str, &'static str)]| async move {
+        send(gw, "GET", path, headers, "").await
+    };
+    let n = |a: &Answer| a.json["n"].as_u64().unwrap();
+
+    let first = get("/item?cc=max-age=60", &[]).await;
+    assert_eq!(first.headers["x-cache"], "MISS");
+    let second = get("/item?cc=max-age=60", &[]).await;
+    assert_eq!(second.headers["x-cache"], "HIT");
+    assert_eq!(n(&second), n(&first), "served from the cache");
+    assert!(second.headers.contains_key("age"));
+    let head = send(gw, "HEAD", "/item?cc=max-age=60", &[], "").await;
+    assert_eq!(head.headers["x-cache"], "HIT");
+    assert!(head.body.is_empty());
+
+    // Expires works like max-age; no-store, private and silence do not cache.
+    let e1 = get("/e?expires=60", &[]).await;
+    assert_eq!(n(&get("/e?expires=60", &[]).await), n(&e1));
+    for path in ["/ns?cc=no-store", "/p?cc=private,max-age=60", "/plain"] {
+        let one = get(path, &[]).await;
+        let two = get(path, &[]).await;
+        assert_eq!(two.headers["x-cache"], "MISS", "{path}");
+        assert_ne!(n(&one), n(&two), "{path}");
+    }
+    // The client can ask to go past it.
+    let fresh = get("/item?cc=max-age=60", &[("cache-control", "no-cache")]).await;
+    assert_eq!(fresh.headers["x-cache"], "BYPASS");
+    assert_ne!(n(&fresh), n(&first));
+    // An answer larger than max_entry_bytes passes through whole but is not kept.
+    let big1 = get("/big?cc=max-age=60&size=20000", &[]).await;
+    assert_eq!(big1.json["pad"].as_str().unwrap().len(), 20000);
+    let big2 = get("/big?cc=max-age=60&size=20000", &[]).await;
+    assert_eq!(big2.headers["x-cache"], "MISS");
+
+    // Twenty concurrent misses: one upstream request.
+    let before = n(&get("/plain", &[]).await);
+    let burst: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(get("/sleep/300?cc=max-age=60", &[])))
+        .collect();
+    let mut values = HashSet::new();
+    for t in burst {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        values.insert(n(&a));
+    }
+    assert_eq!(values.len(), 1, "all share one answer");
+    let after = n(&get("/plain", &[]).await);
+    assert_eq!(
+        after,
+        before + 2,
+        "one request for the burst, one for /plain"
+    );
+
+    // Bounded in bytes: 60 distinct ~1 KiB answers do not all fit in 64 KiB.
+    for i in 0..60 {
+        let path: &'static str = Box::leak(format!("/fill{i}?cc=max-age=60&size=1000").into());
+        get(path, &[]).await;
+    }
+    let mut hits = 0;
+    for i in 0..60 {
+        let path: &'static str = Box::leak(format!("/fill{i}?cc=max-age=60&size=1000").into());
+        if get(path, &[]).await.headers["x-cache"] == "HIT" {
+            hits += 1;
+        }
+    }
+    assert!(
+        hits < 60,
+        "the cache kept {hits} of 60 KiB-sized answers in 64 KiB"
+    );
+}
