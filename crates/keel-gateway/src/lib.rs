@@ -155,12 +155,13 @@ impl Gateway {
     /// Re-reads the file the gateway was built from (see [`Gateway::from_file`]) and applies
     /// it as [`Gateway::reload`] does.
     pub async fn reload_file(&self) -> Result<(), ConfigError> {
-        let Some(path) = &self.inner.path else {
-            return Err(ConfigError::Invalid(
+        let loaded = match &self.inner.path {
+            None => Err(ConfigError::Invalid(
                 "this gateway was not started from a file".into(),
-            ));
+            )),
+            Some(path) => GatewayConfig::load(&path.to_string_lossy()),
         };
-        match GatewayConfig::load(&path.to_string_lossy()) {
+        match loaded {
             Ok(config) => self.reload(config).await,
             Err(e) => {
                 self.inner

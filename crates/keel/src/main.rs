@@ -220,10 +220,15 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 return;
             };
             while hangups.recv().await.is_some() {
-                match reloader.reload_file().await {
-                    Ok(()) => println!("configuration reloaded"),
-                    Err(e) => eprintln!("reload refused, the old configuration stays: {e}"),
-                }
+                // Written without panicking if nobody reads stdout any more.
+                use std::io::Write as _;
+                let _ = match reloader.reload_file().await {
+                    Ok(()) => writeln!(std::io::stdout(), "configuration reloaded"),
+                    Err(e) => writeln!(
+                        std::io::stderr(),
+                        "reload refused, the old configuration stays: {e}"
+                    ),
+                };
             }
         });
         gateway
