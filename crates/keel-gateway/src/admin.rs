@@ -116,7 +116,7 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
             let mut out = serde_json::Map::new();
             for pool in &shared.pools {
                 let servers: Vec<serde_json::Value> = pool
-                    .servers
+                    .servers()
                     .iter()
                     .map(|s| {
                         serde_json::json!({
@@ -146,6 +146,7 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
                         "balancer": pool.balancer_name,
                         "protocol": if pool.h2 { "h2c" } else { "http1" },
                         "health_checks": pool.health.is_some(),
+                        "discovery": pool.config.discovery.as_ref().map(|d| &d.service),
                         "queue": queue,
                         "servers": servers,
                     }),

@@ -144,8 +144,16 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// The servers.
+    /// The servers (one of `servers` and `discovery`).
+    #[serde(default)]
     pub servers: Vec<ServerEntry>,
+    /// Servers found in a registry and kept up to date by a watch.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    /// Passive health: when a server is ejected after failures (no answer or 5xx), and for
+    /// how long; after the ejection a few requests probe it and it returns if they succeed.
+    #[serde(default)]
+    pub outlier: keel_governance::OutlierConfig,
     /// Balancer: round_robin, weighted, random, p2c, least_conn or consistent_hash.
     #[serde(default = "default_balancer")]
     pub balancer: String,
@@ -194,6 +202,36 @@ pub struct UpstreamConfig {
     /// Active health checks; without them only passive ejection applies.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+}
+
+/// `[upstreams.NAME.discovery]`: the servers are the instances of `service` in Keel's
+/// registry (`registry = "host:port"`) or in etcd (`etcd = ["http://host:port"]`), followed by
+/// a watch: instances that register join the pool, those that leave or lose their lease leave
+/// it. While the registry is unreachable the last list keeps serving.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Address of Keel's registry.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// etcd endpoints.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// Key prefix of Keel's entries in etcd.
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
+    /// The service whose instances are the servers.
+    pub service: String,
+    /// The registry namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_etcd_prefix() -> String {
+    "/keel".into()
+}
+fn default_namespace() -> String {
+    "default".into()
 }
 
 /// `[upstreams.NAME.health]`: each server is probed with `GET path` every `interval`; `fall`
@@ -376,8 +414,24 @@ impl GatewayConfig {
             return bad("server.max_connections must be positive".into());
         }
         for (name, up) in &self.upstreams {
-            if up.servers.is_empty() {
-                return bad(format!("upstream {name:?} has no servers"));
+            match &up.discovery {
+                None if up.servers.is_empty() => {
+                    return bad(format!("upstream {name:?} has no servers"));
+                }
+                Some(_) if !up.servers.is_empty() => {
+                    return bad(format!(
+                        "upstream {name:?}: give servers or discovery, not both"
+                    ));
+                }
+                Some(d) if d.registry.is_some() != d.etcd.is_empty() => {
+                    return bad(format!(
+                        "upstream {name:?}: discovery needs exactly one of registry and etcd"
+                    ));
+                }
+                Some(d) if d.service.is_empty() => {
+                    return bad(format!("upstream {name:?}: discovery needs a service"));
+                }
+                _ => {}
             }
             if !matches!(up.protocol.as_str(), "http1" | "h2c") {
                 return bad(format!(
@@ -538,6 +592,14 @@ mod tests {
             (
                 "[upstreams.a]\nservers = [{ address = \"h:1\" }]\nmax_inflight = 0",
                 "max_inflight",
+            ),
+            (
+                "[upstreams.a]\n[upstreams.a.discovery]\nservice = \"web\"",
+                "exactly one of registry and etcd",
+            ),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\n[upstreams.a.discovery]\nregistry = \"h:2\"\nservice = \"web\"",
+                "not both",
             ),
             ("[upstreams.a]\nservers = []", "no servers"),
             (

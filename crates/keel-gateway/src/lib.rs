@@ -134,7 +134,7 @@ impl Gateway {
         match result {
             Ok(shared) => {
                 for pool in &shared.pools {
-                    upstream::start_checks(pool);
+                    upstream::start(pool);
                 }
                 self.inner.current.store(Arc::new(shared));
                 self.inner.metrics.reloads.fetch_add(1, Ordering::Relaxed);
@@ -197,7 +197,7 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         for pool in &self.inner.current.load().pools {
-            upstream::start_checks(pool);
+            upstream::start(pool);
         }
         tokio::pin!(shutdown);
         loop {

@@ -124,7 +124,7 @@ impl Metrics {
         let mut per_pool = String::new();
         for pool in &shared.pools {
             let up = escape(&pool.name);
-            for s in pool.servers.iter() {
+            for s in pool.servers().iter() {
                 let labels = format!("upstream=\"{up}\",server=\"{}\"", escape(&s.address));
                 let _ = writeln!(
                     out,

@@ -107,8 +107,8 @@ fn is_idempotent(method: &Method) -> bool {
 #[derive(Debug, Default)]
 struct Note {
     route: Option<usize>,
-    /// (pool, server) that answered.
-    server: Option<(usize, usize)>,
+    /// The server that answered (or was tried last).
+    server: Option<Arc<crate::upstream::Server>>,
     cache: Option<&'static str>,
 }
 
@@ -145,9 +145,7 @@ pub(crate) async fn handle(
         }
     }
     if let (Some(access), Some((method, uri, host, at))) = (&shared.access, logged) {
-        let server = note
-            .server
-            .and_then(|(p, s)| shared.pools.get(p)?.servers.get(s).cloned());
+        let server = note.server.take();
         access.write(&crate::access::Entry {
             ts_ms: at
                 .duration_since(UNIX_EPOCH)
@@ -320,7 +318,6 @@ async fn serve(
     let timeout = route.timeout.unwrap_or(pool.response_timeout);
     let up = Upstream {
         pool,
-        pool_index,
         timeout,
         target: &target,
         peer,
@@ -381,7 +378,6 @@ fn downgrade_version(mut resp: Response<DownBody>, version: http::Version) -> Re
 /// One request's way to the servers of a pool.
 struct Upstream<'a> {
     pool: &'a Pool,
-    pool_index: usize,
     timeout: Duration,
     target: &'a str,
     peer: SocketAddr,
@@ -427,11 +423,12 @@ impl Upstream<'_> {
         let mut on_upgrade = on_upgrade;
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::new();
+        let servers = pool.servers();
         for _ in 0..pool.max_attempts {
-            let Some(index) = pool.pick(self.peer.ip(), &parts.headers, &tried) else {
+            let Some(index) = pool.pick(&servers, self.peer.ip(), &parts.headers, &tried) else {
                 break;
             };
-            let server = &pool.servers[index];
+            let server = &servers[index];
             let uri = match Uri::builder()
                 .scheme("http")
                 .authority(server.authority.clone())
@@ -454,7 +451,7 @@ impl Upstream<'_> {
                 None => Empty::new().map_err(|e| match e {}).boxed(),
             };
             let up = up.map(|()| up_body);
-            note.server = Some((self.pool_index, index));
+            note.server = Some(server.clone());
             server
                 .requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -492,7 +489,7 @@ impl Upstream<'_> {
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let may_eject = outcome == Outcome::Failure && pool.may_eject();
+            let may_eject = outcome == Outcome::Failure && pool.may_eject(&servers);
             if server
                 .stats
                 .finish(outcome, started.elapsed(), &pool.outlier, may_eject)

@@ -3,7 +3,7 @@
 //! the servers, and a pooled keep-alive HTTP client per pool (HTTP/1.1, or HTTP/2 for h2c).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -19,7 +19,11 @@ use keel_governance::balance::{self, Balancer, EndpointView};
 use keel_governance::endpoint::{EndpointStats, OutlierConfig};
 use tokio::time::Instant;
 
-use crate::config::{HealthConfig, UpstreamConfig};
+use arc_swap::ArcSwap;
+use keel_governance::Discover;
+use keel_registry::RegistryDiscover;
+
+use crate::config::{DiscoveryConfig, HealthConfig, UpstreamConfig};
 
 /// A request body on its way upstream.
 pub(crate) type UpBody = BoxBody<bytes::Bytes, hyper::Error>;
@@ -34,6 +38,9 @@ pub(crate) struct Server {
     pub(crate) stats: EndpointStats,
     /// The active health check's verdict (always true without checks).
     pub(crate) healthy: AtomicBool,
+    /// Good and failed probes in a row.
+    good_probes: AtomicU32,
+    bad_probes: AtomicU32,
     /// Requests sent to it, and those that failed (no answer, or a 5xx).
     pub(crate) requests: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -148,7 +155,7 @@ impl Queue {
 #[derive(Debug)]
 pub(crate) struct Pool {
     pub(crate) name: String,
-    pub(crate) servers: Vec<Arc<Server>>,
+    servers: ArcSwap<Vec<Arc<Server>>>,
     balancer: Box<dyn Balancer>,
     pub(crate) balancer_name: String,
     hash_key: HashKey,
@@ -159,12 +166,29 @@ pub(crate) struct Pool {
     /// The configuration it was built from, to keep the pool (and its connections and
     /// statistics) across a reload that does not change it.
     pub(crate) config: UpstreamConfig,
-    checks_started: AtomicBool,
+    started: AtomicBool,
     pub(crate) client: Client<HttpConnector, UpBody>,
     pub(crate) response_timeout: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) outlier: OutlierConfig,
     pub(crate) health: Option<HealthConfig>,
+}
+
+impl Server {
+    fn new(address: &str, weight: u32) -> Option<Server> {
+        Some(Server {
+            authority: address.parse().ok()?,
+            address: address.to_owned(),
+            weight,
+            stats: EndpointStats::default(),
+            healthy: AtomicBool::new(true),
+            good_probes: AtomicU32::new(0),
+            bad_probes: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            sticky_id: format!("{:016x}", balance::hash_key(address.as_bytes())),
+        })
+    }
 }
 
 impl Pool {
@@ -178,27 +202,14 @@ impl Pool {
             .pool_max_idle_per_host(1024)
             .http2_only(h2)
             .build(connector);
+        let servers = config
+            .servers
+            .iter()
+            .filter_map(|s| Server::new(&s.address, s.weight).map(Arc::new))
+            .collect();
         Pool {
             name: name.to_owned(),
-            servers: config
-                .servers
-                .iter()
-                .map(|s| {
-                    Arc::new(Server {
-                        authority: s
-                            .address
-                            .parse()
-                            .expect("server addresses are checked with the configuration"),
-                        address: s.address.clone(),
-                        weight: s.weight,
-                        stats: EndpointStats::default(),
-                        healthy: AtomicBool::new(true),
-                        requests: AtomicU64::new(0),
-                        failures: AtomicU64::new(0),
-                        sticky_id: format!("{:016x}", balance::hash_key(s.address.as_bytes())),
-                    })
-                })
-                .collect(),
+            servers: ArcSwap::from_pointee(servers),
             balancer: balance::by_name(&config.balancer)
                 .unwrap_or_else(|| Box::new(balance::RoundRobin::default())),
             balancer_name: config.balancer.clone(),
@@ -215,35 +226,70 @@ impl Pool {
                 .max_inflight
                 .map(|n| Queue::new(n, config.queue_size, config.queue_timeout)),
             config: config.clone(),
-            checks_started: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             client,
             response_timeout: config.response_timeout,
             max_attempts: config.max_attempts.max(1),
-            outlier: OutlierConfig::default(),
+            outlier: config.outlier.clone(),
             health: config.health.clone(),
         }
     }
 
-    /// Picks a server, not one of `exclude`: the one a sticky cookie names if it is up, else
-    /// the balancer's choice (consistent hashing keyed by the client address, a header or a
-    /// cookie).
+    /// The servers now.
+    pub(crate) fn servers(&self) -> Arc<Vec<Arc<Server>>> {
+        self.servers.load_full()
+    }
+
+    /// Replaces the servers with the instances a registry lists, keeping (with their
+    /// statistics and health) those whose address and weight did not change.
+    fn set_servers(&self, instances: &[keel_governance::Instance]) {
+        let old = self.servers.load_full();
+        let servers: Vec<Arc<Server>> = instances
+            .iter()
+            .filter_map(|i| {
+                old.iter()
+                    .find(|s| s.address == i.address && s.weight == i.weight)
+                    .cloned()
+                    .or_else(|| {
+                        let server = Server::new(&i.address, i.weight);
+                        if server.is_none() {
+                            tracing::warn!(upstream = %self.name, address = %i.address, "registered address is not host:port; skipped");
+                        }
+                        server.map(Arc::new)
+                    })
+            })
+            .collect();
+        let same = servers.len() == old.len()
+            && servers
+                .iter()
+                .zip(old.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same {
+            tracing::info!(upstream = %self.name, servers = servers.len(), "servers changed");
+            self.servers.store(Arc::new(servers));
+        }
+    }
+
+    /// Picks one of `servers` (a snapshot of this pool's), not one of `exclude`: the one a
+    /// sticky cookie names if it is up, else the balancer's choice (consistent hashing keyed
+    /// by the client address, a header or a cookie).
     pub(crate) fn pick(
         &self,
+        servers: &[Arc<Server>],
         client: IpAddr,
         headers: &HeaderMap,
         exclude: &[usize],
     ) -> Option<usize> {
         if let Some(name) = &self.sticky_cookie
             && let Some(id) = cookie(headers, name)
-            && let Some(i) = self.servers.iter().position(|s| s.sticky_id == id)
+            && let Some(i) = servers.iter().position(|s| s.sticky_id == id)
             && !exclude.contains(&i)
-            && self.servers[i].is_up()
+            && servers[i].is_up()
         {
             return Some(i);
         }
         let now = Instant::now();
-        let views: Vec<EndpointView<'_>> = self
-            .servers
+        let views: Vec<EndpointView<'_>> = servers
             .iter()
             .enumerate()
             .map(|(i, s)| EndpointView {
@@ -268,32 +314,92 @@ impl Pool {
         self.balancer.pick(&views, Some(key))
     }
 
-    /// Whether one more server may be ejected (at most half of the pool at once).
-    pub(crate) fn may_eject(&self) -> bool {
-        let total = self.servers.len().max(1);
-        let ejected = self.servers.iter().filter(|s| s.stats.is_ejected()).count();
+    /// Whether one more server may be ejected (at most `max_ejected_share` of the pool).
+    pub(crate) fn may_eject(&self, servers: &[Arc<Server>]) -> bool {
+        let total = servers.len().max(1);
+        let ejected = servers.iter().filter(|s| s.stats.is_ejected()).count();
         ((ejected + 1) as f64 / total as f64) <= self.outlier.max_ejected_share
     }
 }
 
-/// Starts the active health checks of `pool` (once; later calls do nothing). Each runs until
-/// the pool is dropped, e.g. replaced by a reload.
-pub(crate) fn start_checks(pool: &Arc<Pool>) {
-    if pool.health.is_none() || pool.checks_started.swap(true, Ordering::Relaxed) {
+/// Starts what keeps `pool` up to date in the background (once; later calls do nothing):
+/// the active health checks and the registry watch. Both end when the pool is dropped, e.g.
+/// replaced by a reload.
+pub(crate) fn start(pool: &Arc<Pool>) {
+    if pool.started.swap(true, Ordering::Relaxed) {
         return;
     }
-    for index in 0..pool.servers.len() {
-        tokio::spawn(check_health(Arc::downgrade(pool), index));
+    if pool.health.is_some() {
+        tokio::spawn(check_health(Arc::downgrade(pool)));
+    }
+    if let Some(discovery) = pool.config.discovery.clone() {
+        tokio::spawn(follow_registry(Arc::downgrade(pool), discovery));
     }
 }
 
-/// Probes one server while its pool lives, flipping its health flag after `rise` good or
-/// `fall` bad probes in a row.
-async fn check_health(pool: Weak<Pool>, index: usize) {
+/// Keeps the servers of `pool` equal to the instances the registry lists.
+async fn follow_registry(pool: Weak<Pool>, config: DiscoveryConfig) {
+    let discover: Box<dyn Discover> = match &config.registry {
+        Some(address) => {
+            let channel =
+                keel_rpc::Channel::with_config(address.clone(), keel_rpc::ChannelConfig::default());
+            Box::new(RegistryDiscover::new(
+                keel_registry::RegistryHandle::new(channel),
+                config.namespace.clone(),
+            ))
+        }
+        None => {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match keel_registry::EtcdBackend::connect(&config.etcd, config.etcd_prefix.clone())
+                    .await
+                {
+                    Ok(backend) => {
+                        break Box::new(RegistryDiscover::new(backend, config.namespace.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach etcd for discovery; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        if pool.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let mut endpoints = match discover.subscribe(&config.service) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::error!(error = %e, service = %config.service, "cannot follow the service");
+            return;
+        }
+    };
+    loop {
+        {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let list = endpoints.borrow_and_update().clone();
+            if list.resolved {
+                pool.set_servers(&list.instances);
+            }
+        }
+        // Wake on a change, and now and then to notice that the pool is gone.
+        tokio::select! {
+            changed = endpoints.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Probes every server of the pool each `interval` while the pool lives, flipping a server's
+/// health flag after `rise` good or `fall` bad probes in a row.
+async fn check_health(pool: Weak<Pool>) {
     let Some(config) = pool.upgrade().and_then(|p| p.health.clone()) else {
         return;
     };
-    let (mut good, mut bad) = (0u32, 0u32);
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -301,36 +407,40 @@ async fn check_health(pool: Weak<Pool>, index: usize) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let server = pool.servers[index].clone();
-        let uri = format!("http://{}{}", server.address, config.path);
-        let request = http::Request::get(uri)
-            .header(http::header::USER_AGENT, "keel-gateway-health")
-            .body(
-                http_body_util::Empty::<bytes::Bytes>::new()
-                    .map_err(|e| match e {})
-                    .boxed(),
-            );
-        let ok = match request {
-            Ok(request) => matches!(
-                tokio::time::timeout(config.timeout, pool.client.request(request)).await,
-                Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection()
-            ),
-            Err(_) => false,
-        };
-        if ok {
-            good += 1;
-            bad = 0;
-        } else {
-            bad += 1;
-            good = 0;
-        }
-        let healthy = server.healthy.load(Ordering::Relaxed);
-        if healthy && bad >= config.fall {
-            server.healthy.store(false, Ordering::Relaxed);
-            tracing::warn!(upstream = %pool.name, server = %server.address, "health check failed; out of rotation");
-        } else if !healthy && good >= config.rise {
-            server.healthy.store(true, Ordering::Relaxed);
-            tracing::info!(upstream = %pool.name, server = %server.address, "health check passed; back in rotation");
-        }
+        let servers = pool.servers();
+        futures_util::future::join_all(servers.iter().map(|s| probe(&pool, s, &config))).await;
+    }
+}
+
+async fn probe(pool: &Pool, server: &Server, config: &HealthConfig) {
+    let uri = format!("http://{}{}", server.address, config.path);
+    let request = http::Request::get(uri)
+        .header(http::header::USER_AGENT, "keel-gateway-health")
+        .body(
+            http_body_util::Empty::<bytes::Bytes>::new()
+                .map_err(|e| match e {})
+                .boxed(),
+        );
+    let ok = match request {
+        Ok(request) => matches!(
+            tokio::time::timeout(config.timeout, pool.client.request(request)).await,
+            Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection()
+        ),
+        Err(_) => false,
+    };
+    let (good, bad) = if ok {
+        server.bad_probes.store(0, Ordering::Relaxed);
+        (server.good_probes.fetch_add(1, Ordering::Relaxed) + 1, 0)
+    } else {
+        server.good_probes.store(0, Ordering::Relaxed);
+        (0, server.bad_probes.fetch_add(1, Ordering::Relaxed) + 1)
+    };
+    let healthy = server.healthy.load(Ordering::Relaxed);
+    if healthy && bad >= config.fall {
+        server.healthy.store(false, Ordering::Relaxed);
+        tracing::warn!(upstream = %pool.name, server = %server.address, "health check failed; out of rotation");
+    } else if !healthy && good >= config.rise {
+        server.healthy.store(true, Ordering::Relaxed);
+        tracing::info!(upstream = %pool.name, server = %server.address, "health check passed; back in rotation");
     }
 }

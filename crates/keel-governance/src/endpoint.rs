@@ -14,7 +14,7 @@ use tokio::time::Instant;
 /// last `window` failed at `error_rate` or more; it comes back for one probe call after its
 /// ejection time, which doubles with each ejection in a row up to `max_ejection`. No more than
 /// `max_ejected_share` of a service's endpoints are ejected at once.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutlierConfig {
     /// Failures in a row that eject an endpoint (0 turns this rule off).

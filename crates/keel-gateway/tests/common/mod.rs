@@ -38,7 +38,9 @@ pub async fn upstream_with_health(name: &'static str, sick: Arc<AtomicBool>) -> 
                     let sick = sick.clone();
                     let served = served.clone();
                     async move {
-                        if req.uri().path() == "/health" && sick.load(Ordering::SeqCst) {
+                        if matches!(req.uri().path(), "/health" | "/flaky")
+                            && sick.load(Ordering::SeqCst)
+                        {
                             let mut r = Response::new(Full::new(Bytes::from_static(b"sick")));
                             *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                             return Ok::<_, Infallible>(r);

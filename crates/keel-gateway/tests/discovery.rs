@@ -1,0 +1,215 @@
+//! Upstream pools kept live by a registry watch: Keel's embedded registry, and a real etcd
+//! when one is installed. Also passive health: a server answering 5xx is ejected and returns
+//! once it recovers.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use keel_registry::proto::Instance;
+use keel_registry::{NamingBackend, Registration, Registry, RegistryConfig, RegistryHandle};
+use keel_rpc::{Channel, ChannelConfig, Server};
+use tokio::net::TcpListener;
+
+fn instance(id: &str, address: SocketAddr) -> Instance {
+    Instance {
+        namespace: "default".into(),
+        service: "web".into(),
+        id: id.into(),
+        address: address.to_string(),
+        weight: 100,
+        ..Instance::default()
+    }
+}
+
+/// The servers that answer `n` requests in a row.
+async fn answering(gw: SocketAddr, n: usize) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let a = send(gw, "GET", "/", &[], "").await;
+        seen.insert(if a.status == StatusCode::OK {
+            a.json["server"].as_str().unwrap().to_owned()
+        } else {
+            format!("{}", a.status.as_u16())
+        });
+    }
+    seen
+}
+
+/// Polls until exactly `want` answer.
+async fn until(gw: SocketAddr, want: &[&str]) {
+    let want: HashSet<String> = want.iter().map(|s| (*s).to_owned()).collect();
+    let mut last = HashSet::new();
+    for _ in 0..100 {
+        last = answering(gw, 8).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("wanted {want:?}, still {last:?}");
+}
+
+/// Registers and deregisters instances of "web" through `backend` and checks that a gateway
+/// following the service through `discovery` (a TOML table body) keeps up.
+async fn follow<B: NamingBackend + Clone>(backend: B, discovery: &str) {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let gw = gateway(&format!(
+        "[upstreams.web.discovery]\n{discovery}service = \"web\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"web\"\n"
+    ))
+    .await;
+    // Nothing registered yet: a clear 503.
+    let none = send(gw, "GET", "/", &[], "").await;
+    assert_eq!(none.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(none.json["error"], "no_healthy_upstream");
+
+    let ttl = Duration::from_secs(10);
+    let reg_a = Registration::start(backend.clone(), instance("a", a), ttl)
+        .await
+        .unwrap();
+    until(gw, &["a"]).await;
+    let reg_b = Registration::start(backend.clone(), instance("b", b), ttl)
+        .await
+        .unwrap();
+    until(gw, &["a", "b"]).await;
+    reg_a.deregister().await.unwrap();
+    until(gw, &["b"]).await;
+    reg_b.deregister().await.unwrap();
+    until(gw, &["503"]).await;
+}
+
+#[tokio::test]
+async fn pools_follow_keels_registry() {
+    let registry = Registry::open(RegistryConfig::default()).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder().add_service(registry.service()).build();
+    tokio::spawn(server.serve(listener, std::future::pending::<()>()));
+    let handle = RegistryHandle::new(
+        Channel::connect(addr.to_string(), ChannelConfig::default())
+            .await
+            .unwrap(),
+    );
+    follow(handle, &format!("registry = \"{addr}\"\n")).await;
+}
+
+struct Etcd {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A single-node etcd on loopback, if the binary is installed.
+fn start_etcd() -> Option<Etcd> {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (port(), port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "gw", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("gw={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Etcd {
+        child,
+        _dir: dir,
+        url,
+    })
+}
+
+#[tokio::test]
+async fn pools_follow_etcd() {
+    let Some(etcd) = start_etcd() else {
+        assert!(
+            std::env::var("KEEL_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "etcd is required (KEEL_REQUIRE_SERVICES=1) but the binary is missing"
+        );
+        eprintln!("skipped: no etcd binary (apt-get install etcd-server)");
+        return;
+    };
+    let mut backend = None;
+    for _ in 0..100 {
+        if let Ok(b) =
+            keel_registry::EtcdBackend::connect(std::slice::from_ref(&etcd.url), "/keel").await
+            && b.list("default", "probe").await.is_ok()
+        {
+            backend = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backend = backend.expect("etcd did not come up");
+    follow(backend, &format!("etcd = [\"{}\"]\n", etcd.url)).await;
+}
+
+#[tokio::test]
+async fn a_server_answering_5xx_is_ejected_and_returns_when_it_recovers() {
+    let sick = Arc::new(AtomicBool::new(false));
+    let a = upstream_with_health("a", sick.clone()).await;
+    let b = upstream("b").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}]
+outlier = {{ consecutive_failures = 3, base_ejection_ms = 300 }}
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    sick.store(true, Ordering::SeqCst);
+    let mut errors = 0;
+    for _ in 0..40 {
+        if send(gw, "GET", "/flaky", &[], "").await.status != StatusCode::OK {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 3, "three 5xx in a row eject the server");
+    sick.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        let r = send(gw, "GET", "/flaky", &[], "").await;
+        assert_eq!(r.status, StatusCode::OK);
+        seen.insert(r.json["server"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "the recovered server is back: {seen:?}");
+}
