@@ -204,6 +204,47 @@ pub struct UpstreamConfig {
     pub health: Option<HealthConfig>,
 }
 
+/// `rpc = { ... }` on a route: `POST <route path>/<Method>` with a JSON body becomes a Keel
+/// RPC call of `service`/`Method` (JSON codec), sent through discovery, balancing, retries
+/// and outlier ejection (`keel-governance`'s service channel). The reply is the JSON answer;
+/// an RPC error becomes the HTTP status its code maps to, with
+/// `{"error": "<code>", "detail": "<message>"}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcRouteConfig {
+    /// Fully qualified RPC service, e.g. `keel.echo.v1.Echo`.
+    pub service: String,
+    /// Fixed instances (`host:port`); or use `discovery`.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Instances from a registry (its `service` is the registered name).
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    /// Balancer over the instances.
+    #[serde(default = "default_rpc_balancer")]
+    pub balancer: String,
+    /// Deadline of each call (sent to the server).
+    #[serde(
+        default = "default_rpc_timeout",
+        deserialize_with = "ms",
+        rename = "timeout_ms"
+    )]
+    pub timeout: Duration,
+    /// Attempts per call (retries go to other instances, within the retry budget).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Send a backup call when the first has had no reply for this long.
+    #[serde(default, deserialize_with = "opt_ms", rename = "hedge_after_ms")]
+    pub hedge_after: Option<Duration>,
+}
+
+fn default_rpc_balancer() -> String {
+    "p2c".into()
+}
+fn default_rpc_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// `[upstreams.NAME.discovery]`: the servers are the instances of `service` in Keel's
 /// registry (`registry = "host:port"`) or in etcd (`etcd = ["http://host:port"]`), followed by
 /// a watch: instances that register join the pool, those that leave or lose their lease leave
@@ -225,6 +266,18 @@ pub struct DiscoveryConfig {
     /// The registry namespace.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+}
+
+impl DiscoveryConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.registry.is_some() != self.etcd.is_empty() {
+            return Err("discovery needs exactly one of registry and etcd".into());
+        }
+        if self.service.is_empty() {
+            return Err("discovery needs a service".into());
+        }
+        Ok(())
+    }
 }
 
 fn default_etcd_prefix() -> String {
@@ -330,6 +383,9 @@ pub struct RouteConfig {
     /// Cache upstream answers.
     #[serde(default)]
     pub cache: Option<CacheConfig>,
+    /// Send requests to a Keel RPC service instead (the HTTP → RPC bridge).
+    #[serde(default)]
+    pub rpc: Option<RpcRouteConfig>,
     /// Removed from the front of the path before forwarding.
     #[serde(default)]
     pub strip_prefix: Option<String>,
@@ -423,15 +479,12 @@ impl GatewayConfig {
                         "upstream {name:?}: give servers or discovery, not both"
                     ));
                 }
-                Some(d) if d.registry.is_some() != d.etcd.is_empty() => {
-                    return bad(format!(
-                        "upstream {name:?}: discovery needs exactly one of registry and etcd"
-                    ));
+                Some(d) => {
+                    if let Err(e) = d.check() {
+                        return bad(format!("upstream {name:?}: {e}"));
+                    }
                 }
-                Some(d) if d.service.is_empty() => {
-                    return bad(format!("upstream {name:?}: discovery needs a service"));
-                }
-                _ => {}
+                None => {}
             }
             if !matches!(up.protocol.as_str(), "http1" | "h2c") {
                 return bad(format!(
@@ -497,27 +550,50 @@ impl GatewayConfig {
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
-            match (&r.upstream, &r.static_dir) {
-                (Some(up), None) if !self.upstreams.contains_key(up) => {
-                    return bad(format!(
-                        "route {} names upstream {up:?}, which is not defined",
-                        i + 1,
-                    ));
+            let targets = usize::from(r.upstream.is_some())
+                + usize::from(r.static_dir.is_some())
+                + usize::from(r.rpc.is_some());
+            if targets != 1 {
+                return bad(format!(
+                    "route {} needs exactly one of upstream, static_dir and rpc",
+                    i + 1
+                ));
+            }
+            if let Some(up) = &r.upstream
+                && !self.upstreams.contains_key(up)
+            {
+                return bad(format!(
+                    "route {} names upstream {up:?}, which is not defined",
+                    i + 1,
+                ));
+            }
+            if let Some(dir) = &r.static_dir
+                && !std::path::Path::new(dir).is_dir()
+            {
+                return bad(format!(
+                    "route {}: static_dir {dir:?} is not a directory",
+                    i + 1
+                ));
+            }
+            if let Some(rpc) = &r.rpc {
+                if rpc.service.is_empty() {
+                    return bad(format!("route {}: rpc needs a service", i + 1));
                 }
-                (Some(_), None) => {}
-                (None, Some(dir)) => {
-                    if !std::path::Path::new(dir).is_dir() {
-                        return bad(format!(
-                            "route {}: static_dir {dir:?} is not a directory",
-                            i + 1
-                        ));
-                    }
-                }
-                _ => {
+                if rpc.servers.is_empty() == rpc.discovery.is_none() {
                     return bad(format!(
-                        "route {} needs exactly one of upstream and static_dir",
+                        "route {}: rpc needs exactly one of servers and discovery",
                         i + 1
                     ));
+                }
+                if keel_governance::balance::by_name(&rpc.balancer).is_none() {
+                    return bad(format!(
+                        "route {}: unknown rpc balancer {:?}",
+                        i + 1,
+                        rpc.balancer
+                    ));
+                }
+                if let Some(Err(e)) = rpc.discovery.as_ref().map(DiscoveryConfig::check) {
+                    return bad(format!("route {}: {e}", i + 1));
                 }
             }
             if let Some(c) = &r.cache
@@ -576,7 +652,14 @@ mod tests {
         let cases = [
             ("[server]\nlisten = 5", "invalid type"),
             ("[[routes]]\nupstream = \"nope\"", "not defined"),
-            ("[[routes]]\npath = \"/\"", "exactly one of"),
+            (
+                "[[routes]]\npath = \"/\"",
+                "exactly one of upstream, static_dir and rpc",
+            ),
+            (
+                "[[routes]]\nrpc = { service = \"a.B\" }",
+                "exactly one of servers and discovery",
+            ),
             (
                 "[[routes]]\nstatic_dir = \"/definitely/not/here\"",
                 "not a directory",

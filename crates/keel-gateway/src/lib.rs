@@ -10,6 +10,7 @@
 //! - `filter`: per-route client address allow/deny lists and token-bucket rate limits.
 //! - `proxy`: forwarding, hop-by-hop header handling, `X-Forwarded-*`, retries of requests
 //!   that got no answer when that is safe, WebSocket upgrades, JSON errors.
+//! - `bridge`: routes to Keel RPC services (JSON in, JSON out) through governed channels.
 //! - `cache`: per-route response cache with miss coalescing; `static_files`: files with
 //!   conditional and range requests.
 //! - `admin`: Prometheus metrics, routes and upstream states as JSON, and reload, on their own
@@ -36,6 +37,7 @@ use tokio_util::task::TaskTracker;
 mod access;
 mod admin;
 mod auth;
+mod bridge;
 mod cache;
 pub mod config;
 mod filter;

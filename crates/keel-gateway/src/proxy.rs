@@ -255,6 +255,13 @@ async fn serve(
             let file = route.rewrite(&path, None);
             return dir.serve(req.method(), &file, req.headers()).await;
         }
+        Target::Rpc(bridge) => {
+            let method = route.rewrite(&path, None);
+            let (parts, body) = req.into_parts();
+            return bridge
+                .serve(&method, parts, body, peer.ip(), limits.max_body_bytes)
+                .await;
+        }
         Target::Upstream(i) => *i,
     };
     let pool = &shared.pools[pool_index];

@@ -15,6 +15,8 @@ pub(crate) enum Target {
     Upstream(usize),
     /// Files under a directory.
     Static(crate::static_files::StaticDir),
+    /// A Keel RPC service.
+    Rpc(Box<crate::bridge::Bridge>),
 }
 
 /// A route, compiled.
@@ -54,10 +56,24 @@ impl Route {
         upstream: Option<usize>,
         metrics: Arc<crate::metrics::RouteMetrics>,
     ) -> Result<Route, String> {
-        let target = match (upstream, &config.static_dir) {
-            (Some(i), _) => Target::Upstream(i),
-            (None, Some(dir)) => Target::Static(crate::static_files::StaticDir::new(dir)?),
-            (None, None) => return Err("no upstream and no static_dir".into()),
+        let target = match (upstream, &config.static_dir, &config.rpc) {
+            (Some(i), _, _) => Target::Upstream(i),
+            (None, Some(dir), _) => Target::Static(crate::static_files::StaticDir::new(dir)?),
+            (None, None, Some(rpc)) => {
+                let claim_headers = config
+                    .auth
+                    .as_ref()
+                    .and_then(|a| a.jwt.as_ref())
+                    .map(|j| {
+                        j.forward_claims
+                            .values()
+                            .map(|h| h.to_ascii_lowercase())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Target::Rpc(Box::new(crate::bridge::Bridge::new(rpc, claim_headers)))
+            }
+            (None, None, None) => return Err("no upstream, static_dir or rpc".into()),
         };
         let headers = config
             .headers
@@ -130,9 +146,10 @@ impl Route {
 
     /// What the admin API shows of it.
     pub(crate) fn describe(&self, pools: &[Arc<crate::upstream::Pool>]) -> serde_json::Value {
-        let (upstream, static_dir) = match &self.target {
-            Target::Upstream(i) => (pools.get(*i).map(|p| p.name.clone()), None),
-            Target::Static(dir) => (None, Some(dir.root().display().to_string())),
+        let (upstream, static_dir, rpc) = match &self.target {
+            Target::Upstream(i) => (pools.get(*i).map(|p| p.name.clone()), None, None),
+            Target::Static(dir) => (None, Some(dir.root().display().to_string()), None),
+            Target::Rpc(bridge) => (None, None, Some(bridge.service().to_owned())),
         };
         serde_json::json!({
             "name": self.name,
@@ -143,6 +160,7 @@ impl Route {
             "headers": self.headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap_or(""))).collect::<std::collections::BTreeMap<_, _>>(),
             "upstream": upstream,
             "static_dir": static_dir,
+            "rpc_service": rpc,
             "strip_prefix": self.strip,
             "add_prefix": self.add,
             "timeout_ms": self.timeout.map(|t| t.as_millis() as u64),

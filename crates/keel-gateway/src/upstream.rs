@@ -337,34 +337,45 @@ pub(crate) fn start(pool: &Arc<Pool>) {
     }
 }
 
-/// Keeps the servers of `pool` equal to the instances the registry lists.
-async fn follow_registry(pool: Weak<Pool>, config: DiscoveryConfig) {
-    let discover: Box<dyn Discover> = match &config.registry {
+/// Discovery through the registry `config` names: Keel's (its channel connects lazily and
+/// reconnects by itself) or etcd (connected here; an error if it cannot be reached).
+pub(crate) async fn connect_discovery(
+    config: &DiscoveryConfig,
+) -> Result<Arc<dyn Discover>, String> {
+    match &config.registry {
         Some(address) => {
             let channel =
                 keel_rpc::Channel::with_config(address.clone(), keel_rpc::ChannelConfig::default());
-            Box::new(RegistryDiscover::new(
+            Ok(Arc::new(RegistryDiscover::new(
                 keel_registry::RegistryHandle::new(channel),
                 config.namespace.clone(),
-            ))
+            )))
         }
         None => {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match keel_registry::EtcdBackend::connect(&config.etcd, config.etcd_prefix.clone())
+            let backend =
+                keel_registry::EtcdBackend::connect(&config.etcd, config.etcd_prefix.clone())
                     .await
-                {
-                    Ok(backend) => {
-                        break Box::new(RegistryDiscover::new(backend, config.namespace.clone()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot reach etcd for discovery; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        if pool.strong_count() == 0 {
-                            return;
-                        }
-                    }
+                    .map_err(|e| format!("cannot reach etcd at {:?}: {e}", config.etcd))?;
+            Ok(Arc::new(RegistryDiscover::new(
+                backend,
+                config.namespace.clone(),
+            )))
+        }
+    }
+}
+
+/// Keeps the servers of `pool` equal to the instances the registry lists.
+async fn follow_registry(pool: Weak<Pool>, config: DiscoveryConfig) {
+    let mut backoff = Duration::from_millis(100);
+    let discover = loop {
+        match connect_discovery(&config).await {
+            Ok(d) => break d,
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if pool.strong_count() == 0 {
+                    return;
                 }
             }
         }

@@ -16,11 +16,12 @@
 //!    instance (budget permitting); the first success wins and the other is cancelled.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use keel_rpc::client::{CallTransport, ConnectivityState, RawRequest, RawResponse, RawStream};
 use keel_rpc::{Channel, ChannelConfig, Code, Status};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -80,6 +81,10 @@ struct Inner {
     config: ServiceChannelConfig,
     balancer: Box<dyn Balancer>,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    /// The list `endpoints` was built from; its lock serialises rebuilds.
+    applied: Mutex<Option<Arc<Endpoints>>>,
+    /// Whether `endpoints` were built from a resolved list yet.
+    applied_resolved: AtomicBool,
     budget: RetryBudget,
     resolved: watch::Receiver<Arc<Endpoints>>,
     stats: ServiceChannelStats,
@@ -145,13 +150,16 @@ impl ServiceChannel {
             config,
             balancer,
             endpoints: RwLock::new(Arc::new(Vec::new())),
+            applied: Mutex::new(None),
+            applied_resolved: AtomicBool::new(false),
             resolved: rx.clone(),
             stats: ServiceChannelStats::default(),
             _stop: stop.clone().drop_guard(),
         });
         let weak = Arc::downgrade(&inner);
         // Build the first set now, so calls made at once see it.
-        rebuild(&inner, &rx.borrow());
+        let first = rx.borrow().clone();
+        rebuild(&inner, &first);
         tokio::spawn(follow(weak, rx, stop));
         Ok(ServiceChannel { inner })
     }
@@ -177,7 +185,15 @@ impl ServiceChannel {
             .unwrap_or_else(|| Instant::now() + self.inner.config.resolve_timeout)
             .min(Instant::now() + self.inner.config.resolve_timeout);
         match tokio::time::timeout_at(until, rx.wait_for(|e| e.resolved)).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(list)) => {
+                // The background task may not have applied the first list yet; do it now,
+                // so a call made right after it arrives sees its instances.
+                if !self.inner.applied_resolved.load(Ordering::Acquire) {
+                    let list = list.clone();
+                    rebuild(&self.inner, &list);
+                }
+                Ok(())
+            }
             _ => Err(Status::unavailable(format!(
                 "no instance list for service {:?} yet",
                 self.inner.service
@@ -423,7 +439,12 @@ impl CallTransport for ServiceChannel {
 
 /// Rebuilds the endpoint set from a new list, keeping the channel and statistics of every
 /// instance that is still there at the same address.
-fn rebuild(inner: &Inner, list: &Endpoints) {
+/// Makes `endpoints` match `list` (nothing to do if it already does).
+fn rebuild(inner: &Inner, list: &Arc<Endpoints>) {
+    let mut applied = inner.applied.lock();
+    if applied.as_ref().is_some_and(|a| Arc::ptr_eq(a, list)) {
+        return;
+    }
     let old = inner.endpoints.read().clone();
     let next: Vec<Arc<Endpoint>> =
         list.instances
@@ -451,6 +472,10 @@ fn rebuild(inner: &Inner, list: &Endpoints) {
             })
             .collect();
     *inner.endpoints.write() = Arc::new(next);
+    *applied = Some(list.clone());
+    if list.resolved {
+        inner.applied_resolved.store(true, Ordering::Release);
+    }
 }
 
 async fn follow(

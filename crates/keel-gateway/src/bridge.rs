@@ -1,0 +1,194 @@
+//! The HTTP → RPC bridge: a route whose target is a Keel service. `POST <path>/<Method>` with
+//! a JSON body is sent as a unary call of `<service>/<Method>` in the JSON codec through a
+//! governed service channel (discovery, balancing, retries within a budget, hedging, outlier
+//! ejection); the JSON reply comes back as the answer.
+//!
+//! What travels as call metadata: `authorization`, headers named `keel-meta-<key>` (as
+//! `<key>`), the headers the route's JWT check forwards claims in, and `x-forwarded-for`.
+//! RPC errors become the HTTP status of their code (`Code::http_status`) with
+//! `{"error": "<code>", "detail": "<message>"}`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use keel_governance::{Discover, ServiceChannel, ServiceChannelConfig, StaticDiscover};
+use keel_rpc::client::{CallTransport, RawRequest};
+use keel_rpc::protocol::Text;
+use keel_rpc::{CallOptions, Codec};
+
+use crate::config::RpcRouteConfig;
+use crate::proxy::{DownBody, error};
+
+/// A route's way to its service; the channel is made on first use (it needs the runtime, and
+/// for etcd a connection).
+pub(crate) struct Bridge {
+    config: RpcRouteConfig,
+    /// Headers the route's auth fills with claims, forwarded as metadata.
+    claim_headers: Vec<String>,
+    channel: tokio::sync::OnceCell<(Arc<dyn Discover>, ServiceChannel)>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("service", &self.config.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bridge {
+    pub(crate) fn new(config: &RpcRouteConfig, claim_headers: Vec<String>) -> Bridge {
+        Bridge {
+            config: config.clone(),
+            claim_headers,
+            channel: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The RPC service this route calls.
+    pub(crate) fn service(&self) -> &str {
+        &self.config.service
+    }
+
+    async fn channel(&self) -> Result<&ServiceChannel, String> {
+        let (_, channel) = self
+            .channel
+            .get_or_try_init(|| async {
+                let (discover, name): (Arc<dyn Discover>, String) = match &self.config.discovery {
+                    Some(d) => (
+                        crate::upstream::connect_discovery(d).await?,
+                        d.service.clone(),
+                    ),
+                    None => {
+                        let fixed = StaticDiscover::new();
+                        fixed.set(
+                            &self.config.service,
+                            self.config
+                                .servers
+                                .iter()
+                                .map(|a| keel_governance::Instance::new(a.clone(), a.clone()))
+                                .collect(),
+                        );
+                        (Arc::new(fixed), self.config.service.clone())
+                    }
+                };
+                let mut config = ServiceChannelConfig {
+                    balancer: self.config.balancer.clone(),
+                    hedge_after: self.config.hedge_after,
+                    ..ServiceChannelConfig::default()
+                };
+                config.retry.max_attempts = self.config.max_attempts.max(1);
+                let channel =
+                    ServiceChannel::new(&*discover, &name, config).map_err(|e| e.to_string())?;
+                Ok::<_, String>((discover, channel))
+            })
+            .await?;
+        Ok(channel)
+    }
+
+    /// Serves one request; `method` is the path after the route's rewrite (`/<Method>`).
+    pub(crate) async fn serve(
+        &self,
+        method: &str,
+        parts: http::request::Parts,
+        body: Incoming,
+        peer: std::net::IpAddr,
+        max_body: u64,
+    ) -> Response<DownBody> {
+        if parts.method != Method::POST {
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "RPC methods are called with POST and a JSON body",
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        let method = method.trim_start_matches('/');
+        if method.is_empty()
+            || method.contains('/')
+            || !method
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "call POST <route>/<Method> on {}; {method:?} is not a method name",
+                    self.config.service
+                ),
+            );
+        }
+        let body = match Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    e.to_string(),
+                );
+            }
+        };
+        let mut metadata: Vec<(Text, Bytes)> = Vec::new();
+        for (name, value) in &parts.headers {
+            let name = name.as_str();
+            let key = if let Some(key) = name.strip_prefix("keel-meta-") {
+                key
+            } else if name == "authorization" || self.claim_headers.iter().any(|c| c == name) {
+                name
+            } else {
+                continue;
+            };
+            metadata.push((Text::from(key), Bytes::copy_from_slice(value.as_bytes())));
+        }
+        metadata.push((Text::from("x-forwarded-for"), Bytes::from(peer.to_string())));
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        };
+        let request = RawRequest {
+            service: Text::from(self.config.service.as_str()),
+            method: Text::from(method),
+            body,
+            options: CallOptions {
+                timeout: Some(self.config.timeout),
+                codec: Codec::Json,
+                metadata,
+                hash_key: None,
+            },
+        };
+        match channel.unary_raw(request).await {
+            Ok(reply) if reply.codec == Codec::Json => {
+                let mut resp = Response::new(Full::new(reply.body).map_err(|e| match e {}).boxed());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            Ok(reply) => error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!(
+                    "the service replied in {} instead of JSON",
+                    reply.codec.as_str()
+                ),
+            ),
+            Err(status) => error(
+                StatusCode::from_u16(status.code().http_status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                status.code().as_str(),
+                status.message(),
+            ),
+        }
+    }
+}
