@@ -95,7 +95,8 @@ pub struct ServerSection {
     /// Time a client has to send a request's headers (against slowloris).
     #[serde(deserialize_with = "ms", rename = "header_timeout_ms")]
     pub header_timeout: Duration,
-    /// Keep idle client connections open this long.
+    /// Close a client connection after this long with no bytes either way and no request in
+    /// flight (checked every half of it).
     #[serde(deserialize_with = "ms", rename = "idle_timeout_ms")]
     pub idle_timeout: Duration,
     /// Longest request target (path and query) accepted; longer gets 414.

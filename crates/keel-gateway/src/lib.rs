@@ -24,7 +24,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -270,8 +270,9 @@ impl Gateway {
     }
 }
 
-/// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends or `stop`
-/// asks it to wind down.
+/// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends, `stop`
+/// asks it to wind down, or it has been idle (no bytes either way and no request in flight)
+/// for `idle_timeout`.
 async fn serve_connection<I>(
     inner: Arc<Inner>,
     io: I,
@@ -281,11 +282,30 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = inner.current.load().config.server.header_timeout;
+    let (header_timeout, idle_timeout) = {
+        let shared = inner.current.load();
+        (
+            shared.config.server.header_timeout,
+            shared.config.server.idle_timeout,
+        )
+    };
+    let activity = Arc::new(AtomicU64::new(0));
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let requests = inflight.clone();
     let service = hyper::service::service_fn(move |req| {
         let inner = inner.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(inner, req, peer, tls).await) }
+        let requests = requests.clone();
+        async move {
+            requests.fetch_add(1, Ordering::Relaxed);
+            let resp = proxy::handle(inner, req, peer, tls).await;
+            requests.fetch_sub(1, Ordering::Relaxed);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
+    let io = Activity {
+        io,
+        count: activity.clone(),
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -293,16 +313,96 @@ async fn serve_connection<I>(
         .header_read_timeout(header_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let period = (idle_timeout / 2).max(std::time::Duration::from_millis(10));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let (mut seen, mut quiet_since) = (0u64, tokio::time::Instant::now());
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = stop.cancelled() => break,
+            now = ticks.tick() => {
+                let count = activity.load(Ordering::Relaxed);
+                if count != seen || inflight.load(Ordering::Relaxed) > 0 {
+                    seen = count;
+                    quiet_since = now;
+                } else if now.duration_since(quiet_since) >= idle_timeout {
+                    tracing::debug!(%peer, "closing an idle connection");
+                    break;
+                }
             }
         }
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// Counts reads and writes that moved bytes, so an idle connection can be told apart.
+struct Activity<I> {
+    io: I,
+    count: Arc<AtomicU64>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.count.fetch_add(1, Ordering::Relaxed);
         }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Activity<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

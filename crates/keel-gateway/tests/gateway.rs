@@ -216,8 +216,28 @@ fn the_documented_example_config_is_valid() {
     let doc = include_str!("../../../docs/gateway.md");
     let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
     let end = start + doc[start..].find("```").expect("closed");
-    let config = GatewayConfig::parse(&doc[start..end]).unwrap();
-    assert_eq!(config.routes.len(), 2);
+    let site = tempfile::tempdir().unwrap();
+    let text = doc[start..end].replace("/srv/www", site.path().to_str().unwrap());
+    let config = GatewayConfig::parse(&text).unwrap();
+    assert_eq!(config.routes.len(), 5);
+    assert_eq!(
+        config.admin.as_ref().unwrap().token.as_deref(),
+        Some("admin-secret")
+    );
+    assert_eq!(config.upstreams["api"].max_inflight, Some(256));
+    assert_eq!(config.upstreams["api"].outlier.consecutive_failures, 5);
+    assert_eq!(
+        config.upstreams["users"]
+            .discovery
+            .as_ref()
+            .unwrap()
+            .service,
+        "users-http"
+    );
+    assert_eq!(
+        config.routes[2].rpc.as_ref().unwrap().service,
+        "keel.echo.v1.Echo"
+    );
     assert_eq!(config.upstreams["api"].servers[0].weight, 200);
     assert_eq!(config.upstreams["api"].servers[1].weight, 100);
     assert_eq!(config.upstreams["api"].health.as_ref().unwrap().fall, 3);

@@ -420,3 +420,40 @@ upstream = "py"
     assert!(total > 100, "only {total} requests");
     assert_eq!(failures.load(Ordering::Relaxed), 0, "of {total} GETs");
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_slow_requests_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[server]
+idle_timeout_ms = 300
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    // A request that takes longer than the idle timeout is answered.
+    let slow = send(gw, "GET", "/sleep/900", &[], "").await;
+    assert_eq!(slow.status, StatusCode::OK);
+
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Then silence: the gateway closes the connection within 1.5 idle periods.
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
