@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Gateway: Keel vs nginx vs HAProxy proxying to the same upstream, in one run.
+# Gateway: Keel vs nginx vs HAProxy proxying to the same upstream, in one run; and Keel with
+# JWT auth and rate limiting on (keel_auth).
 #
 #   bench/gateway.sh [seconds]      (default 10; medians of 3 interleaved runs)
 #
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 SECS="${1:-10}"
 REPS="${REPS:-3}"
-UP=7341; KEEL=7342; NGINX=7343; HAPROXY=7344
+UP=7341; KEEL=7342; NGINX=7343; HAPROXY=7344; KEEL_AUTH=7345
 
 for pkg in nginx haproxy wrk; do
   if ! command -v "$pkg" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$pkg" ]; then
@@ -80,20 +81,53 @@ CONF
 taskset -c 1 "$HAPROXY_BIN" -f "$WORK/haproxy.cfg" -db 2>/dev/null & PIDS+=($!)
 HAPROXY_PID=$!
 
-# Keel's gateway.
-cat > "$WORK/gateway.toml" <<CONF
+# Keel's gateway, with every filter configured but none triggered: address allow/deny lists,
+# a per-IP rate limit far above the load, the size limits, a bounded upstream queue.
+keel_conf() { # port extra-route-lines
+  cat <<CONF
 [server]
-listen = "127.0.0.1:$KEEL"
+listen = "127.0.0.1:$1"
+max_uri_bytes = 8192
+max_body_bytes = 1048576
+max_connections = 10000
 [upstreams.hello]
 servers = [{ address = "127.0.0.1:$UP" }]
+max_inflight = 4096
+queue_size = 4096
 [[routes]]
 path_prefix = "/"
 upstream = "hello"
+allow = ["127.0.0.0/8", "::1"]
+deny = ["10.0.0.0/8"]
+$2
 CONF
+}
+keel_conf $KEEL 'rate_limit = { per_second = 100000000.0, burst = 100000000 }' > "$WORK/gateway.toml"
 taskset -c 1 "$BIN/keel" gateway --config "$WORK/gateway.toml" --threads 1 >/dev/null 2>&1 & PIDS+=($!)
 KEEL_PID=$!
 
-for port in $UP $KEEL $NGINX $HAPROXY; do
+# The second figure: the same with a rate limit that is checked on every request and JWT
+# (HS256) auth with a claim forwarded upstream; wrk sends a valid token.
+SECRET="bench-secret-$RANDOM"
+keel_conf $KEEL_AUTH "rate_limit = { per_second = 100000000.0, burst = 100000000 }
+[routes.auth.jwt]
+algorithm = \"HS256\"
+secret = \"$SECRET\"
+issuer = \"keel-bench\"
+forward_claims = { sub = \"x-user-id\" }" > "$WORK/gateway-auth.toml"
+taskset -c 1 "$BIN/keel" gateway --config "$WORK/gateway-auth.toml" --threads 1 >/dev/null 2>&1 & PIDS+=($!)
+KEEL_AUTH_PID=$!
+TOKEN=$(python3 - "$SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": "user-1", "iss": "keel-bench", "exp": int(time.time()) + 3600}).encode())
+sig = b64(hmac.new(sys.argv[1].encode(), head + b"." + body, hashlib.sha256).digest())
+print((head + b"." + body + b"." + sig).decode())
+PY
+)
+
+for port in $UP $KEEL $NGINX $HAPROXY $KEEL_AUTH; do
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
     sleep 0.1
@@ -117,10 +151,10 @@ rss_kib() {
 }
 
 RESULTS="$(mktemp)"
-run() { # name port pid
+run() { # name port pid [wrk header]
   local before after out
   before=$(cpu_ticks "$3")
-  out=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency "http://127.0.0.1:$2/" 2>&1)
+  out=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency ${4:+-H "$4"} "http://127.0.0.1:$2/" 2>&1)
   after=$(cpu_ticks "$3")
   python3 - "$1" "$out" "$before" "$after" "$(rss_kib "$3")" "$(getconf CLK_TCK)" >> "$RESULTS" <<'PY'
 import json, re, sys
@@ -142,6 +176,7 @@ for rep in $(seq 1 "$REPS"); do
   run keel $KEEL $KEEL_PID
   run nginx $NGINX $NGINX_PID
   run haproxy $HAPROXY $HAPROXY_PID
+  run keel_auth $KEEL_AUTH $KEEL_AUTH_PID "Authorization: Bearer $TOKEN"
   echo "done: run $rep" >&2
 done
 
@@ -151,7 +186,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 med = lambda p, k: statistics.median(r[k] for r in rows if r["proxy"] == p)
 print(f"{'proxy':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU s':>7} {'RSS MiB':>8}")
 t = {}
-for p in ("keel", "nginx", "haproxy"):
+for p in ("keel", "nginx", "haproxy", "keel_auth"):
     t[p] = {k: med(p, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_s", "rss_kib", "non_2xx")}
     print(f"{p:>8} {t[p]['rps']:>10.0f} {t[p]['p50_ms']:>8.3f} {t[p]['p99_ms']:>8.3f} {t[p]['cpu_s']:>7.2f} {t[p]['rss_kib']/1024:>8.1f}")
 print(json.dumps({
@@ -159,6 +194,8 @@ print(json.dumps({
     "keel_p99_ms": t["keel"]["p99_ms"], "nginx_p99_ms": t["nginx"]["p99_ms"], "haproxy_p99_ms": t["haproxy"]["p99_ms"],
     "keel_vs_nginx": round(t["keel"]["rps"] / t["nginx"]["rps"], 2),
     "keel_vs_haproxy": round(t["keel"]["rps"] / t["haproxy"]["rps"], 2),
+    "keel_auth_rps": t["keel_auth"]["rps"], "keel_auth_p99_ms": t["keel_auth"]["p99_ms"],
+    "keel_auth_vs_nginx": round(t["keel_auth"]["rps"] / t["nginx"]["rps"], 2),
     "all": t,
 }))
 PY

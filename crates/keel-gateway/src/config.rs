@@ -402,9 +402,15 @@ pub struct RouteConfig {
     /// Client addresses refused, checked before `allow`.
     #[serde(default)]
     pub deny: Vec<String>,
-    /// Token-bucket rate limit per client IP on this route.
+    /// A token-bucket rate limit on this route (per client IP unless `key` says otherwise).
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// More rate limits, all applied (e.g. one per IP and one for the whole route).
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+    /// Overrides `server.max_body_bytes` for this route.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
     /// Authentication required on this route.
     #[serde(default)]
     pub auth: Option<crate::auth::AuthConfig>,
@@ -430,7 +436,8 @@ fn default_max_entry() -> u64 {
     1 << 20
 }
 
-/// A token bucket: `per_second` tokens a second, holding at most `burst`.
+/// A token bucket: `per_second` tokens a second, holding at most `burst`, one bucket per
+/// `key`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -438,6 +445,16 @@ pub struct RateLimitConfig {
     pub per_second: f64,
     /// Requests allowed at once after a quiet period.
     pub burst: u32,
+    /// What has a bucket: `"ip"` (the client address, the default), `"route"` (one bucket
+    /// for everyone), `"api_key"` (the route's API-key header) or `"header:NAME"`. A request
+    /// without the header is counted by its address. Keyed limits are checked after auth, so
+    /// only valid keys get buckets; address and route limits before it.
+    #[serde(default = "default_limit_key")]
+    pub key: String,
+}
+
+fn default_limit_key() -> String {
+    "ip".into()
 }
 
 fn opt_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -621,13 +638,25 @@ impl GatewayConfig {
                     ));
                 }
             }
-            if let Some(rl) = &r.rate_limit
-                && (rl.per_second <= 0.0 || rl.burst == 0)
-            {
-                return bad(format!(
-                    "route {}: rate_limit needs per_second > 0 and burst > 0",
-                    i + 1
-                ));
+            for rl in r.rate_limit.iter().chain(&r.rate_limits) {
+                if rl.per_second <= 0.0 || rl.burst == 0 {
+                    return bad(format!(
+                        "route {}: rate_limit needs per_second > 0 and burst > 0",
+                        i + 1
+                    ));
+                }
+                let key_ok = matches!(rl.key.as_str(), "ip" | "route" | "api_key")
+                    || rl
+                        .key
+                        .strip_prefix("header:")
+                        .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok());
+                if !key_ok {
+                    return bad(format!(
+                        "route {}: rate limit key {:?} is not ip, route, api_key or header:NAME",
+                        i + 1,
+                        rl.key
+                    ));
+                }
             }
             if let Some(auth) = &r.auth
                 && let Err(e) = crate::auth::Auth::new(auth)

@@ -1,11 +1,13 @@
 //! Per-route filters applied before a request is forwarded: client address allow/deny lists
-//! and a token-bucket rate limit per client IP.
+//! and token-bucket rate limits per client IP, per API key or header, or per route.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
+use keel_governance::balance::hash_key;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -53,25 +55,74 @@ struct Bucket {
     at: Instant,
 }
 
-/// Token buckets per client IP.
+/// What a rate limit keeps a bucket for.
+#[derive(Debug)]
+enum LimitKey {
+    Ip,
+    Route,
+    Header(HeaderName),
+}
+
+/// Token buckets, one per key (by its hash).
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    key: LimitKey,
+    buckets: Mutex<HashMap<u64, Bucket>>,
 }
 
 impl RateLimiter {
-    pub(crate) fn new(config: &RateLimitConfig) -> RateLimiter {
+    /// `api_key_header` is the header `key = "api_key"` means.
+    pub(crate) fn new(config: &RateLimitConfig, api_key_header: &str) -> RateLimiter {
+        let key = match config.key.as_str() {
+            "route" => LimitKey::Route,
+            "api_key" => HeaderName::from_bytes(api_key_header.as_bytes())
+                .map_or(LimitKey::Ip, LimitKey::Header),
+            k => k
+                .strip_prefix("header:")
+                .and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .map_or(LimitKey::Ip, LimitKey::Header),
+        };
         RateLimiter {
             per_second: config.per_second,
             burst: f64::from(config.burst),
+            key,
             buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes a token for `ip`; if there is none, how long until there will be.
-    pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+    /// Whether it counts something the client only proves with auth (checked after it).
+    pub(crate) fn after_auth(&self) -> bool {
+        matches!(self.key, LimitKey::Header(_))
+    }
+
+    /// What the 429 says is limited.
+    pub(crate) fn subject(&self, ip: IpAddr, headers: &HeaderMap) -> String {
+        match &self.key {
+            LimitKey::Route => "this route".into(),
+            LimitKey::Header(h) if headers.contains_key(h) => format!("this {h}"),
+            _ => ip.to_string(),
+        }
+    }
+
+    /// Takes a token for the request's key; if there is none, how long until there will be.
+    pub(crate) fn check(&self, ip: IpAddr, headers: &HeaderMap) -> Result<(), Duration> {
+        let by_ip = || match ip {
+            IpAddr::V4(v4) => hash_key(&v4.octets()),
+            IpAddr::V6(v6) => hash_key(&v6.octets()),
+        };
+        let key = match &self.key {
+            LimitKey::Ip => by_ip(),
+            LimitKey::Route => 0,
+            // Hashed with a marker byte, so a header value never shares an address's bucket.
+            LimitKey::Header(h) => headers.get(h).map_or_else(by_ip, |v| {
+                let mut bytes = Vec::with_capacity(v.len() + 1);
+                bytes.push(0xff);
+                bytes.extend_from_slice(v.as_bytes());
+                hash_key(&bytes)
+            }),
+        };
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
         // Forget clients whose buckets have long been full again, so the map stays small.
@@ -79,7 +130,7 @@ impl RateLimiter {
             let full_after = Duration::from_secs_f64(self.burst / self.per_second);
             buckets.retain(|_, b| now.duration_since(b.at) < full_after);
         }
-        let bucket = buckets.entry(ip).or_insert(Bucket {
+        let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
@@ -118,20 +169,58 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn token_bucket_allows_the_burst_then_the_rate() {
-        let l = RateLimiter::new(&RateLimitConfig {
-            per_second: 2.0,
-            burst: 3,
-        });
+        let l = RateLimiter::new(
+            &RateLimitConfig {
+                per_second: 2.0,
+                burst: 3,
+                key: "ip".into(),
+            },
+            "x-api-key",
+        );
+        let none = HeaderMap::new();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..3 {
-            assert!(l.check(ip).is_ok());
+            assert!(l.check(ip, &none).is_ok());
         }
-        let wait = l.check(ip).unwrap_err();
+        let wait = l.check(ip, &none).unwrap_err();
         assert_eq!(wait, Duration::from_millis(500));
         // Another client has its own bucket.
-        assert!(l.check("10.0.0.2".parse().unwrap()).is_ok());
+        assert!(l.check("10.0.0.2".parse().unwrap(), &none).is_ok());
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(l.check(ip).is_ok());
-        assert!(l.check(ip).is_err());
+        assert!(l.check(ip, &none).is_ok());
+        assert!(l.check(ip, &none).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn buckets_per_api_key_and_per_route() {
+        let config = |key: &str| RateLimitConfig {
+            per_second: 1.0,
+            burst: 2,
+            key: key.into(),
+        };
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut alice = HeaderMap::new();
+        alice.insert("x-api-key", "alice".parse().unwrap());
+        let mut bob = HeaderMap::new();
+        bob.insert("x-api-key", "bob".parse().unwrap());
+        let by_key = RateLimiter::new(&config("api_key"), "x-api-key");
+        assert!(by_key.after_auth());
+        assert!(by_key.check(ip, &alice).is_ok());
+        assert!(by_key.check(ip, &alice).is_ok());
+        assert!(by_key.check(ip, &alice).is_err());
+        // Same address, other key: its own bucket; no key: the address's bucket.
+        assert!(by_key.check(ip, &bob).is_ok());
+        assert!(by_key.check(ip, &HeaderMap::new()).is_ok());
+        assert_eq!(by_key.subject(ip, &alice), "this x-api-key");
+
+        let whole = RateLimiter::new(&config("route"), "x-api-key");
+        assert!(!whole.after_auth());
+        assert!(whole.check(ip, &alice).is_ok());
+        assert!(whole.check("10.0.0.2".parse().unwrap(), &bob).is_ok());
+        assert!(
+            whole
+                .check("10.0.0.3".parse().unwrap(), &HeaderMap::new())
+                .is_err()
+        );
     }
 }

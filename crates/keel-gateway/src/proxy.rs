@@ -201,18 +201,8 @@ async fn serve(
             format!("{} may not use this route", peer.ip()),
         );
     }
-    if let Some(limiter) = &route.rate_limit
-        && let Err(wait) = limiter.check(peer.ip())
-    {
-        let mut resp = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("too many requests from {}; retry in {wait:?}", peer.ip()),
-        );
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return resp;
+    if let Some(refused) = rate_limited(route, false, peer, req.headers()) {
+        return refused;
     }
     let limits = &shared.config.server;
     let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
@@ -226,20 +216,18 @@ async fn serve(
             ),
         );
     }
+    let max_body = route.max_body_bytes.unwrap_or(limits.max_body_bytes);
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && len > limits.max_body_bytes
+        && len > max_body
     {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!(
-                "body of {len} bytes; the limit is {}",
-                limits.max_body_bytes
-            ),
+            format!("body of {len} bytes; the limit is {max_body}"),
         );
     }
     if let Some(auth) = &route.auth
@@ -250,6 +238,9 @@ async fn serve(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return resp;
     }
+    if let Some(refused) = rate_limited(route, true, peer, req.headers()) {
+        return refused;
+    }
     let pool_index = match &route.target {
         Target::Static(dir) => {
             let file = route.rewrite(&path, None);
@@ -259,7 +250,7 @@ async fn serve(
             let method = route.rewrite(&path, None);
             let (parts, body) = req.into_parts();
             return bridge
-                .serve(&method, parts, body, peer.ip(), limits.max_body_bytes)
+                .serve(&method, parts, body, peer.ip(), max_body)
                 .await;
         }
         Target::Upstream(i) => *i,
@@ -374,6 +365,37 @@ async fn serve(
         cache::mark(&mut resp, "MISS");
     }
     downgrade_version(resp, client_version)
+}
+
+/// The 429 for the first of the route's rate limits (those checked `after_auth` or the
+/// others) that has no token for this request.
+fn rate_limited(
+    route: &crate::router::Route,
+    after_auth: bool,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Option<Response<DownBody>> {
+    for limiter in route
+        .rate_limits
+        .iter()
+        .filter(|l| l.after_auth() == after_auth)
+    {
+        if let Err(wait) = limiter.check(peer.ip(), headers) {
+            let mut resp = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many requests from {}; retry in {wait:?}",
+                    limiter.subject(peer.ip(), headers)
+                ),
+            );
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return Some(resp);
+        }
+    }
+    None
 }
 
 /// The answer goes back in the client's HTTP version, whatever the upstream spoke.

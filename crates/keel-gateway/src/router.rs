@@ -36,7 +36,9 @@ pub(crate) struct Route {
     add: Option<String>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) addresses: crate::filter::AddressFilter,
-    pub(crate) rate_limit: Option<crate::filter::RateLimiter>,
+    pub(crate) rate_limits: Vec<crate::filter::RateLimiter>,
+    /// Overrides the server's body limit.
+    pub(crate) max_body_bytes: Option<u64>,
     pub(crate) auth: Option<crate::auth::Auth>,
 }
 
@@ -107,10 +109,21 @@ impl Route {
             add: config.add_prefix.clone(),
             timeout: config.timeout,
             addresses: crate::filter::AddressFilter::new(&config.allow, &config.deny),
-            rate_limit: config
+            rate_limits: config
                 .rate_limit
-                .as_ref()
-                .map(crate::filter::RateLimiter::new),
+                .iter()
+                .chain(&config.rate_limits)
+                .map(|l| {
+                    crate::filter::RateLimiter::new(
+                        l,
+                        config
+                            .auth
+                            .as_ref()
+                            .map_or("x-api-key", |a| a.api_key_header.as_str()),
+                    )
+                })
+                .collect(),
+            max_body_bytes: config.max_body_bytes,
             auth: config
                 .auth
                 .as_ref()
@@ -164,7 +177,7 @@ impl Route {
             "strip_prefix": self.strip,
             "add_prefix": self.add,
             "timeout_ms": self.timeout.map(|t| t.as_millis() as u64),
-            "rate_limited": self.rate_limit.is_some(),
+            "rate_limits": self.rate_limits.len(),
             "auth": self.auth.is_some(),
             "cache": self.cache.is_some(),
             "requests": self.metrics.total(),

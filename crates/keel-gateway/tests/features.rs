@@ -417,3 +417,65 @@ cache = {{ max_bytes = 65536, max_entry_bytes = 8192 }}
         "the cache kept {hits} of 60 KiB-sized answers in 64 KiB"
     );
 }
+
+#[tokio::test]
+async fn rate_limits_per_api_key_and_per_route_and_a_route_body_limit() {
+    let server = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/keyed"
+upstream = "api"
+rate_limit = {{ per_second = 0.01, burst = 2, key = "api_key" }}
+auth = {{ api_keys = ["alice", "bob"] }}
+[[routes]]
+path_prefix = "/shared"
+upstream = "api"
+max_body_bytes = 10
+rate_limits = [
+  {{ per_second = 0.01, burst = 3, key = "route" }},
+  {{ per_second = 0.01, burst = 100, key = "header:x-tenant" }},
+]
+"#
+    ))
+    .await;
+    let alice = [("x-api-key", "alice")];
+    let bob = [("x-api-key", "bob")];
+    for _ in 0..2 {
+        assert_eq!(
+            send(gw, "GET", "/keyed", &alice, "").await.status,
+            StatusCode::OK
+        );
+    }
+    let limited = send(gw, "GET", "/keyed", &alice, "").await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers.contains_key("retry-after"));
+    // Another key from the same address has its own bucket; a bad key is refused by auth
+    // first and takes no one's tokens.
+    assert_eq!(
+        send(gw, "GET", "/keyed", &bob, "").await.status,
+        StatusCode::OK
+    );
+    for _ in 0..5 {
+        let bad = send(gw, "GET", "/keyed", &[("x-api-key", "mallory")], "").await;
+        assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        send(gw, "GET", "/keyed", &bob, "").await.status,
+        StatusCode::OK
+    );
+
+    // The route's own body limit (this takes one of the route's three tokens).
+    let big = send(gw, "POST", "/shared", &[], "more than ten bytes").await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // One bucket for the whole route, whoever asks.
+    for tenant in ["t1", "t2"] {
+        let r = send(gw, "GET", "/shared", &[("x-tenant", tenant)], "").await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let r = send(gw, "GET", "/shared", &[("x-tenant", "t3")], "").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.json["detail"].as_str().unwrap().contains("this route"));
+}
