@@ -41,6 +41,7 @@ mod bridge;
 mod cache;
 pub mod config;
 mod filter;
+mod h1;
 mod metrics;
 mod proxy;
 mod router;

@@ -4,10 +4,14 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
+use tokio::net::TcpListener;
 
 fn server_of(a: &Answer) -> String {
     a.json["server"].as_str().unwrap_or("").to_owned()
@@ -478,4 +482,126 @@ rate_limits = [
     let r = send(gw, "GET", "/shared", &[("x-tenant", "t3")], "").await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(r.json["detail"].as_str().unwrap().contains("this route"));
+}
+
+/// A bare HTTP/1.1 server that counts its connections: `/close` answers with
+/// `Connection: close`, `/idle-drop` closes the connection 50 ms after answering (as a
+/// keep-alive timeout would), `/nocontent` is 204, `/big` is 1 MiB chunked, HEAD has no body.
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                    let reply: Vec<u8> = match path {
+                        "/close" => {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                                .to_vec()
+                        }
+                        "/nocontent" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                        "/big" => {
+                            let mut r =
+                                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                            for _ in 0..64 {
+                                r.extend_from_slice(b"4000\r\n");
+                                r.extend_from_slice(&[b'z'; 0x4000]);
+                                r.extend_from_slice(b"\r\n");
+                            }
+                            r.extend_from_slice(b"0\r\n\r\n");
+                            r
+                        }
+                        _ if method == "HEAD" => {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n".to_vec()
+                        }
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                    };
+                    if s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    if path == "/close" {
+                        return;
+                    }
+                    if path == "/idle-drop" {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_ones_replaced() {
+    let (server, connections) = counting_upstream().await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    for _ in 0..20 {
+        let r = send(gw, "GET", "/n", &[], "").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, "ok");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one connection, reused"
+    );
+
+    // Bodiless answers and a long chunked one leave the connection reusable.
+    let head = send(gw, "HEAD", "/n", &[], "").await;
+    assert_eq!(head.headers["content-length"], "2");
+    assert!(head.body.is_empty());
+    assert_eq!(
+        send(gw, "GET", "/nocontent", &[], "").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let big = send(gw, "GET", "/big", &[], "").await;
+    assert_eq!(big.body.len(), 64 * 0x4000);
+    assert!(big.body.iter().all(|b| *b == b'z'));
+    assert_eq!(send(gw, "GET", "/n", &[], "").await.body, "ok");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+    // The server closes: after `Connection: close`, and while the connection is idle.
+    assert_eq!(send(gw, "GET", "/close", &[], "").await.body, "ok");
+    assert_eq!(send(gw, "GET", "/n", &[], "").await.body, "ok");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_eq!(send(gw, "GET", "/idle-drop", &[], "").await.body, "ok");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let after = send(
+        gw,
+        "POST",
+        "/n",
+        &[],
+        "a body, so no retry would hide a failure",
+    )
+    .await;
+    assert_eq!(after.status, StatusCode::OK, "{:?}", after.body);
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
 }
