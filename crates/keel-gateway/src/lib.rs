@@ -24,14 +24,13 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod access;
@@ -40,6 +39,7 @@ mod auth;
 mod bridge;
 mod cache;
 pub mod config;
+mod conns;
 mod filter;
 mod h1;
 mod metrics;
@@ -198,10 +198,26 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
-        let stop = CancellationToken::new();
+        let conns = Arc::new(conns::Conns::default());
         for pool in &self.inner.current.load().pools {
             upstream::start(pool);
         }
+        // The janitor: closes idle connections (the timeout as configured now, checked every
+        // half of it).
+        let janitor = {
+            let (conns, inner) = (conns.clone(), self.inner.clone());
+            tokio::spawn(async move {
+                loop {
+                    let idle = inner.current.load().config.server.idle_timeout;
+                    let period = (idle / 2).clamp(
+                        std::time::Duration::from_millis(10),
+                        std::time::Duration::from_secs(1),
+                    );
+                    tokio::time::sleep(period).await;
+                    conns.sweep(idle);
+                }
+            })
+        };
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -229,18 +245,20 @@ impl Gateway {
             let header_timeout = shared.config.server.header_timeout;
             drop(shared);
             let inner = self.inner.clone();
-            let stop = stop.clone();
+            let conns = conns.clone();
             inner
                 .metrics
                 .connections_open
                 .fetch_add(1, Ordering::Relaxed);
             tracker.spawn(async move {
+                let watched = conns.add();
+                let state = watched.state.clone();
                 match tls {
-                    None => serve_connection(inner.clone(), stream, peer, false, stop).await,
+                    None => serve_connection(inner.clone(), stream, peer, false, state).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(stream)) => {
-                                serve_connection(inner.clone(), stream, peer, true, stop).await;
+                                serve_connection(inner.clone(), stream, peer, true, state).await;
                             }
                             Ok(Err(e)) => {
                                 inner
@@ -258,54 +276,47 @@ impl Gateway {
                         }
                     }
                 }
+                drop(watched);
                 inner
                     .metrics
                     .connections_open
                     .fetch_sub(1, Ordering::Relaxed);
             });
         }
-        stop.cancel();
+        conns.stop_all();
         tracker.close();
         tracker.wait().await;
+        janitor.abort();
         Ok(())
     }
 }
 
-/// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends, `stop`
-/// asks it to wind down, or it has been idle (no bytes either way and no request in flight)
-/// for `idle_timeout`.
+/// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends or the
+/// janitor asks it to wind down (idle for too long, or the gateway stopping).
 async fn serve_connection<I>(
     inner: Arc<Inner>,
     io: I,
     peer: std::net::SocketAddr,
     tls: bool,
-    stop: CancellationToken,
+    state: Arc<conns::ConnState>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_timeout, idle_timeout) = {
-        let shared = inner.current.load();
-        (
-            shared.config.server.header_timeout,
-            shared.config.server.idle_timeout,
-        )
-    };
-    let activity = Arc::new(AtomicU64::new(0));
-    let inflight = Arc::new(AtomicUsize::new(0));
-    let requests = inflight.clone();
+    let header_timeout = inner.current.load().config.server.header_timeout;
+    let requests = state.clone();
     let service = hyper::service::service_fn(move |req| {
         let inner = inner.clone();
         let requests = requests.clone();
         async move {
-            requests.fetch_add(1, Ordering::Relaxed);
+            requests.inflight.fetch_add(1, Ordering::Relaxed);
             let resp = proxy::handle(inner, req, peer, tls).await;
-            requests.fetch_sub(1, Ordering::Relaxed);
+            requests.inflight.fetch_sub(1, Ordering::Relaxed);
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
     let io = Activity {
         io,
-        count: activity.clone(),
+        state: state.clone(),
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -313,39 +324,30 @@ async fn serve_connection<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let period = (idle_timeout / 2).max(std::time::Duration::from_millis(10));
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let (mut seen, mut quiet_since) = (0u64, tokio::time::Instant::now());
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            () = stop.cancelled() => break,
-            now = ticks.tick() => {
-                let count = activity.load(Ordering::Relaxed);
-                if count != seen || inflight.load(Ordering::Relaxed) > 0 {
-                    seen = count;
-                    quiet_since = now;
-                } else if now.duration_since(quiet_since) >= idle_timeout {
-                    tracing::debug!(%peer, "closing an idle connection");
-                    break;
-                }
-            }
+    let mut conn = std::pin::pin!(conn);
+    let (mut registered, mut winding_down) = (false, false);
+    let result = std::future::poll_fn(|cx| {
+        if !registered {
+            // A task's waker stays valid for the task's life: one registration will do.
+            state.waker.register(cx.waker());
+            registered = true;
         }
+        if !winding_down && state.close.load(Ordering::Acquire) {
+            conn.as_mut().graceful_shutdown();
+            winding_down = true;
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
 }
 
 /// Counts reads and writes that moved bytes, so an idle connection can be told apart.
 struct Activity<I> {
     io: I,
-    count: Arc<AtomicU64>,
+    state: Arc<conns::ConnState>,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
@@ -357,7 +359,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
         let before = buf.filled().len();
         let poll = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.state.activity.fetch_add(1, Ordering::Relaxed);
         }
         poll
     }
@@ -371,7 +373,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Activity<I> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
         if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.state.activity.fetch_add(1, Ordering::Relaxed);
         }
         poll
     }
@@ -383,7 +385,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Activity<I> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.state.activity.fetch_add(1, Ordering::Relaxed);
         }
         poll
     }
