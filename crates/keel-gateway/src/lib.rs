@@ -41,7 +41,6 @@ mod cache;
 pub mod config;
 mod conns;
 mod filter;
-mod h1;
 mod metrics;
 mod proxy;
 mod router;

@@ -133,11 +133,10 @@ impl Metrics {
                 );
                 let _ = writeln!(
                     per_server,
-                    "keel_gateway_upstream_requests_total{{{labels}}} {}\nkeel_gateway_upstream_failures_total{{{labels}}} {}\nkeel_gateway_upstream_inflight{{{labels}}} {}\nkeel_gateway_upstream_idle_connections{{{labels}}} {}",
+                    "keel_gateway_upstream_requests_total{{{labels}}} {}\nkeel_gateway_upstream_failures_total{{{labels}}} {}\nkeel_gateway_upstream_inflight{{{labels}}} {}",
                     s.requests.load(Relaxed),
                     s.failures.load(Relaxed),
-                    s.stats.inflight(),
-                    s.idle.len()
+                    s.stats.inflight()
                 );
             }
             let (waiting, rejected) = pool
@@ -149,7 +148,7 @@ impl Metrics {
                 "keel_gateway_upstream_queue_depth{{upstream=\"{up}\"}} {waiting}\nkeel_gateway_upstream_queue_rejected_total{{upstream=\"{up}\"}} {rejected}"
             );
         }
-        out.push_str("# TYPE keel_gateway_upstream_requests_total counter\n# TYPE keel_gateway_upstream_failures_total counter\n# TYPE keel_gateway_upstream_inflight gauge\n# TYPE keel_gateway_upstream_idle_connections gauge\n");
+        out.push_str("# TYPE keel_gateway_upstream_requests_total counter\n# TYPE keel_gateway_upstream_failures_total counter\n# TYPE keel_gateway_upstream_inflight gauge\n");
         out.push_str(&per_server);
         out.push_str("# HELP keel_gateway_upstream_queue_depth Requests waiting for an upstream slot.\n# TYPE keel_gateway_upstream_queue_depth gauge\n# TYPE keel_gateway_upstream_queue_rejected_total counter\n");
         out.push_str(&per_pool);

@@ -465,19 +465,12 @@ impl Upstream<'_> {
                 break;
             };
             let server = &servers[index];
-            // hyper-util's client wants the absolute form (it picks the connection by it);
-            // a connection of our own sends the origin form, which every server accepts.
-            let pooled_client = pool.h2 || on_upgrade.is_some();
-            let uri = if pooled_client {
-                Uri::builder()
-                    .scheme("http")
-                    .authority(server.authority.clone())
-                    .path_and_query(self.target)
-                    .build()
-            } else {
-                Uri::builder().path_and_query(self.target).build()
-            };
-            let uri = match uri {
+            let uri = match Uri::builder()
+                .scheme("http")
+                .authority(server.authority.clone())
+                .path_and_query(self.target)
+                .build()
+            {
                 Ok(uri) => uri,
                 Err(e) => {
                     return error(
@@ -500,19 +493,7 @@ impl Upstream<'_> {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             server.stats.start();
             let started = Instant::now();
-            let exchange = async {
-                if pooled_client {
-                    match pool.client.request(up).await {
-                        Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
-                        Err(e) => Err(e.to_string()),
-                    }
-                } else {
-                    crate::h1::send(server, up, pool.connect_timeout)
-                        .await
-                        .map_err(|e| e.0)
-                }
-            };
-            let result = tokio::time::timeout(self.timeout, exchange).await;
+            let result = tokio::time::timeout(self.timeout, pool.client.request(up)).await;
             let (outcome, answer) = match result {
                 Ok(Ok(resp)) => {
                     let outcome = if resp.status().is_server_error() {
@@ -572,7 +553,7 @@ impl Upstream<'_> {
                     {
                         parts_out.headers.append(header::SET_COOKIE, v);
                     }
-                    return Response::from_parts(parts_out, body);
+                    return Response::from_parts(parts_out, body.map_err(BoxError::from).boxed());
                 }
                 Err((true, detail)) if replayable => {
                     tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");

@@ -46,8 +46,6 @@ pub(crate) struct Server {
     pub(crate) failures: AtomicU64,
     /// The opaque id a sticky-session cookie carries.
     pub(crate) sticky_id: String,
-    /// Idle HTTP/1.1 connections to it.
-    pub(crate) idle: crate::h1::IdleList,
 }
 
 impl Server {
@@ -171,7 +169,6 @@ pub(crate) struct Pool {
     started: AtomicBool,
     pub(crate) client: Client<HttpConnector, UpBody>,
     pub(crate) response_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) outlier: OutlierConfig,
     pub(crate) health: Option<HealthConfig>,
@@ -190,7 +187,6 @@ impl Server {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sticky_id: format!("{:016x}", balance::hash_key(address.as_bytes())),
-            idle: crate::h1::IdleList::default(),
         })
     }
 }
@@ -233,7 +229,6 @@ impl Pool {
             started: AtomicBool::new(false),
             client,
             response_timeout: config.response_timeout,
-            connect_timeout: config.connect_timeout,
             max_attempts: config.max_attempts.max(1),
             outlier: config.outlier.clone(),
             health: config.health.clone(),
