@@ -184,6 +184,9 @@ python3 - "$RESULTS" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 med = lambda p, k: statistics.median(r[k] for r in rows if r["proxy"] == p)
+bad = [r for r in rows if r["non_2xx"] > 0]
+if bad:
+    sys.exit(f"non-2xx answers in a run, so its figures would not be proxied requests: {bad}")
 print(f"{'proxy':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU s':>7} {'RSS MiB':>8}")
 t = {}
 for p in ("keel", "nginx", "haproxy", "keel_auth"):

@@ -4,7 +4,9 @@
 //! ejection); the JSON reply comes back as the answer.
 //!
 //! What travels as call metadata: `authorization`, headers named `keel-meta-<key>` (as
-//! `<key>`), the headers the route's JWT check forwards claims in, and `x-forwarded-for`.
+//! `<key>`), the headers the route's JWT check forwards claims in, and `x-forwarded-for` (the
+//! client's address). A `keel-meta-` header naming one of the others is dropped, so a client
+//! cannot forge them.
 //! RPC errors become the HTTP status of their code (`Code::http_status`) with
 //! `{"error": "<code>", "detail": "<message>"}`.
 
@@ -90,6 +92,33 @@ impl Bridge {
         Ok(channel)
     }
 
+    /// The call metadata for a request's headers (see the module docs).
+    fn metadata(&self, headers: &http::HeaderMap, peer: std::net::IpAddr) -> Vec<(Text, Bytes)> {
+        let mut metadata: Vec<(Text, Bytes)> = Vec::new();
+        for (name, value) in headers {
+            let name = name.as_str();
+            let reserved = |key: &str| {
+                key == "authorization"
+                    || key == "x-forwarded-for"
+                    || self.claim_headers.iter().any(|c| c == key)
+            };
+            let key = if let Some(key) = name.strip_prefix("keel-meta-") {
+                // A client may not pass off its own values as what the gateway vouches for.
+                if reserved(key) {
+                    continue;
+                }
+                key
+            } else if reserved(name) && name != "x-forwarded-for" {
+                name
+            } else {
+                continue;
+            };
+            metadata.push((Text::from(key), Bytes::copy_from_slice(value.as_bytes())));
+        }
+        metadata.push((Text::from("x-forwarded-for"), Bytes::from(peer.to_string())));
+        metadata
+    }
+
     /// Serves one request; `method` is the path after the route's rewrite (`/<Method>`).
     pub(crate) async fn serve(
         &self,
@@ -138,19 +167,7 @@ impl Bridge {
                 );
             }
         };
-        let mut metadata: Vec<(Text, Bytes)> = Vec::new();
-        for (name, value) in &parts.headers {
-            let name = name.as_str();
-            let key = if let Some(key) = name.strip_prefix("keel-meta-") {
-                key
-            } else if name == "authorization" || self.claim_headers.iter().any(|c| c == name) {
-                name
-            } else {
-                continue;
-            };
-            metadata.push((Text::from(key), Bytes::copy_from_slice(value.as_bytes())));
-        }
-        metadata.push((Text::from("x-forwarded-for"), Bytes::from(peer.to_string())));
+        let metadata = self.metadata(&parts.headers, peer);
         let channel = match self.channel().await {
             Ok(c) => c,
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
@@ -190,5 +207,38 @@ impl Bridge {
                 status.message(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_cannot_forge_what_the_gateway_vouches_for() {
+        let config: RpcRouteConfig =
+            toml::from_str("service = \"a.B\"\nservers = [\"127.0.0.1:1\"]").unwrap();
+        let bridge = Bridge::new(&config, vec!["x-user-id".into()]);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer t".parse().unwrap());
+        headers.insert("x-user-id", "alice".parse().unwrap());
+        headers.insert("keel-meta-trace", "t-1".parse().unwrap());
+        headers.insert("keel-meta-x-user-id", "mallory".parse().unwrap());
+        headers.insert("keel-meta-authorization", "Bearer forged".parse().unwrap());
+        headers.insert("keel-meta-x-forwarded-for", "10.9.9.9".parse().unwrap());
+        headers.insert("x-forwarded-for", "10.8.8.8".parse().unwrap());
+        let meta = bridge.metadata(&headers, "127.0.0.1".parse().unwrap());
+        let pairs: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        let get = |key: &str| -> Vec<&[u8]> {
+            pairs
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| *v)
+                .collect()
+        };
+        assert_eq!(get("x-user-id"), vec![&b"alice"[..]]);
+        assert_eq!(get("authorization"), vec![&b"Bearer t"[..]]);
+        assert_eq!(get("trace"), vec![&b"t-1"[..]]);
+        assert_eq!(get("x-forwarded-for"), vec![&b"127.0.0.1"[..]]);
     }
 }

@@ -4,9 +4,10 @@
 //!
 //! An answer is stored when its status is cacheable by default (200, 203, 204, 300, 301, 404,
 //! 410), it carries no `Set-Cookie` and no `Vary`, its `Cache-Control` has none of `no-store`,
-//! `no-cache`, `private`, and it is fresh for a positive time: `s-maxage`, else `max-age`,
-//! else `Expires` minus now, else the route's `default_ttl`. A request with `Authorization`,
-//! or whose `Cache-Control`/`Pragma` asks for `no-cache` or `no-store`, bypasses the cache.
+//! `no-cache`, `private`, and it is fresh for a positive time: `s-maxage`, else `max-age`
+//! (less its `Age`), else `Expires` minus now, else the route's `default_ttl`. A request with
+//! `Authorization`, on a route with auth, or whose `Cache-Control`/`Pragma` asks for
+//! `no-cache` or `no-store`, bypasses the cache.
 //! Answers carry `X-Cache: HIT`, `MISS` or `BYPASS`, and hits an `Age`.
 
 use std::collections::HashMap;
@@ -91,6 +92,8 @@ pub(crate) enum Miss {
     Lead(LeadGuard),
     /// Another request is fetching this key: wait on this, then look again.
     Follow(watch::Receiver<()>),
+    /// It has just been stored.
+    Stored(Arc<Stored>),
 }
 
 /// Held by the request fetching a key; dropping it wakes the followers.
@@ -120,6 +123,7 @@ impl Cache {
                     u32::try_from(k.len() + v.body.len() + headers + 64).unwrap_or(u32::MAX)
                 })
                 .expire_after(Ttl)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
             inflight: Mutex::new(HashMap::new()),
             max_entry: config.max_entry_bytes,
@@ -137,6 +141,11 @@ impl Cache {
         let mut inflight = self.inflight.lock();
         if let Some(rx) = inflight.get(key) {
             return Miss::Follow(rx.clone());
+        }
+        // A fetch may have ended between the caller's lookup and this lock: look again, so
+        // it is not repeated.
+        if let Some(stored) = self.get(key) {
+            return Miss::Stored(stored);
         }
         let (tx, rx) = watch::channel(());
         inflight.insert(key.to_owned(), rx);
@@ -259,7 +268,13 @@ impl Cache {
             }
         }
         let ttl = if let Some(secs) = s_maxage.or(max_age) {
-            Duration::from_secs(secs)
+            // Time it already spent in caches upstream counts (RFC 9111 §4.2.3).
+            let age = h
+                .get(header::AGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            Duration::from_secs(secs.saturating_sub(age))
         } else if let Some(expires) = h.get(header::EXPIRES) {
             // An unparsable Expires means "already expired" (RFC 9111 §5.3).
             expires

@@ -105,6 +105,12 @@ pub struct ServerSection {
     pub max_body_bytes: u64,
     /// Client connections open at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted; HTTP/1 clients sending more
+    /// get 431 (hyper's buffer cannot go below 8 KiB), HTTP/2 ones a stream error.
+    pub max_header_bytes: usize,
+    /// At stop, time given to requests in flight before their connections are cut.
+    #[serde(deserialize_with = "ms", rename = "shutdown_grace_ms")]
+    pub shutdown_grace: Duration,
     /// Access log: `"stdout"`, a file path, or absent for none. One JSON object per line.
     pub access_log: Option<String>,
     /// TLS; plain HTTP (with h2c) if absent.
@@ -120,6 +126,8 @@ impl Default for ServerSection {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 16 << 20,
             max_connections: 100_000,
+            max_header_bytes: 64 * 1024,
+            shutdown_grace: Duration::from_secs(30),
             access_log: None,
             tls: None,
         }
@@ -200,6 +208,12 @@ pub struct UpstreamConfig {
     /// Attempts per request, for idempotent requests without a body that got no answer.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Retries may add at most this share of extra requests (over about ten seconds) ...
+    #[serde(default = "default_budget_ratio")]
+    pub retry_budget_ratio: f64,
+    /// ... plus this many a second whatever the share, so a quiet pool can still retry.
+    #[serde(default = "default_budget_floor")]
+    pub retry_budget_min_per_sec: u32,
     /// Active health checks; without them only passive ejection applies.
     #[serde(default)]
     pub health: Option<HealthConfig>,
@@ -352,6 +366,12 @@ fn default_response_timeout() -> Duration {
 fn default_attempts() -> u32 {
     3
 }
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_floor() -> u32 {
+    10
+}
 
 /// `[[routes]]`: what a request must match, and where it goes.
 #[derive(Debug, Clone, Deserialize)]
@@ -446,9 +466,11 @@ pub struct RateLimitConfig {
     /// Requests allowed at once after a quiet period.
     pub burst: u32,
     /// What has a bucket: `"ip"` (the client address, the default), `"route"` (one bucket
-    /// for everyone), `"api_key"` (the route's API-key header) or `"header:NAME"`. A request
-    /// without the header is counted by its address. Keyed limits are checked after auth, so
-    /// only valid keys get buckets; address and route limits before it.
+    /// for everyone), `"api_key"` (the route's API-key header; only keys the route accepts
+    /// count, others count against the address) or `"header:NAME"` (a value the client
+    /// chooses: pair it with a per-IP limit). A request without the header is counted by its
+    /// address. Keyed limits are checked after auth, address and route limits before it. A
+    /// limiter keeps at most 100,000 buckets; beyond that, newcomers share one.
     #[serde(default = "default_limit_key")]
     pub key: String,
 }
@@ -486,6 +508,12 @@ impl GatewayConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be positive".into());
+        }
+        if self.server.header_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+            return bad("server.header_timeout_ms and idle_timeout_ms must be positive".into());
+        }
+        if self.server.max_header_bytes < 8192 {
+            return bad("server.max_header_bytes must be at least 8192".into());
         }
         for (name, up) in &self.upstreams {
             match &up.discovery {
@@ -529,6 +557,11 @@ impl GatewayConfig {
             {
                 return bad(format!(
                     "upstream {name:?}: sticky_cookie {cookie:?} is not a cookie name"
+                ));
+            }
+            if !(0.0..=10.0).contains(&up.retry_budget_ratio) {
+                return bad(format!(
+                    "upstream {name:?}: retry_budget_ratio must be between 0 and 10"
                 ));
             }
             if up.max_inflight == Some(0) {
@@ -639,9 +672,15 @@ impl GatewayConfig {
                 }
             }
             for rl in r.rate_limit.iter().chain(&r.rate_limits) {
-                if rl.per_second <= 0.0 || rl.burst == 0 {
+                if !(rl.per_second >= 1e-3 && rl.per_second.is_finite()) || rl.burst == 0 {
                     return bad(format!(
-                        "route {}: rate_limit needs per_second > 0 and burst > 0",
+                        "route {}: rate_limit needs per_second >= 0.001 and burst > 0",
+                        i + 1
+                    ));
+                }
+                if rl.key == "api_key" && r.auth.as_ref().is_none_or(|a| a.api_keys.is_empty()) {
+                    return bad(format!(
+                        "route {}: a rate limit keyed by api_key needs auth with api_keys",
                         i + 1
                     ));
                 }

@@ -22,6 +22,8 @@ pub(crate) struct ConnState {
     pub(crate) activity: AtomicU64,
     /// Requests being answered.
     pub(crate) inflight: AtomicUsize,
+    /// Whether a first request has arrived (until then the connection is on a deadline).
+    pub(crate) started: AtomicBool,
     /// Set by the janitor: wind down.
     pub(crate) close: AtomicBool,
     /// The connection task, to wake when `close` is set.
@@ -29,6 +31,23 @@ pub(crate) struct ConnState {
     /// The janitor's bookkeeping: `activity` at its last look, and since when it is unchanged.
     seen: AtomicU64,
     quiet_since_ms: AtomicU64,
+}
+
+/// A request in flight on a connection, for as long as it lives.
+pub(crate) struct Busy<'a>(&'a ConnState);
+
+impl<'a> Busy<'a> {
+    pub(crate) fn new(state: &'a ConnState) -> Busy<'a> {
+        state.inflight.fetch_add(1, Ordering::Relaxed);
+        state.started.store(true, Ordering::Relaxed);
+        Busy(state)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnState {

@@ -63,18 +63,34 @@ enum LimitKey {
     Header(HeaderName),
 }
 
+/// Buckets kept per limiter at most.
+const MAX_BUCKETS: usize = 100_000;
+
+#[derive(Debug)]
+struct Buckets {
+    map: HashMap<u64, Bucket>,
+    swept: Instant,
+}
+
 /// Token buckets, one per key (by its hash).
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     per_second: f64,
     burst: f64,
     key: LimitKey,
-    buckets: Mutex<HashMap<u64, Bucket>>,
+    /// For `api_key`: the keys the route accepts.
+    valid_keys: Vec<Vec<u8>>,
+    buckets: Mutex<Buckets>,
 }
 
 impl RateLimiter {
-    /// `api_key_header` is the header `key = "api_key"` means.
-    pub(crate) fn new(config: &RateLimitConfig, api_key_header: &str) -> RateLimiter {
+    /// `api_key_header` is the header `key = "api_key"` means, `api_keys` the keys the route
+    /// accepts.
+    pub(crate) fn new(
+        config: &RateLimitConfig,
+        api_key_header: &str,
+        api_keys: &[String],
+    ) -> RateLimiter {
         let key = match config.key.as_str() {
             "route" => LimitKey::Route,
             "api_key" => HeaderName::from_bytes(api_key_header.as_bytes())
@@ -87,8 +103,16 @@ impl RateLimiter {
         RateLimiter {
             per_second: config.per_second,
             burst: f64::from(config.burst),
+            valid_keys: if config.key == "api_key" {
+                api_keys.iter().map(|k| k.as_bytes().to_vec()).collect()
+            } else {
+                Vec::new()
+            },
             key,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
@@ -116,20 +140,37 @@ impl RateLimiter {
             LimitKey::Ip => by_ip(),
             LimitKey::Route => 0,
             // Hashed with a marker byte, so a header value never shares an address's bucket.
-            LimitKey::Header(h) => headers.get(h).map_or_else(by_ip, |v| {
-                let mut bytes = Vec::with_capacity(v.len() + 1);
-                bytes.push(0xff);
-                bytes.extend_from_slice(v.as_bytes());
-                hash_key(&bytes)
-            }),
+            // An API-key limit only counts keys the route accepts: a made-up key (sent along
+            // with a valid token) counts against the address.
+            LimitKey::Header(h) => headers
+                .get(h)
+                .filter(|v| {
+                    self.valid_keys.is_empty() || self.valid_keys.iter().any(|k| k == v.as_bytes())
+                })
+                .map_or_else(by_ip, |v| {
+                    let mut bytes = Vec::with_capacity(v.len() + 1);
+                    bytes.push(0xff);
+                    bytes.extend_from_slice(v.as_bytes());
+                    hash_key(&bytes)
+                }),
         };
         let now = Instant::now();
-        let mut buckets = self.buckets.lock();
-        // Forget clients whose buckets have long been full again, so the map stays small.
-        if buckets.len() > 100_000 {
-            let full_after = Duration::from_secs_f64(self.burst / self.per_second);
-            buckets.retain(|_, b| now.duration_since(b.at) < full_after);
+        let mut guard = self.buckets.lock();
+        let Buckets { map, swept } = &mut *guard;
+        // Forget clients whose buckets have long been full again (at most once a second), so
+        // the map stays small; past the cap, newcomers share one bucket rather than growing it.
+        let mut key = key;
+        if map.len() >= MAX_BUCKETS && !map.contains_key(&key) {
+            if now.duration_since(*swept) >= Duration::from_secs(1) {
+                *swept = now;
+                let full_after = Duration::from_secs_f64(self.burst / self.per_second);
+                map.retain(|_, b| now.duration_since(b.at) < full_after);
+            }
+            if map.len() >= MAX_BUCKETS {
+                key = u64::MAX;
+            }
         }
+        let buckets = map;
         let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: self.burst,
             at: now,
@@ -176,6 +217,7 @@ mod tests {
                 key: "ip".into(),
             },
             "x-api-key",
+            &[],
         );
         let none = HeaderMap::new();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
@@ -203,7 +245,8 @@ mod tests {
         alice.insert("x-api-key", "alice".parse().unwrap());
         let mut bob = HeaderMap::new();
         bob.insert("x-api-key", "bob".parse().unwrap());
-        let by_key = RateLimiter::new(&config("api_key"), "x-api-key");
+        let keys = ["alice".to_owned(), "bob".to_owned()];
+        let by_key = RateLimiter::new(&config("api_key"), "x-api-key", &keys);
         assert!(by_key.after_auth());
         assert!(by_key.check(ip, &alice).is_ok());
         assert!(by_key.check(ip, &alice).is_ok());
@@ -213,7 +256,15 @@ mod tests {
         assert!(by_key.check(ip, &HeaderMap::new()).is_ok());
         assert_eq!(by_key.subject(ip, &alice), "this x-api-key");
 
-        let whole = RateLimiter::new(&config("route"), "x-api-key");
+        // A key the route does not accept counts against the address.
+        let mut forged = HeaderMap::new();
+        forged.insert("x-api-key", "made-up".parse().unwrap());
+        let other: IpAddr = "10.0.0.9".parse().unwrap();
+        assert!(by_key.check(other, &forged).is_ok());
+        assert!(by_key.check(other, &HeaderMap::new()).is_ok());
+        assert!(by_key.check(other, &forged).is_err());
+
+        let whole = RateLimiter::new(&config("route"), "x-api-key", &[]);
         assert!(!whole.after_auth());
         assert!(whole.check(ip, &alice).is_ok());
         assert!(whole.check("10.0.0.2".parse().unwrap(), &bob).is_ok());

@@ -284,7 +284,15 @@ impl Gateway {
         }
         conns.stop_all();
         tracker.close();
-        tracker.wait().await;
+        // Requests in flight get a grace period; a response still streaming after it (a
+        // stalled upstream, a client that stopped reading) is cut.
+        let grace = self.inner.current.load().config.server.shutdown_grace;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "connections still busy after the grace period; closing them"
+            );
+        }
         janitor.abort();
         Ok(())
     }
@@ -301,15 +309,19 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = inner.current.load().config.server.header_timeout;
+    let (header_timeout, max_header_bytes) = {
+        let shared = inner.current.load();
+        let server = &shared.config.server;
+        (server.header_timeout, server.max_header_bytes)
+    };
     let requests = state.clone();
     let service = hyper::service::service_fn(move |req| {
         let inner = inner.clone();
         let requests = requests.clone();
         async move {
-            requests.inflight.fetch_add(1, Ordering::Relaxed);
+            // Counted down also when hyper drops the request midway (an HTTP/2 reset).
+            let _busy = conns::Busy::new(&requests);
             let resp = proxy::handle(inner, req, peer, tls).await;
-            requests.inflight.fetch_sub(1, Ordering::Relaxed);
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
@@ -321,9 +333,17 @@ async fn serve_connection<I>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_header_bytes);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
+    // Until a first request arrives the connection is on the header deadline: hyper's own
+    // header timeout starts only once it has told HTTP/1 from HTTP/2, so a client trickling
+    // the first bytes would otherwise hold the connection.
+    let mut first_request_by = std::pin::pin!(tokio::time::sleep(header_timeout));
     let (mut registered, mut winding_down) = (false, false);
     let result = std::future::poll_fn(|cx| {
         if !registered {
@@ -335,11 +355,16 @@ async fn serve_connection<I>(
             conn.as_mut().graceful_shutdown();
             winding_down = true;
         }
-        conn.as_mut().poll(cx)
+        if !state.started.load(Ordering::Relaxed) && first_request_by.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        conn.as_mut().poll(cx).map(Some)
     })
     .await;
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    match result {
+        None => tracing::debug!(%peer, "no request within the header timeout; closed"),
+        Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+        Some(Ok(())) => {}
     }
 }
 
@@ -420,13 +445,18 @@ fn compile(
         .upstreams
         .iter()
         .map(|(name, up)| {
-            old.and_then(|o| {
-                o.pools
-                    .iter()
-                    .find(|p| &p.name == name && p.config == *up)
-                    .cloned()
-            })
-            .unwrap_or_else(|| Arc::new(upstream::Pool::new(name, up)))
+            let previous = old.and_then(|o| o.pools.iter().find(|p| &p.name == name));
+            match previous {
+                Some(p) if p.config == *up => p.clone(),
+                Some(p) if up.discovery.is_some() && p.config.discovery == up.discovery => {
+                    // Other settings, same registry service: start from the servers known
+                    // now (with their statistics) until the new watch reports.
+                    let pool = upstream::Pool::new(name, up);
+                    pool.adopt_servers(p);
+                    Arc::new(pool)
+                }
+                _ => Arc::new(upstream::Pool::new(name, up)),
+            }
         })
         .collect();
     let routes = config

@@ -20,7 +20,8 @@ const BOUNDS_US: [u64; 14] = [
     2_500_000, 10_000_000,
 ];
 
-/// Requests of one route: by status class and by latency to the response head.
+/// Requests of one route (or answers of one pool's servers): by status class and by latency
+/// to the response head.
 #[derive(Debug, Default)]
 pub(crate) struct RouteMetrics {
     /// 1xx … 5xx.
@@ -45,6 +46,40 @@ impl RouteMetrics {
     /// Requests answered so far.
     pub(crate) fn total(&self) -> u64 {
         self.by_class.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// `metric{label="value",class="Nxx"} count` lines.
+    fn render_classes(&self, out: &mut String, metric: &str, label: &str, value: &str) {
+        let value = escape(value);
+        for (i, c) in self.by_class.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{metric}{{{label}=\"{value}\",class=\"{}xx\"}} {}",
+                i + 1,
+                c.load(Relaxed)
+            );
+        }
+    }
+
+    /// The latency histogram's `_bucket`, `_sum` and `_count` lines.
+    fn render_histogram(&self, out: &mut String, metric: &str, label: &str, value: &str) {
+        let value = escape(value);
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = BOUNDS_US
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{metric}_bucket{{{label}=\"{value}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{metric}_sum{{{label}=\"{value}\"}} {}\n{metric}_count{{{label}=\"{value}\"}} {cumulative}",
+            self.sum_us.load(Relaxed) as f64 / 1e6
+        );
     }
 }
 
@@ -84,15 +119,7 @@ impl Metrics {
             .collect();
         out.push_str("# HELP keel_gateway_requests_total Requests answered, by route and status class.\n# TYPE keel_gateway_requests_total counter\n");
         for (name, m) in &routes {
-            for (i, c) in m.by_class.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "keel_gateway_requests_total{{route=\"{}\",class=\"{}xx\"}} {}",
-                    escape(name),
-                    i + 1,
-                    c.load(Relaxed)
-                );
-            }
+            m.render_classes(&mut out, "keel_gateway_requests_total", "route", name);
         }
         let _ = writeln!(
             out,
@@ -101,22 +128,29 @@ impl Metrics {
         );
         out.push_str("# HELP keel_gateway_request_duration_seconds Time to the response head, by route.\n# TYPE keel_gateway_request_duration_seconds histogram\n");
         for (name, m) in &routes {
-            let name = escape(name);
-            let mut cumulative = 0;
-            for (i, b) in m.buckets.iter().enumerate() {
-                cumulative += b.load(Relaxed);
-                let le = BOUNDS_US
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
-                let _ = writeln!(
-                    out,
-                    "keel_gateway_request_duration_seconds_bucket{{route=\"{name}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "keel_gateway_request_duration_seconds_sum{{route=\"{name}\"}} {}\nkeel_gateway_request_duration_seconds_count{{route=\"{name}\"}} {cumulative}",
-                m.sum_us.load(Relaxed) as f64 / 1e6
+            m.render_histogram(
+                &mut out,
+                "keel_gateway_request_duration_seconds",
+                "route",
+                name,
+            );
+        }
+        out.push_str("# HELP keel_gateway_upstream_responses_total Answers from each pool's servers (502/504 for none), by status class.\n# TYPE keel_gateway_upstream_responses_total counter\n");
+        for pool in &shared.pools {
+            pool.responses.render_classes(
+                &mut out,
+                "keel_gateway_upstream_responses_total",
+                "upstream",
+                &pool.name,
+            );
+        }
+        out.push_str("# HELP keel_gateway_upstream_response_seconds Time from sending to a server to its response head, by pool.\n# TYPE keel_gateway_upstream_response_seconds histogram\n");
+        for pool in &shared.pools {
+            pool.responses.render_histogram(
+                &mut out,
+                "keel_gateway_upstream_response_seconds",
+                "upstream",
+                &pool.name,
             );
         }
         out.push_str("# HELP keel_gateway_upstream_server_up 1 if the server may take traffic (healthy and not ejected).\n# TYPE keel_gateway_upstream_server_up gauge\n");

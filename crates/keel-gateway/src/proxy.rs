@@ -177,7 +177,71 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
-        .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_owned())
+        .map(|h| strip_port(h).to_owned())
+}
+
+/// The path routes match and servers get: `%XX` escapes of unreserved characters decoded
+/// and runs of slashes merged (so `/%61dmin` and `//admin` are `/admin`, and cannot slip past
+/// a route guarding `/admin/`); a `.` or `..` segment, escaped or not, is refused.
+fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    let bytes = path.as_bytes();
+    let plain = !path.contains('%') && !path.contains("//");
+    if plain
+        && !path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+    {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            let decoded = hi << 4 | lo;
+            if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
+                out.push(char::from(decoded));
+            } else {
+                out.push_str(&path[i..i + 3]);
+            }
+            i += 3;
+            continue;
+        }
+        if b == b'/' && out.ends_with('/') {
+            i += 1;
+            continue;
+        }
+        // Copy the whole UTF-8 character (paths are ASCII in practice, but be exact).
+        let len = path[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&path[i..i + len]);
+        i += len;
+    }
+    if out
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(format!("the path {path:?} has a dot segment"));
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// `host:port` → `host`; `[v6]:port` → `[v6]`; a bare IPv6 literal is kept whole.
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
 }
 
 async fn serve(
@@ -188,7 +252,10 @@ async fn serve(
     note: &mut Note,
 ) -> Response<DownBody> {
     let host = host_of(&req);
-    let path = req.uri().path().to_owned();
+    let path = match normalize_path(req.uri().path()) {
+        Ok(p) => p.into_owned(),
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_path", why),
+    };
     let Some((route_index, route)) =
         shared
             .router
@@ -337,7 +404,8 @@ async fn serve(
         return downgrade_version(resp, client_version);
     };
     let head = parts.method == Method::HEAD;
-    let mut resp = if cache::bypass(&parts.headers) {
+    // Answers to authenticated requests may differ per credential: never shared.
+    let mut resp = if route.auth.is_some() || cache::bypass(&parts.headers) {
         note.cache = Some("BYPASS");
         let mut resp = up.forward(parts, body, None, note).await;
         cache::mark(&mut resp, "BYPASS");
@@ -356,6 +424,10 @@ async fn serve(
                 cache::Miss::Lead(guard) => {
                     let resp = up.forward(parts, body, None, note).await;
                     cache.offer(&guard, resp).await
+                }
+                cache::Miss::Stored(hit) => {
+                    note.cache = Some("HIT");
+                    return hit.respond(head);
                 }
                 cache::Miss::Follow(mut fetching) => {
                     let _ = tokio::time::timeout(timeout, fetching.changed()).await;
@@ -455,6 +527,7 @@ impl Upstream<'_> {
         };
         // Only a bodiless idempotent request can be sent again after a failed attempt.
         let replayable = is_idempotent(&parts.method) && body.is_end_stream();
+        pool.budget.deposit();
         let mut body = Some(body.boxed());
         let mut on_upgrade = on_upgrade;
         let mut tried: Vec<usize> = Vec::new();
@@ -491,8 +564,14 @@ impl Upstream<'_> {
             server
                 .requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut attempt = Attempt {
+                pool,
+                servers: &servers,
+                server,
+                started: Instant::now(),
+                outcome: None,
+            };
             server.stats.start();
-            let started = Instant::now();
             let result = tokio::time::timeout(self.timeout, pool.client.request(up)).await;
             let (outcome, answer) = match result {
                 Ok(Ok(resp)) => {
@@ -520,18 +599,14 @@ impl Upstream<'_> {
                     )),
                 ),
             };
-            if outcome == Outcome::Failure {
-                server
-                    .failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            let may_eject = outcome == Outcome::Failure && pool.may_eject(&servers);
-            if server
-                .stats
-                .finish(outcome, started.elapsed(), &pool.outlier, may_eject)
-            {
-                tracing::warn!(upstream = %pool.name, server = %server.address, "server ejected after failures");
-            }
+            let status = match &answer {
+                Ok(resp) => resp.status(),
+                Err((true, _)) => StatusCode::BAD_GATEWAY,
+                Err((false, _)) => StatusCode::GATEWAY_TIMEOUT,
+            };
+            pool.responses.record(status, attempt.started.elapsed());
+            attempt.outcome = Some(outcome);
+            drop(attempt);
             match answer {
                 Ok(mut resp) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -556,8 +631,15 @@ impl Upstream<'_> {
                     return Response::from_parts(parts_out, body.map_err(BoxError::from).boxed());
                 }
                 Err((true, detail)) if replayable => {
-                    tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
                     tried.push(index);
+                    if !pool.budget.withdraw() {
+                        return error(
+                            StatusCode::BAD_GATEWAY,
+                            "bad_gateway",
+                            format!("{detail} (not retried: the retry budget is spent)"),
+                        );
+                    }
+                    tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
                     last_error = detail;
                 }
                 Err((false, detail)) => {
@@ -576,6 +658,39 @@ impl Upstream<'_> {
             )
         } else {
             error(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
+        }
+    }
+}
+
+/// The bookkeeping of one attempt on one server, done also when the request is dropped
+/// midway (the client went away, or reset its HTTP/2 stream): otherwise the server's
+/// in-flight count would leak, and a server being probed after an ejection would never be
+/// picked again.
+struct Attempt<'a> {
+    pool: &'a Pool,
+    servers: &'a [Arc<crate::upstream::Server>],
+    server: &'a crate::upstream::Server,
+    started: Instant,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        // Abandoned by the client: that says nothing about the server.
+        let outcome = self.outcome.unwrap_or(Outcome::Success);
+        if outcome == Outcome::Failure {
+            self.server
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let may_eject = outcome == Outcome::Failure && self.pool.may_eject(self.servers);
+        if self.server.stats.finish(
+            outcome,
+            self.started.elapsed(),
+            &self.pool.outlier,
+            may_eject,
+        ) {
+            tracing::warn!(upstream = %self.pool.name, server = %self.server.address, "server ejected after failures");
         }
     }
 }
@@ -599,4 +714,32 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) 
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised_before_routing() {
+        assert_eq!(normalize_path("/api/items").unwrap(), "/api/items");
+        assert_eq!(normalize_path("/%61dmin/x").unwrap(), "/admin/x");
+        assert_eq!(normalize_path("//admin///x").unwrap(), "/admin/x");
+        assert_eq!(normalize_path("/a%2Fb%20c").unwrap(), "/a%2Fb%20c");
+        assert_eq!(normalize_path("/caf\u{e9}").unwrap(), "/caf\u{e9}");
+        assert_eq!(normalize_path("/50%").unwrap(), "/50%");
+        for bad in [
+            "/pub/../admin",
+            "/./admin",
+            "/pub/%2e%2e/admin",
+            "/a/%2E/b",
+            "/a/..",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+        assert_eq!(strip_port("shop.example:8080"), "shop.example");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("::1"), "::1");
+    }
 }

@@ -114,12 +114,11 @@ impl Route {
                 .iter()
                 .chain(&config.rate_limits)
                 .map(|l| {
+                    let auth = config.auth.as_ref();
                     crate::filter::RateLimiter::new(
                         l,
-                        config
-                            .auth
-                            .as_ref()
-                            .map_or("x-api-key", |a| a.api_key_header.as_str()),
+                        auth.map_or("x-api-key", |a| a.api_key_header.as_str()),
+                        auth.map_or(&[][..], |a| &a.api_keys[..]),
                     )
                 })
                 .collect(),

@@ -163,6 +163,8 @@ pub(crate) struct Pool {
     /// Whether the servers speak HTTP/2 (h2c).
     pub(crate) h2: bool,
     pub(crate) queue: Option<Queue>,
+    /// Answers of its servers, by status class and latency.
+    pub(crate) responses: crate::metrics::RouteMetrics,
     /// The configuration it was built from, to keep the pool (and its connections and
     /// statistics) across a reload that does not change it.
     pub(crate) config: UpstreamConfig,
@@ -170,6 +172,8 @@ pub(crate) struct Pool {
     pub(crate) client: Client<HttpConnector, UpBody>,
     pub(crate) response_timeout: Duration,
     pub(crate) max_attempts: u32,
+    /// Bounds the extra load of retries.
+    pub(crate) budget: keel_governance::RetryBudget,
     pub(crate) outlier: OutlierConfig,
     pub(crate) health: Option<HealthConfig>,
 }
@@ -225,11 +229,16 @@ impl Pool {
             queue: config
                 .max_inflight
                 .map(|n| Queue::new(n, config.queue_size, config.queue_timeout)),
+            responses: crate::metrics::RouteMetrics::default(),
             config: config.clone(),
             started: AtomicBool::new(false),
             client,
             response_timeout: config.response_timeout,
             max_attempts: config.max_attempts.max(1),
+            budget: keel_governance::RetryBudget::new(
+                config.retry_budget_ratio,
+                config.retry_budget_min_per_sec,
+            ),
             outlier: config.outlier.clone(),
             health: config.health.clone(),
         }
@@ -238,6 +247,11 @@ impl Pool {
     /// The servers now.
     pub(crate) fn servers(&self) -> Arc<Vec<Arc<Server>>> {
         self.servers.load_full()
+    }
+
+    /// Starts with the servers `other` has now (a pool it replaces on reload).
+    pub(crate) fn adopt_servers(&self, other: &Pool) {
+        self.servers.store(other.servers());
     }
 
     /// Replaces the servers with the instances a registry lists, keeping (with their

@@ -132,7 +132,7 @@ upstream = "api"
 #[tokio::test]
 async fn a_burst_waits_in_the_queue_and_overflow_gets_503() {
     let server = upstream("a").await;
-    let gw = gateway(&format!(
+    let (gw, handle) = gateway_handle(&format!(
         r#"
 [upstreams.small]
 servers = [{{ address = "{server}" }}]
@@ -159,6 +159,13 @@ upstream = "impatient"
     let burst: Vec<_> = (0..6)
         .map(|_| tokio::spawn(async move { send(gw, "GET", "/small/sleep/400", &[], "").await }))
         .collect();
+    // While the first two run, two wait: the queue depth says so.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let metrics = handle.render_metrics();
+    assert!(
+        metrics.contains("keel_gateway_upstream_queue_depth{upstream=\"small\"} 2"),
+        "{metrics}"
+    );
     let mut ok = 0;
     let mut busy = 0;
     for t in burst {

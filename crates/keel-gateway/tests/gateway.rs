@@ -668,3 +668,133 @@ upstream = "api"
         &failed[..failed.len().min(5)]
     );
 }
+
+#[tokio::test]
+async fn odd_paths_cannot_slip_past_a_guarded_route() {
+    let server = upstream("open").await;
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/admin/"
+upstream = "api"
+deny = ["127.0.0.0/8"]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    assert_eq!(
+        send(gw, "GET", "/admin/x", &[], "").await.status,
+        StatusCode::FORBIDDEN
+    );
+    for path in ["//admin/x", "/%61dmin/x", "/%2Fadmin/x", "///admin//x"] {
+        let r = send(gw, "GET", path, &[], "").await;
+        assert!(
+            r.status == StatusCode::FORBIDDEN || r.json["path"] == path,
+            "{path}: {} {}",
+            r.status,
+            r.json
+        );
+        assert_ne!(r.json["path"], "/admin/x", "{path} reached /admin/x");
+    }
+    for path in ["/pub/../admin/x", "/pub/%2e%2e/admin/x", "/./admin/x"] {
+        let answer = raw(
+            gw,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_trickling_the_first_bytes_is_cut_off_and_big_heads_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = upstream("a").await;
+    let gw = gateway(&format!(
+        r#"
+[server]
+header_timeout_ms = 300
+max_header_bytes = 16384
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    // Part of the HTTP/2 preface, one byte at a time: hyper has not chosen a protocol yet.
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    for b in b"PRI * HTTP/2.0\r\n" {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !closed {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let big = "x".repeat(20_000);
+    let answer = raw(
+        gw,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let fits = "y".repeat(4_000);
+    assert_eq!(
+        send(gw, "GET", "/", &[("x-fits", &fits)], "").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn retries_stop_when_the_budget_is_spent() {
+    let (dead, live) = (dead_addr(), upstream("live").await);
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{dead}" }}, {{ address = "{live}" }}]
+retry_budget_ratio = 0.0
+retry_budget_min_per_sec = 2
+outlier = {{ consecutive_failures = 0, error_rate = 2.0 }}
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    // Round robin sends every other request to the dead server first; two retries a second
+    // are allowed, then such requests fail instead of doubling the load.
+    let mut spent = 0;
+    for _ in 0..10 {
+        let r = send(gw, "GET", "/", &[], "").await;
+        if r.status == StatusCode::BAD_GATEWAY {
+            assert!(
+                r.json["detail"].as_str().unwrap().contains("retry budget"),
+                "{}",
+                r.json
+            );
+            spent += 1;
+        }
+    }
+    assert!(
+        (1..=5).contains(&spent),
+        "{spent} requests found the budget spent"
+    );
+}

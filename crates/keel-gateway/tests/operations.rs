@@ -152,6 +152,8 @@ upstream = "api"
         &format!("keel_gateway_upstream_server_up{{upstream=\"api\",server=\"{server}\"}} 1"),
         &format!("keel_gateway_upstream_requests_total{{upstream=\"api\",server=\"{server}\"}} 3"),
         "keel_gateway_upstream_queue_depth{upstream=\"api\"} 0",
+        "keel_gateway_upstream_responses_total{upstream=\"api\",class=\"2xx\"} 3",
+        "keel_gateway_upstream_response_seconds_count{upstream=\"api\"} 3",
         "keel_gateway_connections_accepted_total 3",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
@@ -322,21 +324,27 @@ upstream = "api"
     assert_eq!(send(gw, "GET", "/", &[], "").await.status, StatusCode::OK);
 }
 
-/// A Python `http.server` process serving `dir` on a free port.
+/// A Python file server process (the standard library's, speaking HTTP/1.1 with keep-alive
+/// and a listen backlog of 1024 rather than `python3 -m http.server`'s 5) serving `dir` on a
+/// free port.
 fn python_server(dir: &std::path::Path) -> Option<(std::process::Child, SocketAddr)> {
+    const SERVER: &str = "
+import http.server, sys
+class Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024
+Server(('127.0.0.1', int(sys.argv[1])), Handler).serve_forever()
+";
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let child = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
+        .args(["-c", SERVER, &port.to_string()])
         .current_dir(dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -456,4 +464,59 @@ upstream = "api"
         .unwrap_or(0);
     assert_eq!(n, 0);
     assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn a_reload_keeps_unchanged_pools_with_their_statistics() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let config = |extra_route: &str| {
+        format!(
+            r#"
+[upstreams.keep]
+servers = [{{ address = "{a}" }}]
+[upstreams.other]
+servers = [{{ address = "{b}" }}]
+[[routes]]
+path_prefix = "/keep"
+upstream = "keep"
+{extra_route}
+"#
+        )
+    };
+    let (gw, handle) = gateway_handle(&config("")).await;
+    let adm = admin(&handle).await;
+    for _ in 0..5 {
+        assert_eq!(
+            send(gw, "GET", "/keep", &[], "").await.status,
+            StatusCode::OK
+        );
+    }
+    let requests = |v: &serde_json::Value, pool: &str| v[pool]["servers"][0]["requests"].clone();
+    let before = send(adm, "GET", "/admin/upstreams", &[], "").await.json;
+    assert_eq!(requests(&before, "keep"), 5);
+    // A new route: the pool is the same, its counters go on.
+    handle
+        .reload(
+            GatewayConfig::parse(&config(
+                "[[routes]]\npath_prefix = \"/other\"\nupstream = \"other\"",
+            ))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        send(gw, "GET", "/keep", &[], "").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(send(gw, "GET", "/other", &[], "").await.json["server"], "b");
+    let after = send(adm, "GET", "/admin/upstreams", &[], "").await.json;
+    assert_eq!(requests(&after, "keep"), 6, "{after}");
+    // A changed pool starts afresh.
+    let changed = config("").replace("[upstreams.keep]", "[upstreams.keep]\nmax_attempts = 1");
+    handle
+        .reload(GatewayConfig::parse(&changed).unwrap())
+        .await
+        .unwrap();
+    let fresh = send(adm, "GET", "/admin/upstreams", &[], "").await.json;
+    assert_eq!(requests(&fresh, "keep"), 0, "{fresh}");
 }
