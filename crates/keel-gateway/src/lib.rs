@@ -31,11 +31,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod access;
 mod admin;
 mod auth;
+mod bodies;
 mod bridge;
 mod cache;
 pub mod config;
@@ -79,6 +81,8 @@ struct Inner {
     metrics: metrics::Metrics,
     /// Serialises reloads.
     reloading: tokio::sync::Mutex<()>,
+    /// Cancelled when `serve` stops: ends WebSocket tunnels (which live outside connections).
+    stopping: CancellationToken,
 }
 
 /// A configured gateway. Cheap to clone; clones share state and reloads.
@@ -109,6 +113,7 @@ impl Gateway {
                 path,
                 metrics,
                 reloading: tokio::sync::Mutex::new(()),
+                stopping: CancellationToken::new(),
             }),
         })
     }
@@ -283,6 +288,7 @@ impl Gateway {
             });
         }
         conns.stop_all();
+        self.inner.stopping.cancel();
         tracker.close();
         // Requests in flight get a grace period; a response still streaming after it (a
         // stalled upstream, a client that stopped reading) is cut.

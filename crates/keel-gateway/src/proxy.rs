@@ -138,7 +138,7 @@ pub(crate) async fn handle(
         )
     });
     let mut note = Note::default();
-    let resp = serve(&shared, req, peer, tls, &mut note).await;
+    let resp = serve(&inner, &shared, req, peer, tls, &mut note).await;
     let elapsed = started.elapsed();
     match note.route {
         Some(i) => shared.router.routes()[i]
@@ -245,6 +245,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 async fn serve(
+    inner: &Arc<Inner>,
     shared: &Shared,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -388,11 +389,18 @@ async fn serve(
         parts.headers.insert("x-forwarded-host", v);
     }
     let timeout = route.timeout.unwrap_or(pool.response_timeout);
+    if pool.h2 {
+        // To an HTTP/2 server the request's :authority names that server; a Host naming
+        // another would make it malformed (RFC 9113 §8.3.1). X-Forwarded-Host keeps it.
+        parts.headers.remove(header::HOST);
+    }
     let up = Upstream {
+        inner,
         pool,
         timeout,
         target: &target,
         peer,
+        max_body,
     };
 
     let Some(cache) = route
@@ -485,7 +493,10 @@ fn downgrade_version(mut resp: Response<DownBody>, version: http::Version) -> Re
 
 /// One request's way to the servers of a pool.
 struct Upstream<'a> {
+    inner: &'a Arc<Inner>,
     pool: &'a Pool,
+    /// For bodies without a declared length.
+    max_body: u64,
     timeout: Duration,
     target: &'a str,
     peer: SocketAddr,
@@ -528,7 +539,15 @@ impl Upstream<'_> {
         // Only a bodiless idempotent request can be sent again after a failed attempt.
         let replayable = is_idempotent(&parts.method) && body.is_end_stream();
         pool.budget.deposit();
-        let mut body = Some(body.boxed());
+        // A body without a declared length is counted as it streams.
+        let (up_body, exceeded) = if !body.is_end_stream() && body.size_hint().exact().is_none() {
+            let capped = crate::bodies::Capped::new(body, self.max_body);
+            let exceeded = capped.exceeded.clone();
+            (capped.boxed(), Some(exceeded))
+        } else {
+            (body.map_err(BoxError::from).boxed(), None)
+        };
+        let mut body = Some(up_body);
         let mut on_upgrade = on_upgrade;
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::new();
@@ -612,7 +631,7 @@ impl Upstream<'_> {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client) = on_upgrade.take()
                     {
-                        tunnel(client, hyper::upgrade::on(&mut resp));
+                        tunnel(self.inner, client, hyper::upgrade::on(&mut resp));
                         let (parts, _) = resp.into_parts();
                         return Response::from_parts(parts, empty());
                     }
@@ -628,7 +647,11 @@ impl Upstream<'_> {
                     {
                         parts_out.headers.append(header::SET_COOKIE, v);
                     }
-                    return Response::from_parts(parts_out, body.map_err(BoxError::from).boxed());
+                    let body = crate::bodies::Stalled::new(
+                        body.map_err(BoxError::from).boxed(),
+                        self.timeout,
+                    );
+                    return Response::from_parts(parts_out, body.boxed());
                 }
                 Err((true, detail)) if replayable => {
                     tried.push(index);
@@ -644,6 +667,17 @@ impl Upstream<'_> {
                 }
                 Err((false, detail)) => {
                     return error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
+                }
+                Err((true, _))
+                    if exceeded
+                        .as_ref()
+                        .is_some_and(|e| e.load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the body is over the limit of {} bytes", self.max_body),
+                    );
                 }
                 Err((true, detail)) => {
                     return error(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
@@ -700,19 +734,33 @@ fn empty() -> DownBody {
 }
 
 /// Joins the client's and the server's upgraded connections and copies bytes both ways until
-/// either side closes.
-fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+/// either side closes or the gateway stops; the tunnel counts as an open connection.
+fn tunnel(
+    inner: &Arc<Inner>,
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let inner = inner.clone();
+    inner.metrics.connections_open.fetch_add(1, Relaxed);
     tokio::spawn(async move {
-        match tokio::try_join!(client, server) {
-            Ok((client, server)) => {
-                let mut client = TokioIo::new(client);
-                let mut server = TokioIo::new(server);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+        let copy = async {
+            match tokio::try_join!(client, server) {
+                Ok((client, server)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut server = TokioIo::new(server);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    }
                 }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        };
+        tokio::select! {
+            () = copy => {}
+            () = inner.stopping.cancelled() => {}
         }
+        inner.metrics.connections_open.fetch_sub(1, Relaxed);
     });
 }
 

@@ -26,7 +26,7 @@ use keel_registry::RegistryDiscover;
 use crate::config::{DiscoveryConfig, HealthConfig, UpstreamConfig};
 
 /// A request body on its way upstream.
-pub(crate) type UpBody = BoxBody<bytes::Bytes, hyper::Error>;
+pub(crate) type UpBody = BoxBody<bytes::Bytes, crate::proxy::BoxError>;
 
 /// One server of a pool.
 #[derive(Debug)]

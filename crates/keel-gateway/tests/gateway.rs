@@ -798,3 +798,67 @@ upstream = "api"
         "{spent} requests found the budget spent"
     );
 }
+
+#[tokio::test]
+async fn an_undeclared_body_over_the_limit_gets_413_and_a_stalled_answer_is_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = upstream("a").await;
+    // A server that sends a head and 3 bytes of a 100-byte body, then nothing.
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalling_addr = stalling.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = stalling.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let gw = gateway(&format!(
+        r#"
+[server]
+max_body_bytes = 1000
+[upstreams.api]
+servers = [{{ address = "{server}" }}]
+[upstreams.stalling]
+servers = [{{ address = "{stalling_addr}" }}]
+[[routes]]
+path_prefix = "/stall"
+upstream = "stalling"
+timeout_ms = 300
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let chunk = "x".repeat(600);
+    let chunked = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let answer = raw(gw, chunked.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let small = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let answer = raw(gw, small.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let started = std::time::Instant::now();
+    let answer = raw(
+        gw,
+        b"GET /stall HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("abc"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        started.elapsed()
+    );
+}

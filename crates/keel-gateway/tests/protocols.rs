@@ -317,3 +317,44 @@ upstream = "api"
     let (_, shown) = tls_connect(gw, &second, &[b"h2"]).await;
     assert_eq!(shown, second.der);
 }
+
+#[tokio::test]
+async fn websocket_tunnels_count_as_connections_and_end_when_the_gateway_stops() {
+    let ws_server = websocket_echo().await;
+    let config = GatewayConfig::parse(&format!(
+        "[upstreams.ws]\nservers = [{{ address = \"{ws_server}\" }}]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"ws\"\n"
+    ))
+    .unwrap();
+    let gateway = keel_gateway::Gateway::new(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gateway.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{gw}/chat"))
+        .await
+        .unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("echo: hi"));
+    let metrics = gateway.render_metrics();
+    assert!(
+        metrics.contains("keel_gateway_connections_open 1"),
+        "{metrics}"
+    );
+    let _ = stop.send(());
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("the tunnel ends at stop");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    tokio::time::timeout(std::time::Duration::from_secs(5), served)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .unwrap();
+    assert!(
+        gateway
+            .render_metrics()
+            .contains("keel_gateway_connections_open 0")
+    );
+}
