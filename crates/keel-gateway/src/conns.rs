@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// What the janitor knows of one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ConnState {
     /// Reads and writes that moved bytes.
     pub(crate) activity: AtomicU64,
@@ -24,6 +24,10 @@ pub(crate) struct ConnState {
     pub(crate) inflight: AtomicUsize,
     /// Whether a first request has arrived (until then the connection is on a deadline).
     pub(crate) started: AtomicBool,
+    /// Requests handed to the service so far, and the index of one that carried both
+    /// `Content-Length` and `Transfer-Encoding` (`u64::MAX` if none): see `framing`.
+    pub(crate) requests: AtomicU64,
+    pub(crate) ambiguous: AtomicU64,
     /// Set by the janitor: wind down.
     pub(crate) close: AtomicBool,
     /// The connection task, to wake when `close` is set.
@@ -47,6 +51,22 @@ impl<'a> Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for ConnState {
+    fn default() -> ConnState {
+        ConnState {
+            activity: AtomicU64::new(0),
+            inflight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            ambiguous: AtomicU64::new(u64::MAX),
+            close: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            seen: AtomicU64::new(0),
+            quiet_since_ms: AtomicU64::new(0),
+        }
     }
 }
 

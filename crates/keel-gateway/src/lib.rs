@@ -13,6 +13,9 @@
 //! - `bridge`: routes to Keel RPC services (JSON in, JSON out) through governed channels.
 //! - `cache`: per-route response cache with miss coalescing; `static_files`: files with
 //!   conditional and range requests.
+//! - `framing`: follows the framing of HTTP/1 requests to refuse ambiguous ones (request
+//!   smuggling) with 400; `conns`: the janitor of idle connections; `bodies`: body limits
+//!   and stall timeouts.
 //! - `admin`: Prometheus metrics, routes and upstream states as JSON, and reload, on their own
 //!   port; `access`: the access log.
 //!
@@ -43,6 +46,7 @@ mod cache;
 pub mod config;
 mod conns;
 mod filter;
+mod framing;
 mod metrics;
 mod proxy;
 mod router;
@@ -327,6 +331,10 @@ async fn serve_connection<I>(
         async move {
             // Counted down also when hyper drops the request midway (an HTTP/2 reset).
             let _busy = conns::Busy::new(&requests);
+            let index = requests.requests.fetch_add(1, Ordering::Relaxed);
+            if index == requests.ambiguous.load(Ordering::Acquire) {
+                return Ok(proxy::ambiguous_framing());
+            }
             let resp = proxy::handle(inner, req, peer, tls).await;
             Ok::<_, std::convert::Infallible>(resp)
         }
@@ -334,6 +342,7 @@ async fn serve_connection<I>(
     let io = Activity {
         io,
         state: state.clone(),
+        framing: Some(framing::Framing::new(max_header_bytes)),
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -374,10 +383,12 @@ async fn serve_connection<I>(
     }
 }
 
-/// Counts reads and writes that moved bytes, so an idle connection can be told apart.
+/// Counts reads and writes that moved bytes, so an idle connection can be told apart, and
+/// follows the framing of the requests read (see `framing`).
 struct Activity<I> {
     io: I,
     state: Arc<conns::ConnState>,
+    framing: Option<framing::Framing>,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
@@ -387,9 +398,18 @@ impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let this = &mut *self;
+        let poll = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.state.activity.fetch_add(1, Ordering::Relaxed);
+            this.state.activity.fetch_add(1, Ordering::Relaxed);
+            if let Some(framing) = &mut this.framing {
+                if let Some(index) = framing.feed(&buf.filled()[before..]).ambiguous {
+                    this.state.ambiguous.store(index, Ordering::Release);
+                }
+                if !framing.is_on() {
+                    this.framing = None;
+                }
+            }
         }
         poll
     }

@@ -57,6 +57,19 @@ pub(crate) fn error(
     resp
 }
 
+/// The answer to a request with both `Content-Length` and `Transfer-Encoding` (a request
+/// smuggling attempt, or a broken client): 400, and the connection closes after it.
+pub(crate) fn ambiguous_framing() -> Response<DownBody> {
+    let mut resp = error(
+        StatusCode::BAD_REQUEST,
+        "ambiguous_framing",
+        "the request has both Content-Length and Transfer-Encoding",
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),

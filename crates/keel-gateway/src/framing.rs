@@ -1,0 +1,347 @@
+//! Request smuggling guard: follows the framing of the HTTP/1 requests a client sends, as the
+//! bytes are read, to find the requests that carry both `Content-Length` and
+//! `Transfer-Encoding`. hyper frames such a request by `Transfer-Encoding` and drops the
+//! length before the gateway sees it (what RFC 9112 §6.1 allows), so the gateway could not
+//! otherwise refuse it; with this it answers 400 and closes the connection.
+//!
+//! The tracker reads each request head (with `httparse`, as hyper does), then skips the body
+//! by its `Content-Length` or by its chunks, and so finds the next head. Anything it does not
+//! follow — HTTP/2, an upgrade, a head it cannot parse, a head larger than the gateway
+//! accepts — turns it off for the rest of the connection: hyper's own checks still apply, and
+//! the tracker never refuses a request it is not sure about.
+
+/// Headers parsed per head at most (more turns the tracker off; hyper allows 100).
+const MAX_HEADERS: usize = 128;
+
+#[derive(Debug)]
+enum State {
+    /// Gathering a request head.
+    Head,
+    /// Skipping this many body bytes.
+    Body(u64),
+    /// In a chunked body.
+    Chunk(Chunk),
+    /// Not following this connection any more.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Reading a chunk-size line.
+    Size,
+    /// Skipping chunk data, then its CRLF.
+    Data(u64),
+    /// Reading trailer lines until an empty one.
+    Trailers,
+}
+
+/// What the tracker learned from the bytes of one read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    /// Index (from 0, in order) of a request head with both `Content-Length` and
+    /// `Transfer-Encoding`.
+    pub(crate) ambiguous: Option<u64>,
+}
+
+/// The framing tracker of one connection.
+#[derive(Debug)]
+pub(crate) struct Framing {
+    state: State,
+    /// Bytes of the current head or line.
+    line: Vec<u8>,
+    /// Request heads completed so far.
+    heads: u64,
+    max_head: usize,
+}
+
+impl Framing {
+    pub(crate) fn new(max_head: usize) -> Framing {
+        Framing {
+            state: State::Head,
+            line: Vec::new(),
+            heads: 0,
+            max_head,
+        }
+    }
+
+    /// Whether it still follows the connection.
+    pub(crate) fn is_on(&self) -> bool {
+        !matches!(self.state, State::Off)
+    }
+
+    /// Follows `bytes`, the next bytes the client sent.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> Seen {
+        let mut seen = Seen::default();
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Off => break,
+                State::Body(left) => {
+                    let n = (*left).min(bytes.len() as u64);
+                    *left -= n;
+                    bytes = &bytes[n as usize..];
+                    if *left == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::Head => {
+                    // Empty lines before a request line are allowed (RFC 9112 §2.2).
+                    if self.line.is_empty() {
+                        let skip = bytes
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
+                        bytes = &bytes[skip..];
+                        if bytes.is_empty() {
+                            break;
+                        }
+                    }
+                    // The usual case: a whole head in this read, parsed where it lies.
+                    if self.line.is_empty()
+                        && let Some(at) = find(bytes, b"\r\n\r\n")
+                    {
+                        let next = self.head(&bytes[..at + 4]);
+                        self.apply(next, &mut seen);
+                        bytes = &bytes[at + 4..];
+                        continue;
+                    }
+                    let before = self.line.len();
+                    self.line.extend_from_slice(bytes);
+                    // Look for the end of the head from a little before the new bytes.
+                    let from = before.saturating_sub(3);
+                    match find(&self.line[from..], b"\r\n\r\n") {
+                        None => {
+                            if self.line.len() > self.max_head {
+                                self.off();
+                            }
+                            break;
+                        }
+                        Some(at) => {
+                            let end = from + at + 4;
+                            let next = self.head(&self.line[..end]);
+                            self.line.clear();
+                            self.apply(next, &mut seen);
+                            bytes = &bytes[(end - before).min(bytes.len())..];
+                        }
+                    }
+                }
+                State::Chunk(Chunk::Data(left)) => {
+                    // The data, then its CRLF (counted as two more bytes).
+                    let n = (*left).min(bytes.len() as u64);
+                    *left -= n;
+                    bytes = &bytes[n as usize..];
+                    if *left == 0 {
+                        self.state = State::Chunk(Chunk::Size);
+                    }
+                }
+                State::Chunk(phase @ (Chunk::Size | Chunk::Trailers)) => {
+                    let phase = *phase;
+                    let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(bytes);
+                        if self.line.len() > self.max_head {
+                            self.off();
+                        }
+                        break;
+                    };
+                    self.line.extend_from_slice(&bytes[..=nl]);
+                    bytes = &bytes[nl + 1..];
+                    let line = std::mem::take(&mut self.line);
+                    let text = trim_crlf(&line);
+                    match phase {
+                        Chunk::Size if text.is_empty() => {} // the CRLF after chunk data
+                        Chunk::Size => {
+                            let size = text.split(|b| *b == b';').next().unwrap_or(b"");
+                            match std::str::from_utf8(size)
+                                .ok()
+                                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                            {
+                                Some(0) => self.state = State::Chunk(Chunk::Trailers),
+                                Some(n) => self.state = State::Chunk(Chunk::Data(n)),
+                                None => self.off(),
+                            }
+                        }
+                        Chunk::Trailers if text.is_empty() => self.state = State::Head,
+                        Chunk::Trailers | Chunk::Data(_) => {}
+                    }
+                }
+            }
+        }
+        seen
+    }
+
+    fn off(&mut self) {
+        self.state = State::Off;
+        self.line = Vec::new();
+    }
+
+    /// What a complete head means for what follows.
+    fn head(&self, head: &[u8]) -> Next {
+        if head.starts_with(b"PRI * HTTP/2.0") {
+            return Next::Off;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+            return Next::Off;
+        }
+        let mut length: Option<u64> = None;
+        let mut lengths_differ = false;
+        let mut chunked = false;
+        let mut transfer_encoding = false;
+        let mut upgrade = request.method == Some("CONNECT");
+        for h in request.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                match std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                    _ => lengths_differ = true,
+                }
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = true;
+                chunked = std::str::from_utf8(h.value).is_ok_and(|v| {
+                    v.rsplit(',')
+                        .next()
+                        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+                });
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if transfer_encoding && (length.is_some() || lengths_differ) {
+            return Next::Ambiguous;
+        }
+        if lengths_differ || upgrade || (transfer_encoding && !chunked) {
+            // hyper refuses these or the protocol changes: nothing more to follow.
+            return Next::Off;
+        }
+        Next::Follow(if chunked {
+            State::Chunk(Chunk::Size)
+        } else {
+            match length {
+                Some(n) if n > 0 => State::Body(n),
+                _ => State::Head,
+            }
+        })
+    }
+
+    /// Counts a head and moves on as `next` says.
+    fn apply(&mut self, next: Next, seen: &mut Seen) {
+        match next {
+            Next::Off => self.off(),
+            Next::Ambiguous => {
+                seen.ambiguous = Some(self.heads);
+                self.heads += 1;
+                self.off(); // the connection closes after this request
+            }
+            Next::Follow(state) => {
+                self.heads += 1;
+                self.state = state;
+            }
+        }
+    }
+}
+
+/// What a parsed head leads to.
+#[derive(Debug)]
+enum Next {
+    Follow(State),
+    Ambiguous,
+    Off,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn trim_crlf(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of every size from 1 to 16 bytes; all must agree.
+    fn ambiguous(input: &[u8]) -> Vec<u64> {
+        let mut answers = Vec::new();
+        for step in 1..=16 {
+            let mut f = Framing::new(64 * 1024);
+            let mut found = Vec::new();
+            for piece in input.chunks(step) {
+                if let Some(i) = f.feed(piece).ambiguous {
+                    found.push(i);
+                }
+            }
+            answers.push(found);
+        }
+        let first = answers[0].clone();
+        assert!(answers.iter().all(|a| *a == first), "{answers:?}");
+        first
+    }
+
+    #[test]
+    fn finds_the_ambiguous_request_among_well_framed_ones() {
+        let input = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: a\r\nContent-Length: 13\r\n\r\nContent-Lengt\
+POST /d HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(ambiguous(input), vec![4]);
+        let te_first =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
+        assert_eq!(ambiguous(te_first), vec![0]);
+        // A body that looks like headers is skipped, not read as a head.
+        let body = "GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
+        let tricky = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}GET / HTTP/1.1\r\n\r\n",
+            body.len()
+        );
+        assert_eq!(ambiguous(tricky.as_bytes()), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn any_bytes_in_any_pieces_never_panic() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet =
+            b"\r\n:0123456789abcdefxz; ,POSTGET/HTTP1.Content-LengthTransfer-Encodingchunked";
+        for _ in 0..2_000 {
+            let mut f = Framing::new(512);
+            let len = (next() % 400) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = 1 + (next() % 40) as usize;
+                let (piece, tail) = rest.split_at(n.min(rest.len()));
+                f.feed(piece);
+                rest = tail;
+            }
+        }
+    }
+
+    #[test]
+    fn stops_following_what_it_does_not_understand() {
+        let mut f = Framing::new(1024);
+        f.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert!(!f.is_on());
+        let mut f = Framing::new(1024);
+        f.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        assert!(!f.is_on());
+        let mut f = Framing::new(64);
+        f.feed(&[b'a'; 100]);
+        assert!(!f.is_on());
+        let mut f = Framing::new(1024);
+        f.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        assert!(!f.is_on());
+    }
+}
