@@ -1,6 +1,6 @@
 //! Request smuggling guard: follows the framing of the HTTP/1 requests a client sends, as the
 //! bytes are read, to find the requests that carry both `Content-Length` and
-//! `Transfer-Encoding`. hyper frames such a request by `Transfer-Encoding` and drops the
+//! `Transfer-Encoding`, or `Content-Length` more than once (hyper merges equal copies). hyper frames such a request by `Transfer-Encoding` and drops the
 //! length before the gateway sees it (what RFC 9112 §6.1 allows), so the gateway could not
 //! otherwise refuse it; with this it answers 400 and closes the connection.
 //!
@@ -185,11 +185,13 @@ impl Framing {
         }
         let mut length: Option<u64> = None;
         let mut lengths_differ = false;
+        let mut lengths = 0;
         let mut chunked = false;
         let mut transfer_encoding = false;
         let mut upgrade = request.method == Some("CONNECT");
         for h in request.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
+                lengths += 1;
                 match std::str::from_utf8(h.value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok())
@@ -208,7 +210,9 @@ impl Framing {
                 upgrade = true;
             }
         }
-        if transfer_encoding && (length.is_some() || lengths_differ) {
+        // Both framings, or the length given more than once (even with equal values, which
+        // hyper would merge): the parties on the way may disagree about where it ends.
+        if (transfer_encoding && (length.is_some() || lengths_differ)) || lengths > 1 {
             return Next::Ambiguous;
         }
         if lengths_differ || upgrade || (transfer_encoding && !chunked) {
@@ -293,6 +297,8 @@ GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         let te_first =
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
         assert_eq!(ambiguous(te_first), vec![0]);
+        let twice = b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc";
+        assert_eq!(ambiguous(twice), vec![1]);
         // A body that looks like headers is skipped, not read as a head.
         let body = "GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
         let tricky = format!(

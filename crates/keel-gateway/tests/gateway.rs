@@ -563,6 +563,13 @@ async fn malformed_and_ambiguous_requests_are_refused() {
     assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out:?}");
     assert_eq!(out.matches("HTTP/1.1 400").count(), 1, "{out:?}");
     assert!(!out.contains("smuggled"), "{out:?}");
+    // The same Content-Length twice (hyper would merge them).
+    let out = raw(
+        gw,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nabcde",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
     // Two different Content-Lengths.
     let out = raw(
         gw,
