@@ -612,3 +612,135 @@ upstream = "api"
     assert_eq!(after.status, StatusCode::OK, "{:?}", after.body);
     assert_eq!(connections.load(Ordering::SeqCst), 3);
 }
+
+/// An HTTP server answering `{"server": name}` after `delay`.
+async fn delayed(name: &'static str, delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    let body = format!("{{\"server\": \"{name}\"}}");
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn p2c_prefers_the_fast_server_and_ip_hash_keeps_a_client_on_one() {
+    let (fast, slow) = (
+        delayed("fast", Duration::ZERO).await,
+        delayed("slow", Duration::from_millis(40)).await,
+    );
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
+    let gw = gateway(&format!(
+        r#"
+[upstreams.mixed]
+servers = [{{ address = "{fast}" }}, {{ address = "{slow}" }}]
+balancer = "p2c"
+[upstreams.hashed]
+servers = [{{ address = "{a}" }}, {{ address = "{b}" }}, {{ address = "{c}" }}]
+balancer = "consistent_hash"
+[[routes]]
+path_prefix = "/mixed"
+upstream = "mixed"
+[[routes]]
+path_prefix = "/hashed"
+upstream = "hashed"
+"#
+    ))
+    .await;
+    let mut fast_count = 0;
+    for _ in 0..10 {
+        let round: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(async move { send(gw, "GET", "/mixed", &[], "").await }))
+            .collect();
+        for t in round {
+            if t.await.unwrap().json["server"] == "fast" {
+                fast_count += 1;
+            }
+        }
+    }
+    assert!(fast_count >= 28, "the fast server got {fast_count} of 40");
+
+    // Each client address sticks to one server (clients bound to different loopback
+    // addresses).
+    for source in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_local_address(Some(source.parse().unwrap()));
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        let mut servers = HashSet::new();
+        for _ in 0..6 {
+            let resp = client
+                .get(format!("http://{gw}/hashed").parse().unwrap())
+                .await
+                .unwrap();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            servers.insert(json["server"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(servers.len(), 1, "{source} moved: {servers:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_never_accepts_costs_only_the_connect_timeout() {
+    // A listener whose accept queue is full: further connection attempts get no answer.
+    let jammed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let jammed_addr = jammed.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..512 {
+        match tokio::time::timeout(
+            Duration::from_millis(50),
+            tokio::net::TcpStream::connect(jammed_addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    let gw = gateway(&format!(
+        r#"
+[upstreams.api]
+servers = [{{ address = "{jammed_addr}" }}]
+connect_timeout_ms = 200
+response_timeout_ms = 10000
+max_attempts = 1
+[[routes]]
+path_prefix = "/"
+upstream = "api"
+"#
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let r = send(gw, "POST", "/", &[], "x").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.json);
+    // Not refused at once, not left to the 10 s response timeout: the 200 ms connect timeout.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "took {took:?}"
+    );
+    drop(held);
+    drop(jammed);
+}
