@@ -1,0 +1,432 @@
+//! Inventory: one instance's share of each item's stock.
+//!
+//! An item's stock is split into buckets spread over the inventory instances, so no single
+//! counter takes every buyer; this type holds the buckets of one instance. A reservation takes
+//! one unit from a bucket that has one, under the item's lock, and is appended to the journal
+//! before the lock is released (so the journal's order is the decisions' order); the buyer is
+//! answered only once the record is durable. A crash before that loses a reservation nobody
+//! was told about; a crash after it loses nothing, because opening the journal replays it.
+//!
+//! - **Never oversold**: a unit is taken under the item's lock and only from a bucket above
+//!   zero; releases put back only units that were taken.
+//! - **Per-user limit**: a user's live reservations of an item (not released) stay within the
+//!   item's limit.
+//! - **Idempotent**: the same (user, item, request id) gets the same reservation, however often
+//!   and however concurrently it is sent; only successes are remembered, so a refused request
+//!   sent again is decided again.
+//! - **Sold out early**: once the local buckets of an item are empty, a flag says so; a request
+//!   then only checks (briefly, under the lock) whether it is the retry of one that holds a
+//!   unit, and the buckets are not searched.
+//! - **A failed journal write** (disk full, I/O error) stops the instance from taking more
+//!   reservations: the unit it took stays taken, so nothing is sold twice, and the caller gets
+//!   an error, not an acknowledgement.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use keel_store::{Journal, JournalOptions, StoreError};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// No unit left in this instance's buckets.
+    SoldOut,
+    /// The user holds the item's limit already.
+    LimitReached,
+    /// No such item here.
+    NotFound,
+}
+
+/// Errors that are not answers: the instance cannot decide.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    /// The journal failed; the instance takes no more reservations.
+    #[error("inventory journal: {0}")]
+    Journal(#[from] StoreError),
+    /// A previous journal failure stopped the instance.
+    #[error("inventory stopped after a journal failure")]
+    Failed,
+    /// A journal record could not be read back.
+    #[error("inventory journal record {index}: {reason}")]
+    BadRecord {
+        /// The record's index.
+        index: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The item exists already with other settings.
+    #[error("item {0} exists already")]
+    Exists(String),
+}
+
+/// A unit held for a buyer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// Unique within this instance's journal.
+    pub reservation_id: u64,
+    /// The item.
+    pub item_id: String,
+    /// The buyer.
+    pub user_id: String,
+    /// The buyer's request id (the idempotency key with user and item).
+    pub request_id: String,
+    /// The bucket the unit came from.
+    pub bucket: u32,
+}
+
+/// What the journal holds, one per state change.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    CreateItem {
+        item_id: String,
+        buckets: Vec<u64>,
+        per_user_limit: u32,
+    },
+    Reserve(Reservation),
+    Release {
+        reservation_id: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Item {
+    /// Units left per bucket.
+    buckets: Vec<u64>,
+    /// Units each bucket started with.
+    initial: Vec<u64>,
+    per_user_limit: u32,
+    /// Live reservations per user.
+    held: HashMap<String, u32>,
+    /// (user, request id) → reservation id, for idempotency.
+    requests: HashMap<(String, String), u64>,
+    /// Next bucket to try, so consecutive reservations spread over the buckets.
+    next_bucket: usize,
+}
+
+/// What a reservation request comes to, decided under the item's lock.
+enum Decision {
+    /// The same request holds this reservation already.
+    Known(u64),
+    Refused(Refusal),
+    /// A unit taken, its record appended (not yet durable).
+    Taken(Reservation, keel_store::Appended),
+}
+
+/// What one item's shared state looks like from outside the lock.
+#[derive(Debug)]
+struct ItemCell {
+    state: Mutex<Item>,
+    sold_out: AtomicBool,
+}
+
+/// Stock figures of one item in this instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StockView {
+    /// Units this instance started with.
+    pub initial: u64,
+    /// Units left.
+    pub left: u64,
+    /// Units reserved (live reservations).
+    pub reserved: u64,
+}
+
+/// One inventory instance.
+#[derive(Debug)]
+pub struct Inventory {
+    journal: Journal,
+    items: Mutex<HashMap<String, Arc<ItemCell>>>,
+    reservations: Mutex<HashMap<u64, Reservation>>,
+    next_reservation: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl Inventory {
+    /// Opens the inventory kept in `dir` (created if absent), replaying its journal.
+    /// Blocking; call it at start-up or from `spawn_blocking`.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: JournalOptions,
+    ) -> Result<Inventory, InventoryError> {
+        let (journal, recovered) = Journal::open(dir, options)?;
+        if let Some(torn) = &recovered.torn_tail {
+            tracing::warn!(file = %torn.file.display(), dropped = torn.dropped_bytes, "inventory journal had a torn tail (a crash mid-write); cut off");
+        }
+        let inventory = Inventory {
+            journal,
+            items: Mutex::new(HashMap::new()),
+            reservations: Mutex::new(HashMap::new()),
+            next_reservation: AtomicU64::new(1),
+            failed: AtomicBool::new(false),
+        };
+        for record in &recovered.records {
+            let op: Op =
+                serde_json::from_slice(&record.payload).map_err(|e| InventoryError::BadRecord {
+                    index: record.index,
+                    reason: e.to_string(),
+                })?;
+            inventory.apply(op);
+        }
+        Ok(inventory)
+    }
+
+    /// Applies a replayed record.
+    fn apply(&self, op: Op) {
+        match op {
+            Op::CreateItem {
+                item_id,
+                buckets,
+                per_user_limit,
+            } => {
+                self.items
+                    .lock()
+                    .insert(item_id, Arc::new(new_item(buckets, per_user_limit)));
+            }
+            Op::Reserve(r) => {
+                if let Some(cell) = self.cell(&r.item_id) {
+                    let mut item = cell.state.lock();
+                    if let Some(units) = item.buckets.get_mut(r.bucket as usize) {
+                        *units = units.saturating_sub(1);
+                    }
+                    *item.held.entry(r.user_id.clone()).or_default() += 1;
+                    item.requests
+                        .insert((r.user_id.clone(), r.request_id.clone()), r.reservation_id);
+                    cell.sold_out
+                        .store(item.buckets.iter().all(|b| *b == 0), Ordering::Relaxed);
+                }
+                self.next_reservation
+                    .fetch_max(r.reservation_id + 1, Ordering::Relaxed);
+                self.reservations.lock().insert(r.reservation_id, r);
+            }
+            Op::Release { reservation_id } => {
+                if let Some(r) = self.reservations.lock().remove(&reservation_id)
+                    && let Some(cell) = self.cell(&r.item_id)
+                {
+                    let mut item = cell.state.lock();
+                    release_unit(&mut item, &r);
+                    cell.sold_out.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn cell(&self, item_id: &str) -> Option<Arc<ItemCell>> {
+        self.items.lock().get(item_id).cloned()
+    }
+
+    fn check_running(&self) -> Result<(), InventoryError> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(InventoryError::Failed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for an append, and stops the instance if it failed.
+    async fn durable(&self, appended: keel_store::Appended) -> Result<(), InventoryError> {
+        match appended.await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "inventory journal write failed; no more reservations");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Creates an item with this instance's buckets (units per bucket). Creating it again
+    /// with the same settings is accepted (a retried call); with others it is an error.
+    pub async fn create_item(
+        &self,
+        item_id: &str,
+        buckets: Vec<u64>,
+        per_user_limit: u32,
+    ) -> Result<(), InventoryError> {
+        self.check_running()?;
+        let appended = {
+            let mut items = self.items.lock();
+            if let Some(cell) = items.get(item_id) {
+                let item = cell.state.lock();
+                return if item.initial == buckets && item.per_user_limit == per_user_limit {
+                    Ok(())
+                } else {
+                    Err(InventoryError::Exists(item_id.to_owned()))
+                };
+            }
+            let op = Op::CreateItem {
+                item_id: item_id.to_owned(),
+                buckets: buckets.clone(),
+                per_user_limit,
+            };
+            let appended = self.journal.append(encode(&op))?;
+            items.insert(
+                item_id.to_owned(),
+                Arc::new(new_item(buckets, per_user_limit)),
+            );
+            appended
+        };
+        self.durable(appended).await
+    }
+
+    /// Reserves one unit of `item_id` for `user_id`; answered once durable.
+    pub async fn reserve(
+        &self,
+        item_id: &str,
+        user_id: &str,
+        request_id: &str,
+    ) -> Result<Result<Reservation, Refusal>, InventoryError> {
+        self.check_running()?;
+        let Some(cell) = self.cell(item_id) else {
+            return Ok(Err(Refusal::NotFound));
+        };
+        let key = (user_id.to_owned(), request_id.to_owned());
+        // Sold out: answered after only looking the request up (its retry, if it holds a unit,
+        // must get the same answer).
+        if cell.sold_out.load(Ordering::Relaxed) && !cell.state.lock().requests.contains_key(&key) {
+            return Ok(Err(Refusal::SoldOut));
+        }
+        let decision = {
+            let mut item = cell.state.lock();
+            if let Some(id) = item.requests.get(&key).copied() {
+                Decision::Known(id)
+            } else if item.held.get(user_id).copied().unwrap_or(0) >= item.per_user_limit {
+                Decision::Refused(Refusal::LimitReached)
+            } else {
+                let n = item.buckets.len();
+                let start = item.next_bucket;
+                match (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&b| item.buckets[b] > 0)
+                {
+                    None => {
+                        cell.sold_out.store(true, Ordering::Relaxed);
+                        Decision::Refused(Refusal::SoldOut)
+                    }
+                    Some(bucket) => {
+                        let reservation = Reservation {
+                            reservation_id: self.next_reservation.fetch_add(1, Ordering::Relaxed),
+                            item_id: item_id.to_owned(),
+                            user_id: user_id.to_owned(),
+                            request_id: request_id.to_owned(),
+                            bucket: bucket as u32,
+                        };
+                        let appended = self
+                            .journal
+                            .append(encode(&Op::Reserve(reservation.clone())))?;
+                        item.buckets[bucket] -= 1;
+                        item.next_bucket = (bucket + 1) % n;
+                        *item.held.entry(user_id.to_owned()).or_default() += 1;
+                        item.requests.insert(key, reservation.reservation_id);
+                        if item.buckets.iter().all(|b| *b == 0) {
+                            cell.sold_out.store(true, Ordering::Relaxed);
+                        }
+                        self.reservations
+                            .lock()
+                            .insert(reservation.reservation_id, reservation.clone());
+                        Decision::Taken(reservation, appended)
+                    }
+                }
+            }
+        };
+        match decision {
+            Decision::Refused(refusal) => Ok(Err(refusal)),
+            Decision::Taken(reservation, appended) => {
+                self.durable(appended).await?;
+                Ok(Ok(reservation))
+            }
+            // Seen before: once everything appended so far is durable, so is its record.
+            Decision::Known(id) => {
+                self.journal.sync().await?;
+                let known = self.reservations.lock().get(&id).cloned();
+                Ok(known.ok_or(Refusal::SoldOut))
+            }
+        }
+    }
+
+    /// Returns a reservation's unit to stock (an unpaid order expired). Releasing one that is
+    /// not live (released before, or unknown) does nothing and says so.
+    pub async fn release(&self, reservation_id: u64) -> Result<bool, InventoryError> {
+        self.check_running()?;
+        let appended = {
+            let Some(r) = self.reservations.lock().get(&reservation_id).cloned() else {
+                return Ok(false);
+            };
+            let Some(cell) = self.cell(&r.item_id) else {
+                return Ok(false);
+            };
+            let mut item = cell.state.lock();
+            // Taken again under the item's lock: two releases cannot both pass.
+            if self.reservations.lock().remove(&reservation_id).is_none() {
+                return Ok(false);
+            }
+            let appended = self
+                .journal
+                .append(encode(&Op::Release { reservation_id }))?;
+            release_unit(&mut item, &r);
+            cell.sold_out.store(false, Ordering::Relaxed);
+            appended
+        };
+        self.durable(appended).await?;
+        Ok(true)
+    }
+
+    /// The stock of an item here.
+    pub fn stock(&self, item_id: &str) -> Option<StockView> {
+        let cell = self.cell(item_id)?;
+        let item = cell.state.lock();
+        let initial: u64 = item.initial.iter().sum();
+        let left: u64 = item.buckets.iter().sum();
+        Some(StockView {
+            initial,
+            left,
+            reserved: item.held.values().map(|n| u64::from(*n)).sum(),
+        })
+    }
+
+    /// A live reservation.
+    pub fn reservation(&self, reservation_id: u64) -> Option<Reservation> {
+        self.reservations.lock().get(&reservation_id).cloned()
+    }
+
+    /// Whether the item is sold out here (read from its flag, without its lock).
+    pub fn is_sold_out(&self, item_id: &str) -> bool {
+        self.cell(item_id)
+            .is_some_and(|c| c.sold_out.load(Ordering::Relaxed))
+    }
+}
+
+fn new_item(buckets: Vec<u64>, per_user_limit: u32) -> ItemCell {
+    let sold_out = buckets.iter().all(|b| *b == 0);
+    ItemCell {
+        state: Mutex::new(Item {
+            initial: buckets.clone(),
+            buckets,
+            per_user_limit,
+            held: HashMap::new(),
+            requests: HashMap::new(),
+            next_bucket: 0,
+        }),
+        sold_out: AtomicBool::new(sold_out),
+    }
+}
+
+/// Puts a released reservation's unit back and forgets its request.
+fn release_unit(item: &mut Item, r: &Reservation) {
+    if let Some(units) = item.buckets.get_mut(r.bucket as usize) {
+        *units += 1;
+    }
+    if let Some(n) = item.held.get_mut(&r.user_id) {
+        *n = n.saturating_sub(1);
+    }
+    item.requests
+        .remove(&(r.user_id.clone(), r.request_id.clone()));
+}
+
+fn encode(op: &Op) -> bytes::Bytes {
+    bytes::Bytes::from(serde_json::to_vec(op).unwrap_or_default())
+}

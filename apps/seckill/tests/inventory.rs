@@ -1,0 +1,154 @@
+//! The inventory's invariants under concurrency, across restarts, and on retries.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use keel_seckill::{Inventory, Refusal};
+use keel_store::{JournalOptions, SyncPolicy};
+
+fn open(dir: &std::path::Path) -> Inventory {
+    Inventory::open(dir, JournalOptions::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_buyers_for_a_hundred_units_never_oversell() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = Arc::new(
+        Inventory::open(
+            dir.path(),
+            JournalOptions {
+                sync: SyncPolicy::Never,
+                ..JournalOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    inventory
+        .create_item("phone", vec![25, 25, 25, 25], 1)
+        .await
+        .unwrap();
+    let buyers: Vec<_> = (0..1000)
+        .map(|u| {
+            let inventory = inventory.clone();
+            tokio::spawn(async move {
+                inventory
+                    .reserve("phone", &format!("user-{u}"), "r1")
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut sold = Vec::new();
+    let mut sold_out = 0;
+    for b in buyers {
+        match b.await.unwrap() {
+            Ok(r) => sold.push(r),
+            Err(Refusal::SoldOut) => sold_out += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(sold.len(), 100);
+    assert_eq!(sold_out, 900);
+    let ids: HashSet<u64> = sold.iter().map(|r| r.reservation_id).collect();
+    assert_eq!(ids.len(), 100, "every unit went to one reservation");
+    // The buckets were all used, each exactly to its size.
+    for bucket in 0..4 {
+        assert_eq!(sold.iter().filter(|r| r.bucket == bucket).count(), 25);
+    }
+    let stock = inventory.stock("phone").unwrap();
+    assert_eq!((stock.initial, stock.left, stock.reserved), (100, 0, 100));
+    assert!(inventory.is_sold_out("phone"));
+}
+
+#[tokio::test]
+async fn the_per_user_limit_holds_and_a_release_frees_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = open(dir.path());
+    inventory.create_item("tv", vec![10], 2).await.unwrap();
+    let mut kept = Vec::new();
+    for n in 0..5 {
+        let answer = inventory
+            .reserve("tv", "ann", &format!("r{n}"))
+            .await
+            .unwrap();
+        match n {
+            0 | 1 => kept.push(answer.unwrap()),
+            _ => assert_eq!(answer, Err(Refusal::LimitReached)),
+        }
+    }
+    assert!(inventory.release(kept[0].reservation_id).await.unwrap());
+    assert!(
+        !inventory.release(kept[0].reservation_id).await.unwrap(),
+        "once only"
+    );
+    assert!(inventory.reserve("tv", "ann", "r9").await.unwrap().is_ok());
+    assert_eq!(
+        inventory.reserve("nothing", "ann", "r1").await.unwrap(),
+        Err(Refusal::NotFound)
+    );
+    let stock = inventory.stock("tv").unwrap();
+    assert_eq!((stock.left, stock.reserved), (8, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_request_gets_the_same_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = Arc::new(open(dir.path()));
+    inventory.create_item("shoe", vec![3], 5).await.unwrap();
+    // The same request sent 50 times at once: one unit, one reservation id.
+    let tries: Vec<_> = (0..50)
+        .map(|_| {
+            let inventory = inventory.clone();
+            tokio::spawn(async move { inventory.reserve("shoe", "bo", "req-7").await.unwrap() })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tries {
+        ids.insert(t.await.unwrap().unwrap().reservation_id);
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(inventory.stock("shoe").unwrap().left, 2);
+    // Sent again later, also after the item sold out: the same answer.
+    inventory.reserve("shoe", "cy", "a").await.unwrap().unwrap();
+    inventory.reserve("shoe", "di", "a").await.unwrap().unwrap();
+    assert!(inventory.is_sold_out("shoe"));
+    let again = inventory
+        .reserve("shoe", "bo", "req-7")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ids.contains(&again.reservation_id));
+}
+
+#[tokio::test]
+async fn reservations_survive_a_restart_and_ids_are_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, released) = {
+        let inventory = open(dir.path());
+        inventory.create_item("bag", vec![2, 2], 1).await.unwrap();
+        let a = inventory.reserve("bag", "u1", "x").await.unwrap().unwrap();
+        let b = inventory.reserve("bag", "u2", "x").await.unwrap().unwrap();
+        assert!(inventory.release(b.reservation_id).await.unwrap());
+        (a, b)
+    };
+    let inventory = open(dir.path());
+    let stock = inventory.stock("bag").unwrap();
+    assert_eq!((stock.initial, stock.left, stock.reserved), (4, 3, 1));
+    assert_eq!(
+        inventory.reservation(first.reservation_id),
+        Some(first.clone())
+    );
+    assert_eq!(inventory.reservation(released.reservation_id), None);
+    // The same request after the restart: the same reservation; u1 is at its limit.
+    let again = inventory.reserve("bag", "u1", "x").await.unwrap().unwrap();
+    assert_eq!(again, first);
+    assert_eq!(
+        inventory.reserve("bag", "u1", "y").await.unwrap(),
+        Err(Refusal::LimitReached)
+    );
+    let next = inventory.reserve("bag", "u3", "x").await.unwrap().unwrap();
+    assert!(next.reservation_id > released.reservation_id);
+    // Creating the item again: the same settings are accepted, others refused.
+    inventory.create_item("bag", vec![2, 2], 1).await.unwrap();
+    assert!(inventory.create_item("bag", vec![9], 1).await.is_err());
+}
