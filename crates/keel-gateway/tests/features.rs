@@ -202,6 +202,11 @@ upstream = "impatient"
     );
 }
 
+/// `GET /static/docs/a.txt` with these headers.
+async fn a_txt(gw: SocketAddr, headers: &[(&str, &str)]) -> Answer {
+    send(gw, "GET", "/static/docs/a.txt", headers, "").await
+}
+
 #[tokio::test]
 async fn static_files_with_validators_ranges_and_no_way_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +230,7 @@ static_dir = "{}"
     ))
     .await;
 
-    let full = send(gw, "GET", "/static/docs/a.txt", &[], "").await;
+    let full = a_txt(gw, &[]).await;
     assert_eq!(full.status, StatusCode::OK);
     assert_eq!(full.body, text.as_bytes());
     assert_eq!(full.headers["content-type"], "text/plain");
@@ -234,73 +239,24 @@ static_dir = "{}"
     let modified = full.headers["last-modified"].to_str().unwrap().to_owned();
 
     // Conditional GETs.
-    let same = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("if-none-match", &etag)],
-        "",
-    )
-    .await;
+    let same = a_txt(gw, &[("if-none-match", &etag)]).await;
     assert_eq!(same.status, StatusCode::NOT_MODIFIED);
     assert!(same.body.is_empty());
-    let same = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("if-modified-since", &modified)],
-        "",
-    )
-    .await;
+    let same = a_txt(gw, &[("if-modified-since", &modified)]).await;
     assert_eq!(same.status, StatusCode::NOT_MODIFIED);
-    let changed = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("if-none-match", "\"other\"")],
-        "",
-    )
-    .await;
+    let changed = a_txt(gw, &[("if-none-match", "\"other\"")]).await;
     assert_eq!(changed.status, StatusCode::OK);
 
     // Ranges.
-    let part = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("range", "bytes=10-19")],
-        "",
-    )
-    .await;
+    let part = a_txt(gw, &[("range", "bytes=10-19")]).await;
     assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(part.body, text.as_bytes()[10..20]);
     assert_eq!(part.headers["content-range"], "bytes 10-19/1000");
-    let tail = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("range", "bytes=-5")],
-        "",
-    )
-    .await;
+    let tail = a_txt(gw, &[("range", "bytes=-5")]).await;
     assert_eq!(tail.body, text.as_bytes()[995..]);
-    let stale = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("range", "bytes=0-9"), ("if-range", "\"old\"")],
-        "",
-    )
-    .await;
+    let stale = a_txt(gw, &[("range", "bytes=0-9"), ("if-range", "\"old\"")]).await;
     assert_eq!(stale.status, StatusCode::OK, "a stale If-Range gets it all");
-    let beyond = send(
-        gw,
-        "GET",
-        "/static/docs/a.txt",
-        &[("range", "bytes=5000-")],
-        "",
-    )
-    .await;
+    let beyond = a_txt(gw, &[("range", "bytes=5000-")]).await;
     assert_eq!(beyond.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(beyond.headers["content-range"], "bytes */1000");
 
@@ -347,16 +303,12 @@ static_dir = "{}"
 #[tokio::test]
 async fn the_cache_honours_cache_control_and_coalesces_misses() {
     let server = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-cache = {{ max_bytes = 65536, max_entry_bytes = 8192 }}
-"#
-    ))
+    let gw = gateway_to(
+        server,
+        "",
+        "",
+        "cache = { max_bytes = 65536, max_entry_bytes = 8192 }",
+    )
     .await;
     let get = |path: &'static str, headers: &'static [(&'static str, &'static str)]| async move {
         send(gw, "GET", path, headers, "").await
@@ -560,16 +512,7 @@ async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn upstream_connections_are_reused_and_closed_ones_replaced() {
     let (server, connections) = counting_upstream().await;
-    let gw = gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = gateway_to(server, "", "", "").await;
     for _ in 0..20 {
         let r = send(gw, "GET", "/n", &[], "").await;
         assert_eq!(r.status, StatusCode::OK);
@@ -719,18 +662,12 @@ async fn a_server_that_never_accepts_costs_only_the_connect_timeout() {
             _ => break,
         }
     }
-    let gw = gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{jammed_addr}" }}]
-connect_timeout_ms = 200
-response_timeout_ms = 10000
-max_attempts = 1
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
+    let gw = gateway_to(
+        jammed_addr,
+        "",
+        "connect_timeout_ms = 200\nresponse_timeout_ms = 10000\nmax_attempts = 1",
+        "",
+    )
     .await;
     let started = std::time::Instant::now();
     let r = send(gw, "POST", "/", &[], "x").await;

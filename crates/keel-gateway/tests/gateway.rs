@@ -600,18 +600,7 @@ async fn malformed_and_ambiguous_requests_are_refused() {
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[server]
-header_timeout_ms = 300
-[upstreams.api]
-servers = [{{ address = "{a}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = gateway_to(a, "header_timeout_ms = 300", "", "").await;
     let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     // Slowloris: no end of headers. The gateway closes the connection after its timeout.
@@ -732,18 +721,12 @@ upstream = "api"
 async fn a_client_trickling_the_first_bytes_is_cut_off_and_big_heads_are_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[server]
-header_timeout_ms = 300
-max_header_bytes = 16384
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
+    let gw = gateway_to(
+        server,
+        "header_timeout_ms = 300\nmax_header_bytes = 16384",
+        "",
+        "",
+    )
     .await;
     // Part of the HTTP/2 preface, one byte at a time: hyper has not chosen a protocol yet.
     let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();

@@ -289,18 +289,7 @@ upstream = "api"
 async fn connections_beyond_the_cap_are_closed_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[server]
-max_connections = 2
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = gateway_to(server, "max_connections = 2", "", "").await;
     let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -433,18 +422,7 @@ upstream = "py"
 async fn idle_connections_are_closed_but_slow_requests_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = upstream("a").await;
-    let gw = gateway(&format!(
-        r#"
-[server]
-idle_timeout_ms = 300
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
-    ))
-    .await;
+    let gw = gateway_to(server, "idle_timeout_ms = 300", "", "").await;
     // A request that takes longer than the idle timeout is answered.
     let slow = send(gw, "GET", "/sleep/900", &[], "").await;
     assert_eq!(slow.status, StatusCode::OK);

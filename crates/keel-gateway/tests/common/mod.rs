@@ -116,14 +116,19 @@ pub async fn upstream_with_health(name: &'static str, sick: Arc<AtomicBool>) -> 
 
 /// A gateway sending everything to one upstream server.
 pub async fn one_upstream(server: SocketAddr) -> SocketAddr {
+    gateway_to(server, "", "", "").await
+}
+
+/// A gateway whose one route sends everything to the pool `api` of one server, with extra
+/// lines for `[server]`, the pool and the route.
+pub async fn gateway_to(
+    server: SocketAddr,
+    server_lines: &str,
+    pool_lines: &str,
+    route_lines: &str,
+) -> SocketAddr {
     gateway(&format!(
-        r#"
-[upstreams.api]
-servers = [{{ address = "{server}" }}]
-[[routes]]
-path_prefix = "/"
-upstream = "api"
-"#
+        "[server]\n{server_lines}\n[upstreams.api]\nservers = [{{ address = \"{server}\" }}]\n{pool_lines}\n[[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n{route_lines}\n"
     ))
     .await
 }
