@@ -1,10 +1,22 @@
 //! Keel's flash-sale (seckill) reference application: thousands of buyers fighting over a few
 //! items in a short burst, and the stock never oversold.
 //!
-//! This first slice is the inventory: [`inventory::Inventory`], one inventory instance's share
-//! of the stock, whose every reservation is in its journal before it is acknowledged. The
-//! services, the orders queue, the catalog and `keel up` build on it.
+//! So far:
+//! - [`inventory`]: [`Inventory`], one inventory instance's share of the stock, whose every
+//!   reservation is in its journal before it is acknowledged;
+//! - [`service`]: the inventory as a Keel RPC service (`keel.seckill.v1.Inventory`, from
+//!   `proto/inventory.proto`), run by the `keel-seckill inventory` process.
+//!
+//! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
 pub mod inventory;
+pub mod service;
+
+/// Generated from `proto/inventory.proto`.
+#[allow(missing_docs)]
+pub mod proto {
+    keel_rpc::include_proto!("keel.seckill.v1");
+}
 
 pub use inventory::{Inventory, InventoryError, Refusal, Reservation};
+pub use service::InventoryService;

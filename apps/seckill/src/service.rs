@@ -1,0 +1,144 @@
+//! The inventory as a Keel RPC service (`keel.seckill.v1.Inventory`).
+
+use std::sync::Arc;
+
+use keel_rpc::{Context, Status};
+
+use crate::inventory::{Inventory, InventoryError, Refusal};
+use crate::proto;
+
+/// Serves an [`Inventory`] over Keel RPC.
+#[derive(Debug, Clone)]
+pub struct InventoryService {
+    inventory: Arc<Inventory>,
+}
+
+impl InventoryService {
+    /// Serves `inventory`.
+    pub fn new(inventory: Arc<Inventory>) -> InventoryService {
+        InventoryService { inventory }
+    }
+}
+
+fn status(e: InventoryError) -> Status {
+    match e {
+        InventoryError::Exists(item) => {
+            Status::already_exists(format!("item {item} exists with other settings"))
+        }
+        // The instance cannot decide: another instance (or a retry later) may.
+        e @ (InventoryError::Journal(_) | InventoryError::Failed) => {
+            Status::unavailable(e.to_string())
+        }
+        e @ InventoryError::BadRecord { .. } => Status::internal(e.to_string()),
+    }
+}
+
+fn to_proto(r: crate::Reservation) -> proto::Reservation {
+    proto::Reservation {
+        reservation_id: r.reservation_id,
+        item_id: r.item_id,
+        user_id: r.user_id,
+        request_id: r.request_id,
+        bucket: r.bucket,
+    }
+}
+
+fn need(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() || value.len() > 256 {
+        return Err(Status::invalid_argument(format!(
+            "{field} must have 1 to 256 bytes"
+        )));
+    }
+    Ok(())
+}
+
+impl proto::Inventory for InventoryService {
+    async fn create_item(
+        &self,
+        _ctx: Context,
+        request: proto::CreateItemRequest,
+    ) -> Result<proto::CreateItemReply, Status> {
+        need("item_id", &request.item_id)?;
+        if request.buckets.is_empty() || request.buckets.len() > 4096 {
+            return Err(Status::invalid_argument(
+                "buckets must have 1 to 4096 entries",
+            ));
+        }
+        if request.per_user_limit == 0 {
+            return Err(Status::invalid_argument("per_user_limit must be positive"));
+        }
+        self.inventory
+            .create_item(&request.item_id, request.buckets, request.per_user_limit)
+            .await
+            .map_err(status)?;
+        Ok(proto::CreateItemReply {})
+    }
+
+    async fn reserve(
+        &self,
+        _ctx: Context,
+        request: proto::ReserveRequest,
+    ) -> Result<proto::ReserveReply, Status> {
+        need("item_id", &request.item_id)?;
+        need("user_id", &request.user_id)?;
+        need("request_id", &request.request_id)?;
+        let answer = self
+            .inventory
+            .reserve(&request.item_id, &request.user_id, &request.request_id)
+            .await
+            .map_err(status)?;
+        let (outcome, reservation) = match answer {
+            Ok(r) => (proto::Outcome::Reserved, Some(to_proto(r))),
+            Err(Refusal::SoldOut) => (proto::Outcome::SoldOut, None),
+            Err(Refusal::LimitReached) => (proto::Outcome::LimitReached, None),
+            Err(Refusal::NotFound) => (proto::Outcome::NotFound, None),
+        };
+        Ok(proto::ReserveReply {
+            outcome: outcome as i32,
+            reservation,
+        })
+    }
+
+    async fn release(
+        &self,
+        _ctx: Context,
+        request: proto::ReleaseRequest,
+    ) -> Result<proto::ReleaseReply, Status> {
+        let released = self
+            .inventory
+            .release(request.reservation_id)
+            .await
+            .map_err(status)?;
+        Ok(proto::ReleaseReply { released })
+    }
+
+    async fn stock(
+        &self,
+        _ctx: Context,
+        request: proto::StockRequest,
+    ) -> Result<proto::StockReply, Status> {
+        Ok(match self.inventory.stock(&request.item_id) {
+            None => proto::StockReply::default(),
+            Some(s) => proto::StockReply {
+                found: true,
+                initial: s.initial,
+                left: s.left,
+                reserved: s.reserved,
+                sold_out: s.left == 0,
+            },
+        })
+    }
+
+    async fn get_reservation(
+        &self,
+        _ctx: Context,
+        request: proto::GetReservationRequest,
+    ) -> Result<proto::GetReservationReply, Status> {
+        Ok(proto::GetReservationReply {
+            reservation: self
+                .inventory
+                .reservation(request.reservation_id)
+                .map(to_proto),
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! kill -9 of an inventory process in the middle of a sale: after a restart on the same data
+//! directory every acknowledged reservation is there, and selling on never goes past the stock.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_rpc::{Channel, ChannelConfig};
+use keel_seckill::proto::{
+    CreateItemRequest, GetReservationRequest, InventoryClient, Outcome, ReserveRequest,
+    StockRequest,
+};
+use parking_lot::Mutex;
+
+/// Starts `keel-seckill inventory` on a free port; returns it with its address.
+fn start(dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel-seckill"))
+        .args(["inventory", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start keel-seckill inventory");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("inventory on ")
+        .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
+        .to_owned();
+    // Keep reading, so its stdout never breaks.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (child, addr)
+}
+
+async fn client(addr: &str) -> InventoryClient<Channel> {
+    InventoryClient::new(
+        Channel::connect(addr.to_owned(), ChannelConfig::default())
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_sale_loses_no_acknowledged_reservation_and_never_oversells() {
+    const STOCK: u64 = 4_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start(dir.path());
+    let c = client(&addr).await;
+    c.create_item(&CreateItemRequest {
+        item_id: "hot".into(),
+        buckets: vec![STOCK / 8; 8],
+        per_user_limit: 1,
+    })
+    .await
+    .unwrap();
+
+    // Buyers until the process dies under them.
+    let acked: Arc<Mutex<HashMap<u64, String>>> = Arc::default();
+    let mut buyers = Vec::new();
+    for w in 0..16 {
+        let (c, acked) = (c.clone(), acked.clone());
+        buyers.push(tokio::spawn(async move {
+            for n in 0..10_000 {
+                let user = format!("w{w}-{n}");
+                let request = ReserveRequest {
+                    item_id: "hot".into(),
+                    user_id: user.clone(),
+                    request_id: "r".into(),
+                };
+                match c.reserve(&request).await {
+                    Ok(reply) if reply.outcome == Outcome::Reserved as i32 => {
+                        let id = reply.reservation.unwrap().reservation_id;
+                        acked.lock().insert(id, user);
+                    }
+                    Ok(_) => return,  // sold out
+                    Err(_) => return, // the process is gone
+                }
+            }
+        }));
+    }
+    // Once the sale is well under way (or after 10 s at most), SIGKILL.
+    for _ in 0..2_000 {
+        if acked.lock().len() >= 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for b in buyers {
+        b.await.unwrap();
+    }
+    let acked = acked.lock().clone();
+    assert!(!acked.is_empty(), "the sale had started");
+    assert!(
+        acked.len() < STOCK as usize,
+        "killed mid-sale, not after it"
+    );
+
+    // Restarted on the same directory: every acknowledged reservation is there.
+    let (mut child, addr) = start(dir.path());
+    let c = client(&addr).await;
+    for (id, user) in &acked {
+        let found = c
+            .get_reservation(&GetReservationRequest {
+                reservation_id: *id,
+            })
+            .await
+            .unwrap()
+            .reservation
+            .unwrap_or_else(|| panic!("acknowledged reservation {id} lost"));
+        assert_eq!(&found.user_id, user);
+    }
+    let stock = c
+        .stock(&StockRequest {
+            item_id: "hot".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(stock.initial, STOCK);
+    assert!(stock.reserved >= acked.len() as u64);
+    assert_eq!(stock.left + stock.reserved, STOCK);
+
+    // Selling on, 16 buyers at a time: exactly the rest goes, never more.
+    let mut late = Vec::new();
+    for w in 0..16 {
+        let c = c.clone();
+        late.push(tokio::spawn(async move {
+            let mut sold = 0u64;
+            for n in 0.. {
+                let reply = c
+                    .reserve(&ReserveRequest {
+                        item_id: "hot".into(),
+                        user_id: format!("late-{w}-{n}"),
+                        request_id: "r".into(),
+                    })
+                    .await
+                    .unwrap();
+                if reply.outcome != Outcome::Reserved as i32 {
+                    return sold;
+                }
+                sold += 1;
+            }
+            sold
+        }));
+    }
+    let mut sold_after = 0u64;
+    for t in late {
+        sold_after += t.await.unwrap();
+    }
+    assert_eq!(sold_after, stock.left);
+    let end = c
+        .stock(&StockRequest {
+            item_id: "hot".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((end.left, end.reserved, end.sold_out), (0, STOCK, true));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
