@@ -10,6 +10,8 @@
 //!   with group commit; fsync policies `always`, `interval` and `never`; recovery that cuts
 //!   off a crash-torn tail and refuses (naming file and offset) damage anywhere else.
 //! - [`snapshot`]: snapshot files, written to a temporary name, synced, then renamed.
+//! - [`queue`]: a durable queue on the journal: at-least-once delivery with leases and
+//!   acknowledgements, compacted by snapshots.
 //! - `record`: the byte layout, as pure functions.
 //!
 //! The on-disk format is specified in `docs/storage.md`.
@@ -18,12 +20,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod journal;
+pub mod queue;
 mod record;
 pub mod snapshot;
 
 pub use journal::{
     Appended, Journal, JournalOptions, JournalStats, Record, Recovered, SyncPolicy, TornTail,
 };
+pub use queue::{Delivery, DurableQueue};
 pub use snapshot::Snapshot;
 
 /// What went wrong in the store.
