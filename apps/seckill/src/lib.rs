@@ -4,12 +4,15 @@
 //! So far:
 //! - [`inventory`]: [`Inventory`], one inventory instance's share of the stock, whose every
 //!   reservation is in its journal before it is acknowledged;
+//! - [`orders`]: [`Orders`], the order book: orders made from reservations, a payment window,
+//!   shipping only what is paid;
 //! - [`service`]: the inventory as a Keel RPC service (`keel.seckill.v1.Inventory`, from
 //!   `proto/inventory.proto`), run by the `keel-seckill inventory` process.
 //!
 //! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
 pub mod inventory;
+pub mod orders;
 pub mod service;
 
 /// Generated from `proto/inventory.proto`.
@@ -19,4 +22,5 @@ pub mod proto {
 }
 
 pub use inventory::{Inventory, InventoryError, Refusal, Reservation};
+pub use orders::{Order, OrderError, OrderStatus, Orders};
 pub use service::InventoryService;

@@ -1,0 +1,351 @@
+//! Orders: created from reservations, paid within a window, shipped once paid.
+//!
+//! An order's id is derived from its reservation (`<inventory>-<reservation id>`), so the
+//! buyer can be told it as soon as the reservation is made, and creating it again from the same
+//! reservation (a redelivered queue message) returns the same order. Every change is journaled
+//! before it is answered.
+//!
+//! - `pending_payment` → `paid` (by the buyer, before `expires_at_ms`) → `shipped`.
+//! - `pending_payment` → `expired` once the payment window has passed ([`Orders::expire_due`],
+//!   or a late payment, which is refused); the expired order's unit must go back to stock:
+//!   [`Orders::unreleased`] lists the expired orders whose release is not yet confirmed, and
+//!   [`Orders::mark_released`] records the confirmation, so a crash between the two only
+//!   repeats the (idempotent) release.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use keel_store::{Journal, JournalOptions, StoreError};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    /// Reserved, waiting for payment.
+    PendingPayment,
+    /// Paid in time.
+    Paid,
+    /// Sent to the buyer.
+    Shipped,
+    /// Not paid in time; its unit went back to stock.
+    Expired,
+}
+
+/// An order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// `<inventory>-<reservation id>`.
+    pub order_id: String,
+    /// The item.
+    pub item_id: String,
+    /// The buyer.
+    pub user_id: String,
+    /// The inventory instance holding the unit.
+    pub inventory: String,
+    /// The reservation there.
+    pub reservation_id: u64,
+    /// Where it stands.
+    pub status: OrderStatus,
+    /// Unix time (ms) after which an unpaid order expires.
+    pub expires_at_ms: u64,
+    /// For an expired order: whether its unit's release was confirmed.
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// Why an order operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// No such order.
+    #[error("no order {0}")]
+    NotFound(String),
+    /// Someone other than the buyer tried to pay.
+    #[error("order {0} belongs to another user")]
+    Forbidden(String),
+    /// The payment window has passed.
+    #[error("order {0} expired before it was paid")]
+    Expired(String),
+    /// Shipping an order that is not paid.
+    #[error("order {0} is not paid")]
+    NotPaid(String),
+    /// The journal failed.
+    #[error("orders journal: {0}")]
+    Journal(#[from] StoreError),
+    /// A journal record could not be read back.
+    #[error("orders journal record {index}: {reason}")]
+    BadRecord {
+        /// The record's index.
+        index: u64,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    Create(Order),
+    Status {
+        order_id: String,
+        status: OrderStatus,
+    },
+    Released {
+        order_id: String,
+    },
+}
+
+/// The order book of one orders instance.
+#[derive(Debug)]
+pub struct Orders {
+    journal: Journal,
+    orders: Mutex<BTreeMap<String, Order>>,
+    payment_window_ms: u64,
+}
+
+/// The id of the order made from a reservation.
+pub fn order_id(inventory: &str, reservation_id: u64) -> String {
+    format!("{inventory}-{reservation_id}")
+}
+
+impl Orders {
+    /// Opens the order book in `dir`, replaying its journal; unpaid orders expire
+    /// `payment_window_ms` after they are created. Blocking.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: JournalOptions,
+        payment_window_ms: u64,
+    ) -> Result<Orders, OrderError> {
+        let (journal, recovered) = Journal::open(dir, options)?;
+        let mut orders = BTreeMap::new();
+        for record in &recovered.records {
+            let op: Op =
+                serde_json::from_slice(&record.payload).map_err(|e| OrderError::BadRecord {
+                    index: record.index,
+                    reason: e.to_string(),
+                })?;
+            match op {
+                Op::Create(order) => {
+                    orders.entry(order.order_id.clone()).or_insert(order);
+                }
+                Op::Status { order_id, status } => {
+                    if let Some(o) = orders.get_mut(&order_id) {
+                        o.status = status;
+                    }
+                }
+                Op::Released { order_id } => {
+                    if let Some(o) = orders.get_mut(&order_id) {
+                        o.released = true;
+                    }
+                }
+            }
+        }
+        Ok(Orders {
+            journal,
+            orders: Mutex::new(orders),
+            payment_window_ms,
+        })
+    }
+
+    /// Appends `op` (the caller holds the lock, so the journal's order is the changes'),
+    /// returning the pending append.
+    fn log(&self, op: &Op) -> Result<keel_store::Appended, OrderError> {
+        Ok(self
+            .journal
+            .append(serde_json::to_vec(op).unwrap_or_default())?)
+    }
+
+    /// The order made from a reservation, created now if it is new; returns it once durable.
+    pub async fn create(
+        &self,
+        inventory: &str,
+        reservation_id: u64,
+        item_id: &str,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Result<Order, OrderError> {
+        let id = order_id(inventory, reservation_id);
+        let (order, appended) = {
+            let mut orders = self.orders.lock();
+            if let Some(existing) = orders.get(&id) {
+                (existing.clone(), None)
+            } else {
+                let order = Order {
+                    order_id: id.clone(),
+                    item_id: item_id.to_owned(),
+                    user_id: user_id.to_owned(),
+                    inventory: inventory.to_owned(),
+                    reservation_id,
+                    status: OrderStatus::PendingPayment,
+                    expires_at_ms: now_ms + self.payment_window_ms,
+                    released: false,
+                };
+                let appended = self.log(&Op::Create(order.clone()))?;
+                orders.insert(id, order.clone());
+                (order, Some(appended))
+            }
+        };
+        match appended {
+            Some(a) => {
+                a.await?;
+            }
+            // Made before: its record is durable once everything appended so far is.
+            None => self.journal.sync().await?,
+        }
+        Ok(order)
+    }
+
+    /// An order.
+    pub fn get(&self, order_id: &str) -> Option<Order> {
+        self.orders.lock().get(order_id).cloned()
+    }
+
+    /// A user's orders, oldest first by id.
+    pub fn of_user(&self, user_id: &str) -> Vec<Order> {
+        self.orders
+            .lock()
+            .values()
+            .filter(|o| o.user_id == user_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Moves an order to `status` if `check` allows it (given the order), durably.
+    async fn transition(
+        &self,
+        order_id: &str,
+        check: impl FnOnce(&Order) -> Result<Option<OrderStatus>, OrderError>,
+    ) -> Result<Order, OrderError> {
+        let (order, appended) = {
+            let mut orders = self.orders.lock();
+            let order = orders
+                .get_mut(order_id)
+                .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))?;
+            match check(order)? {
+                None => (order.clone(), None),
+                Some(status) => {
+                    let appended = self.log(&Op::Status {
+                        order_id: order_id.to_owned(),
+                        status,
+                    })?;
+                    order.status = status;
+                    (order.clone(), Some(appended))
+                }
+            }
+        };
+        match appended {
+            Some(a) => {
+                a.await?;
+            }
+            None => self.journal.sync().await?,
+        }
+        Ok(order)
+    }
+
+    /// Pays an order: only its buyer, only before it expires; paying a paid (or shipped)
+    /// order again answers with it. A late payment expires the order and is refused.
+    pub async fn pay(
+        &self,
+        order_id: &str,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Result<Order, OrderError> {
+        let mut expired_now = false;
+        let order = self
+            .transition(order_id, |o| {
+                if o.user_id != user_id {
+                    return Err(OrderError::Forbidden(order_id.to_owned()));
+                }
+                match o.status {
+                    OrderStatus::Expired => Err(OrderError::Expired(order_id.to_owned())),
+                    OrderStatus::Paid | OrderStatus::Shipped => Ok(None),
+                    OrderStatus::PendingPayment if now_ms >= o.expires_at_ms => {
+                        expired_now = true;
+                        Ok(Some(OrderStatus::Expired))
+                    }
+                    OrderStatus::PendingPayment => Ok(Some(OrderStatus::Paid)),
+                }
+            })
+            .await?;
+        if expired_now {
+            return Err(OrderError::Expired(order.order_id));
+        }
+        Ok(order)
+    }
+
+    /// Ships a paid order (shipping it again answers with it).
+    pub async fn ship(&self, order_id: &str) -> Result<Order, OrderError> {
+        self.transition(order_id, |o| match o.status {
+            OrderStatus::Paid => Ok(Some(OrderStatus::Shipped)),
+            OrderStatus::Shipped => Ok(None),
+            _ => Err(OrderError::NotPaid(order_id.to_owned())),
+        })
+        .await
+    }
+
+    /// Expires every unpaid order whose window has passed; returns how many.
+    pub async fn expire_due(&self, now_ms: u64) -> Result<usize, OrderError> {
+        let (count, last) = {
+            let mut orders = self.orders.lock();
+            let mut last = None;
+            let mut count = 0;
+            for order in orders.values_mut() {
+                if order.status == OrderStatus::PendingPayment && now_ms >= order.expires_at_ms {
+                    last = Some(self.log(&Op::Status {
+                        order_id: order.order_id.clone(),
+                        status: OrderStatus::Expired,
+                    })?);
+                    order.status = OrderStatus::Expired;
+                    count += 1;
+                }
+            }
+            (count, last)
+        };
+        // The records are durable in order: the last one's acknowledgement covers them all.
+        if let Some(a) = last {
+            a.await?;
+        }
+        Ok(count)
+    }
+
+    /// Expired orders whose unit's release is not confirmed yet.
+    pub fn unreleased(&self) -> Vec<Order> {
+        self.orders
+            .lock()
+            .values()
+            .filter(|o| o.status == OrderStatus::Expired && !o.released)
+            .cloned()
+            .collect()
+    }
+
+    /// Records that an expired order's unit is back in stock.
+    pub async fn mark_released(&self, order_id: &str) -> Result<(), OrderError> {
+        let appended = {
+            let mut orders = self.orders.lock();
+            match orders.get_mut(order_id) {
+                Some(o) if !o.released => {
+                    let a = self.log(&Op::Released {
+                        order_id: order_id.to_owned(),
+                    })?;
+                    o.released = true;
+                    Some(a)
+                }
+                _ => None,
+            }
+        };
+        if let Some(a) = appended {
+            a.await?;
+        }
+        Ok(())
+    }
+
+    /// Orders by status.
+    pub fn counts(&self) -> BTreeMap<OrderStatus, usize> {
+        let mut counts = BTreeMap::new();
+        for o in self.orders.lock().values() {
+            *counts.entry(o.status).or_insert(0) += 1;
+        }
+        counts
+    }
+}
