@@ -10,10 +10,14 @@
 //! - **Never oversold**: a unit is taken under the item's lock and only from a bucket above
 //!   zero; releases put back only units that were taken.
 //! - **Per-user limit**: a user's live reservations of an item (not released) stay within the
-//!   item's limit.
+//!   item's limit — in this instance; across instances the services must send a user's
+//!   requests for an item to one instance.
 //! - **Idempotent**: the same (user, item, request id) gets the same reservation, however often
-//!   and however concurrently it is sent; only successes are remembered, so a refused request
-//!   sent again is decided again.
+//!   and however concurrently it is sent, also after its unit was released (its order expired);
+//!   only successes are remembered, so a refused request sent again is decided again.
+//! - **Paid is final**: [`Inventory::commit`] marks a reservation sold (its order was paid);
+//!   a committed reservation is never released, and a release must name the reservation's
+//!   buyer.
 //! - **Sold out early**: once the local buckets of an item are empty, a flag says so; a request
 //!   then only checks (briefly, under the lock) whether it is the retry of one that holds a
 //!   unit, and the buckets are not searched.
@@ -62,6 +66,9 @@ pub enum InventoryError {
     /// The item exists already with other settings.
     #[error("item {0} exists already")]
     Exists(String),
+    /// The request does not make sense.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A unit held for a buyer.
@@ -92,6 +99,19 @@ enum Op {
     Release {
         reservation_id: u64,
     },
+    Commit {
+        reservation_id: u64,
+    },
+}
+
+/// A reservation and what became of it.
+#[derive(Debug, Clone)]
+struct Held {
+    reservation: Reservation,
+    /// Its order was paid: the unit is sold and can no longer be released.
+    committed: bool,
+    /// Its unit went back to stock.
+    released: bool,
 }
 
 #[derive(Debug)]
@@ -141,7 +161,8 @@ pub struct StockView {
 pub struct Inventory {
     journal: Journal,
     items: Mutex<HashMap<String, Arc<ItemCell>>>,
-    reservations: Mutex<HashMap<u64, Reservation>>,
+    /// Every reservation made, live or not (a retried request is answered from it).
+    reservations: Mutex<HashMap<u64, Held>>,
     next_reservation: AtomicU64,
     failed: AtomicBool,
 }
@@ -170,13 +191,19 @@ impl Inventory {
                     index: record.index,
                     reason: e.to_string(),
                 })?;
-            inventory.apply(op);
+            inventory
+                .apply(op)
+                .map_err(|reason| InventoryError::BadRecord {
+                    index: record.index,
+                    reason,
+                })?;
         }
         Ok(inventory)
     }
 
-    /// Applies a replayed record.
-    fn apply(&self, op: Op) {
+    /// Applies a replayed record; a record that contradicts the state (a unit taken from an
+    /// empty bucket) is an error, not something to paper over.
+    fn apply(&self, op: Op) -> Result<(), String> {
         match op {
             Op::CreateItem {
                 item_id,
@@ -188,10 +215,19 @@ impl Inventory {
                     .insert(item_id, Arc::new(new_item(buckets, per_user_limit)));
             }
             Op::Reserve(r) => {
-                if let Some(cell) = self.cell(&r.item_id) {
+                let cell = self
+                    .cell(&r.item_id)
+                    .ok_or_else(|| format!("reservation of unknown item {}", r.item_id))?;
+                {
                     let mut item = cell.state.lock();
-                    if let Some(units) = item.buckets.get_mut(r.bucket as usize) {
-                        *units = units.saturating_sub(1);
+                    match item.buckets.get_mut(r.bucket as usize) {
+                        Some(units) if *units > 0 => *units -= 1,
+                        _ => {
+                            return Err(format!(
+                                "reservation {} takes from empty bucket {} of {}",
+                                r.reservation_id, r.bucket, r.item_id
+                            ));
+                        }
                     }
                     *item.held.entry(r.user_id.clone()).or_default() += 1;
                     item.requests
@@ -201,18 +237,36 @@ impl Inventory {
                 }
                 self.next_reservation
                     .fetch_max(r.reservation_id + 1, Ordering::Relaxed);
-                self.reservations.lock().insert(r.reservation_id, r);
+                self.reservations.lock().insert(
+                    r.reservation_id,
+                    Held {
+                        reservation: r,
+                        committed: false,
+                        released: false,
+                    },
+                );
             }
             Op::Release { reservation_id } => {
-                if let Some(r) = self.reservations.lock().remove(&reservation_id)
-                    && let Some(cell) = self.cell(&r.item_id)
-                {
-                    let mut item = cell.state.lock();
-                    release_unit(&mut item, &r);
+                let reservation = {
+                    let mut all = self.reservations.lock();
+                    let held = all
+                        .get_mut(&reservation_id)
+                        .ok_or_else(|| format!("release of unknown {reservation_id}"))?;
+                    held.released = true;
+                    held.reservation.clone()
+                };
+                if let Some(cell) = self.cell(&reservation.item_id) {
+                    release_unit(&mut cell.state.lock(), &reservation);
                     cell.sold_out.store(false, Ordering::Relaxed);
                 }
             }
+            Op::Commit { reservation_id } => {
+                if let Some(held) = self.reservations.lock().get_mut(&reservation_id) {
+                    held.committed = true;
+                }
+            }
         }
+        Ok(())
     }
 
     fn cell(&self, item_id: &str) -> Option<Arc<ItemCell>> {
@@ -248,27 +302,45 @@ impl Inventory {
         per_user_limit: u32,
     ) -> Result<(), InventoryError> {
         self.check_running()?;
+        if buckets
+            .iter()
+            .try_fold(0u64, |sum, b| sum.checked_add(*b))
+            .is_none()
+        {
+            return Err(InventoryError::Invalid(
+                "the buckets add up to more than 2^64 units".into(),
+            ));
+        }
+        // Decided under the lock; waited for after it.
         let appended = {
             let mut items = self.items.lock();
-            if let Some(cell) = items.get(item_id) {
-                let item = cell.state.lock();
-                return if item.initial == buckets && item.per_user_limit == per_user_limit {
-                    Ok(())
-                } else {
-                    Err(InventoryError::Exists(item_id.to_owned()))
-                };
+            match items.get(item_id) {
+                Some(cell) => {
+                    let item = cell.state.lock();
+                    if item.initial != buckets || item.per_user_limit != per_user_limit {
+                        return Err(InventoryError::Exists(item_id.to_owned()));
+                    }
+                    None
+                }
+                None => {
+                    let op = Op::CreateItem {
+                        item_id: item_id.to_owned(),
+                        buckets: buckets.clone(),
+                        per_user_limit,
+                    };
+                    let appended = self.journal.append(encode(&op))?;
+                    items.insert(
+                        item_id.to_owned(),
+                        Arc::new(new_item(buckets, per_user_limit)),
+                    );
+                    Some(appended)
+                }
             }
-            let op = Op::CreateItem {
-                item_id: item_id.to_owned(),
-                buckets: buckets.clone(),
-                per_user_limit,
-            };
-            let appended = self.journal.append(encode(&op))?;
-            items.insert(
-                item_id.to_owned(),
-                Arc::new(new_item(buckets, per_user_limit)),
-            );
-            appended
+        };
+        let Some(appended) = appended else {
+            // A retry: answered once the first creation is durable.
+            self.journal.sync().await?;
+            return Ok(());
         };
         self.durable(appended).await
     }
@@ -325,9 +397,14 @@ impl Inventory {
                         if item.buckets.iter().all(|b| *b == 0) {
                             cell.sold_out.store(true, Ordering::Relaxed);
                         }
-                        self.reservations
-                            .lock()
-                            .insert(reservation.reservation_id, reservation.clone());
+                        self.reservations.lock().insert(
+                            reservation.reservation_id,
+                            Held {
+                                reservation: reservation.clone(),
+                                committed: false,
+                                released: false,
+                            },
+                        );
                         Decision::Taken(reservation, appended)
                     }
                 }
@@ -339,39 +416,93 @@ impl Inventory {
                 self.durable(appended).await?;
                 Ok(Ok(reservation))
             }
-            // Seen before: once everything appended so far is durable, so is its record.
+            // Seen before: once everything appended so far is durable, so is its record. The
+            // answer is the same reservation, also if its unit was released since (its order
+            // expired): the caller finds that order.
             Decision::Known(id) => {
                 self.journal.sync().await?;
-                let known = self.reservations.lock().get(&id).cloned();
-                Ok(known.ok_or(Refusal::SoldOut))
+                let known = self
+                    .reservations
+                    .lock()
+                    .get(&id)
+                    .map(|h| h.reservation.clone());
+                Ok(known.ok_or(Refusal::NotFound))
             }
         }
     }
 
-    /// Returns a reservation's unit to stock (an unpaid order expired). Releasing one that is
-    /// not live (released before, or unknown) does nothing and says so.
-    pub async fn release(&self, reservation_id: u64) -> Result<bool, InventoryError> {
+    /// Returns a reservation's unit to stock (its order expired unpaid). Only a live, not
+    /// committed reservation of `user_id` is released; anything else does nothing and says so
+    /// (false).
+    pub async fn release(
+        &self,
+        reservation_id: u64,
+        user_id: &str,
+    ) -> Result<bool, InventoryError> {
         self.check_running()?;
         let appended = {
-            let Some(r) = self.reservations.lock().get(&reservation_id).cloned() else {
+            let Some(held) = self.reservations.lock().get(&reservation_id).cloned() else {
                 return Ok(false);
             };
+            let r = held.reservation;
+            if r.user_id != user_id {
+                return Ok(false);
+            }
             let Some(cell) = self.cell(&r.item_id) else {
                 return Ok(false);
             };
             let mut item = cell.state.lock();
-            // Taken again under the item's lock: two releases cannot both pass.
-            if self.reservations.lock().remove(&reservation_id).is_none() {
-                return Ok(false);
-            }
-            let appended = self
-                .journal
-                .append(encode(&Op::Release { reservation_id }))?;
+            // Checked again under the item's lock: two releases cannot both pass.
+            let appended = {
+                let mut all = self.reservations.lock();
+                let Some(held) = all.get_mut(&reservation_id) else {
+                    return Ok(false);
+                };
+                if held.released || held.committed {
+                    if held.committed {
+                        tracing::warn!(reservation_id, "refused to release a paid reservation");
+                    }
+                    return Ok(false);
+                }
+                let appended = self
+                    .journal
+                    .append(encode(&Op::Release { reservation_id }))?;
+                held.released = true;
+                appended
+            };
             release_unit(&mut item, &r);
             cell.sold_out.store(false, Ordering::Relaxed);
             appended
         };
         self.durable(appended).await?;
+        Ok(true)
+    }
+
+    /// Marks a reservation as sold for good (its order was paid): it can no longer be
+    /// released. False if it is not live (released, or unknown).
+    pub async fn commit(&self, reservation_id: u64) -> Result<bool, InventoryError> {
+        self.check_running()?;
+        let appended = {
+            let mut all = self.reservations.lock();
+            match all.get_mut(&reservation_id) {
+                Some(held) if !held.released => {
+                    if held.committed {
+                        None
+                    } else {
+                        let appended = self
+                            .journal
+                            .append(encode(&Op::Commit { reservation_id }))?;
+                        held.committed = true;
+                        Some(appended)
+                    }
+                }
+                _ => return Ok(false),
+            }
+        };
+        match appended {
+            Some(a) => self.durable(a).await?,
+            None => self.journal.sync().await?,
+        }
         Ok(true)
     }
 
@@ -388,9 +519,13 @@ impl Inventory {
         })
     }
 
-    /// A live reservation.
+    /// A live reservation (not released).
     pub fn reservation(&self, reservation_id: u64) -> Option<Reservation> {
-        self.reservations.lock().get(&reservation_id).cloned()
+        self.reservations
+            .lock()
+            .get(&reservation_id)
+            .filter(|h| !h.released)
+            .map(|h| h.reservation.clone())
     }
 
     /// Whether the item is sold out here (read from its flag, without its lock).
@@ -415,7 +550,8 @@ fn new_item(buckets: Vec<u64>, per_user_limit: u32) -> ItemCell {
     }
 }
 
-/// Puts a released reservation's unit back and forgets its request.
+/// Puts a released reservation's unit back and frees its slot in the user's limit. The
+/// request stays known: sent again, it gets the same (released) reservation.
 fn release_unit(item: &mut Item, r: &Reservation) {
     if let Some(units) = item.buckets.get_mut(r.bucket as usize) {
         *units += 1;
@@ -423,8 +559,6 @@ fn release_unit(item: &mut Item, r: &Reservation) {
     if let Some(n) = item.held.get_mut(&r.user_id) {
         *n = n.saturating_sub(1);
     }
-    item.requests
-        .remove(&(r.user_id.clone(), r.request_id.clone()));
 }
 
 fn encode(op: &Op) -> bytes::Bytes {

@@ -73,6 +73,10 @@ pub enum OrderError {
     /// The journal failed.
     #[error("orders journal: {0}")]
     Journal(#[from] StoreError),
+    /// A previous journal failure stopped the instance: restart it (what was acknowledged is
+    /// in the journal; what was not is not).
+    #[error("orders stopped after a journal failure")]
+    Failed,
     /// A journal record could not be read back.
     #[error("orders journal record {index}: {reason}")]
     BadRecord {
@@ -100,6 +104,7 @@ enum Op {
 #[derive(Debug)]
 pub struct Orders {
     journal: Journal,
+    failed: std::sync::atomic::AtomicBool,
     orders: Mutex<BTreeMap<String, Order>>,
     payment_window_ms: u64,
 }
@@ -143,6 +148,7 @@ impl Orders {
         }
         Ok(Orders {
             journal,
+            failed: std::sync::atomic::AtomicBool::new(false),
             orders: Mutex::new(orders),
             payment_window_ms,
         })
@@ -151,9 +157,27 @@ impl Orders {
     /// Appends `op` (the caller holds the lock, so the journal's order is the changes'),
     /// returning the pending append.
     fn log(&self, op: &Op) -> Result<keel_store::Appended, OrderError> {
+        if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(OrderError::Failed);
+        }
         Ok(self
             .journal
             .append(serde_json::to_vec(op).unwrap_or_default())?)
+    }
+
+    /// Waits for an append, or for everything appended so far; a failure stops the instance
+    /// (its memory may be ahead of its journal from then on).
+    async fn durable(&self, appended: Option<keel_store::Appended>) -> Result<(), OrderError> {
+        let result = match appended {
+            Some(a) => a.await.map(|_| ()),
+            None => self.journal.sync().await,
+        };
+        result.map_err(|e| {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Release);
+            tracing::error!(error = %e, "orders journal write failed; no more changes");
+            OrderError::Journal(e)
+        })
     }
 
     /// The order made from a reservation, created now if it is new; returns it once durable.
@@ -178,7 +202,7 @@ impl Orders {
                     inventory: inventory.to_owned(),
                     reservation_id,
                     status: OrderStatus::PendingPayment,
-                    expires_at_ms: now_ms + self.payment_window_ms,
+                    expires_at_ms: now_ms.saturating_add(self.payment_window_ms),
                     released: false,
                 };
                 let appended = self.log(&Op::Create(order.clone()))?;
@@ -186,13 +210,8 @@ impl Orders {
                 (order, Some(appended))
             }
         };
-        match appended {
-            Some(a) => {
-                a.await?;
-            }
-            // Made before: its record is durable once everything appended so far is.
-            None => self.journal.sync().await?,
-        }
+        // Made before: its record is durable once everything appended so far is.
+        self.durable(appended).await?;
         Ok(order)
     }
 
@@ -234,12 +253,7 @@ impl Orders {
                 }
             }
         };
-        match appended {
-            Some(a) => {
-                a.await?;
-            }
-            None => self.journal.sync().await?,
-        }
+        self.durable(appended).await?;
         Ok(order)
     }
 
@@ -303,8 +317,8 @@ impl Orders {
             (count, last)
         };
         // The records are durable in order: the last one's acknowledgement covers them all.
-        if let Some(a) = last {
-            a.await?;
+        if last.is_some() {
+            self.durable(last).await?;
         }
         Ok(count)
     }
@@ -334,8 +348,8 @@ impl Orders {
                 _ => None,
             }
         };
-        if let Some(a) = appended {
-            a.await?;
+        if appended.is_some() {
+            self.durable(appended).await?;
         }
         Ok(())
     }

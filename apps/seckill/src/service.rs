@@ -30,6 +30,7 @@ fn status(e: InventoryError) -> Status {
             Status::unavailable(e.to_string())
         }
         e @ InventoryError::BadRecord { .. } => Status::internal(e.to_string()),
+        InventoryError::Invalid(why) => Status::invalid_argument(why),
     }
 }
 
@@ -106,10 +107,23 @@ impl proto::Inventory for InventoryService {
     ) -> Result<proto::ReleaseReply, Status> {
         let released = self
             .inventory
-            .release(request.reservation_id)
+            .release(request.reservation_id, &request.user_id)
             .await
             .map_err(status)?;
         Ok(proto::ReleaseReply { released })
+    }
+
+    async fn commit(
+        &self,
+        _ctx: Context,
+        request: proto::CommitRequest,
+    ) -> Result<proto::CommitReply, Status> {
+        let committed = self
+            .inventory
+            .commit(request.reservation_id)
+            .await
+            .map_err(status)?;
+        Ok(proto::CommitReply { committed })
     }
 
     async fn stock(

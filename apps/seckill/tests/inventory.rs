@@ -76,9 +76,17 @@ async fn the_per_user_limit_holds_and_a_release_frees_the_slot() {
             _ => assert_eq!(answer, Err(Refusal::LimitReached)),
         }
     }
-    assert!(inventory.release(kept[0].reservation_id).await.unwrap());
     assert!(
-        !inventory.release(kept[0].reservation_id).await.unwrap(),
+        inventory
+            .release(kept[0].reservation_id, "ann")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !inventory
+            .release(kept[0].reservation_id, "ann")
+            .await
+            .unwrap(),
         "once only"
     );
     assert!(inventory.reserve("tv", "ann", "r9").await.unwrap().is_ok());
@@ -128,7 +136,7 @@ async fn reservations_survive_a_restart_and_ids_are_not_reused() {
         inventory.create_item("bag", vec![2, 2], 1).await.unwrap();
         let a = inventory.reserve("bag", "u1", "x").await.unwrap().unwrap();
         let b = inventory.reserve("bag", "u2", "x").await.unwrap().unwrap();
-        assert!(inventory.release(b.reservation_id).await.unwrap());
+        assert!(inventory.release(b.reservation_id, "u2").await.unwrap());
         (a, b)
     };
     let inventory = open(dir.path());
@@ -151,4 +159,58 @@ async fn reservations_survive_a_restart_and_ids_are_not_reused() {
     // Creating the item again: the same settings are accepted, others refused.
     inventory.create_item("bag", vec![2, 2], 1).await.unwrap();
     assert!(inventory.create_item("bag", vec![9], 1).await.is_err());
+}
+
+#[tokio::test]
+async fn a_paid_reservation_is_never_released_and_only_its_buyer_releases_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = open(dir.path());
+    inventory.create_item("car", vec![2], 1).await.unwrap();
+    let paid = inventory.reserve("car", "ann", "r").await.unwrap().unwrap();
+    let unpaid = inventory.reserve("car", "bob", "r").await.unwrap().unwrap();
+    assert!(inventory.commit(paid.reservation_id).await.unwrap());
+    assert!(
+        inventory.commit(paid.reservation_id).await.unwrap(),
+        "again: same answer"
+    );
+    assert!(!inventory.release(paid.reservation_id, "ann").await.unwrap());
+    assert!(
+        !inventory
+            .release(unpaid.reservation_id, "ann")
+            .await
+            .unwrap(),
+        "not ann's"
+    );
+    assert!(
+        inventory
+            .release(unpaid.reservation_id, "bob")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !inventory.commit(unpaid.reservation_id).await.unwrap(),
+        "released: too late"
+    );
+    assert_eq!(inventory.stock("car").unwrap().left, 1);
+    // Bob's request sent again after its release: the same (released) reservation, not a
+    // second unit.
+    let again = inventory.reserve("car", "bob", "r").await.unwrap().unwrap();
+    assert_eq!(again, unpaid);
+    assert_eq!(inventory.stock("car").unwrap().left, 1);
+    assert_eq!(
+        inventory.reservation(unpaid.reservation_id),
+        None,
+        "not live"
+    );
+    // All of it after a restart.
+    drop(inventory);
+    let inventory = open(dir.path());
+    assert!(!inventory.release(paid.reservation_id, "ann").await.unwrap());
+    assert_eq!(inventory.stock("car").unwrap().left, 1);
+    assert!(
+        inventory
+            .create_item("huge", vec![u64::MAX, 1], 1)
+            .await
+            .is_err()
+    );
 }

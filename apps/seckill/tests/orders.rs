@@ -36,7 +36,7 @@ async fn consume(queue: &DurableQueue, orders: &Orders, ack: bool) -> (String, b
     if ack {
         assert!(queue.ack(d.seq).await.unwrap());
     } else {
-        queue.nack(d.seq);
+        queue.nack(&d);
     }
     (order.order_id, d.redelivered)
 }
@@ -94,6 +94,9 @@ async fn unpaid_orders_expire_their_units_return_and_only_paid_orders_ship() {
     // Ann pays in time; paying twice answers the same; Bob may not pay Ann's order.
     let paid = orders.pay(&ids[0], "ann", 500).await.unwrap();
     assert_eq!(paid.status, OrderStatus::Paid);
+    // A paid order's unit is sold for good: the inventory refuses to release it.
+    assert!(inventory.commit(paid.reservation_id).await.unwrap());
+    assert!(!inventory.release(paid.reservation_id, "ann").await.unwrap());
     assert_eq!(
         orders.pay(&ids[0], "ann", 600).await.unwrap().status,
         OrderStatus::Paid
@@ -112,7 +115,12 @@ async fn unpaid_orders_expire_their_units_return_and_only_paid_orders_ship() {
     let due = orders.unreleased();
     assert_eq!(due.len(), 2);
     for o in &due {
-        assert!(inventory.release(o.reservation_id).await.unwrap());
+        assert!(
+            inventory
+                .release(o.reservation_id, &o.user_id)
+                .await
+                .unwrap()
+        );
         orders.mark_released(&o.order_id).await.unwrap();
     }
     assert!(orders.unreleased().is_empty());
@@ -169,9 +177,9 @@ async fn an_expiry_whose_release_was_not_confirmed_is_released_after_a_restart()
     let due = orders.unreleased();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].reservation_id, reservation);
-    assert!(inventory.release(reservation).await.unwrap());
+    assert!(inventory.release(reservation, "eve").await.unwrap());
     // Released twice (a crash after the release, before its confirmation): harmless.
-    assert!(!inventory.release(reservation).await.unwrap());
+    assert!(!inventory.release(reservation, "eve").await.unwrap());
     orders.mark_released(&due[0].order_id).await.unwrap();
     assert_eq!(inventory.stock("pen").unwrap().left, 1);
 }

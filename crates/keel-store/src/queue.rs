@@ -39,6 +39,25 @@ pub struct Delivery {
     /// Whether it was handed out before (its lease ran out, it was nacked, or the queue
     /// restarted): the consumer may have acted on it already.
     pub redelivered: bool,
+    /// Which handing-out of the message this is (from 1, since the queue was opened);
+    /// [`DurableQueue::nack`] with a stale attempt does nothing.
+    pub attempt: u32,
+}
+
+/// Makes a pushed message visible if its `push` is abandoned while the record is written.
+struct Settle<'a> {
+    queue: &'a DurableQueue,
+    seq: u64,
+    done: bool,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.queue.state.lock().unsettled.remove(&self.seq);
+            self.queue.ready.notify_one();
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +71,8 @@ struct State {
     /// Pushed messages whose record is not durable yet: in `messages` (so a snapshot taken
     /// meanwhile keeps them) but not handed out.
     unsettled: std::collections::HashSet<u64>,
+    /// Times each pending message was handed out since the queue was opened.
+    attempts: HashMap<u64, u32>,
     next_seq: u64,
     acks_since_snapshot: u64,
 }
@@ -151,7 +172,15 @@ impl DurableQueue {
             state.unsettled.insert(seq);
             (seq, appended)
         };
+        // If the caller stops waiting, the record is still written: the guard makes the
+        // message visible then (a failed write stops the journal, and the queue, anyway).
+        let mut settle = Settle {
+            queue: self,
+            seq,
+            done: false,
+        };
         let result = appended.await;
+        settle.done = true;
         let mut state = self.state.lock();
         state.unsettled.remove(&seq);
         if let Err(e) = result {
@@ -182,12 +211,23 @@ impl DurableQueue {
                     })
                     .map(|(seq, payload)| (*seq, payload.clone()));
                 if let Some((seq, payload)) = free {
-                    state.leased.insert(seq, now + lease);
+                    let until = now
+                        .checked_add(lease)
+                        .unwrap_or(now + Duration::from_secs(86_400));
+                    state.leased.insert(seq, until);
                     let redelivered = !state.delivered.insert(seq);
+                    let attempt = state.attempts.entry(seq).or_insert(0);
+                    *attempt += 1;
+                    let attempt = *attempt;
+                    drop(state);
+                    // Consumers waiting with no lease to time them now have one: wake them, so
+                    // each sleeps until the earliest lease ends.
+                    self.ready.notify_waiters();
                     return Delivery {
                         seq,
                         payload,
                         redelivered,
+                        attempt,
                     };
                 }
                 state.leased.values().min().copied()
@@ -208,15 +248,17 @@ impl DurableQueue {
     pub async fn ack(&self, seq: u64) -> Result<bool, StoreError> {
         let (appended, snapshot) = {
             let mut state = self.state.lock();
-            if state.messages.remove(&seq).is_none() {
+            if !state.messages.contains_key(&seq) {
                 return Ok(false);
             }
-            state.leased.remove(&seq);
-            state.delivered.remove(&seq);
             let mut record = BytesMut::with_capacity(9);
             record.put_u8(ACK);
             record.put_u64_le(seq);
             let appended = self.journal.append(record.freeze())?;
+            state.messages.remove(&seq);
+            state.leased.remove(&seq);
+            state.delivered.remove(&seq);
+            state.attempts.remove(&seq);
             state.acks_since_snapshot += 1;
             // Every so often, the pending messages as a snapshot (taken under the lock, so it
             // matches the journal up to the index of this ack exactly).
@@ -242,9 +284,14 @@ impl DurableQueue {
         Ok(true)
     }
 
-    /// Gives a leased message back at once (the consumer could not handle it now).
-    pub fn nack(&self, seq: u64) {
-        if self.state.lock().leased.remove(&seq).is_some() {
+    /// Gives a leased message back at once (the consumer could not handle it now). A
+    /// `delivery` whose lease already went to another consumer is ignored.
+    pub fn nack(&self, delivery: &Delivery) {
+        let mut state = self.state.lock();
+        if state.attempts.get(&delivery.seq) == Some(&delivery.attempt)
+            && state.leased.remove(&delivery.seq).is_some()
+        {
+            drop(state);
             self.ready.notify_one();
         }
     }

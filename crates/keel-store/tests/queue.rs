@@ -59,11 +59,48 @@ async fn a_lease_that_runs_out_or_a_nack_hands_the_message_out_again() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let second = waiter.await.unwrap();
     assert_eq!((second.seq, second.redelivered), (first.seq, true));
-    q.nack(second.seq);
+    q.nack(&first); // stale: that lease went to `second`; ignored
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), q.pop(Duration::from_secs(5)))
+            .await
+            .is_err(),
+        "still leased"
+    );
+    q.nack(&second);
     let third = q.pop(Duration::from_secs(5)).await;
     assert_eq!(third.seq, first.seq);
     assert!(q.ack(third.seq).await.unwrap());
     assert!(q.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_was_already_waiting_gets_a_message_whose_lease_ran_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(open(dir.path(), 1000));
+    // Two consumers wait on an empty queue; one push wakes one of them, which then dies
+    // without acknowledging.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let q = q.clone();
+            tokio::spawn(async move { q.pop(Duration::from_secs(5)).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    q.push("job").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (done, still): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|t| t.is_finished());
+    assert_eq!((done.len(), still.len()), (1, 1));
+    let first = done.into_iter().next().unwrap().await.unwrap();
+    drop(first); // the consumer dies
+    // The other one gets it when the lease runs out, with no further push or nack.
+    let second = tokio::time::timeout(Duration::from_secs(10), still.into_iter().next().unwrap())
+        .await
+        .expect("handed out again once the lease ran out")
+        .unwrap();
+    assert_eq!(
+        (second.seq, second.redelivered, second.attempt),
+        (1, true, 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -100,28 +137,45 @@ async fn concurrent_consumers_see_every_message_once() {
 #[tokio::test]
 async fn snapshots_keep_the_journal_short_and_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    let small = JournalOptions {
+        segment_bytes: 256,
+        ..JournalOptions::default()
+    };
+    let wal_files = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".wal")
+            })
+            .count()
+    };
+    let first_segment = dir.path().join(format!("{:020}.wal", 1));
     {
-        let q = open(dir.path(), 10);
+        let q = DurableQueue::open(dir.path(), small.clone(), 10).unwrap();
         for n in 0..50 {
             q.push(format!("m{n}")).await.unwrap();
         }
+        let before = wal_files();
+        assert!(first_segment.exists());
         for _ in 0..40 {
             let d = q.pop(Duration::from_secs(60)).await;
             q.ack(d.seq).await.unwrap();
         }
+        assert!(
+            !first_segment.exists(),
+            "segments covered by a snapshot are dropped"
+        );
+        assert!(
+            wal_files() < before,
+            "{} segments, {before} before",
+            wal_files()
+        );
     }
-    let snapshots = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".snap")
-        })
-        .count();
-    assert!(snapshots >= 1);
-    let q = open(dir.path(), 10);
+    let q = DurableQueue::open(dir.path(), small, 10).unwrap();
     assert_eq!(q.len(), 10);
     let d = q.pop(Duration::from_secs(60)).await;
     assert_eq!(&d.payload[..], b"m40");
