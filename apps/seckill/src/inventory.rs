@@ -162,7 +162,7 @@ pub struct Inventory {
     journal: Journal,
     items: Mutex<HashMap<String, Arc<ItemCell>>>,
     /// Every reservation made, live or not (a retried request is answered from it).
-    reservations: Mutex<HashMap<u64, Held>>,
+    reservations: Mutex<std::collections::BTreeMap<u64, Held>>,
     next_reservation: AtomicU64,
     failed: AtomicBool,
 }
@@ -181,7 +181,7 @@ impl Inventory {
         let inventory = Inventory {
             journal,
             items: Mutex::new(HashMap::new()),
-            reservations: Mutex::new(HashMap::new()),
+            reservations: Mutex::new(std::collections::BTreeMap::new()),
             next_reservation: AtomicU64::new(1),
             failed: AtomicBool::new(false),
         };
@@ -517,6 +517,29 @@ impl Inventory {
             left,
             reserved: item.held.values().map(|n| u64::from(*n)).sum(),
         })
+    }
+
+    /// Reservations after `after` (by id, at most `limit`), released ones included, once
+    /// their records are durable: the instance's journal is the outbox the orders consume
+    /// from, each consumer keeping its position, so no acknowledged reservation can be left
+    /// without an order.
+    pub async fn reservations_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Reservation>, InventoryError> {
+        let list: Vec<Reservation> = self
+            .reservations
+            .lock()
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .map(|(_, h)| h.reservation.clone())
+            .collect();
+        // Everything listed was appended before this: once it is all on disk, so are they.
+        if !list.is_empty() {
+            self.journal.sync().await?;
+        }
+        Ok(list)
     }
 
     /// A live reservation (not released).

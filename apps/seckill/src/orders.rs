@@ -98,12 +98,19 @@ enum Op {
     Released {
         order_id: String,
     },
+    /// Reservations of `source` up to `after` have their orders.
+    Cursor {
+        source: String,
+        after: u64,
+    },
 }
 
 /// The order book of one orders instance.
 #[derive(Debug)]
 pub struct Orders {
     journal: Journal,
+    /// Per reservation source (inventory instance): the last reservation id with an order.
+    cursors: Mutex<BTreeMap<String, u64>>,
     failed: std::sync::atomic::AtomicBool,
     orders: Mutex<BTreeMap<String, Order>>,
     payment_window_ms: u64,
@@ -124,6 +131,7 @@ impl Orders {
     ) -> Result<Orders, OrderError> {
         let (journal, recovered) = Journal::open(dir, options)?;
         let mut orders = BTreeMap::new();
+        let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
         for record in &recovered.records {
             let op: Op =
                 serde_json::from_slice(&record.payload).map_err(|e| OrderError::BadRecord {
@@ -144,10 +152,15 @@ impl Orders {
                         o.released = true;
                     }
                 }
+                Op::Cursor { source, after } => {
+                    let c = cursors.entry(source).or_default();
+                    *c = (*c).max(after);
+                }
             }
         }
         Ok(Orders {
             journal,
+            cursors: Mutex::new(cursors),
             failed: std::sync::atomic::AtomicBool::new(false),
             orders: Mutex::new(orders),
             payment_window_ms,
@@ -354,6 +367,29 @@ impl Orders {
         Ok(())
     }
 
+    /// The last reservation of `source` known to have its order.
+    pub fn cursor(&self, source: &str) -> u64 {
+        self.cursors.lock().get(source).copied().unwrap_or(0)
+    }
+
+    /// Records that the reservations of `source` up to `after` have their orders.
+    pub async fn advance(&self, source: &str, after: u64) -> Result<(), OrderError> {
+        let appended = {
+            let mut cursors = self.cursors.lock();
+            let current = cursors.entry(source.to_owned()).or_default();
+            if after <= *current {
+                return Ok(());
+            }
+            let a = self.log(&Op::Cursor {
+                source: source.to_owned(),
+                after,
+            })?;
+            *current = after;
+            Some(a)
+        };
+        self.durable(appended).await
+    }
+
     /// Orders by status.
     pub fn counts(&self) -> BTreeMap<OrderStatus, usize> {
         let mut counts = BTreeMap::new();
@@ -362,4 +398,72 @@ impl Orders {
         }
         counts
     }
+}
+
+/// Where reservations come from: an inventory instance, in process or over RPC.
+pub trait ReservationSource: Send + Sync {
+    /// Reservations after `after` (by id), at most `limit`, all durable.
+    fn after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<crate::Reservation>, String>> + Send;
+}
+
+impl ReservationSource for crate::Inventory {
+    async fn after(&self, after: u64, limit: usize) -> Result<Vec<crate::Reservation>, String> {
+        self.reservations_after(after, limit)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl ReservationSource for crate::proto::InventoryClient<keel_rpc::Channel> {
+    async fn after(&self, after: u64, limit: usize) -> Result<Vec<crate::Reservation>, String> {
+        let reply = self
+            .reservations_after(&crate::proto::ReservationsAfterRequest {
+                after,
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(reply
+            .reservations
+            .into_iter()
+            .map(|r| crate::Reservation {
+                reservation_id: r.reservation_id,
+                item_id: r.item_id,
+                user_id: r.user_id,
+                request_id: r.request_id,
+                bucket: r.bucket,
+            })
+            .collect())
+    }
+}
+
+/// One round of moving reservations into orders: those of `source` (named `name`) after the
+/// saved position get their orders (idempotently: a round repeated after a crash makes no
+/// second order), then the position moves past them. Returns how many it handled.
+pub async fn pump(
+    source: &impl ReservationSource,
+    name: &str,
+    orders: &Orders,
+    now_ms: u64,
+    limit: usize,
+) -> Result<usize, String> {
+    let batch = source.after(orders.cursor(name), limit).await?;
+    let Some(last) = batch.last().map(|r| r.reservation_id) else {
+        return Ok(0);
+    };
+    for r in &batch {
+        orders
+            .create(name, r.reservation_id, &r.item_id, &r.user_id, now_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    orders
+        .advance(name, last)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(batch.len())
 }

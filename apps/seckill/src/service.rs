@@ -143,6 +143,25 @@ impl proto::Inventory for InventoryService {
         })
     }
 
+    async fn reservations_after(
+        &self,
+        _ctx: Context,
+        request: proto::ReservationsAfterRequest,
+    ) -> Result<proto::ReservationsAfterReply, Status> {
+        let limit = match request.limit {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let list = self
+            .inventory
+            .reservations_after(request.after, limit)
+            .await
+            .map_err(status)?;
+        Ok(proto::ReservationsAfterReply {
+            reservations: list.into_iter().map(to_proto).collect(),
+        })
+    }
+
     async fn get_reservation(
         &self,
         _ctx: Context,

@@ -1,5 +1,6 @@
 //! kill -9 of an inventory process in the middle of a sale: after a restart on the same data
-//! directory every acknowledged reservation is there, and selling on never goes past the stock.
+//! directory every acknowledged reservation is there (and in the outbox the orders read), and
+//! selling on never goes past the stock.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -114,6 +115,23 @@ async fn kill_9_mid_sale_loses_no_acknowledged_reservation_and_never_oversells()
             .reservation
             .unwrap_or_else(|| panic!("acknowledged reservation {id} lost"));
         assert_eq!(&found.user_id, user);
+    }
+    // The outbox lists them all, so each will get its order.
+    let orders_dir = tempfile::tempdir().unwrap();
+    let orders = keel_seckill::Orders::open(
+        orders_dir.path(),
+        keel_store::JournalOptions::default(),
+        60_000,
+    )
+    .unwrap();
+    while keel_seckill::orders::pump(&c, "inv-0", &orders, 0, 500)
+        .await
+        .unwrap()
+        > 0
+    {}
+    for id in acked.keys() {
+        let order = keel_seckill::orders::order_id("inv-0", *id);
+        assert!(orders.get(&order).is_some(), "no order for {id}");
     }
     let stock = c
         .stock(&StockRequest {
