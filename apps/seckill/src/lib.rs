@@ -7,12 +7,15 @@
 //! - [`orders`]: [`Orders`], the order book: orders made from reservations, a payment window,
 //!   shipping only what is paid;
 //! - [`service`]: the inventory as a Keel RPC service (`keel.seckill.v1.Inventory`, from
-//!   `proto/inventory.proto`), run by the `keel-seckill inventory` process.
+//!   `proto/inventory.proto`), run by the `keel-seckill inventory` process;
+//! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
+//!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`.
 //!
 //! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
 pub mod inventory;
 pub mod orders;
+pub mod orders_service;
 pub mod service;
 
 /// Generated from `proto/inventory.proto`.

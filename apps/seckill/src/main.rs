@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use keel_seckill::{Inventory, InventoryService, proto};
+use keel_seckill::orders_service::{Inventories, OrdersService};
+use keel_seckill::{Inventory, InventoryService, Orders, proto};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +21,24 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run an orders instance until Ctrl-C.
+    Orders {
+        /// Address to listen on (Keel RPC and HTTP/JSON).
+        #[arg(long, default_value = "127.0.0.1:7300")]
+        addr: SocketAddr,
+        /// Directory of the order book's journal.
+        #[arg(long, default_value = "keel-data/orders")]
+        data_dir: std::path::PathBuf,
+        /// An inventory to take reservations from: NAME=HOST:PORT (repeat for each).
+        #[arg(long = "inventory", value_parser = parse_named)]
+        inventories: Vec<(String, String)>,
+        /// Time a buyer has to pay before the order expires and its unit returns.
+        #[arg(long, default_value_t = 600_000)]
+        payment_window_ms: u64,
+        /// How often unpaid orders are checked for expiry.
+        #[arg(long, default_value_t = 200)]
+        sweep_ms: u64,
+    },
     /// Run an inventory instance until Ctrl-C.
     Inventory {
         /// Address to listen on (Keel RPC and HTTP/JSON).
@@ -31,9 +50,68 @@ enum Command {
     },
 }
 
+fn parse_named(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(n, a)| !n.is_empty() && !a.is_empty())
+        .map(|(n, a)| (n.to_owned(), a.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not NAME=HOST:PORT"))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Orders {
+            addr,
+            data_dir,
+            inventories,
+            payment_window_ms,
+            sweep_ms,
+        } => {
+            let orders = Orders::open(
+                &data_dir,
+                keel_store::JournalOptions::default(),
+                payment_window_ms,
+            )
+            .with_context(|| format!("opening the orders in {}", data_dir.display()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let orders = Arc::new(orders);
+                let clients: Inventories = inventories
+                    .into_iter()
+                    .map(|(name, addr)| {
+                        let channel = keel_rpc::Channel::with_config(
+                            addr,
+                            keel_rpc::ChannelConfig::default(),
+                        );
+                        (name, proto::InventoryClient::new(channel))
+                    })
+                    .collect();
+                let clients = Arc::new(clients);
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                println!("orders on {}", listener.local_addr()?);
+                let work = tokio::spawn(keel_seckill::orders_service::background(
+                    orders.clone(),
+                    clients.clone(),
+                    std::time::Duration::from_millis(sweep_ms.max(1)),
+                ));
+                let server = keel_rpc::Server::builder()
+                    .add_service(proto::OrdersServer::new(OrdersService::new(
+                        orders, clients,
+                    )))
+                    .build();
+                server
+                    .serve(listener, async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await?;
+                work.abort();
+                Ok(())
+            })
+        }
         Command::Inventory { addr, data_dir } => {
             let inventory = Inventory::open(&data_dir, keel_store::JournalOptions::default())
                 .with_context(|| format!("opening the inventory in {}", data_dir.display()))?;

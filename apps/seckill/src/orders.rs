@@ -109,6 +109,9 @@ enum Op {
 #[derive(Debug)]
 pub struct Orders {
     journal: Journal,
+    /// Orders whose payment is being committed in the inventory: the expiry sweep leaves
+    /// them alone until it is decided.
+    paying: Mutex<std::collections::HashSet<String>>,
     /// Per reservation source (inventory instance): the last reservation id with an order.
     cursors: Mutex<BTreeMap<String, u64>>,
     failed: std::sync::atomic::AtomicBool,
@@ -160,6 +163,7 @@ impl Orders {
         }
         Ok(Orders {
             journal,
+            paying: Mutex::new(std::collections::HashSet::new()),
             cursors: Mutex::new(cursors),
             failed: std::sync::atomic::AtomicBool::new(false),
             orders: Mutex::new(orders),
@@ -301,6 +305,65 @@ impl Orders {
         Ok(order)
     }
 
+    /// First half of a payment through the inventory: checks that `user_id` may pay the order
+    /// now and holds it out of the expiry sweep. A paid (or shipped) order is returned as it
+    /// is; for a pending one, commit its reservation in the inventory, then call
+    /// [`Orders::complete_payment`].
+    pub fn begin_payment(
+        &self,
+        order_id: &str,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Result<Order, OrderError> {
+        let orders = self.orders.lock();
+        let order = orders
+            .get(order_id)
+            .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))?;
+        if order.user_id != user_id {
+            return Err(OrderError::Forbidden(order_id.to_owned()));
+        }
+        match order.status {
+            OrderStatus::Expired => Err(OrderError::Expired(order_id.to_owned())),
+            OrderStatus::PendingPayment if now_ms >= order.expires_at_ms => {
+                Err(OrderError::Expired(order_id.to_owned()))
+            }
+            OrderStatus::PendingPayment => {
+                self.paying.lock().insert(order_id.to_owned());
+                Ok(order.clone())
+            }
+            OrderStatus::Paid | OrderStatus::Shipped => Ok(order.clone()),
+        }
+    }
+
+    /// Second half: `committed` says whether the inventory committed the unit. If it did the
+    /// order is paid (even if its window closed meanwhile: the unit is sold); if not (its
+    /// reservation was released) the order is expired.
+    pub async fn complete_payment(
+        &self,
+        order_id: &str,
+        committed: bool,
+    ) -> Result<Order, OrderError> {
+        let result = self
+            .transition(order_id, |o| match o.status {
+                OrderStatus::PendingPayment if committed => Ok(Some(OrderStatus::Paid)),
+                OrderStatus::PendingPayment => Ok(Some(OrderStatus::Expired)),
+                _ => Ok(None),
+            })
+            .await;
+        self.paying.lock().remove(order_id);
+        let order = result?;
+        if order.status == OrderStatus::Expired {
+            return Err(OrderError::Expired(order.order_id));
+        }
+        Ok(order)
+    }
+
+    /// Gives up a payment begun with [`Orders::begin_payment`] (the inventory could not be
+    /// asked): the order stays pending.
+    pub fn abandon_payment(&self, order_id: &str) {
+        self.paying.lock().remove(order_id);
+    }
+
     /// Ships a paid order (shipping it again answers with it).
     pub async fn ship(&self, order_id: &str) -> Result<Order, OrderError> {
         self.transition(order_id, |o| match o.status {
@@ -317,8 +380,12 @@ impl Orders {
             let mut orders = self.orders.lock();
             let mut last = None;
             let mut count = 0;
+            let paying = self.paying.lock();
             for order in orders.values_mut() {
-                if order.status == OrderStatus::PendingPayment && now_ms >= order.expires_at_ms {
+                if order.status == OrderStatus::PendingPayment
+                    && now_ms >= order.expires_at_ms
+                    && !paying.contains(&order.order_id)
+                {
                     last = Some(self.log(&Op::Status {
                         order_id: order.order_id.clone(),
                         status: OrderStatus::Expired,

@@ -2,9 +2,9 @@
 //! directory every acknowledged reservation is there (and in the outbox the orders read), and
 //! selling on never goes past the stock.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,26 +15,8 @@ use keel_seckill::proto::{
 };
 use parking_lot::Mutex;
 
-/// Starts `keel-seckill inventory` on a free port; returns it with its address.
-fn start(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel-seckill"))
-        .args(["inventory", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start keel-seckill inventory");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("inventory on ")
-        .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
-        .to_owned();
-    // Keep reading, so its stdout never breaks.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    (child, addr)
+fn start(dir: &std::path::Path) -> (std::process::Child, String) {
+    common::start_inventory(dir)
 }
 
 async fn client(addr: &str) -> InventoryClient<Channel> {

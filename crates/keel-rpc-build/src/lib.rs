@@ -102,7 +102,8 @@ impl Builder {
         }
         let fds = protox::compile(protos, includes)?;
 
-        // Only the packages of the files asked for get JSON code; imports bring their own.
+        // Only the packages of the files asked for get JSON code; imports bring their own. Each
+        // package once, though several files may share it (its JSON code is one file).
         let wanted: Vec<String> = protos
             .iter()
             .filter_map(|p| {
@@ -113,6 +114,8 @@ impl Builder {
                 })
             })
             .map(|f| format!(".{}", f.package()))
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
             .collect();
         for file in &fds.file {
             for service in &file.service {

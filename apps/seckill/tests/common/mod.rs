@@ -1,0 +1,42 @@
+//! Starting `keel-seckill` processes for the tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// Starts `keel-seckill <args>` and waits for its banner (`<banner> <address>`); returns the
+/// process and the address.
+pub fn start(args: &[&str], banner: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel-seckill"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start keel-seckill");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix(banner)
+        .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
+        .trim()
+        .to_owned();
+    // Keep reading, so its stdout never breaks.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (child, addr)
+}
+
+/// Starts an inventory instance on a free port with its journal in `dir`.
+pub fn start_inventory(dir: &std::path::Path) -> (Child, String) {
+    start(
+        &[
+            "inventory",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ],
+        "inventory on",
+    )
+}
