@@ -8,11 +8,14 @@
 //!   shipping only what is paid;
 //! - [`service`]: the inventory as a Keel RPC service (`keel.seckill.v1.Inventory`, from
 //!   `proto/inventory.proto`), run by the `keel-seckill inventory` process;
+//! - [`api`]: the sale's HTTP API (the contract served behind the gateway) and the catalog,
+//!   run by `keel-seckill api`;
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
 //!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`.
 //!
 //! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
+pub mod api;
 pub mod inventory;
 pub mod orders;
 pub mod orders_service;

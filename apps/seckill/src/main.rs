@@ -21,6 +21,27 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the sale's HTTP API and catalog until Ctrl-C.
+    Api {
+        /// Address to listen on (HTTP).
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: SocketAddr,
+        /// Directory of the catalog's journal.
+        #[arg(long, default_value = "keel-data/catalog")]
+        data_dir: std::path::PathBuf,
+        /// The inventory: NAME=HOST:PORT.
+        #[arg(long, value_parser = parse_named)]
+        inventory: (String, String),
+        /// The orders service: HOST:PORT.
+        #[arg(long)]
+        orders: String,
+        /// Token of the admin endpoints.
+        #[arg(long, env = "KEEL_ADMIN_TOKEN")]
+        admin_token: String,
+        /// Buckets each item's stock is split into.
+        #[arg(long, default_value_t = 16)]
+        buckets: u32,
+    },
     /// Run an orders instance until Ctrl-C.
     Orders {
         /// Address to listen on (Keel RPC and HTTP/JSON).
@@ -60,6 +81,42 @@ fn parse_named(text: &str) -> Result<(String, String), String> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Api {
+            addr,
+            data_dir,
+            inventory,
+            orders,
+            admin_token,
+            buckets,
+        } => {
+            let catalog = keel_seckill::api::Catalog::open(&data_dir)
+                .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let channel = |addr: String| {
+                    keel_rpc::Channel::with_config(addr, keel_rpc::ChannelConfig::default())
+                };
+                let api = Arc::new(keel_seckill::api::Api {
+                    catalog,
+                    inventory: proto::InventoryClient::new(channel(inventory.1)),
+                    inventory_name: inventory.0,
+                    orders: proto::OrdersClient::new(channel(orders)),
+                    admin_token,
+                    buckets,
+                });
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                println!("api on {}", listener.local_addr()?);
+                keel_seckill::api::serve(api, listener, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+                Ok(())
+            })
+        }
         Command::Orders {
             addr,
             data_dir,
