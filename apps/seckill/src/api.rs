@@ -526,12 +526,16 @@ impl Api {
             Ok(s) => s,
             Err(e) => return upstream(&e),
         };
-        let audit = match self.orders.audit(&proto::AuditRequest {}).await {
+        let audit = match self
+            .orders
+            .audit(&proto::AuditRequest {
+                item_id: item_id.to_owned(),
+            })
+            .await
+        {
             Ok(a) => a,
             Err(e) => return upstream(&e),
         };
-        // Orders of this item, by status, from the orders' own count per item would be
-        // exact; with one item per test sale the book's totals are the item's.
         let position = audit
             .positions
             .get(&self.inventory_name)

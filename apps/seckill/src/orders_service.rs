@@ -158,12 +158,13 @@ impl proto::Orders for OrdersService {
     async fn audit(
         &self,
         _ctx: Context,
-        _request: proto::AuditRequest,
+        request: proto::AuditRequest,
     ) -> Result<proto::AuditReply, Status> {
+        let item = Some(request.item_id.as_str()).filter(|i| !i.is_empty());
         Ok(proto::AuditReply {
             orders_by_status: self
                 .orders
-                .counts()
+                .counts_of(item)
                 .into_iter()
                 .map(|(s, n)| (status_name(s).to_owned(), n as u64))
                 .collect(),

@@ -144,7 +144,7 @@ async fn orders_follow_reservations_payments_commit_and_expiries_return_stock() 
         .await
         .unwrap();
     assert_eq!(bobs.orders[0].status, "expired");
-    let audit = orders.audit(&AuditRequest {}).await.unwrap();
+    let audit = orders.audit(&AuditRequest::default()).await.unwrap();
     assert_eq!(audit.orders_by_status["shipped"], 1);
     assert_eq!(audit.orders_by_status["expired"], 2);
     assert_eq!(audit.positions["inv-0"], 3);
