@@ -16,6 +16,7 @@
 //! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
 pub mod api;
+pub mod cli;
 pub mod inventory;
 pub mod orders;
 pub mod orders_service;

@@ -43,9 +43,25 @@ enum Command {
     Demo(DemoArgs),
     /// Run the naming service (registry) until Ctrl-C.
     Registry(RegistryArgs),
+    /// Run the flash-sale system (inventory, orders, HTTP API, gateway) as separate
+    /// processes from keel.toml (written with defaults if absent) until Ctrl-C.
+    Up(UpArgs),
+    /// Run one process of the flash-sale system (what `keel up` starts).
+    #[command(subcommand)]
+    Seckill(keel_seckill::cli::Role),
     /// Run the gateway (reverse proxy and load balancer) until Ctrl-C; SIGHUP reloads its
     /// configuration file.
     Gateway(GatewayArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// The system's configuration.
+    #[arg(long, default_value = "keel.toml")]
+    config: std::path::PathBuf,
+    /// Stop after this many seconds (for trying it out and for CI); 0 runs until Ctrl-C.
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -167,6 +183,15 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo(args),
         Command::Registry(args) => registry(args),
         Command::Gateway(args) => gateway(args),
+        Command::Seckill(role) => keel_seckill::cli::run(role),
+        Command::Up(args) => {
+            let config = keel::up::UpConfig::load_or_create(&args.config)?;
+            let rt = runtime(0)?;
+            rt.block_on(keel::up::run(
+                config,
+                (args.seconds > 0).then(|| std::time::Duration::from_secs(args.seconds)),
+            ))
+        }
     }
 }
 

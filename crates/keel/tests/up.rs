@@ -1,0 +1,162 @@
+//! `keel up`: the system comes up behind the gateway, a SIGKILLed part is restarted on its
+//! address and the sale goes on, and SIGINT stops every process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "up-test-admin-token";
+
+fn call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// Waits for a line of `keel up`'s output containing `needle`.
+fn wait_for(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("no line with {needle:?}");
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keel.toml"),
+        format!(
+            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n"
+        ),
+    )
+    .unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("up")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel();
+    let stdout = up.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let pid_of = |line: &str| -> u32 {
+        line.split("(pid ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap()
+    };
+    let inventory_pid = pid_of(&wait_for(&lines, "started inventory"));
+    let mut pids = vec![inventory_pid];
+    for part in ["orders", "api", "gateway"] {
+        pids.push(pid_of(&wait_for(&lines, &format!("started {part}"))));
+    }
+    let ready = wait_for(&lines, "Keel is up");
+    let gw = ready
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+
+    let (status, created) = call(
+        &gw,
+        "POST",
+        "/api/admin/items",
+        r#"{"name": "Kettle", "price_cents": 2500, "stock": 10}"#,
+    );
+    assert_eq!(status, 201, "{created}");
+    let (status, body) = call(
+        &gw,
+        "POST",
+        "/api/items/item-1/buy",
+        r#"{"user_id": "ann"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // SIGKILL the inventory: keel up starts it again, on the same address, and the sale
+    // goes on with what was sold before.
+    assert!(
+        Command::new("kill")
+            .args(["-9", &inventory_pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(&lines, "restarted inventory");
+    let mut bought = None;
+    for _ in 0..50 {
+        let (status, body) = call(
+            &gw,
+            "POST",
+            "/api/items/item-1/buy",
+            r#"{"user_id": "bob"}"#,
+        );
+        if status == 200 {
+            bought = Some(body);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bought.is_some(), "buying after the restart");
+    let (_, audit) = call(&gw, "GET", "/api/admin/items/item-1/audit", "");
+    let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
+    assert_eq!(
+        (audit["stock_left"].as_u64(), audit["reserved"].as_u64()),
+        (Some(8), Some(2))
+    );
+
+    // SIGINT: everything stops.
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &up.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "keel up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    for pid in pids.iter().skip(1) {
+        assert!(!alive(*pid), "process {pid} still running");
+    }
+}
