@@ -102,7 +102,13 @@ pub struct Api {
     pub admin_token: String,
     /// Buckets each item's stock is split into.
     pub buckets: u32,
+    /// Items found sold out, and until when that answer is reused without asking the
+    /// inventory (units can come back when orders expire, so not for long).
+    pub sold_out: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
+
+/// How long a sold-out answer is reused.
+const SOLD_OUT_FOR: Duration = Duration::from_millis(250);
 
 type Answer = Response<Full<Bytes>>;
 
@@ -412,6 +418,18 @@ impl Api {
                 format!("the sale opens at {}", rfc3339(item.starts_at_ms)),
             );
         }
+        // Sold out a moment ago: answered here, without a trip to the inventory. (A request
+        // with a request_id may be the retry of one that holds a unit: the inventory answers
+        // those.)
+        if b["request_id"].is_null()
+            && self
+                .sold_out
+                .lock()
+                .get(item_id)
+                .is_some_and(|until| tokio::time::Instant::now() < *until)
+        {
+            return fail(StatusCode::CONFLICT, "sold_out", "no units left");
+        }
         match self
             .inventory
             .reserve(&proto::ReserveRequest {
@@ -439,7 +457,13 @@ impl Api {
                 "not_found",
                 format!("no item {item_id}"),
             ),
-            Ok(_) => fail(StatusCode::CONFLICT, "sold_out", "no units left"),
+            Ok(_) => {
+                self.sold_out.lock().insert(
+                    item_id.to_owned(),
+                    tokio::time::Instant::now() + SOLD_OUT_FOR,
+                );
+                fail(StatusCode::CONFLICT, "sold_out", "no units left")
+            }
             Err(e) => upstream(&e),
         }
     }

@@ -97,6 +97,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     orders: proto::OrdersClient::new(channel(orders)),
                     admin_token,
                     buckets,
+                    sold_out: parking_lot::Mutex::new(std::collections::HashMap::new()),
                 });
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await

@@ -33,6 +33,30 @@ pub struct UpConfig {
     pub inventory: Listen,
     /// The orders service.
     pub orders: OrdersSection,
+    /// Rate limits on buying, at the gateway.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: token buckets on `POST /api/items/...` at the gateway (429 with Retry-After);
+/// 0 turns one off. Per user counts the `X-User-Id` header (a request without it counts
+/// against its address).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Buy attempts per client address per second (burst: twice that).
+    pub buy_per_ip_per_second: f64,
+    /// Buy attempts per user per second (burst: twice that).
+    pub buy_per_user_per_second: f64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> LimitsSection {
+        LimitsSection {
+            buy_per_ip_per_second: 200.0,
+            buy_per_user_per_second: 5.0,
+        }
+    }
 }
 
 /// A process's address.
@@ -83,7 +107,31 @@ impl UpConfig {
                 listen: "127.0.0.1:7300".into(),
                 payment_window_ms: 600_000,
             },
+            limits: LimitsSection::default(),
         }
+    }
+
+    /// The gateway's configuration: the API behind `/api/` through a bounded queue, with the
+    /// buy limits on `POST /api/items/...`.
+    pub fn gateway_toml(&self, listen: &str, api_addr: &str) -> String {
+        let mut limits = Vec::new();
+        for (rate, key) in [
+            (self.limits.buy_per_ip_per_second, "ip"),
+            (self.limits.buy_per_user_per_second, "header:x-user-id"),
+        ] {
+            if rate > 0.0 {
+                let burst = (rate * 2.0).ceil().max(1.0) as u64;
+                limits.push(format!(
+                    "{{ per_second = {rate:?}, burst = {burst}, key = \"{key}\" }}"
+                ));
+            }
+        }
+        format!(
+            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nservers = [{{ address = \"{api_addr}\" }}]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n",
+            self.gateway.admin,
+            self.admin_token,
+            limits.join(", ")
+        )
     }
 
     /// Reads `path`, or writes the defaults there first if it does not exist.
@@ -312,10 +360,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
 
     // The gateway in front: the API behind /api/, with a bounded queue in front of it.
     let gateway_config = data.join("gateway.toml");
-    let gateway_toml = format!(
-        "[server]\nlisten = \"{}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nservers = [{{ address = \"{api_addr}\" }}]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n",
-        config.gateway.listen, config.gateway.admin, config.admin_token
-    );
+    let gateway_toml = config.gateway_toml(&config.gateway.listen, &api_addr);
     std::fs::write(&gateway_config, gateway_toml)
         .with_context(|| format!("writing {}", gateway_config.display()))?;
     let mut gateway = Part {
@@ -381,5 +426,18 @@ mod tests {
         let config: UpConfig =
             toml::from_str(&toml::to_string(&UpConfig::defaults()).unwrap()).unwrap();
         assert_eq!(config.admin_token.len(), 32);
+    }
+
+    #[test]
+    fn the_generated_gateway_configuration_is_valid_and_carries_the_limits() {
+        let mut config = UpConfig::defaults();
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7400");
+        let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
+        assert_eq!(gw.routes[0].rate_limits.len(), 2);
+        assert_eq!(gw.routes[0].rate_limits[1].key, "header:x-user-id");
+        config.limits.buy_per_ip_per_second = 0.0;
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7400");
+        let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
+        assert_eq!(gw.routes[0].rate_limits.len(), 1);
     }
 }

@@ -44,6 +44,7 @@ fn wait_for(lines: &mpsc::Receiver<String>, needle: &str) -> String {
 fn alive(pid: u32) -> bool {
     Command::new("kill")
         .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
@@ -54,7 +55,7 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
     std::fs::write(
         dir.path().join("keel.toml"),
         format!(
-            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n"
+            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\nbuy_per_ip_per_second = 1000.0\nbuy_per_user_per_second = 1.0\n"
         ),
     )
     .unwrap();
@@ -132,11 +133,31 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(bought.is_some(), "buying after the restart");
+    // The gateway limits buy attempts per user (keel.toml: 1 a second, burst 2).
+    let carl = |_| {
+        let mut s = std::net::TcpStream::connect(&gw).unwrap();
+        let body = r#"{"user_id": "carl"}"#;
+        write!(
+            s,
+            "POST /api/items/item-1/buy HTTP/1.1\r\nHost: x\r\nX-User-Id: carl\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out[9..12].to_owned()
+    };
+    let statuses: Vec<String> = (0..3).map(carl).collect();
+    assert_eq!(
+        statuses,
+        ["200", "409", "429"],
+        "limit reached, then rate limited"
+    );
     let (_, audit) = call(&gw, "GET", "/api/admin/items/item-1/audit", "");
     let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
     assert_eq!(
         (audit["stock_left"].as_u64(), audit["reserved"].as_u64()),
-        (Some(8), Some(2))
+        (Some(7), Some(3))
     );
 
     // SIGINT: everything stops.
