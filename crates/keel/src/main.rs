@@ -18,6 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench_failover;
 mod bench_overload;
 mod bench_registry;
+mod bench_seckill;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -131,6 +132,9 @@ enum BenchCommand {
     Work(bench_overload::WorkBenchArgs),
     /// Load on several echo instances through a service channel, one killed midway.
     Failover(bench_failover::FailoverBenchArgs),
+    /// A flash sale against a running `keel up`, then its invariants checked (non-zero exit
+    /// on a breach).
+    Seckill(bench_seckill::SeckillBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -180,6 +184,13 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Failover(args)) => print_json(bench_failover::run(&args)),
         Command::Bench(BenchCommand::Work(args)) => print_json(bench_overload::run(&args)),
         Command::Bench(BenchCommand::Registry(args)) => print_json(bench_registry::run(&args)),
+        Command::Bench(BenchCommand::Seckill(args)) => {
+            let rt = runtime(0)?;
+            let summary = rt.block_on(bench_seckill::run(&args))?;
+            println!("{summary}");
+            anyhow::ensure!(summary["ok"] == true, "an invariant of the sale was broken");
+            Ok(())
+        }
         Command::Demo(args) => demo(args),
         Command::Registry(args) => registry(args),
         Command::Gateway(args) => gateway(args),

@@ -160,6 +160,39 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         (Some(7), Some(3))
     );
 
+    // A sale under load: 300 buyers for 50 units, 16 at a time, twice each; the bench checks
+    // the invariants through the API and fails on a breach.
+    let bench = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "bench",
+            "seckill",
+            "--gateway",
+            &gw,
+            "--token",
+            TOKEN,
+            "--buyers",
+            "300",
+            "--stock",
+            "50",
+            "--concurrency",
+            "16",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(bench.status.success(), "{text}");
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64()
+        ),
+        (Some(50), Some(0), Some(0)),
+        "{summary}"
+    );
+
     // SIGINT: everything stops.
     assert!(
         Command::new("kill")

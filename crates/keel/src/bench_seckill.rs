@@ -1,0 +1,261 @@
+//! `keel bench seckill`: a flash sale against a running system (`keel up`): an item is
+//! created, N buyers go for it through the gateway with a bounded concurrency, each trying
+//! twice (the second attempt must not get a second unit), and then the invariants are checked
+//! through the API: no more units sold than the stock, no user over the limit, every success
+//! an order, and the audit balanced once the orders have caught up.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+/// Arguments of `keel bench seckill`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct SeckillBenchArgs {
+    /// The gateway (`keel up` prints it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway: String,
+    /// The admin token (`keel up` prints it).
+    #[arg(long, env = "KEEL_ADMIN_TOKEN")]
+    token: String,
+    /// Buyers (each a different user).
+    #[arg(long, default_value_t = 10_000)]
+    buyers: u64,
+    /// Units for sale.
+    #[arg(long, default_value_t = 100)]
+    stock: u64,
+    /// Requests in flight (closed loop).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn call(
+    client: &HttpClient,
+    gateway: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{gateway}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let resp = client
+        .request(req.body(Full::new(Bytes::from(body)))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+#[derive(Default)]
+struct Tally {
+    attempts: AtomicU64,
+    bought: AtomicU64,
+    sold_out: AtomicU64,
+    limited: AtomicU64,
+    rate_limited: AtomicU64,
+    errors: AtomicU64,
+}
+
+pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let gw = args.gateway.as_str();
+    let bearer = format!("Bearer {}", args.token);
+    let admin = [("authorization", bearer.as_str())];
+    let (status, created) = call(
+        &client,
+        gw,
+        "POST",
+        "/api/admin/items",
+        &admin,
+        Some(json!({"name": "bench item", "price_cents": 100, "stock": args.stock, "per_user_limit": 1})),
+    )
+    .await?;
+    anyhow::ensure!(status == 201, "creating the item: {status} {created}");
+    let item = created["item_id"].as_str().unwrap_or_default().to_owned();
+
+    let tally = Arc::new(Tally::default());
+    let orders: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let latencies = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let progress = {
+        let (tally, total) = (tally.clone(), args.buyers);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let done = tally.attempts.load(Ordering::Relaxed) / 2;
+                let width = 30;
+                let filled = (done * width / total.max(1)) as usize;
+                eprintln!(
+                    "[{}{}] {done}/{total} buyers, {} bought",
+                    "#".repeat(filled),
+                    ".".repeat(width as usize - filled.min(width as usize)),
+                    tally.bought.load(Ordering::Relaxed)
+                );
+            }
+        })
+    };
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (client, tally, orders, latencies, next) = (
+            client.clone(),
+            tally.clone(),
+            orders.clone(),
+            latencies.clone(),
+            next.clone(),
+        );
+        let (gw, item, buyers) = (args.gateway.clone(), item.clone(), args.buyers);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= buyers {
+                    return;
+                }
+                let user = format!("buyer-{n}");
+                // Two attempts with different request ids: at most one may get a unit.
+                for attempt in 0..2 {
+                    let t = Instant::now();
+                    let answer = call(
+                        &client,
+                        &gw,
+                        "POST",
+                        &format!("/api/items/{item}/buy"),
+                        &[("x-user-id", user.as_str())],
+                        Some(json!({"user_id": user, "request_id": format!("r{attempt}")})),
+                    )
+                    .await;
+                    latencies
+                        .lock()
+                        .saturating_record(t.elapsed().as_micros() as u64);
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    match answer {
+                        Ok((200, body)) => {
+                            tally.bought.fetch_add(1, Ordering::Relaxed);
+                            let order = body["order_id"].as_str().unwrap_or_default().to_owned();
+                            orders.lock().push((order, user.clone()));
+                        }
+                        Ok((409, body)) if body["error"] == "sold_out" => {
+                            tally.sold_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((409, _)) => {
+                            tally.limited.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((429, _)) => {
+                            tally.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            tally.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let elapsed = started.elapsed();
+    progress.abort();
+
+    // Invariants, through the API.
+    let orders = orders.lock().clone();
+    let mut breaches: Vec<String> = Vec::new();
+    let bought = orders.len() as u64;
+    if bought > args.stock {
+        breaches.push(format!("oversold: {bought} units sold of {}", args.stock));
+    }
+    let users: HashSet<&String> = orders.iter().map(|(_, u)| u).collect();
+    if users.len() != orders.len() {
+        breaches.push("a user got more than the limit of 1".into());
+    }
+    let mut lost = 0u64;
+    for (order, user) in &orders {
+        let (status, body) = call(
+            &client,
+            gw,
+            "GET",
+            &format!("/api/orders/{order}"),
+            &[],
+            None,
+        )
+        .await?;
+        if status != 200 || body["user_id"].as_str() != Some(user.as_str()) {
+            lost += 1;
+        }
+    }
+    if lost > 0 {
+        breaches.push(format!("{lost} successful buys have no order"));
+    }
+    let mut audit = Value::Null;
+    for _ in 0..100 {
+        audit = call(
+            &client,
+            gw,
+            "GET",
+            &format!("/api/admin/items/{item}/audit"),
+            &admin,
+            None,
+        )
+        .await?
+        .1;
+        if audit["queue_backlog"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let count = |s: &str| audit["orders_by_status"][s].as_u64().unwrap_or(0);
+    let balance = audit["stock_left"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+        .saturating_add(count("pending_payment") + count("paid") + count("shipped"));
+    if balance != args.stock {
+        breaches.push(format!("the audit does not balance: {audit}"));
+    }
+    if count("pending_payment") + count("paid") + count("shipped") + count("expired") != bought {
+        breaches.push(format!("{bought} units bought but the orders say {audit}"));
+    }
+    let lat = latencies.lock();
+    let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1000.0;
+    let attempts = tally.attempts.load(Ordering::Relaxed);
+    let summary = json!({
+        "buyers": args.buyers,
+        "stock": args.stock,
+        "concurrency": args.concurrency,
+        "attempts": attempts,
+        "attempts_per_s": (attempts as f64 / elapsed.as_secs_f64()).round(),
+        "bought": bought,
+        "sold_out": tally.sold_out.load(Ordering::Relaxed),
+        "limit_reached": tally.limited.load(Ordering::Relaxed),
+        "rate_limited": tally.rate_limited.load(Ordering::Relaxed),
+        "errors": tally.errors.load(Ordering::Relaxed),
+        "p50_ms": ms(0.5),
+        "p99_ms": ms(0.99),
+        "oversold": bought.saturating_sub(args.stock),
+        "lost_acks": lost,
+        "audit": audit,
+        "breaches": breaches,
+        "ok": breaches.is_empty(),
+    });
+    Ok(summary)
+}
