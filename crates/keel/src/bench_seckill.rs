@@ -35,6 +35,11 @@ pub(crate) struct SeckillBenchArgs {
     /// Requests in flight (closed loop).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Chaos: `keel up`'s `<data_dir>/pids.json`; when a third of the buyers are through,
+    /// the inventory or the orders process (whichever the clock picks) is SIGKILLed, and
+    /// `keel up` restarts it. The invariants must hold all the same.
+    #[arg(long)]
+    chaos: Option<std::path::PathBuf>,
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -116,6 +121,33 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
             }
         })
     };
+    let chaos = args.chaos.clone().map(|file| {
+        let (next, total) = (next.clone(), args.buyers);
+        tokio::spawn(async move {
+            while next.load(Ordering::Relaxed) < total / 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let pids: std::collections::BTreeMap<String, u32> = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let clock = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let victim = if clock.is_multiple_of(2) {
+                "inventory"
+            } else {
+                "orders"
+            };
+            let pid = pids.get(victim).copied().unwrap_or(0);
+            let killed = pid > 0
+                && std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            json!({ "victim": victim, "pid": pid, "killed": killed })
+        })
+    });
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (client, tally, orders, latencies, next) = (
@@ -177,6 +209,10 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     }
     let elapsed = started.elapsed();
     progress.abort();
+    let chaos = match chaos {
+        Some(task) => task.await?,
+        None => Value::Null,
+    };
 
     // Invariants, through the API.
     let orders = orders.lock().clone();
@@ -189,26 +225,40 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     if users.len() != orders.len() {
         breaches.push("a user got more than the limit of 1".into());
     }
+    // A part may still be restarting (chaos): a 5xx is asked again, for up to 30 s in all.
+    let patience = Instant::now() + Duration::from_secs(30);
     let mut lost = 0u64;
+    let mut lost_example = Value::Null;
     for (order, user) in &orders {
-        let (status, body) = call(
-            &client,
-            gw,
-            "GET",
-            &format!("/api/orders/{order}"),
-            &[],
-            None,
-        )
-        .await?;
-        if status != 200 || body["user_id"].as_str() != Some(user.as_str()) {
-            lost += 1;
+        loop {
+            let (status, body) = call(
+                &client,
+                gw,
+                "GET",
+                &format!("/api/orders/{order}"),
+                &[],
+                None,
+            )
+            .await
+            .unwrap_or((0, Value::Null));
+            if (status == 0 || status >= 500) && Instant::now() < patience {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            if status != 200 || body["user_id"].as_str() != Some(user.as_str()) {
+                lost += 1;
+                lost_example = json!({ "order": order, "status": status, "body": body });
+            }
+            break;
         }
     }
     if lost > 0 {
-        breaches.push(format!("{lost} successful buys have no order"));
+        breaches.push(format!(
+            "{lost} successful buys have no order, e.g. {lost_example}"
+        ));
     }
     let mut audit = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..200 {
         audit = call(
             &client,
             gw,
@@ -256,6 +306,7 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
         "oversold": bought.saturating_sub(args.stock),
         "lost_acks": lost,
         "audit": audit,
+        "chaos": chaos,
         "breaches": breaches,
         "ok": breaches.is_empty(),
     });

@@ -178,6 +178,30 @@ struct Part {
     args: Vec<String>,
 }
 
+/// The process ids of the running parts, also written to `<data_dir>/pids.json` after every
+/// (re)start — what `keel bench seckill --chaos` reads to pick a victim.
+#[derive(Clone)]
+struct Pids {
+    file: PathBuf,
+    pids: std::sync::Arc<parking_lot::Mutex<std::collections::BTreeMap<String, u32>>>,
+}
+
+impl Pids {
+    fn set(&self, name: &str, child: &Child) {
+        let mut pids = self.pids.lock();
+        pids.insert(name.to_owned(), child.id().unwrap_or(0));
+        let text = serde_json::to_string(&*pids).unwrap_or_default();
+        // Written whole under the lock, then renamed, so a reader never sees half of it.
+        let tmp = self.file.with_extension("tmp");
+        if std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &self.file))
+            .is_err()
+        {
+            tracing::warn!(file = %self.file.display(), "could not write the process ids");
+        }
+    }
+}
+
 /// The address in a banner line (`... on <address> ...`), without a scheme.
 fn banner_address(line: &str) -> Option<String> {
     let after = line.split_once(" on ")?.1;
@@ -254,7 +278,7 @@ fn interrupt(child: &Child) {
 
 /// Keeps a part running until `stop`: restarts it with backoff (100 ms doubling to 5 s;
 /// back to 100 ms after it has run for 30 s) whenever it exits.
-async fn supervise(part: Part, mut child: Child, stop: CancellationToken) {
+async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: Pids) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
@@ -277,6 +301,7 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken) {
                     match start(&part).await {
                         Ok((next, _)) => {
                             println!("restarted {}", part.name);
+                            pids.set(part.name, &next);
                             child = next;
                             break;
                         }
@@ -390,9 +415,14 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     );
 
     let stop = CancellationToken::new();
+    let pids = Pids {
+        file: data.join("pids.json"),
+        pids: std::sync::Arc::default(),
+    };
     let mut supervisors = tokio::task::JoinSet::new();
     for (part, child) in parts {
-        supervisors.spawn(supervise(part, child, stop.clone()));
+        pids.set(part.name, &child);
+        supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
     }
     match run_for {
         Some(d) => tokio::time::sleep(d).await,

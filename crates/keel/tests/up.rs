@@ -193,6 +193,40 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         "{summary}"
     );
 
+    // The same with chaos: the inventory or the orders process is SIGKILLed a third of the
+    // way through; keel up restarts it and the invariants hold.
+    let pid_file = dir.path().join("data").join("pids.json");
+    let bench = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "bench",
+            "seckill",
+            "--gateway",
+            &gw,
+            "--token",
+            TOKEN,
+            "--buyers",
+            "600",
+            "--stock",
+            "50",
+            "--concurrency",
+            "16",
+            "--chaos",
+            pid_file.to_str().unwrap(),
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(bench.status.success(), "{text}");
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["chaos"]["killed"], true, "{summary}");
+    assert_eq!(
+        (summary["oversold"].as_u64(), summary["lost_acks"].as_u64()),
+        (Some(0), Some(0)),
+        "{summary}"
+    );
+    wait_for(&lines, "restarted");
+
     // SIGINT: everything stops.
     assert!(
         Command::new("kill")
