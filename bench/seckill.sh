@@ -29,7 +29,15 @@ cargo build --release -q -p keel -p keel-bench-peers
 BIN="$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)"
 WORK="$(mktemp -d)"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done; sleep 1; rm -rf "$WORK"; }
+KEEL_UP_PID=""
+# Background jobs of a script ignore SIGINT unless they handle it: keel up does (and stops its
+# children); the others get SIGTERM.
+cleanup() {
+  [ -n "$KEEL_UP_PID" ] && kill -INT "$KEEL_UP_PID" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 2
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 wait_line() { # file needle
@@ -58,7 +66,7 @@ payment_window_ms = 600000
 buy_per_ip_per_second = 0.0
 buy_per_user_per_second = 0.0
 CONF
-(cd "$WORK" && exec "$BIN/keel" up > up.log 2>&1) & PIDS+=($!)
+(cd "$WORK" && exec "$BIN/keel" up > up.log 2>&1) & KEEL_UP_PID=$!
 KEEL_GW=$(wait_line "$WORK/up.log" "Keel is up" | sed 's#.*http://\([^/]*\)/.*#\1#')
 
 # The naive design behind a Keel gateway.

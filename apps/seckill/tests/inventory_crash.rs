@@ -85,7 +85,8 @@ async fn kill_9_mid_sale_loses_no_acknowledged_reservation_and_never_oversells()
     );
 
     // Restarted on the same directory: every acknowledged reservation is there.
-    let (mut child, addr) = start(dir.path());
+    let (child, addr) = start(dir.path());
+    let _procs = common::Procs(vec![child]);
     let c = client(&addr).await;
     for (id, user) in &acked {
         let found = c
@@ -160,6 +161,4 @@ async fn kill_9_mid_sale_loses_no_acknowledged_reservation_and_never_oversells()
         .await
         .unwrap();
     assert_eq!((end.left, end.reserved, end.sold_out), (0, STOCK, true));
-    child.kill().unwrap();
-    child.wait().unwrap();
 }

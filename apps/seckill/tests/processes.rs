@@ -20,9 +20,9 @@ async fn channel(addr: &str) -> Channel {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_follow_reservations_payments_commit_and_expiries_return_stock() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut inventory_proc, inventory_addr) = common::start_inventory(&dir.path().join("inv"));
+    let (inventory_proc, inventory_addr) = common::start_inventory(&dir.path().join("inv"));
     let orders_dir = dir.path().join("orders");
-    let (mut orders_proc, orders_addr) = common::start(
+    let (orders_proc, orders_addr) = common::start(
         &[
             "orders",
             "--addr",
@@ -38,6 +38,7 @@ async fn orders_follow_reservations_payments_commit_and_expiries_return_stock() 
         ],
         "orders on",
     );
+    let _procs = common::Procs(vec![inventory_proc, orders_proc]);
     let inventory = InventoryClient::new(channel(&inventory_addr).await);
     let orders = OrdersClient::new(channel(&orders_addr).await);
     inventory
@@ -157,9 +158,4 @@ async fn orders_follow_reservations_payments_commit_and_expiries_return_stock() 
         .await
         .unwrap();
     assert!(!reply.released);
-
-    orders_proc.kill().unwrap();
-    orders_proc.wait().unwrap();
-    inventory_proc.kill().unwrap();
-    inventory_proc.wait().unwrap();
 }

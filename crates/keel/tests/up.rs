@@ -66,6 +66,17 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // If an assertion fails, keel up and its children still stop.
+    struct StopOnDrop(u32);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.0.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let _stop = StopOnDrop(up.id());
     let (tx, lines) = mpsc::channel();
     let stdout = up.stdout.take().unwrap();
     std::thread::spawn(move || {

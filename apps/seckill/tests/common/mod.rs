@@ -40,3 +40,15 @@ pub fn start_inventory(dir: &std::path::Path) -> (Child, String) {
         "inventory on",
     )
 }
+
+/// Processes killed when dropped (also when a test fails).
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for p in &mut self.0 {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
