@@ -56,22 +56,8 @@ fn sale(payment_window_ms: u64) -> Sale {
     let dir = tempfile::tempdir().unwrap();
     let (inventory, inventory_addr) = common::start_inventory(&dir.path().join("inv"));
     let orders_dir = dir.path().join("orders");
-    let (orders, orders_addr) = common::start(
-        &[
-            "orders",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            orders_dir.to_str().unwrap(),
-            "--inventory",
-            &format!("inv-0={inventory_addr}"),
-            "--payment-window-ms",
-            &payment_window_ms.to_string(),
-            "--sweep-ms",
-            "50",
-        ],
-        "orders on",
-    );
+    let (orders, orders_addr) =
+        common::start_orders(&orders_dir, &inventory_addr, payment_window_ms);
     let catalog_dir = dir.path().join("catalog");
     let (api, api_addr) = common::start(
         &[

@@ -22,22 +22,7 @@ async fn orders_follow_reservations_payments_commit_and_expiries_return_stock() 
     let dir = tempfile::tempdir().unwrap();
     let (inventory_proc, inventory_addr) = common::start_inventory(&dir.path().join("inv"));
     let orders_dir = dir.path().join("orders");
-    let (orders_proc, orders_addr) = common::start(
-        &[
-            "orders",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            orders_dir.to_str().unwrap(),
-            "--inventory",
-            &format!("inv-0={inventory_addr}"),
-            "--payment-window-ms",
-            "800",
-            "--sweep-ms",
-            "50",
-        ],
-        "orders on",
-    );
+    let (orders_proc, orders_addr) = common::start_orders(&orders_dir, &inventory_addr, 800);
     let _procs = common::Procs(vec![inventory_proc, orders_proc]);
     let inventory = InventoryClient::new(channel(&inventory_addr).await);
     let orders = OrdersClient::new(channel(&orders_addr).await);

@@ -41,6 +41,33 @@ fn wait_for(lines: &mpsc::Receiver<String>, needle: &str) -> String {
     panic!("no line with {needle:?}");
 }
 
+/// Runs `keel bench seckill` (50 units, 16 at a time) against the gateway; it must exit
+/// successfully; returns its summary.
+fn bench(gw: &str, buyers: &str, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "bench",
+            "seckill",
+            "--gateway",
+            gw,
+            "--token",
+            TOKEN,
+            "--buyers",
+            buyers,
+            "--stock",
+            "50",
+            "--concurrency",
+            "16",
+        ])
+        .args(extra)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
 fn alive(pid: u32) -> bool {
     Command::new("kill")
         .args(["-0", &pid.to_string()])
@@ -173,27 +200,7 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
 
     // A sale under load: 300 buyers for 50 units, 16 at a time, twice each; the bench checks
     // the invariants through the API and fails on a breach.
-    let bench = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args([
-            "bench",
-            "seckill",
-            "--gateway",
-            &gw,
-            "--token",
-            TOKEN,
-            "--buyers",
-            "300",
-            "--stock",
-            "50",
-            "--concurrency",
-            "16",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&bench.stdout);
-    assert!(bench.status.success(), "{text}");
-    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let summary = bench(&gw, "300", &[]);
     assert_eq!(
         (
             summary["bought"].as_u64(),
@@ -207,29 +214,7 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
     // The same with chaos: the inventory or the orders process is SIGKILLed a third of the
     // way through; keel up restarts it and the invariants hold.
     let pid_file = dir.path().join("data").join("pids.json");
-    let bench = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args([
-            "bench",
-            "seckill",
-            "--gateway",
-            &gw,
-            "--token",
-            TOKEN,
-            "--buyers",
-            "600",
-            "--stock",
-            "50",
-            "--concurrency",
-            "16",
-            "--chaos",
-            pid_file.to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&bench.stdout);
-    assert!(bench.status.success(), "{text}");
-    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let summary = bench(&gw, "600", &["--chaos", pid_file.to_str().unwrap()]);
     assert_eq!(summary["chaos"]["killed"], true, "{summary}");
     assert_eq!(
         (summary["oversold"].as_u64(), summary["lost_acks"].as_u64()),

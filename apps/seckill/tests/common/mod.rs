@@ -41,6 +41,31 @@ pub fn start_inventory(dir: &std::path::Path) -> (Child, String) {
     )
 }
 
+/// Starts an orders instance on a free port taking reservations from the inventory at
+/// `inventory_addr` (named inv-0), sweeping for expiries every 50 ms.
+pub fn start_orders(
+    dir: &std::path::Path,
+    inventory_addr: &str,
+    payment_window_ms: u64,
+) -> (Child, String) {
+    start(
+        &[
+            "orders",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--inventory",
+            &format!("inv-0={inventory_addr}"),
+            "--payment-window-ms",
+            &payment_window_ms.to_string(),
+            "--sweep-ms",
+            "50",
+        ],
+        "orders on",
+    )
+}
+
 /// Processes killed when dropped (also when a test fails).
 pub struct Procs(pub Vec<Child>);
 
