@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::orders_service::now_ms;
 use crate::proto;
 
 /// An item of the sale, as the catalog keeps it.
@@ -127,12 +128,6 @@ fn fail(status: StatusCode, code: &str, detail: impl std::fmt::Display) -> Answe
         status,
         &json!({ "error": code, "detail": detail.to_string() }),
     )
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn rfc3339(ms: u64) -> String {

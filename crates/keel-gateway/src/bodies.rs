@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::proxy::{BoxError, DownBody};
+use crate::proxy::BoxError;
 
 /// A request body cut off (with an error) after `limit` bytes; `exceeded` says whether that
 /// happened, so the gateway can answer 413 rather than 502.
@@ -72,15 +72,15 @@ where
 
 /// An upstream answer's body that fails if no chunk arrives for `idle` (the server stalled
 /// mid-answer), so neither connection is held for ever.
-pub(crate) struct Stalled {
-    inner: DownBody,
+pub(crate) struct Stalled<B> {
+    inner: B,
     idle: Duration,
     /// Armed only while the body waits, so a body that is always ready costs no timer.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Stalled {
-    pub(crate) fn new(inner: DownBody, idle: Duration) -> Stalled {
+impl<B> Stalled<B> {
+    pub(crate) fn new(inner: B, idle: Duration) -> Stalled<B> {
         Stalled {
             inner,
             idle,
@@ -89,7 +89,11 @@ impl Stalled {
     }
 }
 
-impl Body for Stalled {
+impl<B> Body for Stalled<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -112,9 +116,9 @@ impl Body for Stalled {
                 }
                 Poll::Pending
             }
-            ready => {
+            Poll::Ready(frame) => {
                 this.timer = None;
-                ready
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
         }
     }

@@ -660,10 +660,8 @@ impl Upstream<'_> {
                     {
                         parts_out.headers.append(header::SET_COOKIE, v);
                     }
-                    let body = crate::bodies::Stalled::new(
-                        body.map_err(BoxError::from).boxed(),
-                        self.timeout,
-                    );
+                    // One box for the answer's body, not one per layer.
+                    let body = crate::bodies::Stalled::new(body, self.timeout);
                     return Response::from_parts(parts_out, body.boxed());
                 }
                 Err((true, detail)) if replayable => {
