@@ -12,13 +12,14 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use keel_rpc::{Channel, Code};
+use keel_rpc::Code;
 use keel_store::{Journal, JournalOptions, StoreError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::orders_service::now_ms;
+use crate::peers::Transport;
 use crate::proto;
 
 /// An item of the sale, as the catalog keeps it.
@@ -36,6 +37,10 @@ pub struct ItemDef {
     pub starts_at_ms: u64,
     /// Units one user may buy.
     pub per_user_limit: u32,
+    /// The shards holding its stock, in the order of their shares (empty in items written
+    /// before shards existed: the API's first shard holds it all).
+    #[serde(default)]
+    pub shards: Vec<String>,
 }
 
 /// The journaled list of items.
@@ -88,24 +93,74 @@ impl Catalog {
     }
 }
 
+/// One shard of the sale: an inventory instance with its share of every item's stock, and
+/// the orders instance that turns its reservations into orders. The shard's name prefixes
+/// the ids of its orders (`<shard>-<reservation id>`).
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// Its name.
+    pub name: String,
+    /// Its inventory.
+    pub inventory: proto::InventoryClient<Transport>,
+    /// Its orders service.
+    pub orders: proto::OrdersClient<Transport>,
+}
+
 /// What the API needs.
 #[derive(Debug)]
 pub struct Api {
     /// The items.
     pub catalog: Catalog,
-    /// The inventory instance and its name (the prefix of its orders' ids).
-    pub inventory: proto::InventoryClient<Channel>,
-    /// Its name.
-    pub inventory_name: String,
-    /// The orders service.
-    pub orders: proto::OrdersClient<Channel>,
+    /// The shards new items are spread over (at least one).
+    pub shards: Vec<Shard>,
     /// Token the admin endpoints need (`Authorization: Bearer <token>`).
     pub admin_token: String,
-    /// Buckets each item's stock is split into.
+    /// Buckets each item's stock is split into (over all its shards).
     pub buckets: u32,
-    /// Items found sold out, and until when that answer is reused without asking the
-    /// inventory (units can come back when orders expire, so not for long).
-    pub sold_out: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// (item, shard) pairs found sold out, and until when that answer is reused without
+    /// asking the inventory (units can come back when orders expire, so not for long).
+    pub sold_out: Mutex<std::collections::HashMap<(String, String), tokio::time::Instant>>,
+    /// Held while an item is created, so two creations never pick the same id.
+    pub creating: tokio::sync::Mutex<()>,
+}
+
+impl Api {
+    /// An API over `catalog` and `shards` (at least one).
+    pub fn new(catalog: Catalog, shards: Vec<Shard>, admin_token: String, buckets: u32) -> Api {
+        Api {
+            catalog,
+            shards,
+            admin_token,
+            buckets,
+            sold_out: Mutex::new(std::collections::HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// The shard that serves `user_id` for an item held by `shards`: the same one every time
+/// (highest-random-weight hashing, so it does not depend on the list's order), which makes
+/// that shard's per-user count the user's whole count.
+pub fn home_shard<'a>(shards: &'a [String], user_id: &str) -> Option<&'a String> {
+    shards.iter().max_by_key(|shard| {
+        // FNV-1a: fixed across processes and versions, unlike the standard library's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in user_id.bytes().chain([0]).chain(shard.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        // A final mix, so shard names that differ in the last byte spread well.
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    })
+}
+
+/// Splits `stock` into at most `parts` non-empty shares, as even as can be.
+pub fn split(stock: u64, parts: u64) -> Vec<u64> {
+    let n = parts.max(1).min(stock.max(1));
+    (0..n)
+        .map(|i| stock / n + u64::from(i < stock % n))
+        .collect()
 }
 
 /// How long a sold-out answer is reused.
@@ -155,18 +210,74 @@ fn order_json(o: &proto::Order) -> Value {
 }
 
 impl Api {
-    async fn item_json(&self, item: &ItemDef) -> Value {
-        let stock = self
-            .inventory
-            .stock(&proto::StockRequest {
-                item_id: item.item_id.clone(),
+    fn shard(&self, name: &str) -> Option<&Shard> {
+        self.shards.iter().find(|s| s.name == name)
+    }
+
+    /// The shards holding `item`, or the answer when one of them is not known here (the API
+    /// was started with fewer shards than the item was created over).
+    fn shards_of(&self, item: &ItemDef) -> Result<Vec<&Shard>, Box<Answer>> {
+        if item.shards.is_empty() {
+            return Ok(self.shards.first().into_iter().collect());
+        }
+        item.shards
+            .iter()
+            .map(|name| {
+                self.shard(name).ok_or_else(|| {
+                    Box::new(fail(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        format!("shard {name} of {} is not configured", item.item_id),
+                    ))
+                })
             })
-            .await
-            .ok();
-        let left = stock.as_ref().map_or(0, |s| s.left);
+            .collect()
+    }
+
+    /// The shard that serves `user` for `item`.
+    fn home(&self, item: &ItemDef, user: &str) -> Result<Shard, Box<Answer>> {
+        let shards = self.shards_of(item)?;
+        let names: Vec<String> = shards.iter().map(|s| s.name.clone()).collect();
+        let home = home_shard(&names, user).and_then(|name| self.shard(name));
+        home.cloned().ok_or_else(|| {
+            Box::new(fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "no shard is configured",
+            ))
+        })
+    }
+
+    /// The shard of an order and its reservation id, from the order id.
+    fn order_shard(&self, order_id: &str) -> Option<(&Shard, u64)> {
+        let (shard, id) = order_id.rsplit_once('-')?;
+        Some((self.shard(shard)?, id.parse().ok()?))
+    }
+
+    /// The item's stock over its shards: (left, reserved).
+    async fn stock(&self, item: &ItemDef) -> Result<(u64, u64), Box<Answer>> {
+        let shards = self.shards_of(item)?;
+        let request = proto::StockRequest {
+            item_id: item.item_id.clone(),
+        };
+        let replies =
+            futures_util::future::join_all(shards.iter().map(|s| s.inventory.stock(&request)))
+                .await;
+        let mut total = (0, 0);
+        for reply in replies {
+            let reply = reply.map_err(|e| Box::new(upstream(&e)))?;
+            total.0 += reply.left;
+            total.1 += reply.reserved;
+        }
+        Ok(total)
+    }
+
+    async fn item_json(&self, item: &ItemDef) -> Value {
+        let stock = self.stock(item).await.ok();
+        let left = stock.map_or(0, |s| s.0);
         let status = if now_ms() < item.starts_at_ms {
             "upcoming"
-        } else if stock.as_ref().is_some_and(|s| s.left == 0) {
+        } else if stock.is_some_and(|s| s.0 == 0) {
             "sold_out"
         } else {
             "on_sale"
@@ -243,21 +354,7 @@ impl Api {
                 Err(why) => not_json(why),
             },
             (Method::GET, ["api", "orders", id]) => self.order(id).await,
-            (Method::GET, ["api", "users", user, "orders"]) => {
-                match self
-                    .orders
-                    .user_orders(&proto::UserOrdersRequest {
-                        user_id: (*user).to_owned(),
-                    })
-                    .await
-                {
-                    Ok(r) => reply(
-                        StatusCode::OK,
-                        &Value::from(r.orders.iter().map(order_json).collect::<Vec<_>>()),
-                    ),
-                    Err(e) => upstream(&e),
-                }
-            }
+            (Method::GET, ["api", "users", user, "orders"]) => self.user_orders(user).await,
             (Method::POST, ["api", "orders", id, "pay"]) => match json_body() {
                 Ok(b) => self.pay(id, &b).await,
                 Err(why) => not_json(why),
@@ -270,19 +367,7 @@ impl Api {
                         "admin token needed",
                     );
                 }
-                let request = proto::ShipRequest {
-                    order_id: (*id).to_owned(),
-                };
-                match taken_in(|| self.orders.ship(&request)).await {
-                    Ok(r) => reply(StatusCode::OK, &order_json(&r.order.unwrap_or_default())),
-                    Err(e) if e.code() == Code::FailedPrecondition => {
-                        fail(StatusCode::CONFLICT, "not_paid", e.message())
-                    }
-                    Err(e) if e.code() == Code::NotFound => {
-                        fail(StatusCode::NOT_FOUND, "not_found", e.message())
-                    }
-                    Err(e) => upstream(&e),
-                }
+                self.ship(id).await
             }
             (Method::GET, ["api", "admin", "items", id, "audit"]) => {
                 if !admin {
@@ -345,23 +430,35 @@ impl Api {
                 );
             }
         };
-        let item_id = format!("item-{}", self.catalog.all().len() + 1);
-        // The stock in buckets, so no single counter takes every buyer.
-        let n = u64::from(self.buckets.max(1)).min(stock);
-        let buckets: Vec<u64> = (0..n)
-            .map(|i| stock / n + u64::from(i < stock % n))
-            .collect();
-        if let Err(e) = self
-            .inventory
-            .create_item(&proto::CreateItemRequest {
-                item_id: item_id.clone(),
-                buckets,
-                per_user_limit,
-            })
-            .await
-        {
-            return upstream(&e);
-        }
+        let _one_at_a_time = self.creating.lock().await;
+        // The stock in shares across the shards (no single process takes every buyer), each
+        // share in buckets (no single counter does).
+        let shares = split(stock, self.shards.len() as u64);
+        let buckets_per_share = u64::from(self.buckets.max(1)).div_ceil(shares.len() as u64);
+        let mut number = self.catalog.all().len() + 1;
+        let item_id = 'pick: loop {
+            let item_id = format!("item-{number}");
+            for (shard, share) in self.shards.iter().zip(&shares) {
+                let created = shard
+                    .inventory
+                    .create_item(&proto::CreateItemRequest {
+                        item_id: item_id.clone(),
+                        buckets: split(*share, buckets_per_share),
+                        per_user_limit,
+                    })
+                    .await;
+                match created {
+                    Ok(_) => {}
+                    // Left by a creation that failed half-way: that id is spent.
+                    Err(e) if e.code() == Code::AlreadyExists && number < 1_000_000 => {
+                        number += 1;
+                        continue 'pick;
+                    }
+                    Err(e) => return upstream(&e),
+                }
+            }
+            break item_id;
+        };
         let item = ItemDef {
             item_id: item_id.clone(),
             name: name.to_owned(),
@@ -369,6 +466,12 @@ impl Api {
             stock,
             starts_at_ms,
             per_user_limit,
+            shards: self
+                .shards
+                .iter()
+                .take(shares.len())
+                .map(|s| s.name.clone())
+                .collect(),
         };
         if let Err(e) = self.catalog.add(item).await {
             return fail(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e);
@@ -413,6 +516,11 @@ impl Api {
                 format!("the sale opens at {}", rfc3339(item.starts_at_ms)),
             );
         }
+        let shard = match self.home(&item, user) {
+            Ok(shard) => shard,
+            Err(answer) => return *answer,
+        };
+        let sold_out_key = (item_id.to_owned(), shard.name.clone());
         // Sold out a moment ago: answered here, without a trip to the inventory. (A request
         // with a request_id may be the retry of one that holds a unit: the inventory answers
         // those.)
@@ -420,12 +528,12 @@ impl Api {
             && self
                 .sold_out
                 .lock()
-                .get(item_id)
+                .get(&sold_out_key)
                 .is_some_and(|until| tokio::time::Instant::now() < *until)
         {
             return fail(StatusCode::CONFLICT, "sold_out", "no units left");
         }
-        match self
+        match shard
             .inventory
             .reserve(&proto::ReserveRequest {
                 item_id: item_id.to_owned(),
@@ -436,7 +544,7 @@ impl Api {
         {
             Ok(r) if r.outcome == proto::Outcome::Reserved as i32 => {
                 let id = r.reservation.map_or(0, |r| r.reservation_id);
-                let order_id = crate::orders::order_id(&self.inventory_name, id);
+                let order_id = crate::orders::order_id(&shard.name, id);
                 reply(
                     StatusCode::OK,
                     &json!({ "order_id": order_id, "status": "pending_payment" }),
@@ -453,10 +561,9 @@ impl Api {
                 format!("no item {item_id}"),
             ),
             Ok(_) => {
-                self.sold_out.lock().insert(
-                    item_id.to_owned(),
-                    tokio::time::Instant::now() + SOLD_OUT_FOR,
-                );
+                self.sold_out
+                    .lock()
+                    .insert(sold_out_key, tokio::time::Instant::now() + SOLD_OUT_FOR);
                 fail(StatusCode::CONFLICT, "sold_out", "no units left")
             }
             Err(e) => upstream(&e),
@@ -464,7 +571,14 @@ impl Api {
     }
 
     async fn order(&self, order_id: &str) -> Answer {
-        match self
+        let Some((shard, reservation_id)) = self.order_shard(order_id) else {
+            return fail(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no order {order_id}"),
+            );
+        };
+        match shard
             .orders
             .get_order(&proto::GetOrderRequest {
                 order_id: order_id.to_owned(),
@@ -475,14 +589,10 @@ impl Api {
             Ok(_) => {
                 // Not taken in yet (the orders read the inventory's outbox a moment later):
                 // the reservation says what the order is.
-                let reservation = order_id
-                    .strip_prefix(&format!("{}-", self.inventory_name))
-                    .and_then(|id| id.parse::<u64>().ok());
-                if let Some(id) = reservation
-                    && let Ok(r) = self
-                        .inventory
-                        .get_reservation(&proto::GetReservationRequest { reservation_id: id })
-                        .await
+                if let Ok(r) = shard
+                    .inventory
+                    .get_reservation(&proto::GetReservationRequest { reservation_id })
+                    .await
                     && let Some(r) = r.reservation
                 {
                     return reply(
@@ -500,6 +610,29 @@ impl Api {
         }
     }
 
+    async fn user_orders(&self, user: &str) -> Answer {
+        let request = proto::UserOrdersRequest {
+            user_id: user.to_owned(),
+        };
+        // Every shard: items created over different shard sets may have put the user's
+        // orders in more than one.
+        let replies = futures_util::future::join_all(
+            self.shards.iter().map(|s| s.orders.user_orders(&request)),
+        )
+        .await;
+        let mut orders = Vec::new();
+        for reply in replies {
+            match reply {
+                Ok(r) => orders.extend(r.orders),
+                Err(e) => return upstream(&e),
+            }
+        }
+        reply(
+            StatusCode::OK,
+            &Value::from(orders.iter().map(order_json).collect::<Vec<_>>()),
+        )
+    }
+
     async fn pay(&self, order_id: &str, b: &Value) -> Answer {
         let Some(user) = b["user_id"].as_str() else {
             return fail(
@@ -508,11 +641,18 @@ impl Api {
                 "user_id is needed",
             );
         };
+        let Some((shard, _)) = self.order_shard(order_id) else {
+            return fail(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no order {order_id}"),
+            );
+        };
         let request = proto::PayRequest {
             order_id: order_id.to_owned(),
             user_id: user.to_owned(),
         };
-        match taken_in(|| self.orders.pay(&request)).await {
+        match taken_in(|| shard.orders.pay(&request)).await {
             Ok(r) => reply(StatusCode::OK, &order_json(&r.order.unwrap_or_default())),
             Err(e) if e.code() == Code::NotFound => {
                 fail(StatusCode::NOT_FOUND, "not_found", e.message())
@@ -527,6 +667,29 @@ impl Api {
         }
     }
 
+    async fn ship(&self, order_id: &str) -> Answer {
+        let Some((shard, _)) = self.order_shard(order_id) else {
+            return fail(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no order {order_id}"),
+            );
+        };
+        let request = proto::ShipRequest {
+            order_id: order_id.to_owned(),
+        };
+        match taken_in(|| shard.orders.ship(&request)).await {
+            Ok(r) => reply(StatusCode::OK, &order_json(&r.order.unwrap_or_default())),
+            Err(e) if e.code() == Code::FailedPrecondition => {
+                fail(StatusCode::CONFLICT, "not_paid", e.message())
+            }
+            Err(e) if e.code() == Code::NotFound => {
+                fail(StatusCode::NOT_FOUND, "not_found", e.message())
+            }
+            Err(e) => upstream(&e),
+        }
+    }
+
     async fn audit(&self, item_id: &str) -> Answer {
         let Some(item) = self.catalog.get(item_id) else {
             return fail(
@@ -535,48 +698,49 @@ impl Api {
                 format!("no item {item_id}"),
             );
         };
-        let stock = match self
-            .inventory
-            .stock(&proto::StockRequest {
-                item_id: item_id.to_owned(),
-            })
-            .await
-        {
+        let shards = match self.shards_of(&item) {
             Ok(s) => s,
-            Err(e) => return upstream(&e),
+            Err(answer) => return *answer,
         };
-        let audit = match self
-            .orders
-            .audit(&proto::AuditRequest {
-                item_id: item_id.to_owned(),
-            })
-            .await
-        {
-            Ok(a) => a,
-            Err(e) => return upstream(&e),
+        let (left, reserved) = match self.stock(&item).await {
+            Ok(s) => s,
+            Err(answer) => return *answer,
         };
-        let position = audit
-            .positions
-            .get(&self.inventory_name)
-            .copied()
-            .unwrap_or(0);
-        let made = self
-            .inventory
-            .reservations_after(&proto::ReservationsAfterRequest {
-                after: position,
-                limit: 1000,
-            })
-            .await
-            .map(|r| r.reservations.len())
-            .unwrap_or(0);
+        let mut by_status: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut backlog = 0;
+        for shard in shards {
+            let audit = match shard
+                .orders
+                .audit(&proto::AuditRequest {
+                    item_id: item_id.to_owned(),
+                })
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => return upstream(&e),
+            };
+            for (status, n) in audit.orders_by_status {
+                *by_status.entry(status).or_default() += n;
+            }
+            let position = audit.positions.get(&shard.name).copied().unwrap_or(0);
+            backlog += shard
+                .inventory
+                .reservations_after(&proto::ReservationsAfterRequest {
+                    after: position,
+                    limit: 1000,
+                })
+                .await
+                .map(|r| r.reservations.len())
+                .unwrap_or(0);
+        }
         reply(
             StatusCode::OK,
             &json!({
                 "initial_stock": item.stock,
-                "stock_left": stock.left,
-                "reserved": stock.reserved,
-                "orders_by_status": audit.orders_by_status,
-                "queue_backlog": made,
+                "stock_left": left,
+                "reserved": reserved,
+                "orders_by_status": by_status,
+                "queue_backlog": backlog,
             }),
         )
     }

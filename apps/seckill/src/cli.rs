@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::orders_service::{Inventories, OrdersService};
+use crate::peers::{self, Peers};
 use crate::{Inventory, InventoryService, Orders, proto};
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -20,12 +21,18 @@ pub enum Role {
         /// Directory of the catalog's journal.
         #[arg(long, default_value = "keel-data/catalog")]
         data_dir: std::path::PathBuf,
-        /// The inventory: NAME=HOST:PORT.
-        #[arg(long, value_parser = parse_named)]
-        inventory: (String, String),
-        /// The orders service: HOST:PORT.
+        /// An inventory shard: NAME, found through the registry, or NAME=HOST:PORT (repeat
+        /// for each shard; new items are spread over all of them).
+        #[arg(long = "inventory", value_parser = peers::parse_peer, required = true)]
+        inventories: Vec<(String, Option<String>)>,
+        /// The orders instance of a shard at a fixed address: NAME=HOST:PORT (a shard without
+        /// one is found through the registry).
+        #[arg(long = "orders", value_parser = peers::parse_peer)]
+        orders: Vec<(String, Option<String>)>,
+        /// Keel's registry (HOST:PORT): where peers without an address are found, and where
+        /// this process registers.
         #[arg(long)]
-        orders: String,
+        registry: Option<String>,
         /// Token of the admin endpoints.
         #[arg(long, env = "KEEL_ADMIN_TOKEN")]
         admin_token: String,
@@ -41,9 +48,13 @@ pub enum Role {
         /// Directory of the order book's journal.
         #[arg(long, default_value = "keel-data/orders")]
         data_dir: std::path::PathBuf,
-        /// An inventory to take reservations from: NAME=HOST:PORT (repeat for each).
-        #[arg(long = "inventory", value_parser = parse_named)]
-        inventories: Vec<(String, String)>,
+        /// An inventory shard to take reservations from: NAME (through the registry) or
+        /// NAME=HOST:PORT; repeat for each. The process registers as the orders of each.
+        #[arg(long = "inventory", value_parser = peers::parse_peer, required = true)]
+        inventories: Vec<(String, Option<String>)>,
+        /// Keel's registry (HOST:PORT).
+        #[arg(long)]
+        registry: Option<String>,
         /// Time a buyer has to pay before the order expires and its unit returns.
         #[arg(long, default_value_t = 600_000)]
         payment_window_ms: u64,
@@ -59,14 +70,29 @@ pub enum Role {
         /// Directory of the instance's journal.
         #[arg(long, default_value = "keel-data/inventory")]
         data_dir: std::path::PathBuf,
+        /// The shard's name (it prefixes the ids of its orders).
+        #[arg(long, default_value = "inv-0", value_parser = parse_shard)]
+        shard: String,
+        /// Keel's registry (HOST:PORT), to register in.
+        #[arg(long)]
+        registry: Option<String>,
     },
 }
 
-fn parse_named(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .filter(|(n, a)| !n.is_empty() && !a.is_empty())
-        .map(|(n, a)| (n.to_owned(), a.to_owned()))
-        .ok_or_else(|| format!("{text:?} is not NAME=HOST:PORT"))
+fn parse_shard(text: &str) -> Result<String, String> {
+    peers::check_shard(text)
+        .map(|()| text.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Deregisters what `registrations` holds (a process stopping leaves the registry at once
+/// instead of when its lease runs out).
+async fn deregister(registrations: Vec<keel_registry::Registration>) {
+    for r in registrations {
+        if let Err(e) = r.deregister().await {
+            tracing::warn!(error = %e, "deregistering failed");
+        }
+    }
 }
 
 /// Runs a process of the sale until Ctrl-C (SIGINT). The first line it prints is
@@ -76,8 +102,9 @@ pub fn run(role: Role) -> anyhow::Result<()> {
         Role::Api {
             addr,
             data_dir,
-            inventory,
+            inventories,
             orders,
+            registry,
             admin_token,
             buckets,
         } => {
@@ -87,26 +114,38 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let channel = |addr: String| {
-                    keel_rpc::Channel::with_config(addr, keel_rpc::ChannelConfig::default())
-                };
-                let api = Arc::new(crate::api::Api {
-                    catalog,
-                    inventory: proto::InventoryClient::new(channel(inventory.1)),
-                    inventory_name: inventory.0,
-                    orders: proto::OrdersClient::new(channel(orders)),
-                    admin_token,
-                    buckets,
-                    sold_out: parking_lot::Mutex::new(std::collections::HashMap::new()),
-                });
+                let peers = Peers::new(registry.as_deref());
+                let mut shards = Vec::new();
+                for (name, address) in inventories {
+                    let orders_address = orders
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .and_then(|(_, a)| a.clone());
+                    shards.push(crate::api::Shard {
+                        inventory: proto::InventoryClient::new(
+                            peers.channel(&peers::inventory_service(&name), address.as_deref())?,
+                        ),
+                        orders: proto::OrdersClient::new(
+                            peers.channel(
+                                &peers::orders_service(&name),
+                                orders_address.as_deref(),
+                            )?,
+                        ),
+                        name,
+                    });
+                }
+                let api = Arc::new(crate::api::Api::new(catalog, shards, admin_token, buckets));
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
-                println!("api on {}", listener.local_addr()?);
+                let local = listener.local_addr()?;
+                let registration = peers.register(peers::API_SERVICE, local).await?;
+                println!("api on {local}");
                 crate::api::serve(api, listener, async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await?;
+                deregister(registration.into_iter().collect()).await;
                 Ok(())
             })
         }
@@ -114,6 +153,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
             addr,
             data_dir,
             inventories,
+            registry,
             payment_window_ms,
             sweep_ms,
         } => {
@@ -128,21 +168,24 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(async move {
                 let orders = Arc::new(orders);
-                let clients: Inventories = inventories
-                    .into_iter()
-                    .map(|(name, addr)| {
-                        let channel = keel_rpc::Channel::with_config(
-                            addr,
-                            keel_rpc::ChannelConfig::default(),
-                        );
-                        (name, proto::InventoryClient::new(channel))
-                    })
-                    .collect();
+                let peers = Peers::new(registry.as_deref());
+                let mut clients = Inventories::new();
+                for (name, address) in &inventories {
+                    let channel =
+                        peers.channel(&peers::inventory_service(name), address.as_deref())?;
+                    clients.insert(name.clone(), proto::InventoryClient::new(channel));
+                }
                 let clients = Arc::new(clients);
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
-                println!("orders on {}", listener.local_addr()?);
+                let local = listener.local_addr()?;
+                let mut registrations = Vec::new();
+                for (name, _) in &inventories {
+                    registrations
+                        .extend(peers.register(&peers::orders_service(name), local).await?);
+                }
+                println!("orders on {local}");
                 let work = tokio::spawn(crate::orders_service::background(
                     orders.clone(),
                     clients.clone(),
@@ -159,10 +202,16 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     })
                     .await?;
                 work.abort();
+                deregister(registrations).await;
                 Ok(())
             })
         }
-        Role::Inventory { addr, data_dir } => {
+        Role::Inventory {
+            addr,
+            data_dir,
+            shard,
+            registry,
+        } => {
             let inventory = Inventory::open(&data_dir, keel_store::JournalOptions::default())
                 .with_context(|| format!("opening the inventory in {}", data_dir.display()))?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -172,7 +221,12 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
-                println!("inventory on {}", listener.local_addr()?);
+                let local = listener.local_addr()?;
+                let peers = Peers::new(registry.as_deref());
+                let registration = peers
+                    .register(&peers::inventory_service(&shard), local)
+                    .await?;
+                println!("inventory on {local}");
                 let server = keel_rpc::Server::builder()
                     .add_service(proto::InventoryServer::new(InventoryService::new(
                         Arc::new(inventory),
@@ -183,6 +237,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                         let _ = tokio::signal::ctrl_c().await;
                     })
                     .await?;
+                deregister(registration.into_iter().collect()).await;
                 Ok(())
             })
         }

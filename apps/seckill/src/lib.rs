@@ -11,7 +11,8 @@
 //! - [`api`]: the sale's HTTP API (the contract served behind the gateway) and the catalog,
 //!   run by `keel-seckill api`;
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
-//!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`.
+//!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`;
+//! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry).
 //!
 //! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod inventory;
 pub mod orders;
 pub mod orders_service;
+pub mod peers;
 pub mod service;
 
 /// Generated from `proto/inventory.proto`.

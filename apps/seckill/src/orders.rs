@@ -495,7 +495,7 @@ impl ReservationSource for crate::Inventory {
     }
 }
 
-impl ReservationSource for crate::proto::InventoryClient<keel_rpc::Channel> {
+impl<T: keel_rpc::client::CallTransport> ReservationSource for crate::proto::InventoryClient<T> {
     async fn after(&self, after: u64, limit: usize) -> Result<Vec<crate::Reservation>, String> {
         let reply = self
             .reservations_after(&crate::proto::ReservationsAfterRequest {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keel_rpc::{Channel, Context, Status};
+use keel_rpc::{Context, Status};
 
 use crate::orders::{Order, OrderError, OrderStatus, Orders, pump};
 use crate::proto;
@@ -20,7 +20,7 @@ pub fn now_ms() -> u64 {
 
 /// The inventories an orders process works with, by name (the name is the first part of
 /// the order ids made from their reservations).
-pub type Inventories = BTreeMap<String, proto::InventoryClient<Channel>>;
+pub type Inventories = BTreeMap<String, proto::InventoryClient<crate::peers::Transport>>;
 
 /// Serves an order book over Keel RPC.
 #[derive(Debug, Clone)]

@@ -3,39 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Child;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-const TOKEN: &str = "test-admin-token";
-
-/// One HTTP request on its own connection: the status and the JSON body.
-fn call(addr: &str, method: &str, path: &str, admin: bool, body: Option<Value>) -> (u16, Value) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = if admin {
-        format!("Authorization: Bearer {TOKEN}\r\n")
-    } else {
-        String::new()
-    };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    let json = out
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
-}
+use common::{TOKEN, call};
 
 struct Sale {
     procs: Vec<Child>,
@@ -69,7 +42,7 @@ fn sale(payment_window_ms: u64) -> Sale {
             "--inventory",
             &format!("inv-0={inventory_addr}"),
             "--orders",
-            &orders_addr,
+            &format!("inv-0={orders_addr}"),
             "--admin-token",
             TOKEN,
             "--buckets",

@@ -36,7 +36,7 @@ pub(crate) struct SeckillBenchArgs {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Chaos: `keel up`'s `<data_dir>/pids.json`; when a third of the buyers are through,
-    /// the inventory or the orders process (whichever the clock picks) is SIGKILLed, and
+    /// an inventory shard or an orders instance (whichever the clock picks) is SIGKILLed, and
     /// `keel up` restarts it. The invariants must hold all the same.
     #[arg(long)]
     chaos: Option<std::path::PathBuf>,
@@ -134,12 +134,14 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
             let clock = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos());
-            let victim = if clock.is_multiple_of(2) {
-                "inventory"
-            } else {
-                "orders"
-            };
-            let pid = pids.get(victim).copied().unwrap_or(0);
+            // An inventory shard or an orders instance, whichever the clock picks.
+            let candidates: Vec<(&String, &u32)> = pids
+                .iter()
+                .filter(|(name, _)| name.starts_with("inventory") || name.starts_with("orders"))
+                .collect();
+            let (victim, pid) = candidates
+                .get(clock as usize % candidates.len().max(1))
+                .map_or((String::new(), 0), |(n, p)| ((*n).clone(), **p));
             let killed = pid > 0
                 && std::process::Command::new("kill")
                     .args(["-9", &pid.to_string()])

@@ -63,6 +63,10 @@ struct UpArgs {
     /// Stop after this many seconds (for trying it out and for CI); 0 runs until Ctrl-C.
     #[arg(long, default_value_t = 0)]
     seconds: u64,
+    /// How many processes of a kind, over keel.toml's `[scale]`: `--scale inventory=4`
+    /// (kinds: inventory, orders); repeatable.
+    #[arg(long)]
+    scale: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -196,7 +200,8 @@ fn main() -> anyhow::Result<()> {
         Command::Gateway(args) => gateway(args),
         Command::Seckill(role) => keel_seckill::cli::run(role),
         Command::Up(args) => {
-            let config = keel::up::UpConfig::load_or_create(&args.config)?;
+            let mut config = keel::up::UpConfig::load_or_create(&args.config)?;
+            config.scale.apply(&args.scale)?;
             let rt = runtime(0)?;
             rt.block_on(keel::up::run(
                 config,

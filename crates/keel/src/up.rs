@@ -1,11 +1,12 @@
-//! `keel up`: the flash-sale system on one machine, each part its own OS process — an
-//! inventory, an orders service, the sale's HTTP API, and the gateway in front — started from
-//! `keel.toml` (written with defaults on first run), restarted with backoff when one dies,
-//! and stopped together on Ctrl-C.
+//! `keel up`: the flash-sale system on one machine, each part its own OS process — the
+//! registry, the inventory shards, an orders instance per group of shards, the sale's HTTP API
+//! and catalog, and the gateway in front — started from `keel.toml` (written with defaults on
+//! first run), restarted with backoff when one dies, and stopped together on Ctrl-C.
 //!
-//! Each child is this same executable (`keel seckill <role>`, `keel gateway`); its first line
-//! says where it listens, which is how the next one is wired to it (so ports may be 0). A
-//! restarted child keeps its address.
+//! Each child is this same executable (`keel registry`, `keel seckill <role>`, `keel
+//! gateway`); its first line says where it listens. The services register in the registry
+//! and find each other there by name (the gateway's pool follows the API's name), so their
+//! ports may be 0; a restarted child still keeps its address.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,12 +28,18 @@ pub struct UpConfig {
     pub admin_token: String,
     /// The gateway: where clients connect, and its admin port.
     pub gateway: GatewaySection,
+    /// The registry, where the services find each other.
+    #[serde(default = "default_registry")]
+    pub registry: Listen,
     /// The sale's HTTP API.
     pub api: Listen,
-    /// The inventory.
+    /// The inventory shards (a fixed port p: shard i listens on p + i).
     pub inventory: Listen,
-    /// The orders service.
+    /// The orders instances (a fixed port p: instance i listens on p + i).
     pub orders: OrdersSection,
+    /// How many processes of each kind.
+    #[serde(default)]
+    pub scale: Scale,
     /// Rate limits on buying, at the gateway.
     #[serde(default)]
     pub limits: LimitsSection,
@@ -56,6 +63,67 @@ impl Default for LimitsSection {
             buy_per_ip_per_second: 200.0,
             buy_per_user_per_second: 5.0,
         }
+    }
+}
+
+/// `[scale]`: how many inventory shards and orders instances run. Each item's stock is split
+/// over the shards; orders instance j follows shards j, j + orders, ... The counts are fixed
+/// once a data directory holds a sale (changing them would move shards' orders to another
+/// order book), and `keel up` refuses to start with other counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scale {
+    /// Inventory shards (1 to 64).
+    pub inventory: u32,
+    /// Orders instances (1 to the number of shards).
+    pub orders: u32,
+}
+
+impl Default for Scale {
+    fn default() -> Scale {
+        Scale {
+            inventory: 2,
+            orders: 2,
+        }
+    }
+}
+
+impl Scale {
+    /// Applies `--scale KIND=N` settings.
+    pub fn apply(&mut self, settings: &[String]) -> anyhow::Result<()> {
+        for setting in settings {
+            let (kind, n) = setting
+                .split_once('=')
+                .with_context(|| format!("--scale {setting:?}: use KIND=N"))?;
+            let n: u32 = n
+                .parse()
+                .with_context(|| format!("--scale {setting:?}: {n:?} is not a count"))?;
+            match kind {
+                "inventory" => self.inventory = n,
+                "orders" => self.orders = n,
+                _ => bail!("--scale {setting:?}: the kinds are inventory and orders"),
+            }
+        }
+        self.check()
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if !(1..=64).contains(&self.inventory) {
+            bail!("scale: inventory must be 1 to 64");
+        }
+        if !(1..=self.inventory).contains(&self.orders) {
+            bail!(
+                "scale: orders must be 1 to the number of inventory shards ({})",
+                self.inventory
+            );
+        }
+        Ok(())
+    }
+}
+
+fn default_registry() -> Listen {
+    Listen {
+        listen: "127.0.0.1:7000".into(),
     }
 }
 
@@ -97,6 +165,7 @@ impl UpConfig {
                 listen: "127.0.0.1:8080".into(),
                 admin: "127.0.0.1:9080".into(),
             },
+            registry: default_registry(),
             api: Listen {
                 listen: "127.0.0.1:7400".into(),
             },
@@ -107,13 +176,15 @@ impl UpConfig {
                 listen: "127.0.0.1:7300".into(),
                 payment_window_ms: 600_000,
             },
+            scale: Scale::default(),
             limits: LimitsSection::default(),
         }
     }
 
-    /// The gateway's configuration: the API behind `/api/` through a bounded queue, with the
-    /// buy limits on `POST /api/items/...`.
-    pub fn gateway_toml(&self, listen: &str, api_addr: &str) -> String {
+    /// The gateway's configuration: the API instances (found through the registry at
+    /// `registry`) behind `/api/` through a bounded queue, with the buy limits on
+    /// `POST /api/items/...`.
+    pub fn gateway_toml(&self, listen: &str, registry: &str) -> String {
         let mut limits = Vec::new();
         for (rate, key) in [
             (self.limits.buy_per_ip_per_second, "ip"),
@@ -127,10 +198,11 @@ impl UpConfig {
             }
         }
         format!(
-            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nservers = [{{ address = \"{api_addr}\" }}]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n",
+            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = \"{registry}\"\nservice = \"{api_service}\"\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n",
             self.gateway.admin,
             self.admin_token,
-            limits.join(", ")
+            limits.join(", "),
+            api_service = keel_seckill::peers::API_SERVICE,
         )
     }
 
@@ -150,6 +222,7 @@ impl UpConfig {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let config: UpConfig =
             toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+        config.scale.check()?;
         if config.admin_token.len() < 8 {
             bail!(
                 "{}: admin_token must have at least 8 characters",
@@ -174,7 +247,7 @@ fn fresh_token() -> String {
 
 /// A child process and how to start it again.
 struct Part {
-    name: &'static str,
+    name: String,
     args: Vec<String>,
 }
 
@@ -233,14 +306,17 @@ async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
         .with_context(|| format!("{} exited before it listened", part.name))?;
     let address = banner_address(&banner)
         .with_context(|| format!("{}: unexpected first line {banner:?}", part.name))?;
-    let name = part.name;
+    let name = part.name.clone();
+    let out_name = name.clone();
     tokio::spawn(async move {
+        let name = out_name;
         while let Ok(Some(line)) = stdout.next_line().await {
             println!("[{name}] {line}");
         }
     });
     if let Some(stderr) = child.stderr.take() {
         let mut stderr = BufReader::new(stderr).lines();
+        let name = name.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = stderr.next_line().await {
                 eprintln!("[{name}] {line}");
@@ -261,10 +337,6 @@ fn set_arg(args: &mut [String], flag: &str, value: &str) {
     {
         *v = value.to_owned();
     }
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| (*s).to_owned()).collect()
 }
 
 /// Asks a process to stop as Ctrl-C would.
@@ -301,7 +373,7 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
                     match start(&part).await {
                         Ok((next, _)) => {
                             println!("restarted {}", part.name);
-                            pids.set(part.name, &next);
+                            pids.set(&part.name, &next);
                             child = next;
                             break;
                         }
@@ -327,69 +399,198 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
     }
 }
 
+/// `host:port` with `i` added to the port, unless the port is 0 (any free port).
+fn nth_address(listen: &str, i: u32) -> anyhow::Result<String> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .with_context(|| format!("{listen:?} is not host:port"))?;
+    let port: u32 = port
+        .parse()
+        .with_context(|| format!("{listen:?}: the port is not a number"))?;
+    if port == 0 {
+        return Ok(listen.to_owned());
+    }
+    let port =
+        u16::try_from(port + i).with_context(|| format!("{listen:?} + {i}: no such port"))?;
+    Ok(format!("{host}:{port}"))
+}
+
+/// Starts `part`, fixes its address for restarts, and adds it to `parts`; returns the address.
+async fn launch(mut part: Part, parts: &mut Vec<(Part, Child)>) -> anyhow::Result<String> {
+    let (child, address) = start(&part).await?;
+    set_arg(&mut part.args, "--addr", &address);
+    parts.push((part, child));
+    Ok(address)
+}
+
+/// Refuses a data directory that holds a sale made with other counts (`topology.json`).
+fn check_topology(data: &Path, scale: Scale) -> anyhow::Result<()> {
+    let file = data.join("topology.json");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let before: Scale = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid", file.display()))?;
+            if before != scale {
+                bail!(
+                    "{} holds a sale made with {} inventory shards and {} orders instances; \
+                     changing the counts would move orders between order books (use another \
+                     data_dir for a new sale)",
+                    data.display(),
+                    before.inventory,
+                    before.orders
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&file, serde_json::to_string(&scale)?)
+                .with_context(|| format!("writing {}", file.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+    }
+}
+
+/// Waits (up to 30 s) until `GET /api/items` through the gateway at `gateway` is answered
+/// by the API rather than refused for want of a server.
+async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = async {
+            let mut stream = tokio::net::TcpStream::connect(gateway).await?;
+            stream
+                .write_all(b"GET /api/items HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut head = vec![0; 12];
+            stream.read_exact(&mut head).await?;
+            std::io::Result::Ok(head)
+        };
+        let status = tokio::time::timeout(Duration::from_secs(2), answer)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        if status.is_some_and(|head| head.ends_with(b"200")) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the gateway at {gateway} did not reach the API within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the system until Ctrl-C (or for `run_for`).
 pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<()> {
     let data = &config.data_dir;
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    config.scale.check()?;
+    check_topology(data, config.scale)?;
     let dir = |name: &str| data.join(name).to_string_lossy().into_owned();
     let mut parts: Vec<(Part, Child)> = Vec::new();
 
-    let mut inventory = Part {
-        name: "inventory",
-        args: strings(&[
-            "seckill",
-            "inventory",
-            "--addr",
-            &config.inventory.listen,
-            "--data-dir",
-        ]),
-    };
-    inventory.args.push(dir("inventory"));
-    let (child, inventory_addr) = start(&inventory).await?;
-    set_arg(&mut inventory.args, "--addr", &inventory_addr);
-    parts.push((inventory, child));
+    let registry = launch(
+        Part {
+            name: "registry".into(),
+            args: vec![
+                "registry".into(),
+                "--addr".into(),
+                config.registry.listen.clone(),
+                "--data-dir".into(),
+                dir("registry"),
+            ],
+        },
+        &mut parts,
+    )
+    .await?;
 
-    let mut orders = Part {
-        name: "orders",
-        args: strings(&["seckill", "orders", "--addr", &config.orders.listen]),
-    };
-    orders.args.extend([
-        "--data-dir".into(),
-        dir("orders"),
-        "--inventory".into(),
-        format!("inv-0={inventory_addr}"),
-        "--payment-window-ms".into(),
-        config.orders.payment_window_ms.to_string(),
-    ]);
-    let (child, orders_addr) = start(&orders).await?;
-    set_arg(&mut orders.args, "--addr", &orders_addr);
-    parts.push((orders, child));
+    let shards: Vec<String> = (0..config.scale.inventory)
+        .map(|i| format!("inv-{i}"))
+        .collect();
+    for (i, shard) in shards.iter().enumerate() {
+        let i = i as u32;
+        launch(
+            Part {
+                name: format!("inventory-{i}"),
+                args: vec![
+                    "seckill".into(),
+                    "inventory".into(),
+                    "--addr".into(),
+                    nth_address(&config.inventory.listen, i)?,
+                    "--data-dir".into(),
+                    dir(&format!("inventory-{i}")),
+                    "--shard".into(),
+                    shard.clone(),
+                    "--registry".into(),
+                    registry.clone(),
+                ],
+            },
+            &mut parts,
+        )
+        .await?;
+    }
 
-    let mut api = Part {
-        name: "api",
-        args: strings(&["seckill", "api", "--addr", &config.api.listen]),
-    };
-    api.args.extend([
+    for j in 0..config.scale.orders {
+        let mut args = vec![
+            "seckill".into(),
+            "orders".into(),
+            "--addr".into(),
+            nth_address(&config.orders.listen, j)?,
+            "--data-dir".into(),
+            dir(&format!("orders-{j}")),
+            "--registry".into(),
+            registry.clone(),
+            "--payment-window-ms".into(),
+            config.orders.payment_window_ms.to_string(),
+        ];
+        for shard in shards
+            .iter()
+            .skip(j as usize)
+            .step_by(config.scale.orders as usize)
+        {
+            args.extend(["--inventory".into(), shard.clone()]);
+        }
+        launch(
+            Part {
+                name: format!("orders-{j}"),
+                args,
+            },
+            &mut parts,
+        )
+        .await?;
+    }
+
+    let mut args = vec![
+        "seckill".into(),
+        "api".into(),
+        "--addr".into(),
+        config.api.listen.clone(),
         "--data-dir".into(),
         dir("catalog"),
-        "--inventory".into(),
-        format!("inv-0={inventory_addr}"),
-        "--orders".into(),
-        orders_addr.clone(),
+        "--registry".into(),
+        registry.clone(),
         "--admin-token".into(),
         config.admin_token.clone(),
-    ]);
-    let (child, api_addr) = start(&api).await?;
-    set_arg(&mut api.args, "--addr", &api_addr);
-    parts.push((api, child));
+    ];
+    for shard in &shards {
+        args.extend(["--inventory".into(), shard.clone()]);
+    }
+    launch(
+        Part {
+            name: "api".into(),
+            args,
+        },
+        &mut parts,
+    )
+    .await?;
 
-    // The gateway in front: the API behind /api/, with a bounded queue in front of it.
+    // The gateway in front: the API instances (found in the registry) behind /api/, with a
+    // bounded queue in front of them.
     let gateway_config = data.join("gateway.toml");
-    let gateway_toml = config.gateway_toml(&config.gateway.listen, &api_addr);
+    let gateway_toml = config.gateway_toml(&config.gateway.listen, &registry);
     std::fs::write(&gateway_config, gateway_toml)
         .with_context(|| format!("writing {}", gateway_config.display()))?;
-    let mut gateway = Part {
-        name: "gateway",
+    let gateway = Part {
+        name: "gateway".into(),
         args: vec![
             "gateway".into(),
             "--config".into(),
@@ -406,8 +607,9 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         );
         std::fs::write(&gateway_config, fixed)?;
     }
-    gateway.args.truncate(3);
     parts.push((gateway, child));
+    // Up means the gateway has found the API in the registry and answers through it.
+    wait_until_served(&gateway_addr).await?;
 
     println!(
         "Keel is up: http://{gateway_addr}/api/items  (admin token: {}; Ctrl-C stops)",
@@ -421,7 +623,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     };
     let mut supervisors = tokio::task::JoinSet::new();
     for (part, child) in parts {
-        pids.set(part.name, &child);
+        pids.set(&part.name, &child);
         supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
     }
     match run_for {
@@ -461,13 +663,36 @@ mod tests {
     #[test]
     fn the_generated_gateway_configuration_is_valid_and_carries_the_limits() {
         let mut config = UpConfig::defaults();
-        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7400");
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000");
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 2);
         assert_eq!(gw.routes[0].rate_limits[1].key, "header:x-user-id");
         config.limits.buy_per_ip_per_second = 0.0;
-        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7400");
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000");
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 1);
+    }
+
+    #[test]
+    fn scale_settings_and_addresses() {
+        let mut scale = Scale::default();
+        scale
+            .apply(&["inventory=4".into(), "orders=3".into()])
+            .unwrap();
+        assert_eq!((scale.inventory, scale.orders), (4, 3));
+        assert!(scale.clone().apply(&["orders=5".into()]).is_err());
+        assert!(scale.clone().apply(&["inventory=0".into()]).is_err());
+        assert!(scale.clone().apply(&["api=2".into()]).is_err());
+        assert!(scale.clone().apply(&["inventory".into()]).is_err());
+        assert_eq!(nth_address("127.0.0.1:7200", 3).unwrap(), "127.0.0.1:7203");
+        assert_eq!(nth_address("127.0.0.1:0", 3).unwrap(), "127.0.0.1:0");
+        assert!(nth_address("127.0.0.1:65535", 1).is_err());
+        assert!(nth_address("nohost", 1).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        check_topology(dir.path(), Scale::default()).unwrap();
+        check_topology(dir.path(), Scale::default()).unwrap();
+        let err = check_topology(dir.path(), scale).unwrap_err().to_string();
+        assert!(err.contains("2 inventory shards"), "{err}");
     }
 }

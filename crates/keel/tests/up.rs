@@ -1,5 +1,6 @@
-//! `keel up`: the system comes up behind the gateway, a SIGKILLed part is restarted on its
-//! address and the sale goes on, and SIGINT stops every process.
+//! `keel up`: the system (registry, two inventory shards, two orders instances, API,
+//! gateway) comes up behind the gateway, a SIGKILLed part is restarted on its address and the
+//! sale goes on, and SIGINT stops every process.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
@@ -82,7 +83,7 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
     std::fs::write(
         dir.path().join("keel.toml"),
         format!(
-            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\nbuy_per_ip_per_second = 1000.0\nbuy_per_user_per_second = 1.0\n"
+            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\nbuy_per_ip_per_second = 1000.0\nbuy_per_user_per_second = 1.0\n"
         ),
     )
     .unwrap();
@@ -118,12 +119,33 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
             .and_then(|p| p.parse().ok())
             .unwrap()
     };
-    let inventory_pid = pid_of(&wait_for(&lines, "started inventory"));
-    let mut pids = vec![inventory_pid];
-    for part in ["orders", "api", "gateway"] {
-        pids.push(pid_of(&wait_for(&lines, &format!("started {part}"))));
-    }
-    let ready = wait_for(&lines, "Keel is up");
+    // Every part's banner, until the system is up: the registry, two inventory shards, two
+    // orders instances (keel.toml's default scale), the API and the gateway.
+    let mut started = std::collections::BTreeMap::new();
+    let ready = loop {
+        let line = wait_for(&lines, "");
+        if line.contains("Keel is up") {
+            break line;
+        }
+        if let Some(rest) = line.strip_prefix("started ") {
+            let name = rest.split(' ').next().unwrap().to_owned();
+            started.insert(name, pid_of(&line));
+        }
+    };
+    assert_eq!(
+        started.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "api",
+            "gateway",
+            "inventory-0",
+            "inventory-1",
+            "orders-0",
+            "orders-1",
+            "registry"
+        ]
+    );
+    let inventory_pid = started["inventory-0"];
+    let pids: Vec<u32> = started.values().copied().collect();
     let gw = ready
         .split("http://")
         .nth(1)
@@ -240,7 +262,8 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    for pid in pids.iter().skip(1) {
+    // (The inventory-0 first started was SIGKILLed; its pid may be reused.)
+    for pid in pids.iter().filter(|p| **p != inventory_pid) {
         assert!(!alive(*pid), "process {pid} still running");
     }
 }

@@ -1,8 +1,11 @@
 //! Starting `keel-seckill` processes for the tests.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
 
 /// Starts `keel-seckill <args>` and waits for its banner (`<banner> <address>`); returns the
 /// process and the address.
@@ -76,4 +79,39 @@ impl Drop for Procs {
             let _ = p.wait();
         }
     }
+}
+
+/// The admin token the tests give the API.
+pub const TOKEN: &str = "test-admin-token";
+
+/// One HTTP request on its own connection: the status and the JSON body.
+pub fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    admin: bool,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = if admin {
+        format!("Authorization: Bearer {TOKEN}\r\n")
+    } else {
+        String::new()
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let json = out
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
 }

@@ -1,0 +1,271 @@
+//! The sale over two shards, found through a real Keel registry: each item's stock split
+//! between two inventory processes, each with its own orders process, behind one API that
+//! knows only shard names. Hundreds of concurrent buyers, a SIGKILLed inventory restarted on
+//! another port (found again through the registry), and the audit balancing at the end.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::{Procs, call, start};
+use keel_registry::{Registry, RegistryConfig};
+use keel_rpc::Server;
+use serde_json::{Value, json};
+
+/// Starts a registry on a free port in this process; returns its address.
+fn registry(rt: &tokio::runtime::Runtime) -> String {
+    rt.block_on(async {
+        let registry = Registry::open(RegistryConfig::default()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            Server::builder()
+                .add_service(registry.service())
+                .build()
+                .serve(listener, std::future::pending::<()>()),
+        );
+        addr.to_string()
+    })
+}
+
+fn inventory(dir: &std::path::Path, shard: &str, registry: &str) -> std::process::Child {
+    let dir = dir.join(shard);
+    start(
+        &[
+            "inventory",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--shard",
+            shard,
+            "--registry",
+            registry,
+        ],
+        "inventory on",
+    )
+    .0
+}
+
+fn buy(api: &str, item: &str, user: &str) -> (u16, Value) {
+    call(
+        api,
+        "POST",
+        &format!("/api/items/{item}/buy"),
+        false,
+        Some(json!({ "user_id": user, "request_id": format!("{user}-r") })),
+    )
+}
+
+#[test]
+fn two_shards_found_through_the_registry_never_oversell_and_balance() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let registry = registry(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs(Vec::new());
+    for shard in ["inv-0", "inv-1"] {
+        procs.0.push(inventory(dir.path(), shard, &registry));
+        let orders_dir = dir.path().join(format!("orders-{shard}"));
+        procs.0.push(
+            start(
+                &[
+                    "orders",
+                    "--addr",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    orders_dir.to_str().unwrap(),
+                    "--inventory",
+                    shard,
+                    "--registry",
+                    &registry,
+                    "--payment-window-ms",
+                    "600000",
+                ],
+                "orders on",
+            )
+            .0,
+        );
+    }
+    let catalog = dir.path().join("catalog");
+    let (api_proc, api) = start(
+        &[
+            "api",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            catalog.to_str().unwrap(),
+            "--inventory",
+            "inv-0",
+            "--inventory",
+            "inv-1",
+            "--registry",
+            &registry,
+            "--admin-token",
+            common::TOKEN,
+        ],
+        "api on",
+    );
+    procs.0.push(api_proc);
+
+    let stock = 100;
+    let (status, created) = call(
+        &api,
+        "POST",
+        "/api/admin/items",
+        true,
+        Some(json!({"name": "Console", "price_cents": 39_900, "stock": stock})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let item = created["item_id"].as_str().unwrap().to_owned();
+
+    // 400 buyers at once, 16 threads: exactly the stock is sold, spread over both shards.
+    let users: Vec<String> = (0..400).map(|i| format!("u{i}")).collect();
+    let results: Vec<(String, u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = users
+            .chunks(25)
+            .map(|chunk| {
+                let (api, item) = (&api, &item);
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|u| {
+                            let (status, body) = buy(api, item, u);
+                            (u.clone(), status, body)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let won: Vec<&(String, u16, Value)> = results.iter().filter(|r| r.1 == 200).collect();
+    let refused = results
+        .iter()
+        .filter(|r| r.1 == 409 && r.2["error"] == "sold_out")
+        .count();
+    assert!(won.len() <= stock, "oversold: {} of {stock}", won.len());
+    assert_eq!(
+        won.len() + refused,
+        users.len(),
+        "every answer is 200 or sold_out"
+    );
+    let per_shard = won.iter().fold(BTreeMap::<&str, usize>::new(), |mut m, w| {
+        let id = w.2["order_id"].as_str().unwrap();
+        *m.entry(id.rsplit_once('-').unwrap().0).or_default() += 1;
+        m
+    });
+    assert_eq!(per_shard.len(), 2, "both shards sell: {per_shard:?}");
+
+    // A user always lands on the same shard: a second purchase is refused by the limit
+    // there, and the same request again gets the same order.
+    let (first_user, _, first) = won[0];
+    let (status, again) = buy(&api, &item, first_user);
+    assert_eq!((status, &again["order_id"]), (200, &first["order_id"]));
+    let other = call(
+        &api,
+        "POST",
+        &format!("/api/items/{item}/buy"),
+        false,
+        Some(json!({ "user_id": first_user, "request_id": "second" })),
+    );
+    assert!(
+        other.1["error"] == "limit_reached" || other.1["error"] == "sold_out",
+        "{other:?}"
+    );
+
+    // Orders of both shards are readable, payable, and listed for their users.
+    let mut paid = HashSet::new();
+    for shard in ["inv-0", "inv-1"] {
+        let w = won
+            .iter()
+            .find(|w| w.2["order_id"].as_str().unwrap().starts_with(shard))
+            .unwrap();
+        let order = w.2["order_id"].as_str().unwrap();
+        let (status, o) = call(&api, "GET", &format!("/api/orders/{order}"), false, None);
+        assert_eq!((status, o["user_id"].as_str()), (200, Some(w.0.as_str())));
+        let (status, o) = call(
+            &api,
+            "POST",
+            &format!("/api/orders/{order}/pay"),
+            false,
+            Some(json!({ "user_id": w.0 })),
+        );
+        assert_eq!((status, o["status"].as_str()), (200, Some("paid")), "{o}");
+        let (_, mine) = call(
+            &api,
+            "GET",
+            &format!("/api/users/{}/orders", w.0),
+            false,
+            None,
+        );
+        assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+        paid.insert(order.to_owned());
+    }
+
+    // The inventory of shard inv-1 is killed and comes back on another port: the API and
+    // the orders find it through the registry.
+    procs.0[2].kill().unwrap();
+    procs.0[2].wait().unwrap();
+    procs.0[2] = inventory(dir.path(), "inv-1", &registry);
+    let (status, created) = call(
+        &api,
+        "POST",
+        "/api/admin/items",
+        true,
+        Some(json!({"name": "Lamp", "price_cents": 1_000, "stock": 10})),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    assert_eq!(status, 201, "{created}");
+    let lamp = created["item_id"].as_str().unwrap().to_owned();
+    let mut lamp_sold = 0;
+    for i in 0..40 {
+        let (status, body) = buy(&api, &lamp, &format!("lamp-{i}"));
+        assert!(
+            status == 200 || body["error"] == "sold_out",
+            "{status} {body}"
+        );
+        lamp_sold += usize::from(status == 200);
+    }
+    assert_eq!(lamp_sold, 10, "40 buyers, 10 lamps over two shards");
+
+    // The audit balances once every reservation has its order.
+    for (id, initial) in [(&item, stock), (&lamp, 10)] {
+        let audit = loop {
+            let (status, audit) = call(
+                &api,
+                "GET",
+                &format!("/api/admin/items/{id}/audit"),
+                true,
+                None,
+            );
+            if status == 200 && audit["queue_backlog"] == 0 {
+                break audit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backlog never drained: {audit}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let by = &audit["orders_by_status"];
+        let n = |s: &str| by[s].as_u64().unwrap_or(0);
+        assert_eq!(audit["initial_stock"], initial as u64);
+        assert_eq!(
+            audit["stock_left"].as_u64().unwrap() + n("pending_payment") + n("paid") + n("shipped"),
+            initial as u64,
+            "{audit}"
+        );
+        if id == &item {
+            assert_eq!(n("paid"), paid.len() as u64);
+            assert_eq!(
+                n("pending_payment") + n("paid"),
+                won.len() as u64,
+                "{audit}"
+            );
+        }
+    }
+}
