@@ -12,7 +12,8 @@
 //!   run by `keel-seckill api`;
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
 //!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`;
-//! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry).
+//! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry);
+//! - [`web`]: the storefront and admin pages the gateway serves.
 //!
 //! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
 
@@ -23,6 +24,7 @@ pub mod orders;
 pub mod orders_service;
 pub mod peers;
 pub mod service;
+pub mod web;
 
 /// Generated from `proto/inventory.proto`.
 #[allow(missing_docs)]

@@ -184,7 +184,7 @@ impl UpConfig {
     /// The gateway's configuration: the API instances (found through the registry at
     /// `registry`) behind `/api/` through a bounded queue, with the buy limits on
     /// `POST /api/items/...`.
-    pub fn gateway_toml(&self, listen: &str, registry: &str) -> String {
+    pub fn gateway_toml(&self, listen: &str, registry: &str, web: &Path) -> String {
         let mut limits = Vec::new();
         for (rate, key) in [
             (self.limits.buy_per_ip_per_second, "ip"),
@@ -198,7 +198,7 @@ impl UpConfig {
             }
         }
         format!(
-            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = \"{registry}\"\nservice = \"{api_service}\"\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n",
+            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = \"{registry}\"\nservice = \"{api_service}\"\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {web:?}\n",
             self.gateway.admin,
             self.admin_token,
             limits.join(", "),
@@ -586,7 +586,10 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     // The gateway in front: the API instances (found in the registry) behind /api/, with a
     // bounded queue in front of them.
     let gateway_config = data.join("gateway.toml");
-    let gateway_toml = config.gateway_toml(&config.gateway.listen, &registry);
+    // The storefront, served by the gateway next to the API.
+    let web = std::path::absolute(data.join("web"))?;
+    keel_seckill::web::write(&web).with_context(|| format!("writing {}", web.display()))?;
+    let gateway_toml = config.gateway_toml(&config.gateway.listen, &registry, &web);
     std::fs::write(&gateway_config, gateway_toml)
         .with_context(|| format!("writing {}", gateway_config.display()))?;
     let gateway = Part {
@@ -663,12 +666,12 @@ mod tests {
     #[test]
     fn the_generated_gateway_configuration_is_valid_and_carries_the_limits() {
         let mut config = UpConfig::defaults();
-        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000");
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", Path::new("/srv/web"));
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 2);
         assert_eq!(gw.routes[0].rate_limits[1].key, "header:x-user-id");
         config.limits.buy_per_ip_per_second = 0.0;
-        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000");
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", Path::new("/srv/web"));
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 1);
     }

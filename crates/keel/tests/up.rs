@@ -2,45 +2,13 @@
 //! gateway) comes up behind the gateway, a SIGKILLed part is restarted on its address and the
 //! sale goes on, and SIGINT stops every process.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const TOKEN: &str = "up-test-admin-token";
-
-fn call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
-}
-
-/// Waits for a line of `keel up`'s output containing `needle`.
-fn wait_for(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    panic!("no line with {needle:?}");
-}
+use common::{TOKEN, Up, alive, call, wait_for};
 
 /// Runs `keel bench seckill` (50 units, 16 at a time) against the gateway; it must exit
 /// successfully; returns its summary.
@@ -69,69 +37,12 @@ fn bench(gw: &str, buyers: &str, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(text.lines().last().unwrap()).unwrap()
 }
 
-fn alive(pid: u32) -> bool {
-    Command::new("kill")
-        .args(["-0", &pid.to_string()])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("keel.toml"),
-        format!(
-            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\nbuy_per_ip_per_second = 1000.0\nbuy_per_user_per_second = 1.0\n"
-        ),
-    )
-    .unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("up")
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // If an assertion fails, keel up and its children still stop.
-    struct StopOnDrop(u32);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-INT", &self.0.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    let _stop = StopOnDrop(up.id());
-    let (tx, lines) = mpsc::channel();
-    let stdout = up.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let pid_of = |line: &str| -> u32 {
-        line.split("(pid ")
-            .nth(1)
-            .and_then(|r| r.split(')').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap()
-    };
-    // Every part's banner, until the system is up: the registry, two inventory shards, two
-    // orders instances (keel.toml's default scale), the API and the gateway.
-    let mut started = std::collections::BTreeMap::new();
-    let ready = loop {
-        let line = wait_for(&lines, "");
-        if line.contains("Keel is up") {
-            break line;
-        }
-        if let Some(rest) = line.strip_prefix("started ") {
-            let name = rest.split(' ').next().unwrap().to_owned();
-            started.insert(name, pid_of(&line));
-        }
-    };
+    let mut up = Up::start("buy_per_ip_per_second = 1000.0\nbuy_per_user_per_second = 1.0\n");
+    let (gw, started, lines) = (up.gateway.clone(), up.started.clone(), &up.lines);
+    // Every part: the registry, two inventory shards, two orders instances (keel.toml's
+    // default scale), the API and the gateway.
     assert_eq!(
         started.keys().map(String::as_str).collect::<Vec<_>>(),
         [
@@ -146,12 +57,6 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
     );
     let inventory_pid = started["inventory-0"];
     let pids: Vec<u32> = started.values().copied().collect();
-    let gw = ready
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap()
-        .to_owned();
 
     let (status, created) = call(
         &gw,
@@ -177,7 +82,7 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
             .unwrap()
             .success()
     );
-    wait_for(&lines, "restarted inventory");
+    wait_for(lines, "restarted inventory");
     let mut bought = None;
     for _ in 0..50 {
         let (status, body) = call(
@@ -235,7 +140,7 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
 
     // The same with chaos: the inventory or the orders process is SIGKILLed a third of the
     // way through; keel up restarts it and the invariants hold.
-    let pid_file = dir.path().join("data").join("pids.json");
+    let pid_file = up.dir.path().join("data").join("pids.json");
     let summary = bench(&gw, "600", &["--chaos", pid_file.to_str().unwrap()]);
     assert_eq!(summary["chaos"]["killed"], true, "{summary}");
     assert_eq!(
@@ -243,24 +148,10 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         (Some(0), Some(0)),
         "{summary}"
     );
-    wait_for(&lines, "restarted");
+    wait_for(lines, "restarted");
 
     // SIGINT: everything stops.
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &up.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = up.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "keel up did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = up.stop();
     assert!(status.success(), "{status}");
     // (The inventory-0 first started was SIGKILLed; its pid may be reused.)
     for pid in pids.iter().filter(|p| **p != inventory_pid) {

@@ -1,0 +1,163 @@
+//! Starting `keel up` for the tests, and talking HTTP to it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The admin token of the tests' sales.
+pub const TOKEN: &str = "up-test-admin-token";
+
+/// One HTTP request (with the admin token) on its own connection: status and body.
+pub fn call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// Waits (up to 60 s) for a line containing `needle`.
+pub fn wait_for(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("no line with {needle:?}");
+}
+
+/// A running `keel up` in a temporary directory; stopped with SIGINT when dropped (also when
+/// a test fails).
+pub struct Up {
+    /// The `keel up` process.
+    pub child: Child,
+    /// Its output, line by line.
+    pub lines: mpsc::Receiver<String>,
+    /// The gateway's address.
+    pub gateway: String,
+    /// Each part's first pid, by name.
+    pub started: BTreeMap<String, u32>,
+    /// The directory it runs in.
+    pub dir: tempfile::TempDir,
+    stopped: bool,
+}
+
+impl Up {
+    /// Starts `keel up` on free ports with these `[limits]` lines, and waits until it is up.
+    pub fn start(limits: &str) -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("keel.toml"),
+            format!(
+                "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\n{limits}"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("up")
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut up = Up {
+            child,
+            lines,
+            gateway: String::new(),
+            started: BTreeMap::new(),
+            dir,
+            stopped: false,
+        };
+        // Every part's banner, until the system is up.
+        let ready = loop {
+            let line = wait_for(&up.lines, "");
+            if line.contains("Keel is up") {
+                break line;
+            }
+            if let Some(rest) = line.strip_prefix("started ") {
+                let name = rest.split(' ').next().unwrap().to_owned();
+                up.started.insert(name, pid_of(&line));
+            }
+        };
+        up.gateway = ready
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap()
+            .to_owned();
+        up
+    }
+
+    /// Stops it with SIGINT and returns how it exited (within 30 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.stopped = true;
+        interrupt(self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "keel up did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if !self.stopped {
+            interrupt(self.child.id());
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn interrupt(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The pid in a `started NAME (pid N) on ADDRESS` line.
+pub fn pid_of(line: &str) -> u32 {
+    line.split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap()
+}
+
+/// Whether process `pid` is alive.
+pub fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
