@@ -12,6 +12,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use keel_cache::TwoLevel;
 use keel_rpc::Code;
 use keel_store::{Journal, JournalOptions, StoreError};
 use parking_lot::Mutex;
@@ -122,11 +123,21 @@ pub struct Api {
     pub sold_out: Mutex<std::collections::HashMap<(String, String), tokio::time::Instant>>,
     /// Held while an item is created, so two creations never pick the same id.
     pub creating: tokio::sync::Mutex<()>,
+    /// Units left per item: the catalog's two-level cache (in-process, plus Redis when
+    /// configured), invalidated by every purchase and sell-out seen here. Units that come
+    /// back from expired orders show within the cache's time to live.
+    pub stock_cache: TwoLevel<u64>,
 }
 
 impl Api {
-    /// An API over `catalog` and `shards` (at least one).
-    pub fn new(catalog: Catalog, shards: Vec<Shard>, admin_token: String, buckets: u32) -> Api {
+    /// An API over `catalog` and `shards` (at least one), caching stock in `stock_cache`.
+    pub fn new(
+        catalog: Catalog,
+        shards: Vec<Shard>,
+        admin_token: String,
+        buckets: u32,
+        stock_cache: TwoLevel<u64>,
+    ) -> Api {
         Api {
             catalog,
             shards,
@@ -134,6 +145,7 @@ impl Api {
             buckets,
             sold_out: Mutex::new(std::collections::HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            stock_cache,
         }
     }
 }
@@ -272,12 +284,26 @@ impl Api {
         Ok(total)
     }
 
+    /// Units of `item` left, through the catalog cache.
+    async fn stock_left(&self, item: &ItemDef) -> Option<u64> {
+        self.stock_cache
+            .get_or_load(&item.item_id, || async {
+                self.stock(item)
+                    .await
+                    .map(|(left, _)| left)
+                    .map_err(|_| "stock unavailable".to_owned())
+            })
+            .await
+            .ok()
+    }
+
     async fn item_json(&self, item: &ItemDef) -> Value {
-        let stock = self.stock(item).await.ok();
-        let left = stock.map_or(0, |s| s.0);
+        let stock = self.stock_left(item).await;
+        let left = stock.unwrap_or(0);
+        // The status from the clock now, the stock from the cache.
         let status = if now_ms() < item.starts_at_ms {
             "upcoming"
-        } else if stock.is_some_and(|s| s.0 == 0) {
+        } else if stock == Some(0) {
             "sold_out"
         } else {
             "on_sale"
@@ -339,10 +365,9 @@ impl Api {
                 }
             }
             (Method::GET, ["api", "items"]) => {
-                let mut out = Vec::new();
-                for item in self.catalog.all() {
-                    out.push(self.item_json(&item).await);
-                }
+                let items = self.catalog.all();
+                let out =
+                    futures_util::future::join_all(items.iter().map(|i| self.item_json(i))).await;
                 reply(StatusCode::OK, &Value::from(out))
             }
             (Method::GET, ["api", "items", id]) => match self.catalog.get(id) {
@@ -543,6 +568,7 @@ impl Api {
             .await
         {
             Ok(r) if r.outcome == proto::Outcome::Reserved as i32 => {
+                self.stock_cache.invalidate(item_id).await;
                 let id = r.reservation.map_or(0, |r| r.reservation_id);
                 let order_id = crate::orders::order_id(&shard.name, id);
                 reply(
@@ -561,9 +587,15 @@ impl Api {
                 format!("no item {item_id}"),
             ),
             Ok(_) => {
-                self.sold_out
+                let now = tokio::time::Instant::now();
+                let newly = self
+                    .sold_out
                     .lock()
-                    .insert(sold_out_key, tokio::time::Instant::now() + SOLD_OUT_FOR);
+                    .insert(sold_out_key, now + SOLD_OUT_FOR)
+                    .is_none_or(|until| until <= now);
+                if newly {
+                    self.stock_cache.invalidate(item_id).await;
+                }
                 fail(StatusCode::CONFLICT, "sold_out", "no units left")
             }
             Err(e) => upstream(&e),

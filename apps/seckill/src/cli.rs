@@ -39,6 +39,13 @@ pub enum Role {
         /// Buckets each item's stock is split into.
         #[arg(long, default_value_t = 16)]
         buckets: u32,
+        /// The catalog cache's shared tier: a Redis URL (`redis://127.0.0.1:6379/`); without
+        /// one, only the in-process tier.
+        #[arg(long)]
+        cache_redis: Option<String>,
+        /// How long the catalog cache keeps a stock figure (each tier).
+        #[arg(long, default_value_t = 1000)]
+        cache_ttl_ms: u64,
     },
     /// Run an orders instance until Ctrl-C.
     Orders {
@@ -107,6 +114,8 @@ pub fn run(role: Role) -> anyhow::Result<()> {
             registry,
             admin_token,
             buckets,
+            cache_redis,
+            cache_ttl_ms,
         } => {
             let catalog = crate::api::Catalog::open(&data_dir)
                 .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
@@ -134,7 +143,30 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                         name,
                     });
                 }
-                let api = Arc::new(crate::api::Api::new(catalog, shards, admin_token, buckets));
+                let ttl = std::time::Duration::from_millis(cache_ttl_ms.max(1));
+                let config = keel_cache::CacheConfig {
+                    local_ttl: ttl,
+                    shared_ttl: ttl,
+                    ..keel_cache::CacheConfig::new("seckill-stock")
+                };
+                let stock_cache = match cache_redis {
+                    None => keel_cache::TwoLevel::local(config),
+                    Some(url) => {
+                        let tier = keel_cache::RedisTier::connect(&url)
+                            .await
+                            .with_context(|| format!("the catalog cache's Redis at {url}"))?;
+                        keel_cache::TwoLevel::with_shared(config, tier)
+                            .await
+                            .with_context(|| format!("subscribing at {url}"))?
+                    }
+                };
+                let api = Arc::new(crate::api::Api::new(
+                    catalog,
+                    shards,
+                    admin_token,
+                    buckets,
+                    stock_cache,
+                ));
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;

@@ -88,6 +88,17 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
         );
     }
     let catalog = dir.path().join("catalog");
+    // The catalog cache's shared tier on the real Redis, when there is one.
+    let mut cache = vec![];
+    if std::net::TcpStream::connect("127.0.0.1:6379").is_ok() {
+        cache = vec!["--cache-redis", "redis://127.0.0.1:6379/"];
+    } else {
+        assert!(
+            std::env::var("KEEL_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "Redis at 127.0.0.1:6379 is needed (KEEL_REQUIRE_SERVICES=1)"
+        );
+        eprintln!("no Redis at 127.0.0.1:6379: the catalog cache runs without its shared tier");
+    }
     let (api_proc, api) = start(
         &[
             "api",
@@ -103,7 +114,12 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
             &registry,
             "--admin-token",
             common::TOKEN,
-        ],
+            "--cache-ttl-ms",
+            "60000",
+        ]
+        .into_iter()
+        .chain(cache)
+        .collect::<Vec<_>>(),
         "api on",
     );
     procs.0.push(api_proc);
@@ -118,6 +134,9 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
     );
     assert_eq!(status, 201, "{created}");
     let item = created["item_id"].as_str().unwrap().to_owned();
+    // Read once, so the stock figure is cached (for a minute).
+    let (_, view) = call(&api, "GET", &format!("/api/items/{item}"), false, None);
+    assert_eq!(view["stock_left"], stock as u64);
 
     // 400 buyers at once, 16 threads: exactly the stock is sold, spread over both shards.
     let users: Vec<String> = (0..400).map(|i| format!("u{i}")).collect();
@@ -159,6 +178,20 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
         m
     });
     assert_eq!(per_shard.len(), 2, "both shards sell: {per_shard:?}");
+    // The purchases invalidated the cached figure.
+    let (_, view) = call(&api, "GET", &format!("/api/items/{item}"), false, None);
+    assert_eq!(
+        (view["stock_left"].as_u64(), view["status"].as_str()),
+        (
+            Some((stock - won.len()) as u64),
+            Some(if won.len() == stock {
+                "sold_out"
+            } else {
+                "on_sale"
+            })
+        ),
+        "{view}"
+    );
 
     // A user always lands on the same shard: a second purchase is refused by the limit
     // there, and the same request again gets the same order.

@@ -43,6 +43,31 @@ pub struct UpConfig {
     /// Rate limits on buying, at the gateway.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// The catalog cache.
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// `[cache]`: the catalog's two-level cache of stock figures. In-process only by default;
+/// `redis = "redis://127.0.0.1:6379/"` adds Redis as the shared tier (and carries
+/// invalidations between API processes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Redis URL of the shared tier; none: in-process only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    /// How long a figure is kept (each tier).
+    pub ttl_ms: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> CacheSection {
+        CacheSection {
+            redis: None,
+            ttl_ms: 1000,
+        }
+    }
 }
 
 /// `[limits]`: token buckets on `POST /api/items/...` at the gateway (429 with Retry-After);
@@ -178,6 +203,7 @@ impl UpConfig {
             },
             scale: Scale::default(),
             limits: LimitsSection::default(),
+            cache: CacheSection::default(),
         }
     }
 
@@ -570,7 +596,12 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         registry.clone(),
         "--admin-token".into(),
         config.admin_token.clone(),
+        "--cache-ttl-ms".into(),
+        config.cache.ttl_ms.to_string(),
     ];
+    if let Some(url) = &config.cache.redis {
+        args.extend(["--cache-redis".into(), url.clone()]);
+    }
     for shard in &shards {
         args.extend(["--inventory".into(), shard.clone()]);
     }
