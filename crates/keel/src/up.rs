@@ -697,12 +697,14 @@ mod tests {
     #[test]
     fn the_generated_gateway_configuration_is_valid_and_carries_the_limits() {
         let mut config = UpConfig::defaults();
-        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", Path::new("/srv/web"));
+        let web = tempfile::tempdir().unwrap();
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", web.path());
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 2);
         assert_eq!(gw.routes[0].rate_limits[1].key, "header:x-user-id");
+        assert_eq!(gw.routes[2].name.as_deref(), Some("storefront"));
         config.limits.buy_per_ip_per_second = 0.0;
-        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", Path::new("/srv/web"));
+        let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", web.path());
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 1);
     }
