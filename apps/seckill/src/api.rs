@@ -127,6 +127,8 @@ pub struct Api {
     /// configured), invalidated by every purchase and sell-out seen here. Units that come
     /// back from expired orders show within the cache's time to live.
     pub stock_cache: TwoLevel<u64>,
+    /// Where opening times are published for the gateway's gate (none: not published).
+    pub registry: Option<keel_registry::RegistryHandle>,
 }
 
 impl Api {
@@ -146,6 +148,7 @@ impl Api {
             sold_out: Mutex::new(std::collections::HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             stock_cache,
+            registry: None,
         }
     }
 }
@@ -500,6 +503,20 @@ impl Api {
         };
         if let Err(e) = self.catalog.add(item).await {
             return fail(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e);
+        }
+        // An item that opens later: its opening time to the gateway's gate, which then
+        // refuses early buyers before they reach this API (which refuses them too).
+        if starts_at_ms > now_ms()
+            && let Some(registry) = &self.registry
+            && let Err(e) = keel_registry::NamingBackend::put_config(
+                registry,
+                crate::peers::NAMESPACE,
+                &format!("{}{item_id}", crate::peers::OPENS_PREFIX),
+                rfc3339(starts_at_ms).into_bytes().into(),
+            )
+            .await
+        {
+            tracing::warn!(item = %item_id, error = %e, "publishing the opening time failed; the API still refuses early buyers");
         }
         reply(StatusCode::CREATED, &json!({ "item_id": item_id }))
     }

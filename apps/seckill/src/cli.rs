@@ -160,13 +160,10 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                             .with_context(|| format!("subscribing at {url}"))?
                     }
                 };
-                let api = Arc::new(crate::api::Api::new(
-                    catalog,
-                    shards,
-                    admin_token,
-                    buckets,
-                    stock_cache,
-                ));
+                let mut api =
+                    crate::api::Api::new(catalog, shards, admin_token, buckets, stock_cache);
+                api.registry = peers.registry().cloned();
+                let api = Arc::new(api);
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;

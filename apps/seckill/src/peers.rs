@@ -33,6 +33,10 @@ pub fn orders_service(shard: &str) -> String {
 /// The registered name of the API instances.
 pub const API_SERVICE: &str = "seckill-api";
 
+/// Registry config keys of the items' opening times (`<prefix><item id>` = RFC 3339), which
+/// the gateway's gate on the buy route follows.
+pub const OPENS_PREFIX: &str = "seckill/opens/";
+
 /// A shard name: 1 to 32 characters of `a-z`, `0-9` and `-`, starting with a letter (it
 /// prefixes order ids, so it must not need escaping anywhere).
 pub fn check_shard(name: &str) -> anyhow::Result<()> {
@@ -77,6 +81,11 @@ impl Peers {
             registry,
             fixed: Arc::new(StaticDiscover::new()),
         }
+    }
+
+    /// The registry, if there is one.
+    pub fn registry(&self) -> Option<&RegistryHandle<Channel>> {
+        self.registry.as_ref().map(|(handle, _)| handle)
     }
 
     /// A channel to `service`: at `address` if one is given, otherwise wherever the registry

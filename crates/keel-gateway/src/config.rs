@@ -434,6 +434,9 @@ pub struct RouteConfig {
     /// Authentication required on this route.
     #[serde(default)]
     pub auth: Option<crate::auth::AuthConfig>,
+    /// Refuse requests before their opening time (see [`crate::gate`]).
+    #[serde(default)]
+    pub gate: Option<crate::gate::GateConfig>,
 }
 
 /// `cache = { ... }` on a route: GET and HEAD answers kept in memory as their
@@ -670,6 +673,9 @@ impl GatewayConfig {
                         i + 1
                     ));
                 }
+            }
+            if let Some(Err(e)) = r.gate.as_ref().map(crate::gate::GateConfig::check) {
+                return bad(format!("route {}: {e}", i + 1));
             }
             for rl in r.rate_limit.iter().chain(&r.rate_limits) {
                 if !(rl.per_second >= 1e-3 && rl.per_second.is_finite()) || rl.burst == 0 {

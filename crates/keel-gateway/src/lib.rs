@@ -47,6 +47,7 @@ pub mod config;
 mod conns;
 mod filter;
 mod framing;
+pub mod gate;
 mod metrics;
 mod proxy;
 mod router;
@@ -56,6 +57,7 @@ mod upstream;
 
 pub use auth::{AuthConfig, JwtConfig};
 pub use config::{ConfigError, GatewayConfig};
+pub use gate::GateConfig;
 
 /// One configuration, compiled: what a request is served with.
 struct Shared {
@@ -144,9 +146,7 @@ impl Gateway {
         };
         match result {
             Ok(shared) => {
-                for pool in &shared.pools {
-                    upstream::start(pool);
-                }
+                start_background(&shared);
                 self.inner.current.store(Arc::new(shared));
                 self.inner.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("configuration reloaded");
@@ -207,9 +207,7 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
         let conns = Arc::new(conns::Conns::default());
-        for pool in &self.inner.current.load().pools {
-            upstream::start(pool);
-        }
+        start_background(&self.inner.current.load());
         // The janitor: closes idle connections (the timeout as configured now, checked every
         // half of it).
         let janitor = {
@@ -456,6 +454,19 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Activity<I> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Starts the background work of a compiled configuration (once each): the pools' health
+/// checks and registry watches, and the gates' watches.
+fn start_background(shared: &Shared) {
+    for pool in &shared.pools {
+        upstream::start(pool);
+    }
+    for route in shared.router.routes() {
+        if let Some(g) = &route.gate {
+            gate::start(g);
+        }
     }
 }
 

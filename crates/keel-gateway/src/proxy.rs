@@ -329,6 +329,19 @@ async fn serve(
     if let Some(refused) = rate_limited(route, true, peer, req.headers()) {
         return refused;
     }
+    if let Some(gate) = &route.gate
+        && let Err(wait) = gate.check(&path)
+    {
+        let mut resp = error(
+            StatusCode::FORBIDDEN,
+            "not_started",
+            format!("opens in {}s", wait.as_secs_f64().ceil() as u64),
+        );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
     let pool_index = match &route.target {
         Target::Static(dir) => {
             let file = route.rewrite(&path, None);

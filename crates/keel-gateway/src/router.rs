@@ -40,6 +40,7 @@ pub(crate) struct Route {
     /// Overrides the server's body limit.
     pub(crate) max_body_bytes: Option<u64>,
     pub(crate) auth: Option<crate::auth::Auth>,
+    pub(crate) gate: Option<Arc<crate::gate::Gate>>,
 }
 
 /// The routes in order.
@@ -128,6 +129,10 @@ impl Route {
                 .as_ref()
                 .map(crate::auth::Auth::new)
                 .transpose()?,
+            gate: config
+                .gate
+                .as_ref()
+                .map(|g| Arc::new(crate::gate::Gate::new(g))),
         })
     }
 

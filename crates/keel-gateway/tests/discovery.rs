@@ -213,3 +213,96 @@ upstream = "api"
     }
     assert_eq!(seen.len(), 2, "the recovered server is back: {seen:?}");
 }
+
+/// The opening-time gate: opening times set in the registry refuse early requests at the
+/// gateway (403 not_started with Retry-After), follow changes, and leave other keys alone.
+#[tokio::test]
+async fn the_gate_refuses_requests_before_their_opening_time() {
+    let registry = Registry::open(RegistryConfig::default()).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder().add_service(registry.service()).build();
+    tokio::spawn(server.serve(listener, std::future::pending::<()>()));
+    let handle = RegistryHandle::new(
+        Channel::connect(addr.to_string(), ChannelConfig::default())
+            .await
+            .unwrap(),
+    );
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let put = |key: &str, value: String| {
+        let handle = handle.clone();
+        let key = key.to_owned();
+        async move {
+            handle
+                .put_config("default", &key, value.into_bytes().into())
+                .await
+                .unwrap();
+        }
+    };
+    // One opening time before the gateway starts (it arrives with the watch's first reset).
+    put("sale/opens/item-1", (now_ms() + 3_600_000).to_string()).await;
+    let app = upstream("app").await;
+    let gw = gateway(&format!(
+        "[upstreams.app]\nservers = [{{ address = \"{app}\" }}]\n[[routes]]\npath_prefix = \"/api/items/\"\nupstream = \"app\"\ngate = {{ registry = \"{addr}\", prefix = \"sale/opens/\", path_segment = 3 }}\n"
+    ))
+    .await;
+    let status_of = |item: &'static str| async move {
+        let a = send(gw, "POST", &format!("/api/items/{item}/buy"), &[], "{}").await;
+        (a.status, a)
+    };
+    // Closed until the watch has delivered; then refused with the wait.
+    let mut refused = None;
+    for _ in 0..100 {
+        let (status, a) = status_of("item-1").await;
+        if status == StatusCode::FORBIDDEN {
+            refused = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("the gate never closed");
+    assert_eq!(refused.json["error"], "not_started");
+    let retry: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3_500..=3_600).contains(&retry), "{retry}");
+    // Another item, without an opening time, passes.
+    assert_eq!(status_of("item-2").await.0, StatusCode::OK);
+    // An opening time in RFC 3339, already past: item-3 passes; moved into the future: refused.
+    put("sale/opens/item-3", "2020-01-01T00:00:00Z".into()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(status_of("item-3").await.0, StatusCode::OK);
+    put(
+        "sale/opens/item-3",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(600))
+            .to_string(),
+    )
+    .await;
+    let mut closed = false;
+    for _ in 0..100 {
+        if status_of("item-3").await.0 == StatusCode::FORBIDDEN {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "a changed opening time reaches the gate");
+    // The sale opens (the time is moved to now): requests pass.
+    put("sale/opens/item-1", now_ms().to_string()).await;
+    let mut open = false;
+    for _ in 0..100 {
+        if status_of("item-1").await.0 == StatusCode::OK {
+            open = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(open, "the gate opens");
+}

@@ -219,7 +219,8 @@ fn the_documented_example_config_is_valid() {
     let site = tempfile::tempdir().unwrap();
     let text = doc[start..end].replace("/srv/www", site.path().to_str().unwrap());
     let config = GatewayConfig::parse(&text).unwrap();
-    assert_eq!(config.routes.len(), 5);
+    assert_eq!(config.routes.len(), 6);
+    assert_eq!(config.routes[2].gate.as_ref().unwrap().path_segment, 2);
     assert_eq!(
         config.admin.as_ref().unwrap().token.as_deref(),
         Some("admin-secret")
@@ -235,7 +236,7 @@ fn the_documented_example_config_is_valid() {
         "users-http"
     );
     assert_eq!(
-        config.routes[2].rpc.as_ref().unwrap().service,
+        config.routes[3].rpc.as_ref().unwrap().service,
         "keel.echo.v1.Echo"
     );
     assert_eq!(config.upstreams["api"].servers[0].weight, 200);

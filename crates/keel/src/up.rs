@@ -224,11 +224,12 @@ impl UpConfig {
             }
         }
         format!(
-            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = \"{registry}\"\nservice = \"{api_service}\"\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {web:?}\n",
+            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = \"{registry}\"\nservice = \"{api_service}\"\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = \"{registry}\", prefix = \"{opens}\", path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {web:?}\n",
             self.gateway.admin,
             self.admin_token,
             limits.join(", "),
             api_service = keel_seckill::peers::API_SERVICE,
+            opens = keel_seckill::peers::OPENS_PREFIX,
         )
     }
 

@@ -118,6 +118,48 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         ["200", "409", "429"],
         "limit reached, then rate limited"
     );
+    // An item that opens in an hour: the gateway's gate (fed through the registry) refuses
+    // early buyers itself ("opens in ..."), without a trip to the API ("the sale opens at").
+    let later = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + Duration::from_secs(3_600),
+    );
+    let (status, created) = call(
+        &gw,
+        "POST",
+        "/api/admin/items",
+        &format!(r#"{{"name": "Later", "price_cents": 1, "stock": 5, "starts_at": "{later}"}}"#),
+    );
+    assert_eq!(status, 201, "{created}");
+    let later_id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["item_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = call(
+            &gw,
+            "POST",
+            &format!("/api/items/{later_id}/buy"),
+            r#"{"user_id": "dan"}"#,
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gate never closed: {body}"
+        );
+        // (Without an X-User-Id, the per-user limit counts the address: 1 a second.)
+        if status == 429 {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        assert_eq!(status, 403, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "not_started");
+        if body["detail"].as_str().unwrap().starts_with("opens in") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let (_, audit) = call(&gw, "GET", "/api/admin/items/item-1/audit", "");
     let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
     assert_eq!(

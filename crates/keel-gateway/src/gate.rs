@@ -1,0 +1,253 @@
+//! The opening-time gate: a route that sells something from a given moment on (a flash sale)
+//! refuses requests for it that come early, at the gateway, before they cost the service
+//! anything.
+//!
+//! Opening times live in Keel's registry as config entries: the key is the gate's `prefix`
+//! followed by the request's key (a segment of its path), the value the opening time as
+//! RFC 3339 text or Unix milliseconds. The gateway follows the prefix with a watch (resuming
+//! from its last revision after a break). A request whose key has an opening time still to
+//! come gets 403 `not_started` with `Retry-After`; any other passes — the service behind
+//! stays the authority, the gate only spares it the early crowd.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use keel_registry::RegistryHandle;
+use keel_registry::proto::watch_request::Target;
+use keel_registry::proto::{EventKind, WatchRequest};
+use serde::Deserialize;
+
+/// `[routes.gate]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    /// Address of Keel's registry.
+    pub registry: String,
+    /// The registry namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Config keys under this prefix are opening times.
+    pub prefix: String,
+    /// Which segment of the request's path is its key, counting from 1
+    /// (`/api/items/{id}/buy`: 3).
+    pub path_segment: usize,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+impl GateConfig {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.registry.is_empty() || self.prefix.is_empty() {
+            return Err("gate needs a registry and a prefix".into());
+        }
+        if self.path_segment == 0 {
+            return Err("gate path_segment counts from 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A route's gate: the opening times it knows.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    config: GateConfig,
+    opens: ArcSwap<HashMap<String, u64>>,
+    started: AtomicBool,
+}
+
+/// An opening time in an entry's value: RFC 3339 or Unix milliseconds.
+fn parse_time(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if let Ok(ms) = text.parse::<u64>() {
+        return Some(ms);
+    }
+    let at = humantime::parse_rfc3339_weak(text).ok()?;
+    Some(at.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Gate {
+    pub(crate) fn new(config: &GateConfig) -> Gate {
+        Gate {
+            config: config.clone(),
+            opens: ArcSwap::from_pointee(HashMap::new()),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    /// The request's key: its path's `path_segment`-th segment.
+    fn key<'a>(&self, path: &'a str) -> Option<&'a str> {
+        path.split('/')
+            .filter(|s| !s.is_empty())
+            .nth(self.config.path_segment - 1)
+    }
+
+    /// `Err(wait)` if the request for `path` comes `wait` before its opening time.
+    pub(crate) fn check(&self, path: &str) -> Result<(), Duration> {
+        let Some(key) = self.key(path) else {
+            return Ok(());
+        };
+        match self.opens.load().get(key) {
+            Some(&opens) => {
+                let now = now_ms();
+                if now < opens {
+                    Err(Duration::from_millis(opens - now))
+                } else {
+                    Ok(())
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn apply(&self, entries: impl IntoIterator<Item = (String, Option<u64>)>, reset: bool) {
+        let mut next = if reset {
+            HashMap::new()
+        } else {
+            (**self.opens.load()).clone()
+        };
+        for (key, opens) in entries {
+            let Some(key) = key.strip_prefix(&self.config.prefix) else {
+                continue;
+            };
+            match opens {
+                Some(ms) => next.insert(key.to_owned(), ms),
+                None => next.remove(key),
+            };
+        }
+        self.opens.store(Arc::new(next));
+    }
+}
+
+/// Starts following the gate's registry prefix (once; later calls do nothing). The watch
+/// ends when the gate is dropped, e.g. replaced by a reload.
+pub(crate) fn start(gate: &Arc<Gate>) {
+    if gate.started.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    tokio::spawn(follow(Arc::downgrade(gate), gate.config.clone()));
+}
+
+async fn follow(gate: Weak<Gate>, config: GateConfig) {
+    let handle = RegistryHandle::new(keel_rpc::Channel::with_config(
+        config.registry.clone(),
+        keel_rpc::ChannelConfig::default(),
+    ));
+    let mut revision = 0;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if gate.strong_count() == 0 {
+            return;
+        }
+        let request = WatchRequest {
+            namespace: config.namespace.clone(),
+            target: Some(Target::ConfigPrefix(config.prefix.clone())),
+            after_revision: revision,
+        };
+        let mut stream = match handle
+            .client()
+            .watch_with(&request, handle.options_without_deadline())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "gate: registry watch failed to start");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            // Wake now and then to notice that the gate is gone.
+            let next = tokio::select! {
+                m = stream.message() => m,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {
+                    if gate.strong_count() == 0 {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let event = match next {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "gate: registry watch broke; resuming");
+                    break;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let Some(gate) = gate.upgrade() else {
+                return;
+            };
+            revision = revision.max(event.revision);
+            match EventKind::try_from(event.kind) {
+                Ok(EventKind::Reset) => gate.apply(
+                    event
+                        .configs
+                        .into_iter()
+                        .map(|c| (c.key, parse_time(&c.value))),
+                    true,
+                ),
+                Ok(EventKind::Put) => {
+                    if let Some(c) = event.config {
+                        let opens = parse_time(&c.value);
+                        gate.apply([(c.key, opens)], false);
+                    }
+                }
+                Ok(EventKind::Delete) => {
+                    if let Some(c) = event.config {
+                        gate.apply([(c.key, None)], false);
+                    }
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_times_are_read_and_keys_taken_from_the_path() {
+        assert_eq!(parse_time(b"1700000000000"), Some(1_700_000_000_000));
+        assert_eq!(parse_time(b"2023-11-14T22:13:20Z"), Some(1_700_000_000_000));
+        assert_eq!(parse_time(b"soon"), None);
+        let gate = Gate::new(&GateConfig {
+            registry: "127.0.0.1:1".into(),
+            namespace: "default".into(),
+            prefix: "sale/opens/".into(),
+            path_segment: 3,
+        });
+        assert_eq!(gate.key("/api/items/item-7/buy"), Some("item-7"));
+        assert_eq!(gate.key("/api/items"), None);
+        let later = now_ms() + 60_000;
+        gate.apply(
+            [
+                ("sale/opens/item-7".to_owned(), Some(later)),
+                ("sale/opens/item-8".to_owned(), Some(1)),
+                ("other/item-9".to_owned(), Some(later)),
+            ],
+            true,
+        );
+        let wait = gate.check("/api/items/item-7/buy").unwrap_err();
+        assert!(wait > Duration::from_secs(55), "{wait:?}");
+        assert!(gate.check("/api/items/item-8/buy").is_ok(), "opened");
+        assert!(gate.check("/api/items/item-9/buy").is_ok(), "not ours");
+        gate.apply([("sale/opens/item-7".to_owned(), None)], false);
+        assert!(gate.check("/api/items/item-7/buy").is_ok(), "deleted");
+    }
+}
