@@ -1,8 +1,9 @@
 //! `keel bench seckill`: a flash sale against a running system (`keel up`): an item is
-//! created, N buyers go for it through the gateway with a bounded concurrency, each trying
-//! twice (the second attempt must not get a second unit), and then the invariants are checked
-//! through the API: no more units sold than the stock, no user over the limit, every success
-//! an order, and the audit balanced once the orders have caught up.
+//! created, N buyers go for it through the gateway — a closed loop with a bounded
+//! concurrency, or an open loop of arrivals at a fixed rate — each trying twice (the second
+//! attempt must not get a second unit), and then the invariants are checked through the API:
+//! no more units sold than the stock, no user over the limit, every success an order, and the
+//! audit balanced once the orders have caught up.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,6 +36,11 @@ pub(crate) struct SeckillBenchArgs {
     /// Requests in flight (closed loop).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Buyers arriving per second (open loop: each starts on schedule whether or not the
+    /// others are answered, and its latency counts from its scheduled start); 0 runs the
+    /// closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Chaos: `keel up`'s `<data_dir>/pids.json`; when a third of the buyers are through,
     /// an inventory shard or an orders instance (whichever the clock picks) is SIGKILLed, and
     /// `keel up` restarts it. The invariants must hold all the same.
@@ -78,6 +84,64 @@ struct Tally {
     limited: AtomicU64,
     rate_limited: AtomicU64,
     errors: AtomicU64,
+    /// Open loop: arrivals not started because too many buyers were still waiting.
+    dropped: AtomicU64,
+}
+
+/// What every buyer shares.
+struct Sale {
+    client: HttpClient,
+    gateway: String,
+    item: String,
+    tally: Tally,
+    orders: Mutex<Vec<(String, String)>>,
+    latencies: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+/// Open loop: buyers waiting at once, beyond which arrivals are dropped (and counted).
+const MAX_OPEN_BUYERS: usize = 20_000;
+
+/// Buyer `n`: two attempts with different request ids (at most one may get a unit). The
+/// first attempt's latency counts from `since` (its scheduled start in the open loop).
+async fn buyer(sale: &Sale, n: u64, since: Instant) {
+    // Named after the item too, so runs against one system never share a user.
+    let user = format!("{}-buyer-{n}", sale.item);
+    for attempt in 0..2 {
+        let t = if attempt == 0 { since } else { Instant::now() };
+        let answer = call(
+            &sale.client,
+            &sale.gateway,
+            "POST",
+            &format!("/api/items/{}/buy", sale.item),
+            &[("x-user-id", user.as_str())],
+            Some(json!({"user_id": user, "request_id": format!("r{attempt}")})),
+        )
+        .await;
+        sale.latencies
+            .lock()
+            .saturating_record(t.elapsed().as_micros() as u64);
+        let tally = &sale.tally;
+        tally.attempts.fetch_add(1, Ordering::Relaxed);
+        match answer {
+            Ok((200, body)) => {
+                tally.bought.fetch_add(1, Ordering::Relaxed);
+                let order = body["order_id"].as_str().unwrap_or_default().to_owned();
+                sale.orders.lock().push((order, user.clone()));
+            }
+            Ok((409, body)) if body["error"] == "sold_out" => {
+                tally.sold_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((409, _)) => {
+                tally.limited.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((429, _)) => {
+                tally.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                tally.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
@@ -97,16 +161,26 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     anyhow::ensure!(status == 201, "creating the item: {status} {created}");
     let item = created["item_id"].as_str().unwrap_or_default().to_owned();
 
-    let tally = Arc::new(Tally::default());
-    let orders: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let latencies = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    anyhow::ensure!(
+        args.rate >= 0.0 && args.rate.is_finite(),
+        "--rate must be 0 (closed loop) or a positive number of buyers per second"
+    );
+    let sale = Arc::new(Sale {
+        client: client.clone(),
+        gateway: args.gateway.clone(),
+        item: item.clone(),
+        tally: Tally::default(),
+        orders: Mutex::new(Vec::new()),
+        latencies: Mutex::new(hdrhistogram::Histogram::<u64>::new_with_bounds(
+            1, 60_000_000, 3,
+        )?),
+    });
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let progress = {
-        let (tally, total) = (tally.clone(), args.buyers);
+        let (sale, total) = (sale.clone(), args.buyers);
         tokio::spawn(async move {
+            let tally = &sale.tally;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let done = tally.attempts.load(Ordering::Relaxed) / 2;
@@ -150,64 +224,44 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
             json!({ "victim": victim, "pid": pid, "killed": killed })
         })
     });
-    let mut workers = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (client, tally, orders, latencies, next) = (
-            client.clone(),
-            tally.clone(),
-            orders.clone(),
-            latencies.clone(),
-            next.clone(),
-        );
-        let (gw, item, buyers) = (args.gateway.clone(), item.clone(), args.buyers);
-        workers.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= buyers {
-                    return;
-                }
-                let user = format!("buyer-{n}");
-                // Two attempts with different request ids: at most one may get a unit.
-                for attempt in 0..2 {
-                    let t = Instant::now();
-                    let answer = call(
-                        &client,
-                        &gw,
-                        "POST",
-                        &format!("/api/items/{item}/buy"),
-                        &[("x-user-id", user.as_str())],
-                        Some(json!({"user_id": user, "request_id": format!("r{attempt}")})),
-                    )
-                    .await;
-                    latencies
-                        .lock()
-                        .saturating_record(t.elapsed().as_micros() as u64);
-                    tally.attempts.fetch_add(1, Ordering::Relaxed);
-                    match answer {
-                        Ok((200, body)) => {
-                            tally.bought.fetch_add(1, Ordering::Relaxed);
-                            let order = body["order_id"].as_str().unwrap_or_default().to_owned();
-                            orders.lock().push((order, user.clone()));
-                        }
-                        Ok((409, body)) if body["error"] == "sold_out" => {
-                            tally.sold_out.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok((409, _)) => {
-                            tally.limited.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok((429, _)) => {
-                            tally.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {
-                            tally.errors.fetch_add(1, Ordering::Relaxed);
-                        }
+    if args.rate > 0.0 {
+        // Open loop: buyer n starts at n / rate seconds, answered or not.
+        let waiting = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_BUYERS));
+        let mut buyers = tokio::task::JoinSet::new();
+        for n in 0..args.buyers {
+            let due = started + Duration::from_secs_f64(n as f64 / args.rate);
+            tokio::time::sleep_until(due.into()).await;
+            next.store(n + 1, Ordering::Relaxed);
+            let Ok(permit) = waiting.clone().try_acquire_owned() else {
+                sale.tally.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let sale = sale.clone();
+            buyers.spawn(async move {
+                buyer(&sale, n, due).await;
+                drop(permit);
+            });
+            // Reap the finished ones as we go.
+            while buyers.try_join_next().is_some() {}
+        }
+        while buyers.join_next().await.is_some() {}
+    } else {
+        let mut workers = Vec::new();
+        for _ in 0..args.concurrency.max(1) {
+            let (sale, next, total) = (sale.clone(), next.clone(), args.buyers);
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        return;
                     }
+                    buyer(&sale, n, Instant::now()).await;
                 }
-            }
-        }));
-    }
-    for w in workers {
-        w.await?;
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
     }
     let elapsed = started.elapsed();
     progress.abort();
@@ -217,7 +271,8 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     };
 
     // Invariants, through the API.
-    let orders = orders.lock().clone();
+    let orders = sale.orders.lock().clone();
+    let tally = &sale.tally;
     let mut breaches: Vec<String> = Vec::new();
     let bought = orders.len() as u64;
     if bought > args.stock {
@@ -287,13 +342,15 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     if count("pending_payment") + count("paid") + count("shipped") + count("expired") != bought {
         breaches.push(format!("{bought} units bought but the orders say {audit}"));
     }
-    let lat = latencies.lock();
+    let lat = sale.latencies.lock();
     let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1000.0;
     let attempts = tally.attempts.load(Ordering::Relaxed);
     let summary = json!({
         "buyers": args.buyers,
         "stock": args.stock,
         "concurrency": args.concurrency,
+        "rate": args.rate,
+        "dropped": tally.dropped.load(Ordering::Relaxed),
         "attempts": attempts,
         "attempts_per_s": (attempts as f64 / elapsed.as_secs_f64()).round(),
         "elapsed_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,

@@ -647,7 +647,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     wait_until_served(&gateway_addr).await?;
 
     println!(
-        "Keel is up: http://{gateway_addr}/api/items  (admin token: {}; Ctrl-C stops)",
+        "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md)\n  registry    {registry}\nCtrl-C stops everything.",
         config.admin_token
     );
 

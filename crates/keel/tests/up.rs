@@ -180,6 +180,21 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         "{summary}"
     );
 
+    // An open loop: 200 buyers arriving at 400 a second, whether or not earlier ones have
+    // their answer; the same invariants.
+    let summary = bench(&gw, "200", &["--rate", "400"]);
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64(),
+            summary["dropped"].as_u64()
+        ),
+        (Some(50), Some(0), Some(0), Some(0)),
+        "{summary}"
+    );
+    assert!(summary["elapsed_s"].as_f64().unwrap() >= 0.45, "{summary}");
+
     // The same with chaos: the inventory or the orders process is SIGKILLed a third of the
     // way through; keel up restarts it and the invariants hold.
     let pid_file = up.dir.path().join("data").join("pids.json");
