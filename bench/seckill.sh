@@ -48,13 +48,16 @@ wait_line() { # file needle
   echo "no '$2' in $1" >&2; cat "$1" >&2; return 1
 }
 
-# Keel: the whole system, no rate limits (one load generator address).
+# Keel: the whole system (registry, two inventory shards, two orders instances, API, gateway),
+# no rate limits (one load generator address).
 cat > "$WORK/keel.toml" <<CONF
 data_dir = "data"
 admin_token = "$TOKEN"
 [gateway]
 listen = "127.0.0.1:0"
 admin = "127.0.0.1:0"
+[registry]
+listen = "127.0.0.1:0"
 [api]
 listen = "127.0.0.1:0"
 [inventory]

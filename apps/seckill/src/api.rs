@@ -823,6 +823,32 @@ fn rand_suffix() -> u64 {
     h.finish() % 1_000_000_000
 }
 
+/// Invalidates cached stock figures as orders instances announce returned units in the
+/// registry (until the registry's stream ends).
+pub async fn follow_stock_changes(cache: TwoLevel<u64>, registry: keel_registry::RegistryHandle) {
+    use keel_registry::ConfigChange;
+    let mut changes = keel_registry::follow_config(
+        registry,
+        crate::peers::NAMESPACE,
+        crate::peers::STOCK_PREFIX,
+    );
+    let item = |key: &str| {
+        key.strip_prefix(crate::peers::STOCK_PREFIX)
+            .map(str::to_owned)
+    };
+    while let Some(change) = changes.recv().await {
+        let items: Vec<String> = match change {
+            // The first list, or one after a gap: whatever it names may have changed.
+            ConfigChange::Reset(entries) => entries.iter().filter_map(|e| item(&e.key)).collect(),
+            ConfigChange::Put(entry) => item(&entry.key).into_iter().collect(),
+            ConfigChange::Delete(_) => Vec::new(),
+        };
+        for item in items {
+            cache.invalidate(&item).await;
+        }
+    }
+}
+
 /// Serves `api` on `listener` until `shutdown`.
 pub async fn serve(
     api: Arc<Api>,

@@ -164,6 +164,12 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     crate::api::Api::new(catalog, shards, admin_token, buckets, stock_cache);
                 api.registry = peers.registry().cloned();
                 let api = Arc::new(api);
+                if let Some(registry) = peers.registry() {
+                    tokio::spawn(crate::api::follow_stock_changes(
+                        api.stock_cache.clone(),
+                        registry.clone(),
+                    ));
+                }
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
@@ -219,6 +225,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     orders.clone(),
                     clients.clone(),
                     std::time::Duration::from_millis(sweep_ms.max(1)),
+                    peers.registry().cloned(),
                 ));
                 let server = keel_rpc::Server::builder()
                     .add_service(proto::OrdersServer::new(OrdersService::new(

@@ -532,12 +532,15 @@ pub async fn pump(
     let Some(last) = batch.last().map(|r| r.reservation_id) else {
         return Ok(0);
     };
-    for r in &batch {
-        orders
-            .create(name, r.reservation_id, &r.item_id, &r.user_id, now_ms)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    // All appended at once, then awaited together: one group commit for the batch, not an
+    // fsync per order.
+    futures_util::future::try_join_all(
+        batch
+            .iter()
+            .map(|r| orders.create(name, r.reservation_id, &r.item_id, &r.user_id, now_ms)),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     orders
         .advance(name, last)
         .await

@@ -179,8 +179,14 @@ impl proto::Orders for OrdersService {
 
 /// Runs an orders process's background work until the task is dropped: a pump per
 /// inventory (taking in its reservations) and the expiry sweep every `sweep` (expiring
-/// unpaid orders and returning their units).
-pub async fn background(orders: Arc<Orders>, inventories: Arc<Inventories>, sweep: Duration) {
+/// unpaid orders and returning their units, which it announces in `registry`, if any, for
+/// the catalog's cache).
+pub async fn background(
+    orders: Arc<Orders>,
+    inventories: Arc<Inventories>,
+    sweep: Duration,
+    registry: Option<keel_registry::RegistryHandle>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     for (name, client) in inventories.iter() {
         let (orders, name, client) = (orders.clone(), name.clone(), client.clone());
@@ -215,10 +221,21 @@ pub async fn background(orders: Arc<Orders>, inventories: Arc<Inventories>, swee
                 })
                 .await;
             // Released now, or before (a repeat after a crash): either way the unit is back.
-            if released.is_ok()
-                && let Err(e) = orders.mark_released(&order.order_id).await
-            {
-                tracing::warn!(error = %e, "recording a release failed");
+            if released.is_ok() {
+                if let Err(e) = orders.mark_released(&order.order_id).await {
+                    tracing::warn!(error = %e, "recording a release failed");
+                }
+                if let Some(registry) = &registry
+                    && let Err(e) = keel_registry::NamingBackend::put_config(
+                        registry,
+                        crate::peers::NAMESPACE,
+                        &format!("{}{}", crate::peers::STOCK_PREFIX, order.item_id),
+                        now_ms().to_string().into_bytes().into(),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "announcing returned stock failed; caches catch up within their time to live");
+                }
             }
         }
     }

@@ -37,6 +37,11 @@ pub const API_SERVICE: &str = "seckill-api";
 /// the gateway's gate on the buy route follows.
 pub const OPENS_PREFIX: &str = "seckill/opens/";
 
+/// Registry config keys that say an item's stock changed outside the API (`<prefix><item id>` =
+/// the time, set by an orders instance that returned expired units), which the API follows to
+/// invalidate its cached figure.
+pub const STOCK_PREFIX: &str = "seckill/stock/";
+
 /// A shard name: 1 to 32 characters of `a-z`, `0-9` and `-`, starting with a letter (it
 /// prefixes order ids, so it must not need escaping anywhere).
 pub fn check_shard(name: &str) -> anyhow::Result<()> {

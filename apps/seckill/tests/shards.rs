@@ -1,7 +1,9 @@
 //! The sale over two shards, found through a real Keel registry: each item's stock split
 //! between two inventory processes, each with its own orders process, behind one API that
 //! knows only shard names. Hundreds of concurrent buyers, a SIGKILLed inventory restarted on
-//! another port (found again through the registry), and the audit balancing at the end.
+//! another port (found again through the registry), the audit balancing, and the units of
+//! unpaid orders coming back — announced through the registry, so the catalog's cached figure
+//! (kept for a minute) shows them at once.
 
 mod common;
 
@@ -80,7 +82,9 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
                     "--registry",
                     &registry,
                     "--payment-window-ms",
-                    "600000",
+                    "5000",
+                    "--sweep-ms",
+                    "50",
                 ],
                 "orders on",
             )
@@ -295,10 +299,27 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
         if id == &item {
             assert_eq!(n("paid"), paid.len() as u64);
             assert_eq!(
-                n("pending_payment") + n("paid"),
+                n("pending_payment") + n("paid") + n("expired"),
                 won.len() as u64,
                 "{audit}"
             );
         }
+    }
+
+    // The unpaid orders expire (5 s window): their units return, the orders announce it in
+    // the registry, and the cached figure (a minute's time to live) follows.
+    let (_, view) = call(&api, "GET", &format!("/api/items/{item}"), false, None);
+    let cached = view["stock_left"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, view) = call(&api, "GET", &format!("/api/items/{item}"), false, None);
+        if view["stock_left"].as_u64() == Some(stock as u64 - paid.len() as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the returned units never showed (was {cached}): {view}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

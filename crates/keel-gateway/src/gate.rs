@@ -5,7 +5,7 @@
 //! Opening times live in Keel's registry as config entries: the key is the gate's `prefix`
 //! followed by the request's key (a segment of its path), the value the opening time as
 //! RFC 3339 text or Unix milliseconds. The gateway follows the prefix with a watch (resuming
-//! from its last revision after a break). A request whose key has an opening time still to
+//! from its last revision after a break: `keel_registry::follow_config`). A request whose key has an opening time still to
 //! come gets 403 `not_started` with `Retry-After`; any other passes — the service behind
 //! stays the authority, the gate only spares it the early crowd.
 
@@ -15,9 +15,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use keel_registry::RegistryHandle;
-use keel_registry::proto::watch_request::Target;
-use keel_registry::proto::{EventKind, WatchRequest};
+use keel_registry::{ConfigChange, RegistryHandle, follow_config};
 use serde::Deserialize;
 
 /// `[routes.gate]`.
@@ -143,77 +141,35 @@ async fn follow(gate: Weak<Gate>, config: GateConfig) {
         config.registry.clone(),
         keel_rpc::ChannelConfig::default(),
     ));
-    let mut revision = 0;
-    let mut backoff = Duration::from_millis(100);
+    let mut changes = follow_config(handle, config.namespace.clone(), config.prefix.clone());
     loop {
-        if gate.strong_count() == 0 {
-            return;
-        }
-        let request = WatchRequest {
-            namespace: config.namespace.clone(),
-            target: Some(Target::ConfigPrefix(config.prefix.clone())),
-            after_revision: revision,
-        };
-        let mut stream = match handle
-            .client()
-            .watch_with(&request, handle.options_without_deadline())
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "gate: registry watch failed to start");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+        // Wake now and then to notice that the gate is gone.
+        let change = tokio::select! {
+            c = changes.recv() => c,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {
+                if gate.strong_count() == 0 {
+                    return;
+                }
                 continue;
             }
         };
-        loop {
-            // Wake now and then to notice that the gate is gone.
-            let next = tokio::select! {
-                m = stream.message() => m,
-                () = tokio::time::sleep(Duration::from_secs(5)) => {
-                    if gate.strong_count() == 0 {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let event = match next {
-                Ok(Some(event)) => event,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "gate: registry watch broke; resuming");
-                    break;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            let Some(gate) = gate.upgrade() else {
-                return;
-            };
-            revision = revision.max(event.revision);
-            match EventKind::try_from(event.kind) {
-                Ok(EventKind::Reset) => gate.apply(
-                    event
-                        .configs
-                        .into_iter()
-                        .map(|c| (c.key, parse_time(&c.value))),
-                    true,
-                ),
-                Ok(EventKind::Put) => {
-                    if let Some(c) = event.config {
-                        let opens = parse_time(&c.value);
-                        gate.apply([(c.key, opens)], false);
-                    }
-                }
-                Ok(EventKind::Delete) => {
-                    if let Some(c) = event.config {
-                        gate.apply([(c.key, None)], false);
-                    }
-                }
-                _ => {}
+        let (Some(change), Some(gate)) = (change, gate.upgrade()) else {
+            return;
+        };
+        match change {
+            ConfigChange::Reset(entries) => gate.apply(
+                entries.into_iter().map(|c| {
+                    let opens = parse_time(&c.value);
+                    (c.key, opens)
+                }),
+                true,
+            ),
+            ConfigChange::Put(c) => {
+                let opens = parse_time(&c.value);
+                gate.apply([(c.key, opens)], false);
             }
+            ConfigChange::Delete(key) => gate.apply([(key, None)], false),
         }
-        tokio::time::sleep(backoff).await;
     }
 }
 

@@ -490,3 +490,84 @@ mod tests {
         assert_eq!(read_cache(&path), None);
     }
 }
+
+/// A change to the config entries under a followed prefix (see [`follow_config`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigChange {
+    /// Every entry under the prefix now: replace what you have. Comes first, and again after
+    /// a break whose changes the registry no longer keeps.
+    Reset(Vec<proto::ConfigEntry>),
+    /// An entry set.
+    Put(proto::ConfigEntry),
+    /// An entry deleted (its key).
+    Delete(String),
+}
+
+/// Follows the config entries under `prefix` in `namespace`: a [`ConfigChange::Reset`] with
+/// the current entries, then each change as it happens. After a broken stream it resumes from
+/// the last revision seen (retrying with backoff while the registry is away), so no change is
+/// missed. Ends when the receiver is dropped. Needs a Tokio runtime.
+pub fn follow_config<T: CallTransport>(
+    handle: RegistryHandle<T>,
+    namespace: impl Into<String>,
+    prefix: impl Into<String>,
+) -> tokio::sync::mpsc::Receiver<ConfigChange> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let (namespace, prefix) = (namespace.into(), prefix.into());
+    tokio::spawn(async move {
+        let mut revision = 0;
+        let mut backoff = Duration::from_millis(100);
+        while !tx.is_closed() {
+            let request = proto::WatchRequest {
+                namespace: namespace.clone(),
+                target: Some(proto::watch_request::Target::ConfigPrefix(prefix.clone())),
+                after_revision: revision,
+            };
+            let opened = handle
+                .client()
+                .watch_with(&request, handle.options_without_deadline())
+                .await;
+            let mut stream = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%prefix, error = %e, "config watch failed to start");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            loop {
+                let event = tokio::select! {
+                    () = tx.closed() => return,
+                    m = stream.message() => match m {
+                        Ok(Some(event)) => event,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(%prefix, error = %e, "config watch broke; resuming");
+                            break;
+                        }
+                    },
+                };
+                backoff = Duration::from_millis(100);
+                revision = revision.max(event.revision);
+                let change = match EventKind::try_from(event.kind) {
+                    Ok(EventKind::Reset) => ConfigChange::Reset(event.configs),
+                    Ok(EventKind::Put) => match event.config {
+                        Some(c) => ConfigChange::Put(c),
+                        None => continue,
+                    },
+                    Ok(EventKind::Delete) => match event.config {
+                        Some(c) => ConfigChange::Delete(c.key),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                if tx.send(change).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    });
+    rx
+}

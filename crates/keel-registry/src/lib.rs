@@ -28,7 +28,7 @@ pub mod proto {
 }
 
 pub use backend::NamingBackend;
-pub use client::{Registration, RegistryDiscover, RegistryHandle};
+pub use client::{ConfigChange, Registration, RegistryDiscover, RegistryHandle, follow_config};
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdBackend;
 pub use server::{Registry, RegistryConfig, RegistryStats};
