@@ -44,25 +44,66 @@ pub struct ItemDef {
     pub shards: Vec<String>,
 }
 
-/// The journaled list of items.
+/// Units of an item moved from one shard to another whose share sold out first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// Unique; the inventories' idempotency key.
+    pub id: String,
+    /// The item.
+    pub item_id: String,
+    /// The shard giving units.
+    pub from: String,
+    /// The shard receiving them.
+    pub to: String,
+    /// Units asked for (the giver may have fewer).
+    pub units: u64,
+}
+
+/// The catalog journal's other records (items are stored as plain [`ItemDef`]s).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CatalogOp {
+    /// A transfer about to start.
+    Transfer(Transfer),
+    /// A transfer finished (by id).
+    TransferDone(String),
+}
+
+/// The journaled list of items, and the transfers between shards not known to be finished.
 #[derive(Debug)]
 pub struct Catalog {
     journal: Journal,
     items: Mutex<Vec<ItemDef>>,
+    pending: Mutex<std::collections::BTreeMap<String, Transfer>>,
 }
 
 impl Catalog {
     /// Opens the catalog in `dir`. Blocking.
     pub fn open(dir: impl AsRef<Path>) -> Result<Catalog, StoreError> {
         let (journal, recovered) = Journal::open(dir, JournalOptions::default())?;
-        let items = recovered
-            .records
-            .iter()
-            .filter_map(|r| serde_json::from_slice::<ItemDef>(&r.payload).ok())
-            .collect();
+        let mut items = Vec::new();
+        let mut pending = std::collections::BTreeMap::new();
+        for r in &recovered.records {
+            if let Ok(item) = serde_json::from_slice::<ItemDef>(&r.payload) {
+                items.push(item);
+            } else {
+                match serde_json::from_slice::<CatalogOp>(&r.payload) {
+                    Ok(CatalogOp::Transfer(t)) => {
+                        pending.insert(t.id.clone(), t);
+                    }
+                    Ok(CatalogOp::TransferDone(id)) => {
+                        pending.remove(&id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(index = r.index, error = %e, "unreadable catalog record skipped")
+                    }
+                }
+            }
+        }
         Ok(Catalog {
             journal,
             items: Mutex::new(items),
+            pending: Mutex::new(pending),
         })
     }
 
@@ -77,6 +118,39 @@ impl Catalog {
             a
         };
         appended.await.map(|_| ())
+    }
+
+    /// Records a transfer before it starts; returns once durable.
+    pub async fn begin_transfer(&self, transfer: &Transfer) -> Result<(), StoreError> {
+        let appended = {
+            let mut pending = self.pending.lock();
+            let op = CatalogOp::Transfer(transfer.clone());
+            let a = self
+                .journal
+                .append(serde_json::to_vec(&op).unwrap_or_default())?;
+            pending.insert(transfer.id.clone(), transfer.clone());
+            a
+        };
+        appended.await.map(|_| ())
+    }
+
+    /// Records that a transfer finished.
+    pub async fn end_transfer(&self, id: &str) -> Result<(), StoreError> {
+        let appended = {
+            let mut pending = self.pending.lock();
+            if pending.remove(id).is_none() {
+                return Ok(());
+            }
+            let op = CatalogOp::TransferDone(id.to_owned());
+            self.journal
+                .append(serde_json::to_vec(&op).unwrap_or_default())?
+        };
+        appended.await.map(|_| ())
+    }
+
+    /// Transfers begun and not known to be finished.
+    pub fn pending_transfers(&self) -> Vec<Transfer> {
+        self.pending.lock().values().cloned().collect()
     }
 
     /// An item.
@@ -129,6 +203,11 @@ pub struct Api {
     pub stock_cache: TwoLevel<u64>,
     /// Where opening times are published for the gateway's gate (none: not published).
     pub registry: Option<keel_registry::RegistryHandle>,
+    /// One transfer between shards at a time.
+    pub rebalancing: tokio::sync::Mutex<()>,
+    /// Units taken from a giving shard and not yet added to the receiving one, per transfer:
+    /// (item, units). Counted as left by the audit.
+    pub in_flight: Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
 
 impl Api {
@@ -149,6 +228,135 @@ impl Api {
             creating: tokio::sync::Mutex::new(()),
             stock_cache,
             registry: None,
+            rebalancing: tokio::sync::Mutex::new(()),
+            in_flight: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Moves unsold units of `item` to the shard `to`, whose share sold out, from the shard
+    /// with the most left (half of them, rounded up). The transfer is journaled here before
+    /// it starts and finished by [`Api::finish_transfer`] — now, or after a crash by
+    /// [`Api::finish_pending_transfers`] — so units are never lost between the shards nor
+    /// counted twice. True if `to` has units again.
+    async fn rebalance(&self, item: &ItemDef, to: &Shard) -> bool {
+        if item.shards.len() < 2 {
+            return false;
+        }
+        let _one_at_a_time = self.rebalancing.lock().await;
+        // A rebalance that just found nothing anywhere said so here.
+        if self
+            .sold_out
+            .lock()
+            .get(&(item.item_id.clone(), to.name.clone()))
+            .is_some_and(|until| tokio::time::Instant::now() < *until)
+        {
+            return false;
+        }
+        let Ok(shards) = self.shards_of(item) else {
+            return false;
+        };
+        let request = proto::StockRequest {
+            item_id: item.item_id.clone(),
+        };
+        let stocks =
+            futures_util::future::join_all(shards.iter().map(|s| s.inventory.stock(&request)))
+                .await;
+        let mut donor: Option<(&Shard, u64)> = None;
+        for (shard, stock) in shards.iter().zip(stocks) {
+            let Ok(stock) = stock else { continue };
+            if shard.name == to.name {
+                if stock.left > 0 {
+                    // Refilled by a transfer that finished while this one waited.
+                    return true;
+                }
+            } else if stock.left > donor.map_or(0, |d| d.1) {
+                donor = Some((shard, stock.left));
+            }
+        }
+        let Some((donor, left)) = donor else {
+            return false;
+        };
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let transfer = Transfer {
+            id: format!(
+                "{}-{}-{}-{}-{}",
+                item.item_id,
+                donor.name,
+                to.name,
+                now_ms(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            item_id: item.item_id.clone(),
+            from: donor.name.clone(),
+            to: to.name.clone(),
+            units: left.div_ceil(2),
+        };
+        if let Err(e) = self.catalog.begin_transfer(&transfer).await {
+            tracing::warn!(error = %e, "recording a transfer failed");
+            return false;
+        }
+        match self.finish_transfer(&transfer).await {
+            Ok(moved) => moved > 0,
+            Err(e) => {
+                tracing::warn!(transfer = %transfer.id, error = %e, "transfer not finished; retried in the background");
+                false
+            }
+        }
+    }
+
+    /// Runs a journaled transfer to its end (both steps are idempotent in the inventories,
+    /// so running it again after a crash moves nothing twice); returns the units moved.
+    pub async fn finish_transfer(&self, t: &Transfer) -> Result<u64, String> {
+        let (Some(from), Some(to)) = (self.shard(&t.from), self.shard(&t.to)) else {
+            return Err(format!("transfer {}: a shard is not configured", t.id));
+        };
+        let taken = from
+            .inventory
+            .transfer_out(&proto::TransferOutRequest {
+                item_id: t.item_id.clone(),
+                transfer_id: t.id.clone(),
+                units: t.units,
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .units;
+        if taken > 0 {
+            self.in_flight
+                .lock()
+                .insert(t.id.clone(), (t.item_id.clone(), taken));
+            to.inventory
+                .transfer_in(&proto::TransferInRequest {
+                    item_id: t.item_id.clone(),
+                    transfer_id: t.id.clone(),
+                    units: taken,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            self.in_flight.lock().remove(&t.id);
+            self.sold_out
+                .lock()
+                .remove(&(t.item_id.clone(), t.to.clone()));
+        }
+        self.catalog
+            .end_transfer(&t.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.stock_cache.invalidate(&t.item_id).await;
+        Ok(taken)
+    }
+
+    /// Finishes the transfers the catalog holds as begun (after a crash, or a failure
+    /// talking to a shard); `keel-seckill api` runs it at start and every second.
+    pub async fn finish_pending_transfers(&self) {
+        let pending = self.catalog.pending_transfers();
+        if pending.is_empty() {
+            return;
+        }
+        let _one_at_a_time = self.rebalancing.lock().await;
+        for t in self.catalog.pending_transfers() {
+            if let Err(e) = self.finish_transfer(&t).await {
+                tracing::warn!(transfer = %t.id, error = %e, "transfer still not finished");
+            }
         }
     }
 }
@@ -575,15 +783,22 @@ impl Api {
         {
             return fail(StatusCode::CONFLICT, "sold_out", "no units left");
         }
-        match shard
-            .inventory
-            .reserve(&proto::ReserveRequest {
-                item_id: item_id.to_owned(),
-                user_id: user.to_owned(),
-                request_id,
-            })
-            .await
+        let request = proto::ReserveRequest {
+            item_id: item_id.to_owned(),
+            user_id: user.to_owned(),
+            request_id,
+        };
+        let mut answer = shard.inventory.reserve(&request).await;
+        // The home shard's share is gone: move some of another shard's unsold units there
+        // (if any shard has some), then ask once more.
+        if answer
+            .as_ref()
+            .is_ok_and(|r| r.outcome == proto::Outcome::SoldOut as i32)
+            && self.rebalance(&item, &shard).await
         {
+            answer = shard.inventory.reserve(&request).await;
+        }
+        match answer {
             Ok(r) if r.outcome == proto::Outcome::Reserved as i32 => {
                 self.stock_cache.invalidate(item_id).await;
                 let id = r.reservation.map_or(0, |r| r.reservation_id);
@@ -755,6 +970,15 @@ impl Api {
             Ok(s) => s,
             Err(answer) => return *answer,
         };
+        // Units between two shards are still for sale.
+        let moving: u64 = self
+            .in_flight
+            .lock()
+            .values()
+            .filter(|(i, _)| *i == item.item_id)
+            .map(|(_, n)| n)
+            .sum();
+        let left = left + moving;
         let mut by_status: std::collections::BTreeMap<String, u64> = Default::default();
         let mut backlog = 0;
         for shard in shards {

@@ -164,6 +164,18 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     crate::api::Api::new(catalog, shards, admin_token, buckets, stock_cache);
                 api.registry = peers.registry().cloned();
                 let api = Arc::new(api);
+                // Transfers between shards left unfinished (a crash, a shard away): finished
+                // now and retried every second.
+                tokio::spawn({
+                    let api = Arc::downgrade(&api);
+                    async move {
+                        while let Some(api) = api.upgrade() {
+                            api.finish_pending_transfers().await;
+                            drop(api);
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                    }
+                });
                 if let Some(registry) = peers.registry() {
                     tokio::spawn(crate::api::follow_stock_changes(
                         api.stock_cache.clone(),

@@ -21,6 +21,9 @@
 //! - **Sold out early**: once the local buckets of an item are empty, a flag says so; a request
 //!   then only checks (briefly, under the lock) whether it is the retry of one that holds a
 //!   unit, and the buckets are not searched.
+//! - **Transfers**: units not yet sold move between instances ([`Inventory::transfer_out`],
+//!   [`Inventory::transfer_in`]), journaled and idempotent by transfer id, so an instance
+//!   whose share sold out first can take over some of another's.
 //! - **A failed journal write** (disk full, I/O error) stops the instance from taking more
 //!   reservations: the unit it took stays taken, so nothing is sold twice, and the caller gets
 //!   an error, not an acknowledgement.
@@ -102,6 +105,18 @@ enum Op {
     Commit {
         reservation_id: u64,
     },
+    /// Units moved out to another instance: (bucket, units) taken.
+    TransferOut {
+        item_id: String,
+        transfer_id: String,
+        taken: Vec<(u32, u64)>,
+    },
+    /// Units moved in from another instance: (bucket, units) added.
+    TransferIn {
+        item_id: String,
+        transfer_id: String,
+        added: Vec<(u32, u64)>,
+    },
 }
 
 /// A reservation and what became of it.
@@ -127,6 +142,9 @@ struct Item {
     requests: HashMap<(String, String), u64>,
     /// Next bucket to try, so consecutive reservations spread over the buckets.
     next_bucket: usize,
+    /// Transfers out (id → units taken) and in (id → units added), for idempotency.
+    transfers_out: HashMap<String, u64>,
+    transfers_in: HashMap<String, u64>,
 }
 
 /// What a reservation request comes to, decided under the item's lock.
@@ -264,6 +282,46 @@ impl Inventory {
                 if let Some(held) = self.reservations.lock().get_mut(&reservation_id) {
                     held.committed = true;
                 }
+            }
+            Op::TransferOut {
+                item_id,
+                transfer_id,
+                taken,
+            } => {
+                let cell = self
+                    .cell(&item_id)
+                    .ok_or_else(|| format!("transfer out of unknown item {item_id}"))?;
+                let mut item = cell.state.lock();
+                for &(bucket, units) in &taken {
+                    match item.buckets.get_mut(bucket as usize) {
+                        Some(left) if *left >= units => *left -= units,
+                        _ => {
+                            return Err(format!(
+                                "transfer {transfer_id} takes {units} from bucket {bucket} of {item_id}, which has fewer"
+                            ));
+                        }
+                    }
+                }
+                let total = taken.iter().map(|t| t.1).sum();
+                item.transfers_out.insert(transfer_id, total);
+                cell.sold_out
+                    .store(item.buckets.iter().all(|b| *b == 0), Ordering::Relaxed);
+            }
+            Op::TransferIn {
+                item_id,
+                transfer_id,
+                added,
+            } => {
+                let cell = self
+                    .cell(&item_id)
+                    .ok_or_else(|| format!("transfer into unknown item {item_id}"))?;
+                let mut item = cell.state.lock();
+                add_units(&mut item, &added)
+                    .map_err(|b| format!("transfer {transfer_id} adds to missing bucket {b}"))?;
+                let total = added.iter().map(|t| t.1).sum();
+                item.transfers_in.insert(transfer_id, total);
+                cell.sold_out
+                    .store(item.buckets.iter().all(|b| *b == 0), Ordering::Relaxed);
             }
         }
         Ok(())
@@ -506,6 +564,113 @@ impl Inventory {
         Ok(true)
     }
 
+    /// Moves up to `units` of the item's unsold units out of this instance, for another
+    /// instance whose share sold out first; returns how many it took (0 if none are left).
+    /// Durable before it answers; the same `transfer_id` gets the same answer, so a transfer
+    /// retried after a crash takes nothing twice. A transfer that took nothing is not kept:
+    /// asked again later, it may take what has come back since.
+    pub async fn transfer_out(
+        &self,
+        item_id: &str,
+        transfer_id: &str,
+        units: u64,
+    ) -> Result<Option<u64>, InventoryError> {
+        self.check_running()?;
+        let Some(cell) = self.cell(item_id) else {
+            return Ok(None);
+        };
+        let decided = {
+            let mut item = cell.state.lock();
+            if let Some(&taken) = item.transfers_out.get(transfer_id) {
+                Err(taken)
+            } else {
+                // From the fullest buckets first, so the rest stay spread.
+                let mut order: Vec<usize> = (0..item.buckets.len()).collect();
+                order.sort_by_key(|&b| std::cmp::Reverse(item.buckets[b]));
+                let mut want = units;
+                let mut taken = Vec::new();
+                for b in order {
+                    if want == 0 {
+                        break;
+                    }
+                    let n = item.buckets[b].min(want);
+                    if n > 0 {
+                        taken.push((b as u32, n));
+                        want -= n;
+                    }
+                }
+                if taken.is_empty() {
+                    return Ok(Some(0));
+                }
+                let appended = self.journal.append(encode(&Op::TransferOut {
+                    item_id: item_id.to_owned(),
+                    transfer_id: transfer_id.to_owned(),
+                    taken: taken.clone(),
+                }))?;
+                for &(b, n) in &taken {
+                    item.buckets[b as usize] -= n;
+                }
+                let total = taken.iter().map(|t| t.1).sum::<u64>();
+                item.transfers_out.insert(transfer_id.to_owned(), total);
+                if item.buckets.iter().all(|b| *b == 0) {
+                    cell.sold_out.store(true, Ordering::Relaxed);
+                }
+                Ok((appended, total))
+            }
+        };
+        let (appended, total) = match decided {
+            Ok(taken) => taken,
+            // Made before: answered once everything appended so far is durable.
+            Err(known) => {
+                self.journal.sync().await?;
+                return Ok(Some(known));
+            }
+        };
+        self.durable(appended).await?;
+        Ok(Some(total))
+    }
+
+    /// Adds `units` moved here from another instance (spread over the buckets); the same
+    /// `transfer_id` is added once. Durable before it answers. False if the item is unknown.
+    pub async fn transfer_in(
+        &self,
+        item_id: &str,
+        transfer_id: &str,
+        units: u64,
+    ) -> Result<bool, InventoryError> {
+        self.check_running()?;
+        let Some(cell) = self.cell(item_id) else {
+            return Ok(false);
+        };
+        let appended = {
+            let mut item = cell.state.lock();
+            if item.transfers_in.contains_key(transfer_id) || units == 0 {
+                None
+            } else {
+                let n = item.buckets.len().max(1) as u64;
+                let added: Vec<(u32, u64)> = (0..n)
+                    .map(|i| (i as u32, units / n + u64::from(i < units % n)))
+                    .filter(|a| a.1 > 0)
+                    .collect();
+                let appended = self.journal.append(encode(&Op::TransferIn {
+                    item_id: item_id.to_owned(),
+                    transfer_id: transfer_id.to_owned(),
+                    added: added.clone(),
+                }))?;
+                // The buckets exist (created with the item); nothing can fail here.
+                let _ = add_units(&mut item, &added);
+                item.transfers_in.insert(transfer_id.to_owned(), units);
+                cell.sold_out.store(false, Ordering::Relaxed);
+                Some(appended)
+            }
+        };
+        match appended {
+            Some(a) => self.durable(a).await?,
+            None => self.journal.sync().await?,
+        }
+        Ok(true)
+    }
+
     /// The stock of an item here.
     pub fn stock(&self, item_id: &str) -> Option<StockView> {
         let cell = self.cell(item_id)?;
@@ -568,6 +733,8 @@ fn new_item(buckets: Vec<u64>, per_user_limit: u32) -> ItemCell {
             held: HashMap::new(),
             requests: HashMap::new(),
             next_bucket: 0,
+            transfers_out: HashMap::new(),
+            transfers_in: HashMap::new(),
         }),
         sold_out: AtomicBool::new(sold_out),
     }
@@ -582,6 +749,20 @@ fn release_unit(item: &mut Item, r: &Reservation) {
     if let Some(n) = item.held.get_mut(&r.user_id) {
         *n = n.saturating_sub(1);
     }
+}
+
+/// Adds (bucket, units) pairs; `Err(bucket)` for a bucket the item does not have.
+fn add_units(item: &mut Item, added: &[(u32, u64)]) -> Result<(), u32> {
+    if let Some(&(b, _)) = added
+        .iter()
+        .find(|(b, _)| *b as usize >= item.buckets.len())
+    {
+        return Err(b);
+    }
+    for &(b, n) in added {
+        item.buckets[b as usize] += n;
+    }
+    Ok(())
 }
 
 fn encode(op: &Op) -> bytes::Bytes {

@@ -162,6 +162,39 @@ impl proto::Inventory for InventoryService {
         })
     }
 
+    async fn transfer_out(
+        &self,
+        _ctx: Context,
+        request: proto::TransferOutRequest,
+    ) -> Result<proto::TransferOutReply, Status> {
+        need("item_id", &request.item_id)?;
+        need("transfer_id", &request.transfer_id)?;
+        let taken = self
+            .inventory
+            .transfer_out(&request.item_id, &request.transfer_id, request.units)
+            .await
+            .map_err(status)?;
+        Ok(proto::TransferOutReply {
+            found: taken.is_some(),
+            units: taken.unwrap_or(0),
+        })
+    }
+
+    async fn transfer_in(
+        &self,
+        _ctx: Context,
+        request: proto::TransferInRequest,
+    ) -> Result<proto::TransferInReply, Status> {
+        need("item_id", &request.item_id)?;
+        need("transfer_id", &request.transfer_id)?;
+        let found = self
+            .inventory
+            .transfer_in(&request.item_id, &request.transfer_id, request.units)
+            .await
+            .map_err(status)?;
+        Ok(proto::TransferInReply { found })
+    }
+
     async fn get_reservation(
         &self,
         _ctx: Context,

@@ -214,3 +214,69 @@ async fn a_paid_reservation_is_never_released_and_only_its_buyer_releases_one() 
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn transfers_move_units_once_and_survive_a_restart() {
+    let (giver_dir, taker_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (giver, taker) = (open(giver_dir.path()), open(taker_dir.path()));
+    giver.create_item("lamp", vec![3, 2], 1).await.unwrap();
+    taker.create_item("lamp", vec![1], 1).await.unwrap();
+    taker.reserve("lamp", "ann", "r").await.unwrap().unwrap();
+    assert_eq!(
+        taker.reserve("lamp", "bob", "r").await.unwrap(),
+        Err(Refusal::SoldOut)
+    );
+    // Out of the giver: at most what it has; the same id, the same answer, nothing twice.
+    assert_eq!(giver.transfer_out("lamp", "t1", 4).await.unwrap(), Some(4));
+    assert_eq!(giver.transfer_out("lamp", "t1", 4).await.unwrap(), Some(4));
+    assert_eq!(giver.stock("lamp").unwrap().left, 1);
+    assert_eq!(giver.transfer_out("lamp", "t2", 9).await.unwrap(), Some(1));
+    assert!(giver.is_sold_out("lamp"));
+    assert_eq!(giver.transfer_out("lamp", "t3", 9).await.unwrap(), Some(0));
+    assert_eq!(giver.transfer_out("nope", "t4", 1).await.unwrap(), None);
+    // Into the taker: once per id; it sells again.
+    assert!(taker.transfer_in("lamp", "t1", 4).await.unwrap());
+    assert!(taker.transfer_in("lamp", "t1", 4).await.unwrap());
+    assert!(!taker.is_sold_out("lamp"));
+    assert_eq!(taker.stock("lamp").unwrap().left, 4);
+    assert!(taker.reserve("lamp", "bob", "r").await.unwrap().is_ok());
+    // A release at the giver puts its unit back there, as before.
+    drop((giver, taker));
+    let (giver, taker) = (open(giver_dir.path()), open(taker_dir.path()));
+    assert_eq!(giver.stock("lamp").unwrap().left, 0);
+    assert_eq!(taker.stock("lamp").unwrap().left, 3);
+    // Replayed, the ids are still known.
+    assert_eq!(giver.transfer_out("lamp", "t1", 4).await.unwrap(), Some(4));
+    assert!(taker.transfer_in("lamp", "t1", 4).await.unwrap());
+    assert_eq!(taker.stock("lamp").unwrap().left, 3);
+}
+
+#[tokio::test]
+async fn the_catalog_remembers_unfinished_transfers_across_a_restart() {
+    use keel_seckill::api::{Catalog, Transfer};
+    let dir = tempfile::tempdir().unwrap();
+    let transfer = |id: &str| Transfer {
+        id: id.into(),
+        item_id: "lamp".into(),
+        from: "inv-1".into(),
+        to: "inv-0".into(),
+        units: 3,
+    };
+    {
+        let catalog = Catalog::open(dir.path()).unwrap();
+        catalog.begin_transfer(&transfer("t1")).await.unwrap();
+        catalog.begin_transfer(&transfer("t2")).await.unwrap();
+        catalog.end_transfer("t1").await.unwrap();
+    }
+    // Reopened (as after a crash): t2 is to be finished, t1 is done.
+    let catalog = Catalog::open(dir.path()).unwrap();
+    assert_eq!(catalog.pending_transfers(), vec![transfer("t2")]);
+    catalog.end_transfer("t2").await.unwrap();
+    drop(catalog);
+    assert!(
+        Catalog::open(dir.path())
+            .unwrap()
+            .pending_transfers()
+            .is_empty()
+    );
+}

@@ -269,8 +269,45 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
     }
     assert_eq!(lamp_sold, 10, "40 buyers, 10 lamps over two shards");
 
+    // Buyers who all hash to shard inv-0, more of them than inv-0's share (10 of 20 units):
+    // once inv-0 sells out, units move over from inv-1 (journaled in the catalog, idempotent
+    // in the inventories), and every unit is sold.
+    let (status, created) = call(
+        &api,
+        "POST",
+        "/api/admin/items",
+        true,
+        Some(json!({"name": "Mug", "price_cents": 500, "stock": 20})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let mug = created["item_id"].as_str().unwrap().to_owned();
+    let shard_names = vec!["inv-0".to_owned(), "inv-1".to_owned()];
+    let homed: Vec<String> = (0..)
+        .map(|i| format!("mug-{i}"))
+        .filter(|u| {
+            keel_seckill::api::home_shard(&shard_names, u).map(String::as_str) == Some("inv-0")
+        })
+        .take(30)
+        .collect();
+    let mut mugs = 0;
+    for user in &homed {
+        let (status, body) = buy(&api, &mug, user);
+        assert!(
+            status == 200 || body["error"] == "sold_out",
+            "{status} {body}"
+        );
+        if status == 200 {
+            assert!(
+                body["order_id"].as_str().unwrap().starts_with("inv-0-"),
+                "{body}"
+            );
+            mugs += 1;
+        }
+    }
+    assert_eq!(mugs, 20, "every unit sold, also those first held by inv-1");
+
     // The audit balances once every reservation has its order.
-    for (id, initial) in [(&item, stock), (&lamp, 10)] {
+    for (id, initial) in [(&item, stock), (&lamp, 10), (&mug, 20)] {
         let audit = loop {
             let (status, audit) = call(
                 &api,
