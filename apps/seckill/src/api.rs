@@ -203,12 +203,12 @@ pub struct Api {
     pub stock_cache: TwoLevel<u64>,
     /// Where opening times are published for the gateway's gate (none: not published).
     pub registry: Option<keel_registry::RegistryHandle>,
-    /// One transfer between shards at a time.
-    pub rebalancing: tokio::sync::Mutex<()>,
-    /// Units taken from a giving shard and not yet added to the receiving one, per transfer:
-    /// (item, units). Counted as left by the audit.
-    pub in_flight: Mutex<std::collections::HashMap<String, (String, u64)>>,
+    /// One transfer between shards at a time per item.
+    pub rebalancing: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// How long one call of a transfer may take before the transfer is left to the background.
+const TRANSFER_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Api {
     /// An API over `catalog` and `shards` (at least one), caching stock in `stock_cache`.
@@ -228,9 +228,17 @@ impl Api {
             creating: tokio::sync::Mutex::new(()),
             stock_cache,
             registry: None,
-            rebalancing: tokio::sync::Mutex::new(()),
-            in_flight: Mutex::new(std::collections::HashMap::new()),
+            rebalancing: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// The lock that keeps an item's transfers one at a time.
+    fn transfer_lock(&self, item_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.rebalancing
+            .lock()
+            .entry(item_id.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Moves unsold units of `item` to the shard `to`, whose share sold out, from the shard
@@ -242,7 +250,8 @@ impl Api {
         if item.shards.len() < 2 {
             return false;
         }
-        let _one_at_a_time = self.rebalancing.lock().await;
+        let lock = self.transfer_lock(&item.item_id);
+        let _one_at_a_time = lock.lock().await;
         // A rebalance that just found nothing anywhere said so here.
         if self
             .sold_out
@@ -310,29 +319,38 @@ impl Api {
         let (Some(from), Some(to)) = (self.shard(&t.from), self.shard(&t.to)) else {
             return Err(format!("transfer {}: a shard is not configured", t.id));
         };
-        let taken = from
-            .inventory
-            .transfer_out(&proto::TransferOutRequest {
+        let out = tokio::time::timeout(
+            TRANSFER_CALL_TIMEOUT,
+            from.inventory.transfer_out(&proto::TransferOutRequest {
                 item_id: t.item_id.clone(),
                 transfer_id: t.id.clone(),
                 units: t.units,
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .units;
+            }),
+        )
+        .await
+        .map_err(|_| format!("{} did not answer in time", t.from))?
+        .map_err(|e| e.to_string())?;
+        if !out.found {
+            return Err(format!("{} does not hold {}", t.from, t.item_id));
+        }
+        let taken = out.units;
         if taken > 0 {
-            self.in_flight
-                .lock()
-                .insert(t.id.clone(), (t.item_id.clone(), taken));
-            to.inventory
-                .transfer_in(&proto::TransferInRequest {
+            let added = tokio::time::timeout(
+                TRANSFER_CALL_TIMEOUT,
+                to.inventory.transfer_in(&proto::TransferInRequest {
                     item_id: t.item_id.clone(),
                     transfer_id: t.id.clone(),
                     units: taken,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            self.in_flight.lock().remove(&t.id);
+                }),
+            )
+            .await
+            .map_err(|_| format!("{} did not answer in time", t.to))?
+            .map_err(|e| e.to_string())?;
+            if !added.found {
+                // Taken and put nowhere: the transfer stays pending (and retried) rather than
+                // the units being lost.
+                return Err(format!("{} does not hold {}", t.to, t.item_id));
+            }
             self.sold_out
                 .lock()
                 .remove(&(t.item_id.clone(), t.to.clone()));
@@ -348,12 +366,9 @@ impl Api {
     /// Finishes the transfers the catalog holds as begun (after a crash, or a failure
     /// talking to a shard); `keel-seckill api` runs it at start and every second.
     pub async fn finish_pending_transfers(&self) {
-        let pending = self.catalog.pending_transfers();
-        if pending.is_empty() {
-            return;
-        }
-        let _one_at_a_time = self.rebalancing.lock().await;
         for t in self.catalog.pending_transfers() {
+            let lock = self.transfer_lock(&t.item_id);
+            let _one_at_a_time = lock.lock().await;
             if let Err(e) = self.finish_transfer(&t).await {
                 tracing::warn!(transfer = %t.id, error = %e, "transfer still not finished");
             }
@@ -477,8 +492,10 @@ impl Api {
         Some((self.shard(shard)?, id.parse().ok()?))
     }
 
-    /// The item's stock over its shards: (left, reserved).
-    async fn stock(&self, item: &ItemDef) -> Result<(u64, u64), Box<Answer>> {
+    /// The item's stock over its shards: (left, reserved, moved between shards). Units taken
+    /// out of one shard by a transfer and not yet added to another (as the shards' own
+    /// records say) count as left: they are still for sale.
+    async fn stock(&self, item: &ItemDef) -> Result<(u64, u64, u64), Box<Answer>> {
         let shards = self.shards_of(item)?;
         let request = proto::StockRequest {
             item_id: item.item_id.clone(),
@@ -486,13 +503,19 @@ impl Api {
         let replies =
             futures_util::future::join_all(shards.iter().map(|s| s.inventory.stock(&request)))
                 .await;
-        let mut total = (0, 0);
+        let (mut left, mut reserved, mut moved_out, mut moved_in) = (0u64, 0u64, 0u64, 0u64);
         for reply in replies {
             let reply = reply.map_err(|e| Box::new(upstream(&e)))?;
-            total.0 += reply.left;
-            total.1 += reply.reserved;
+            left += reply.left;
+            reserved += reply.reserved;
+            moved_out += reply.moved_out;
+            moved_in += reply.moved_in;
         }
-        Ok(total)
+        Ok((
+            left + moved_out.saturating_sub(moved_in),
+            reserved,
+            moved_in,
+        ))
     }
 
     /// Units of `item` left, through the catalog cache.
@@ -501,7 +524,7 @@ impl Api {
             .get_or_load(&item.item_id, || async {
                 self.stock(item)
                     .await
-                    .map(|(left, _)| left)
+                    .map(|(left, _, _)| left)
                     .map_err(|_| "stock unavailable".to_owned())
             })
             .await
@@ -543,6 +566,12 @@ impl Api {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let admin = self.is_admin(&req);
+        // The gateway rate-limits buyers by this header; a buy whose body names another
+        // user is refused, so rotating the header does not get around the limit.
+        let header_user = req
+            .headers()
+            .get("x-user-id")
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
         let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
@@ -586,6 +615,17 @@ impl Api {
                 None => fail(StatusCode::NOT_FOUND, "not_found", format!("no item {id}")),
             },
             (Method::POST, ["api", "items", id, "buy"]) => match json_body() {
+                Ok(b)
+                    if header_user
+                        .as_ref()
+                        .is_some_and(|h| b["user_id"].as_str() != Some(h)) =>
+                {
+                    fail(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "X-User-Id names another user than the body's user_id",
+                    )
+                }
                 Ok(b) => self.buy(id, &b).await,
                 Err(why) => not_json(why),
             },
@@ -875,13 +915,22 @@ impl Api {
     }
 
     async fn user_orders(&self, user: &str) -> Answer {
-        let request = proto::UserOrdersRequest {
-            user_id: user.to_owned(),
-        };
-        // Every shard: items created over different shard sets may have put the user's
-        // orders in more than one.
+        // Every shard (items created over different shard sets, and transfers, may have put
+        // the user's orders in more than one), each asked for its own orders only (an orders
+        // instance may follow several shards).
+        let requests: Vec<proto::UserOrdersRequest> = self
+            .shards
+            .iter()
+            .map(|s| proto::UserOrdersRequest {
+                user_id: user.to_owned(),
+                inventory: s.name.clone(),
+            })
+            .collect();
         let replies = futures_util::future::join_all(
-            self.shards.iter().map(|s| s.orders.user_orders(&request)),
+            self.shards
+                .iter()
+                .zip(&requests)
+                .map(|(s, r)| s.orders.user_orders(r)),
         )
         .await;
         let mut orders = Vec::new();
@@ -966,19 +1015,10 @@ impl Api {
             Ok(s) => s,
             Err(answer) => return *answer,
         };
-        let (left, reserved) = match self.stock(&item).await {
+        let (left, reserved, moved) = match self.stock(&item).await {
             Ok(s) => s,
             Err(answer) => return *answer,
         };
-        // Units between two shards are still for sale.
-        let moving: u64 = self
-            .in_flight
-            .lock()
-            .values()
-            .filter(|(i, _)| *i == item.item_id)
-            .map(|(_, n)| n)
-            .sum();
-        let left = left + moving;
         let mut by_status: std::collections::BTreeMap<String, u64> = Default::default();
         let mut backlog = 0;
         for shard in shards {
@@ -986,6 +1026,7 @@ impl Api {
                 .orders
                 .audit(&proto::AuditRequest {
                     item_id: item_id.to_owned(),
+                    inventory: shard.name.clone(),
                 })
                 .await
             {
@@ -1014,6 +1055,7 @@ impl Api {
                 "reserved": reserved,
                 "orders_by_status": by_status,
                 "queue_backlog": backlog,
+                "moved_between_shards": moved,
             }),
         )
     }

@@ -172,6 +172,10 @@ pub struct StockView {
     pub left: u64,
     /// Units reserved (live reservations).
     pub reserved: u64,
+    /// Units moved out to other instances by transfers.
+    pub moved_out: u64,
+    /// Units moved in from other instances by transfers.
+    pub moved_in: u64,
 }
 
 /// One inventory instance.
@@ -681,6 +685,8 @@ impl Inventory {
             initial,
             left,
             reserved: item.held.values().map(|n| u64::from(*n)).sum(),
+            moved_out: item.transfers_out.values().sum(),
+            moved_in: item.transfers_in.values().sum(),
         })
     }
 

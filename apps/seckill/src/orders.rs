@@ -459,18 +459,19 @@ impl Orders {
 
     /// Orders by status.
     pub fn counts(&self) -> BTreeMap<OrderStatus, usize> {
-        self.counts_of(None)
+        self.counts_of(None, None)
     }
 
     /// Orders by status, of one item or of all.
-    pub fn counts_of(&self, item_id: Option<&str>) -> BTreeMap<OrderStatus, usize> {
+    pub fn counts_of(
+        &self,
+        item_id: Option<&str>,
+        inventory: Option<&str>,
+    ) -> BTreeMap<OrderStatus, usize> {
         let mut counts = BTreeMap::new();
-        for o in self
-            .orders
-            .lock()
-            .values()
-            .filter(|o| item_id.is_none_or(|i| o.item_id == i))
-        {
+        for o in self.orders.lock().values().filter(|o| {
+            item_id.is_none_or(|i| o.item_id == i) && inventory.is_none_or(|i| o.inventory == i)
+        }) {
             *counts.entry(o.status).or_insert(0) += 1;
         }
         counts

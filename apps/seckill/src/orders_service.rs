@@ -99,6 +99,7 @@ impl proto::Orders for OrdersService {
                 .orders
                 .of_user(&request.user_id)
                 .iter()
+                .filter(|o| request.inventory.is_empty() || o.inventory == request.inventory)
                 .map(to_proto)
                 .collect(),
         })
@@ -161,10 +162,11 @@ impl proto::Orders for OrdersService {
         request: proto::AuditRequest,
     ) -> Result<proto::AuditReply, Status> {
         let item = Some(request.item_id.as_str()).filter(|i| !i.is_empty());
+        let inventory = Some(request.inventory.as_str()).filter(|i| !i.is_empty());
         Ok(proto::AuditReply {
             orders_by_status: self
                 .orders
-                .counts_of(item)
+                .counts_of(item, inventory)
                 .into_iter()
                 .map(|(s, n)| (status_name(s).to_owned(), n as u64))
                 .collect(),

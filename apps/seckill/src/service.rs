@@ -139,6 +139,8 @@ impl proto::Inventory for InventoryService {
                 left: s.left,
                 reserved: s.reserved,
                 sold_out: s.left == 0,
+                moved_out: s.moved_out,
+                moved_in: s.moved_in,
             },
         })
     }

@@ -124,6 +124,24 @@ fn every_status_of_the_contract() {
     assert_eq!(buy("ann", Some("a1")).1["order_id"], ann_order.as_str());
     assert_eq!(buy("ann", Some("a2")), (409, buy("ann", Some("a3")).1));
     assert_eq!(buy("ann", Some("a4")).1["error"], "limit_reached");
+    // The gateway limits buyers by X-User-Id: a header naming someone else than the body is
+    // refused, so rotating it does not get around the limit.
+    let raw = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let body = r#"{"user_id": "ann"}"#;
+        write!(
+            s,
+            "POST /api/items/{id}/buy HTTP/1.1\r\nHost: x\r\nX-User-Id: not-ann\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("invalid_request"), "{raw}");
     assert_eq!(
         call(
             api,

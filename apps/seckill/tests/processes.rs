@@ -126,6 +126,7 @@ async fn orders_follow_reservations_payments_commit_and_expiries_return_stock() 
     let bobs = orders
         .user_orders(&UserOrdersRequest {
             user_id: "bob".into(),
+            inventory: String::new(),
         })
         .await
         .unwrap();

@@ -1,5 +1,5 @@
 //! The sale over two shards, found through a real Keel registry: each item's stock split
-//! between two inventory processes, each with its own orders process, behind one API that
+//! between two inventory processes, followed by one orders process, behind one API that
 //! knows only shard names. Hundreds of concurrent buyers, a SIGKILLed inventory restarted on
 //! another port (found again through the registry), the audit balancing, and the units of
 //! unpaid orders coming back — announced through the registry, so the catalog's cached figure
@@ -68,29 +68,33 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
     let mut procs = Procs(Vec::new());
     for shard in ["inv-0", "inv-1"] {
         procs.0.push(inventory(dir.path(), shard, &registry));
-        let orders_dir = dir.path().join(format!("orders-{shard}"));
-        procs.0.push(
-            start(
-                &[
-                    "orders",
-                    "--addr",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    orders_dir.to_str().unwrap(),
-                    "--inventory",
-                    shard,
-                    "--registry",
-                    &registry,
-                    "--payment-window-ms",
-                    "5000",
-                    "--sweep-ms",
-                    "50",
-                ],
-                "orders on",
-            )
-            .0,
-        );
     }
+    // One orders process follows both shards (fewer orders instances than shards): the
+    // audit and the order lists must still count each order once.
+    let orders_dir = dir.path().join("orders");
+    procs.0.push(
+        start(
+            &[
+                "orders",
+                "--addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                orders_dir.to_str().unwrap(),
+                "--inventory",
+                "inv-0",
+                "--inventory",
+                "inv-1",
+                "--registry",
+                &registry,
+                "--payment-window-ms",
+                "5000",
+                "--sweep-ms",
+                "50",
+            ],
+            "orders on",
+        )
+        .0,
+    );
     let catalog = dir.path().join("catalog");
     // The catalog cache's shared tier on the real Redis, when there is one.
     let mut cache = vec![];
@@ -245,9 +249,9 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
 
     // The inventory of shard inv-1 is killed and comes back on another port: the API and
     // the orders find it through the registry.
-    procs.0[2].kill().unwrap();
-    procs.0[2].wait().unwrap();
-    procs.0[2] = inventory(dir.path(), "inv-1", &registry);
+    procs.0[1].kill().unwrap();
+    procs.0[1].wait().unwrap();
+    procs.0[1] = inventory(dir.path(), "inv-1", &registry);
     let (status, created) = call(
         &api,
         "POST",
@@ -305,6 +309,17 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
         }
     }
     assert_eq!(mugs, 20, "every unit sold, also those first held by inv-1");
+    let (_, audit) = call(
+        &api,
+        "GET",
+        &format!("/api/admin/items/{mug}/audit"),
+        true,
+        None,
+    );
+    assert!(
+        audit["moved_between_shards"].as_u64().unwrap() >= 10,
+        "{audit}"
+    );
 
     // The audit balances once every reservation has its order.
     for (id, initial) in [(&item, stock), (&lamp, 10), (&mug, 20)] {

@@ -11,9 +11,12 @@
 //!   [`MemoryTier`] the same contract inside one process.
 //!
 //! A load that was running when its key was invalidated answers its own callers, but its
-//! value is kept in neither tier, so a read that starts after an invalidation never sees data
-//! from before it (in this process; other processes get the invalidation over pub/sub, and
-//! the time to live bounds what a lost message can leave behind).
+//! value is kept in neither tier: locally it is dropped, and in the shared tier it is written
+//! only if the key's version (raised by every invalidation, from any process) is still the one
+//! read before loading, checked and written atomically. So a read that starts after an
+//! invalidation never sees data from before it, in this process; other processes drop their
+//! local copy when the invalidation reaches them over pub/sub, and the local time to live
+//! bounds what a lost message can leave behind.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -244,18 +247,32 @@ where
                 }
             }
         }
+        // The key's version before loading: the value goes into the shared tier only if no
+        // invalidation (from any process) came in between.
+        let version = match &inner.shared {
+            Some(shared) => match shared.version(name, key).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    inner.stats.shared_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(cache = %name, key, error = %e, "shared cache unavailable");
+                    None
+                }
+            },
+            None => None,
+        };
         inner.stats.loads.fetch_add(1, Ordering::Relaxed);
         let value = load().await?;
-        // Into the shared tier, unless the key was invalidated while loading.
         let still_current = inner
             .flights
             .lock()
             .get(key)
             .is_some_and(|f| Arc::ptr_eq(f, flight));
-        if let Some(shared) = &inner.shared
+        if let (Some(shared), Some(version)) = (&inner.shared, version)
             && still_current
             && let Ok(bytes) = serde_json::to_vec(&value)
-            && let Err(e) = shared.set(name, key, bytes, inner.config.shared_ttl).await
+            && let Err(e) = shared
+                .set_if_version(name, key, bytes, inner.config.shared_ttl, version)
+                .await
         {
             inner.stats.shared_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(cache = %name, key, error = %e, "writing the shared cache failed");

@@ -30,15 +30,26 @@ pub trait SharedTier: Send + Sync + 'static {
         cache: &'a str,
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, CacheError>>;
-    /// Stores `value` for `ttl`.
-    fn set<'a>(
+    /// The key's version: a number every invalidation raises (0 if never invalidated, or
+    /// long ago).
+    fn version<'a>(
+        &'a self,
+        cache: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<u64, CacheError>>;
+    /// Stores `value` for `ttl` if the key's version is still `version` (read before the value
+    /// was loaded), atomically with that check: a value loaded before an invalidation never
+    /// lands after it. True if stored.
+    fn set_if_version<'a>(
         &'a self,
         cache: &'a str,
         key: &'a str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), CacheError>>;
-    /// Deletes `key` and tells every subscriber of `cache` (this process's too).
+        version: u64,
+    ) -> BoxFuture<'a, Result<bool, CacheError>>;
+    /// Raises the key's version, deletes its value and tells every subscriber of `cache`
+    /// (this process's too).
     fn invalidate<'a>(
         &'a self,
         cache: &'a str,
@@ -56,6 +67,15 @@ pub(crate) fn data_key(cache: &str, key: &str) -> String {
     format!("keel-cache:{cache}:{key}")
 }
 
+/// The key of a value's version: `keel-cache:<cache>:<key>:version`.
+pub(crate) fn version_key(cache: &str, key: &str) -> String {
+    format!("keel-cache:{cache}:{key}:version")
+}
+
+/// How long a version outlives the last invalidation (longer than any load takes; a version
+/// that has expired reads as 0, which no loader that read a later one matches).
+const VERSION_TTL: Duration = Duration::from_secs(600);
+
 /// The pub/sub channel of a cache's invalidations: `keel-cache:<cache>:invalidations`.
 pub(crate) fn channel(cache: &str) -> String {
     format!("keel-cache:{cache}:invalidations")
@@ -65,6 +85,7 @@ pub(crate) fn channel(cache: &str) -> String {
 #[derive(Debug, Default)]
 pub struct MemoryTier {
     values: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
+    versions: Mutex<HashMap<String, u64>>,
     channels: Mutex<HashMap<String, broadcast::Sender<String>>>,
 }
 
@@ -102,17 +123,37 @@ impl SharedTier for MemoryTier {
         Box::pin(async move { Ok(value) })
     }
 
-    fn set<'a>(
+    fn version<'a>(
+        &'a self,
+        cache: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<u64, CacheError>> {
+        let v = self
+            .versions
+            .lock()
+            .get(&data_key(cache, key))
+            .copied()
+            .unwrap_or(0);
+        Box::pin(async move { Ok(v) })
+    }
+
+    fn set_if_version<'a>(
         &'a self,
         cache: &'a str,
         key: &'a str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), CacheError>> {
-        self.values
-            .lock()
-            .insert(data_key(cache, key), (value, Instant::now() + ttl));
-        Box::pin(async { Ok(()) })
+        version: u64,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
+        let k = data_key(cache, key);
+        // Checked and stored under the versions lock, which invalidations take too.
+        let versions = self.versions.lock();
+        let stored = versions.get(&k).copied().unwrap_or(0) == version;
+        if stored {
+            self.values.lock().insert(k, (value, Instant::now() + ttl));
+        }
+        drop(versions);
+        Box::pin(async move { Ok(stored) })
     }
 
     fn invalidate<'a>(
@@ -120,7 +161,11 @@ impl SharedTier for MemoryTier {
         cache: &'a str,
         key: &'a str,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
-        self.values.lock().remove(&data_key(cache, key));
+        {
+            let mut versions = self.versions.lock();
+            *versions.entry(data_key(cache, key)).or_insert(0) += 1;
+            self.values.lock().remove(&data_key(cache, key));
+        }
         let _ = self.sender(cache).send(key.to_owned());
         Box::pin(async { Ok(()) })
     }
@@ -147,9 +192,14 @@ impl SharedTier for MemoryTier {
     }
 }
 
-/// The shared tier on Redis: values under `keel-cache:<cache>:<key>` with a time to live
-/// (`SET ... PX`), invalidations as `DEL` plus a `PUBLISH` of the key on
-/// `keel-cache:<cache>:invalidations`. Commands go through a connection that reconnects on
+/// `SET KEYS[1] ARGV[1] PX ARGV[2]` if `KEYS[2]` (the version, absent = 0) is `ARGV[3]`.
+const SET_IF_VERSION: &str = "local v = redis.call('GET', KEYS[2]) or '0' \
+if v == ARGV[3] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0";
+
+/// The shared tier on Redis: values under `keel-cache:<cache>:<key>` with a time to live,
+/// written only if the key's version (`...:<key>:version`) is still the one read before the
+/// value was loaded (a Lua compare-and-set); invalidations as `INCR` of the version, `DEL`
+/// and a `PUBLISH` of the key on `keel-cache:<cache>:invalidations`, in one transaction. Commands go through a connection that reconnects on
 /// its own and gives up on a command after 500 ms (the cache then loads from the source);
 /// the subscription reconnects too, and reports [`Invalidation::All`] after a gap, since
 /// messages published meanwhile are lost.
@@ -196,24 +246,45 @@ impl SharedTier for RedisTier {
         })
     }
 
-    fn set<'a>(
+    fn version<'a>(
+        &'a self,
+        cache: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<u64, CacheError>> {
+        let mut conn = self.commands.clone();
+        Box::pin(async move {
+            let v: Option<u64> = redis::cmd("GET")
+                .arg(version_key(cache, key))
+                .query_async(&mut conn)
+                .await?;
+            Ok(v.unwrap_or(0))
+        })
+    }
+
+    fn set_if_version<'a>(
         &'a self,
         cache: &'a str,
         key: &'a str,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        version: u64,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
         let mut conn = self.commands.clone();
         Box::pin(async move {
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            redis::cmd("SET")
+            // Compare and set in one script: Redis runs it whole, so no invalidation can
+            // come between the check and the write.
+            let stored: i64 = redis::cmd("EVAL")
+                .arg(SET_IF_VERSION)
+                .arg(2)
                 .arg(data_key(cache, key))
+                .arg(version_key(cache, key))
                 .arg(value)
-                .arg("PX")
                 .arg(ms)
-                .query_async::<()>(&mut conn)
+                .arg(version)
+                .query_async(&mut conn)
                 .await?;
-            Ok(())
+            Ok(stored == 1)
         })
     }
 
@@ -226,6 +297,13 @@ impl SharedTier for RedisTier {
         Box::pin(async move {
             redis::pipe()
                 .atomic()
+                .cmd("INCR")
+                .arg(version_key(cache, key))
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(version_key(cache, key))
+                .arg(VERSION_TTL.as_millis() as u64)
+                .ignore()
                 .cmd("DEL")
                 .arg(data_key(cache, key))
                 .ignore()

@@ -206,9 +206,11 @@ async fn redis_entries_expire_with_their_time_to_live() {
         return;
     };
     let name = unique("ttl");
-    tier.set(&name, "k", b"\"v\"".to_vec(), Duration::from_millis(100))
-        .await
-        .unwrap();
+    assert!(
+        tier.set_if_version(&name, "k", b"\"v\"".to_vec(), Duration::from_millis(100), 0)
+            .await
+            .unwrap()
+    );
     assert_eq!(tier.get(&name, "k").await.unwrap(), Some(b"\"v\"".to_vec()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(tier.get(&name, "k").await.unwrap(), None);
@@ -227,4 +229,52 @@ async fn an_unreachable_redis_is_a_clear_error() {
         .unwrap_err();
     assert!(err.to_string().starts_with("redis:"), "{err}");
     assert!(RedisTier::connect("not a url").await.is_err());
+}
+
+/// A value loaded before an invalidation never lands in the shared tier after it, even when
+/// the invalidation comes from another process between the load and the write.
+async fn a_stale_load_never_lands_in_the_shared_tier(shared: [Arc<dyn SharedTier>; 2], name: &str) {
+    let [one, two] = shared;
+    let a: TwoLevel<u32> = TwoLevel::with_shared(config(name), one.clone())
+        .await
+        .unwrap();
+    let b: TwoLevel<u32> = TwoLevel::with_shared(config(name), two).await.unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let load = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.get_or_load("k", || async move {
+                let _ = released.await;
+                Ok::<_, String>(1)
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Another process changes the data while a's load runs.
+    b.invalidate("k").await;
+    release.send(()).unwrap();
+    assert_eq!(load.await.unwrap(), Ok(1));
+    assert_eq!(
+        one.get(name, "k").await.unwrap(),
+        None,
+        "the stale value was not stored"
+    );
+    // The next load, after the invalidation, is stored.
+    assert_eq!(a.get_or_load("k", || async { Ok(2) }).await, Ok(2));
+    assert_eq!(one.get(name, "k").await.unwrap(), Some(b"2".to_vec()));
+}
+
+#[tokio::test]
+async fn a_stale_load_never_lands_in_a_memory_tier() {
+    let tier = MemoryTier::new();
+    a_stale_load_never_lands_in_the_shared_tier([tier.clone(), tier], "mem-stale").await;
+}
+
+#[tokio::test]
+async fn a_stale_load_never_lands_in_redis() {
+    let Some((one, two)) = redis().await else {
+        return;
+    };
+    a_stale_load_never_lands_in_the_shared_tier([one, two], &unique("stale")).await;
 }

@@ -223,13 +223,16 @@ impl UpConfig {
                 ));
             }
         }
+        // Every value from keel.toml or the system goes in as a TOML string, escaped.
+        let (listen, registry) = (quoted(listen), quoted(registry));
         format!(
-            "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = \"{registry}\"\nservice = \"{api_service}\"\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = \"{registry}\", prefix = \"{opens}\", path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {web:?}\n",
-            self.gateway.admin,
-            self.admin_token,
+            "[server]\nlisten = {listen}\n[admin]\nlisten = {}\ntoken = {}\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = {registry}\nservice = {api_service}\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = {registry}, prefix = {opens}, path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {}\n",
+            quoted(&self.gateway.admin),
+            quoted(&self.admin_token),
             limits.join(", "),
-            api_service = keel_seckill::peers::API_SERVICE,
-            opens = keel_seckill::peers::OPENS_PREFIX,
+            quoted(&web.to_string_lossy()),
+            api_service = quoted(keel_seckill::peers::API_SERVICE),
+            opens = quoted(keel_seckill::peers::OPENS_PREFIX),
         )
     }
 
@@ -258,6 +261,11 @@ impl UpConfig {
         }
         Ok(config)
     }
+}
+
+/// `text` as a TOML string (quoted and escaped).
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }
 
 /// 128 random bits as hex, from the OS's randomness (the standard library's hasher keys).
@@ -319,7 +327,10 @@ fn banner_address(line: &str) -> Option<String> {
 /// Starts a part; returns the child and the address its banner names.
 async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
     let exe = std::env::current_exe()?;
+    // In a process group of its own: a Ctrl-C at the terminal reaches `keel up` alone, which
+    // then stops the parts in order.
     let mut child = Command::new(exe)
+        .process_group(0)
         .args(&part.args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -636,8 +647,8 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     // Restarted, it must come back on the same port.
     if config.gateway.listen.ends_with(":0") {
         let fixed = std::fs::read_to_string(&gateway_config)?.replacen(
-            &format!("listen = \"{}\"", config.gateway.listen),
-            &format!("listen = \"{gateway_addr}\""),
+            &format!("listen = {}", quoted(&config.gateway.listen)),
+            &format!("listen = {}", quoted(&gateway_addr)),
             1,
         );
         std::fs::write(&gateway_config, fixed)?;
@@ -651,15 +662,22 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         config.admin_token
     );
 
-    let stop = CancellationToken::new();
+    // Stopped in two steps: everything but the registry, then the registry, so the others
+    // can still deregister.
+    let (stop, stop_registry) = (CancellationToken::new(), CancellationToken::new());
     let pids = Pids {
         file: data.join("pids.json"),
         pids: std::sync::Arc::default(),
     };
-    let mut supervisors = tokio::task::JoinSet::new();
+    let (mut supervisors, mut registry_supervisor) =
+        (tokio::task::JoinSet::new(), tokio::task::JoinSet::new());
     for (part, child) in parts {
         pids.set(&part.name, &child);
-        supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
+        if part.name == "registry" {
+            registry_supervisor.spawn(supervise(part, child, stop_registry.clone(), pids.clone()));
+        } else {
+            supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
+        }
     }
     match run_for {
         Some(d) => tokio::time::sleep(d).await,
@@ -670,6 +688,8 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     println!("stopping");
     stop.cancel();
     while supervisors.join_next().await.is_some() {}
+    stop_registry.cancel();
+    while registry_supervisor.join_next().await.is_some() {}
     println!("stopped");
     Ok(())
 }
@@ -698,12 +718,18 @@ mod tests {
     #[test]
     fn the_generated_gateway_configuration_is_valid_and_carries_the_limits() {
         let mut config = UpConfig::defaults();
+        // A token TOML would need escaped goes through intact.
+        config.admin_token = "to\"ken\\with quotes".into();
         let web = tempfile::tempdir().unwrap();
         let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", web.path());
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 2);
         assert_eq!(gw.routes[0].rate_limits[1].key, "header:x-user-id");
         assert_eq!(gw.routes[2].name.as_deref(), Some("storefront"));
+        assert_eq!(
+            gw.admin.as_ref().unwrap().token.as_deref(),
+            Some("to\"ken\\with quotes")
+        );
         config.limits.buy_per_ip_per_second = 0.0;
         let text = config.gateway_toml("127.0.0.1:8080", "127.0.0.1:7000", web.path());
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
