@@ -98,7 +98,8 @@ for stock in 100 10000; do
   done
 done
 
-# Keel again, with chaos: the inventory or the orders process SIGKILLed a third of the way in.
+# Keel again, with chaos: an inventory shard, an orders instance or the API SIGKILLed a third
+# of the way in.
 line=$("$BIN/keel" bench seckill --gateway "$KEEL_GW" --token "$TOKEN" --buyers "$BUYERS" --stock 10000 \
   --concurrency "$CONCURRENCY" --chaos "$WORK/data/pids.json" 2>/dev/null | tail -1) || true
 echo "{\"system\": \"keel-chaos\", \"run\": $line}" >> "$RESULTS"
@@ -127,6 +128,7 @@ print(json.dumps({
     "chaos_oversold": by[("keel-chaos", big)]["oversold"],
     "chaos_lost_acks": by[("keel-chaos", big)]["lost_acks"],
     "chaos_victim": by[("keel-chaos", big)]["chaos"],
+    "keel_moved_between_shards": k["audit"].get("moved_between_shards"),
     "all_ok": all(r["run"]["ok"] for r in rows),
 }))
 PY

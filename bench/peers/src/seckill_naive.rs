@@ -120,6 +120,21 @@ async fn handle(db: &PgPool, req: Request<hyper::body::Incoming>) -> Response<Fu
                     None => fail(StatusCode::NOT_FOUND, "not_found"),
                 }
             }
+            (Method::GET, ["api", "users", user, "orders"]) => {
+                let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+                    "SELECT id, item_id, status FROM orders WHERE user_id = $1 ORDER BY id",
+                )
+                .bind(*user)
+                .fetch_all(db)
+                .await?;
+                let list: Vec<Value> = rows
+                    .into_iter()
+                    .map(|(id, item, status)| {
+                        json!({ "order_id": format!("o-{id}"), "item_id": format!("item-{item}"), "user_id": user, "status": status })
+                    })
+                    .collect();
+                reply(StatusCode::OK, Value::from(list))
+            }
             (Method::GET, ["api", "admin", "items", item, "audit"]) => {
                 let id = item.strip_prefix("item-").and_then(|i| i.parse::<i64>().ok()).unwrap_or(-1);
                 let (stock, initial): (i64, i64) =
