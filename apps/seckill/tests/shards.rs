@@ -32,20 +32,9 @@ fn registry(rt: &tokio::runtime::Runtime) -> String {
 }
 
 fn inventory(dir: &std::path::Path, shard: &str, registry: &str) -> std::process::Child {
-    let dir = dir.join(shard);
-    start(
-        &[
-            "inventory",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--shard",
-            shard,
-            "--registry",
-            registry,
-        ],
-        "inventory on",
+    common::start_inventory_with(
+        &dir.join(shard),
+        &["--shard", shard, "--registry", registry],
     )
     .0
 }

@@ -758,7 +758,9 @@ fn empty() -> DownBody {
 }
 
 /// Joins the client's and the server's upgraded connections and copies bytes both ways until
-/// either side closes or the gateway stops; the tunnel counts as an open connection.
+/// either side closes, no byte has crossed either way for the server's `idle_timeout_ms` (as
+/// nginx's `proxy_read_timeout` ends an idle WebSocket), or the gateway stops; the tunnel
+/// counts as an open connection.
 fn tunnel(
     inner: &Arc<Inner>,
     client: hyper::upgrade::OnUpgrade,
@@ -767,12 +769,14 @@ fn tunnel(
     use std::sync::atomic::Ordering::Relaxed;
     let inner = inner.clone();
     inner.metrics.connections_open.fetch_add(1, Relaxed);
+    let idle = inner.current.load().config.server.idle_timeout;
     tokio::spawn(async move {
+        let activity = Activity::new();
         let copy = async {
             match tokio::try_join!(client, server) {
                 Ok((client, server)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut server = TokioIo::new(server);
+                    let mut client = Active::new(TokioIo::new(client), &activity);
+                    let mut server = Active::new(TokioIo::new(server), &activity);
                     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
                         tracing::debug!(error = %e, "upgraded connection ended with an error");
                     }
@@ -782,10 +786,107 @@ fn tunnel(
         };
         tokio::select! {
             () = copy => {}
+            () = activity.idle_for(idle) => {
+                tracing::debug!(?idle, "idle tunnel closed");
+            }
             () = inner.stopping.cancelled() => {}
         }
         inner.metrics.connections_open.fetch_sub(1, Relaxed);
     });
+}
+
+/// When bytes last crossed a tunnel.
+#[derive(Clone)]
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start`.
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has crossed for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start
+                + Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+            let deadline = last + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// An upgraded connection that records its traffic in an [`Activity`].
+struct Active<T> {
+    io: T,
+    activity: Activity,
+}
+
+impl<T> Active<T> {
+    fn new(io: T, activity: &Activity) -> Active<T> {
+        Active {
+            io,
+            activity: activity.clone(),
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -85,8 +85,9 @@ async fn follow<B: NamingBackend + Clone>(backend: B, discovery: &str) {
     until(gw, &["503"]).await;
 }
 
-#[tokio::test]
-async fn pools_follow_keels_registry() {
+/// A Keel registry on a free port in this process (kept while the first value lives): its
+/// address and a handle to it.
+async fn registry() -> (Registry, SocketAddr, RegistryHandle) {
     let registry = Registry::open(RegistryConfig::default()).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -97,6 +98,12 @@ async fn pools_follow_keels_registry() {
             .await
             .unwrap(),
     );
+    (registry, addr, handle)
+}
+
+#[tokio::test]
+async fn pools_follow_keels_registry() {
+    let (_registry, addr, handle) = registry().await;
     follow(handle, &format!("registry = \"{addr}\"\n")).await;
 }
 
@@ -218,16 +225,7 @@ upstream = "api"
 /// gateway (403 not_started with Retry-After), follow changes, and leave other keys alone.
 #[tokio::test]
 async fn the_gate_refuses_requests_before_their_opening_time() {
-    let registry = Registry::open(RegistryConfig::default()).await.unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::builder().add_service(registry.service()).build();
-    tokio::spawn(server.serve(listener, std::future::pending::<()>()));
-    let handle = RegistryHandle::new(
-        Channel::connect(addr.to_string(), ChannelConfig::default())
-            .await
-            .unwrap(),
-    );
+    let (_registry, addr, handle) = registry().await;
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -358,3 +358,47 @@ async fn websocket_tunnels_count_as_connections_and_end_when_the_gateway_stops()
             .contains("keel_gateway_connections_open 0")
     );
 }
+
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed_and_a_busy_one_is_not() {
+    let ws_server = websocket_echo().await;
+    let (gw, gateway) = gateway_handle(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nidle_timeout_ms = 400\n[upstreams.ws]\nservers = [{{ address = \"{ws_server}\" }}]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"ws\"\n"
+    ))
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{gw}/chat"))
+        .await
+        .unwrap();
+    // Busy for three times the idle timeout: a message every 150 ms keeps it open.
+    let mut last = std::time::Instant::now();
+    for i in 0..8 {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("echo: m{i}"))
+        );
+        last = std::time::Instant::now();
+    }
+    // Then silent: the gateway closes it once nothing has crossed for the idle timeout.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("the idle tunnel is closed");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    assert!(
+        last.elapsed() >= std::time::Duration::from_millis(350),
+        "closed only once idle: {:?}",
+        last.elapsed()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gateway
+        .render_metrics()
+        .contains("keel_gateway_connections_open 0")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tunnel is still counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -32,16 +32,20 @@ pub fn start(args: &[&str], banner: &str) -> (Child, String) {
 
 /// Starts an inventory instance on a free port with its journal in `dir`.
 pub fn start_inventory(dir: &std::path::Path) -> (Child, String) {
-    start(
-        &[
-            "inventory",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.to_str().unwrap(),
-        ],
-        "inventory on",
-    )
+    start_inventory_with(dir, &[])
+}
+
+/// The same with more arguments (`--shard`, `--registry`).
+pub fn start_inventory_with(dir: &std::path::Path, more: &[&str]) -> (Child, String) {
+    let mut args = vec![
+        "inventory",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    start(&args, "inventory on")
 }
 
 /// Starts an orders instance on a free port taking reservations from the inventory at
