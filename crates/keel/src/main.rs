@@ -274,7 +274,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         });
         gateway
             .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+                keel_seckill::cli::stop_requested().await;
             })
             .await?;
         stop.cancel();
@@ -340,7 +340,7 @@ fn registry(args: RegistryArgs) -> anyhow::Result<()> {
         let server = Server::builder().add_service(registry.service()).build();
         server
             .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+                keel_seckill::cli::stop_requested().await;
             })
             .await?;
         registry.close().await?;
@@ -382,7 +382,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         builder
             .build()
             .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+                keel_seckill::cli::stop_requested().await;
             })
             .await?;
         Ok(())

@@ -331,6 +331,11 @@ async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
     // then stops the parts in order.
     let mut child = Command::new(exe)
         .process_group(0)
+        // The child stops by itself if this process dies without stopping it (SIGKILL).
+        .env(
+            keel_seckill::cli::SUPERVISOR_ENV,
+            std::process::id().to_string(),
+        )
         .args(&part.args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

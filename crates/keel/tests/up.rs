@@ -215,3 +215,22 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
         assert!(!alive(*pid), "process {pid} still running");
     }
 }
+
+#[test]
+fn the_parts_stop_by_themselves_when_keel_up_is_killed() {
+    let mut up = Up::start("buy_per_ip_per_second = 0.0\nbuy_per_user_per_second = 0.0\n");
+    let pids: Vec<u32> = up.started.values().copied().collect();
+    assert_eq!(pids.len(), 7);
+    // SIGKILL: keel up cannot stop its children; they notice it is gone and stop.
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {:?}",
+            pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
