@@ -205,7 +205,23 @@ pub struct Api {
     pub registry: Option<keel_registry::RegistryHandle>,
     /// One transfer between shards at a time per item.
     pub rebalancing: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per (item, shard) found sold out: the (user, request id) of every reservation there,
+    /// so that while the shard stays sold out a request that holds none is answered here.
+    pub holders: Mutex<std::collections::HashMap<(String, String), Holders>>,
 }
+
+/// The requests that hold (or held) a unit of an item in a shard.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// The shard's full list has arrived (and successes since are added): only then may a
+    /// request missing from it be answered sold out here.
+    complete: bool,
+    requests: std::collections::HashSet<(String, String)>,
+}
+
+/// Shards with more reservations of an item than this are not listed; their sold-out
+/// requests go on to the inventory.
+const MAX_HOLDERS: u32 = 200_000;
 
 /// How long one call of a transfer may take before the transfer is left to the background.
 const TRANSFER_CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -229,6 +245,59 @@ impl Api {
             stock_cache,
             registry: None,
             rebalancing: Mutex::new(std::collections::HashMap::new()),
+            holders: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Whether `request` may be answered sold out here: the shard was found sold out a
+    /// moment ago and, for a request with an id, the request holds no unit there.
+    fn sold_out_here(&self, key: &(String, String), request: Option<(&str, &str)>) -> bool {
+        let fresh = self
+            .sold_out
+            .lock()
+            .get(key)
+            .is_some_and(|until| tokio::time::Instant::now() < *until);
+        fresh
+            && match request {
+                None => true,
+                Some((user, id)) => self.holders.lock().get(key).is_some_and(|h| {
+                    h.complete && !h.requests.contains(&(user.to_owned(), id.to_owned()))
+                }),
+            }
+    }
+
+    /// Lists the holders of `key`'s shard (once per API process), so later requests for the
+    /// sold-out shard can be answered here.
+    async fn learn_holders(&self, key: &(String, String), shard: &Shard) {
+        {
+            let mut holders = self.holders.lock();
+            if holders.contains_key(key) {
+                return;
+            }
+            // Present (incomplete) from now on, so successes while the list is on its way
+            // are added to it.
+            holders.insert(key.clone(), Holders::default());
+        }
+        let listed = shard
+            .inventory
+            .holders(&proto::HoldersRequest {
+                item_id: key.0.clone(),
+                limit: MAX_HOLDERS,
+            })
+            .await;
+        let mut holders = self.holders.lock();
+        match listed {
+            Ok(reply) if reply.complete => {
+                if let Some(h) = holders.get_mut(key) {
+                    h.requests
+                        .extend(reply.holders.into_iter().map(|h| (h.user_id, h.request_id)));
+                    h.complete = true;
+                }
+            }
+            // Too many, or the shard unreachable: left to the inventory (tried again later).
+            _ => {
+                holders.remove(key);
+            }
         }
     }
 
@@ -811,16 +880,11 @@ impl Api {
             Err(answer) => return *answer,
         };
         let sold_out_key = (item_id.to_owned(), shard.name.clone());
-        // Sold out a moment ago: answered here, without a trip to the inventory. (A request
-        // with a request_id may be the retry of one that holds a unit: the inventory answers
-        // those.)
-        if b["request_id"].is_null()
-            && self
-                .sold_out
-                .lock()
-                .get(&sold_out_key)
-                .is_some_and(|until| tokio::time::Instant::now() < *until)
-        {
+        // Sold out a moment ago: answered here, without a trip to the inventory — unless the
+        // request may be the retry of one that holds a unit (its id is among the shard's
+        // holders, or they are not known here), which the inventory answers.
+        let own_id = b["request_id"].as_str().map(|r| (user, r));
+        if self.sold_out_here(&sold_out_key, own_id) {
             return fail(StatusCode::CONFLICT, "sold_out", "no units left");
         }
         let request = proto::ReserveRequest {
@@ -840,6 +904,10 @@ impl Api {
         }
         match answer {
             Ok(r) if r.outcome == proto::Outcome::Reserved as i32 => {
+                if let Some(h) = self.holders.lock().get_mut(&sold_out_key) {
+                    h.requests
+                        .insert((user.to_owned(), request.request_id.clone()));
+                }
                 self.stock_cache.invalidate(item_id).await;
                 let id = r.reservation.map_or(0, |r| r.reservation_id);
                 let order_id = crate::orders::order_id(&shard.name, id);
@@ -863,10 +931,11 @@ impl Api {
                 let newly = self
                     .sold_out
                     .lock()
-                    .insert(sold_out_key, now + SOLD_OUT_FOR)
+                    .insert(sold_out_key.clone(), now + SOLD_OUT_FOR)
                     .is_none_or(|until| until <= now);
                 if newly {
                     self.stock_cache.invalidate(item_id).await;
+                    self.learn_holders(&sold_out_key, &shard).await;
                 }
                 fail(StatusCode::CONFLICT, "sold_out", "no units left")
             }
@@ -1147,5 +1216,52 @@ pub async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sold_out_shard_is_answered_here_only_for_requests_that_hold_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = Api::new(
+            Catalog::open(dir.path()).unwrap(),
+            Vec::new(),
+            "token".into(),
+            4,
+            TwoLevel::local(keel_cache::CacheConfig::new("t")),
+        );
+        let key = ("item-1".to_owned(), "inv-0".to_owned());
+        // Not known to be sold out: everything goes on.
+        assert!(!api.sold_out_here(&key, None));
+        api.sold_out.lock().insert(
+            key.clone(),
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        );
+        // Sold out: requests without an id are answered here; with one, only once the
+        // shard's holders are fully known, and never one among them.
+        assert!(api.sold_out_here(&key, None));
+        assert!(!api.sold_out_here(&key, Some(("ann", "a1"))));
+        api.holders.lock().insert(key.clone(), Holders::default());
+        assert!(
+            !api.sold_out_here(&key, Some(("ann", "a1"))),
+            "list incomplete"
+        );
+        {
+            let mut holders = api.holders.lock();
+            let h = holders.get_mut(&key).unwrap();
+            h.requests.insert(("ann".into(), "a1".into()));
+            h.complete = true;
+        }
+        assert!(!api.sold_out_here(&key, Some(("ann", "a1"))), "a holder");
+        assert!(api.sold_out_here(&key, Some(("ann", "a2"))));
+        assert!(api.sold_out_here(&key, Some(("bob", "b1"))));
+        // The sold-out answer expires.
+        api.sold_out
+            .lock()
+            .insert(key.clone(), tokio::time::Instant::now());
+        assert!(!api.sold_out_here(&key, Some(("bob", "b1"))));
     }
 }

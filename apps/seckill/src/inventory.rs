@@ -675,6 +675,14 @@ impl Inventory {
         Ok(true)
     }
 
+    /// The (user, request id) of every reservation of the item here (released ones too),
+    /// at most `limit`; `None` if there are more (or the item is unknown).
+    pub fn holders(&self, item_id: &str, limit: usize) -> Option<Vec<(String, String)>> {
+        let cell = self.cell(item_id)?;
+        let item = cell.state.lock();
+        (item.requests.len() <= limit).then(|| item.requests.keys().cloned().collect())
+    }
+
     /// The stock of an item here.
     pub fn stock(&self, item_id: &str) -> Option<StockView> {
         let cell = self.cell(item_id)?;

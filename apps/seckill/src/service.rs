@@ -197,6 +197,30 @@ impl proto::Inventory for InventoryService {
         Ok(proto::TransferInReply { found })
     }
 
+    async fn holders(
+        &self,
+        _ctx: Context,
+        request: proto::HoldersRequest,
+    ) -> Result<proto::HoldersReply, Status> {
+        let limit = match request.limit {
+            0 => 100_000,
+            n => n.min(1_000_000) as usize,
+        };
+        Ok(match self.inventory.holders(&request.item_id, limit) {
+            Some(list) => proto::HoldersReply {
+                holders: list
+                    .into_iter()
+                    .map(|(user_id, request_id)| proto::Holder {
+                        user_id,
+                        request_id,
+                    })
+                    .collect(),
+                complete: true,
+            },
+            None => proto::HoldersReply::default(),
+        })
+    }
+
     async fn get_reservation(
         &self,
         _ctx: Context,

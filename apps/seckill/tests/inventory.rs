@@ -226,6 +226,13 @@ async fn transfers_move_units_once_and_survive_a_restart() {
         taker.reserve("lamp", "bob", "r").await.unwrap(),
         Err(Refusal::SoldOut)
     );
+    // The holders: every request that got a unit (refusals are not remembered).
+    assert_eq!(
+        taker.holders("lamp", 10),
+        Some(vec![("ann".to_owned(), "r".to_owned())])
+    );
+    assert_eq!(taker.holders("lamp", 0), None, "more than the limit");
+    assert_eq!(taker.holders("nope", 10), None);
     // Out of the giver: at most what it has; the same id, the same answer, nothing twice.
     assert_eq!(giver.transfer_out("lamp", "t1", 4).await.unwrap(), Some(4));
     assert_eq!(giver.transfer_out("lamp", "t1", 4).await.unwrap(), Some(4));
