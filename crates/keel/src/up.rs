@@ -667,22 +667,26 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         config.admin_token
     );
 
-    // Stopped in two steps: everything but the registry, then the registry, so the others
-    // can still deregister.
-    let (stop, stop_registry) = (CancellationToken::new(), CancellationToken::new());
+    // Stopped in the reverse order of their dependencies, each group once the one before has
+    // exited: the gateway and the API (no new work), the orders (which read the inventory),
+    // the inventory, and the registry last (so the others can still deregister).
+    let stage = |name: &str| match name {
+        "gateway" | "api" => 0,
+        n if n.starts_with("orders") => 1,
+        n if n.starts_with("inventory") => 2,
+        _ => 3,
+    };
+    let mut stages: Vec<(CancellationToken, tokio::task::JoinSet<()>)> = (0..4)
+        .map(|_| (CancellationToken::new(), tokio::task::JoinSet::new()))
+        .collect();
     let pids = Pids {
         file: data.join("pids.json"),
         pids: std::sync::Arc::default(),
     };
-    let (mut supervisors, mut registry_supervisor) =
-        (tokio::task::JoinSet::new(), tokio::task::JoinSet::new());
     for (part, child) in parts {
         pids.set(&part.name, &child);
-        if part.name == "registry" {
-            registry_supervisor.spawn(supervise(part, child, stop_registry.clone(), pids.clone()));
-        } else {
-            supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
-        }
+        let (stop, supervisors) = &mut stages[stage(&part.name)];
+        supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
     }
     match run_for {
         Some(d) => tokio::time::sleep(d).await,
@@ -691,10 +695,10 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         }
     }
     println!("stopping");
-    stop.cancel();
-    while supervisors.join_next().await.is_some() {}
-    stop_registry.cancel();
-    while registry_supervisor.join_next().await.is_some() {}
+    for (stop, supervisors) in &mut stages {
+        stop.cancel();
+        while supervisors.join_next().await.is_some() {}
+    }
     println!("stopped");
     Ok(())
 }
