@@ -1,7 +1,7 @@
 //! Keel's flash-sale (seckill) reference application: thousands of buyers fighting over a few
 //! items in a short burst, and the stock never oversold.
 //!
-//! So far:
+//! Its parts:
 //! - [`inventory`]: [`Inventory`], one inventory instance's share of the stock, whose every
 //!   reservation is in its journal before it is acknowledged;
 //! - [`orders`]: [`Orders`], the order book: orders made from reservations, a payment window,
@@ -15,7 +15,7 @@
 //! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry);
 //! - [`web`]: the storefront and admin pages the gateway serves.
 //!
-//! The orders queue, the catalog, the gateway set-up and `keel up` build on these.
+//! `keel up` (in the `keel` crate) runs them as separate processes behind the gateway.
 
 pub mod api;
 pub mod cli;
