@@ -120,6 +120,27 @@ fn parse_shard(text: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The sale's id: 64 random bits in `<dir>/sale-id`, made on first use. It names the sale's
+/// entries in shared stores (the catalog cache's Redis tier).
+fn sale_id(dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::hash::{BuildHasher, Hasher};
+    let file = dir.join("sale-id");
+    match std::fs::read_to_string(&file) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            let id = format!("{:016x}", h.finish());
+            std::fs::write(&file, &id).with_context(|| format!("writing {}", file.display()))?;
+            Ok(id)
+        }
+    }
+}
+
 /// Deregisters what `registrations` holds (a process stopping leaves the registry at once
 /// instead of when its lease runs out).
 async fn deregister(registrations: Vec<keel_registry::Registration>) {
@@ -147,6 +168,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
         } => {
             let catalog = crate::api::Catalog::open(&data_dir)
                 .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
+            let sale = sale_id(&data_dir)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -175,7 +197,9 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 let config = keel_cache::CacheConfig {
                     local_ttl: ttl,
                     shared_ttl: ttl,
-                    ..keel_cache::CacheConfig::new("seckill-stock")
+                    // Named after this sale, so sales sharing one Redis never see each
+                    // other's figures.
+                    ..keel_cache::CacheConfig::new(format!("seckill-stock-{sale}"))
                 };
                 let stock_cache = match cache_redis {
                     None => keel_cache::TwoLevel::local(config),

@@ -115,8 +115,79 @@ pub struct Orders {
     /// Per reservation source (inventory instance): the last reservation id with an order.
     cursors: Mutex<BTreeMap<String, u64>>,
     failed: std::sync::atomic::AtomicBool,
-    orders: Mutex<BTreeMap<String, Order>>,
+    orders: Mutex<Book>,
     payment_window_ms: u64,
+}
+
+/// The orders with two indexes, so the periodic sweeps look only at what concerns them:
+/// pending orders by expiry time, and expired orders whose unit is not back yet.
+#[derive(Debug, Default)]
+struct Book {
+    orders: BTreeMap<String, Order>,
+    /// Pending orders: (expires_at_ms, order id).
+    due: std::collections::BTreeSet<(u64, String)>,
+    /// Expired orders whose release is not confirmed.
+    unreleased: std::collections::BTreeSet<String>,
+}
+
+impl Book {
+    fn get(&self, order_id: &str) -> Option<&Order> {
+        self.orders.get(order_id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Order> {
+        self.orders.values()
+    }
+
+    /// Adds an order (a second one with the same id is ignored).
+    fn insert(&mut self, order: Order) {
+        if self.orders.contains_key(&order.order_id) {
+            return;
+        }
+        let id = order.order_id.clone();
+        self.orders.insert(id.clone(), order);
+        self.reindex(&id, None);
+    }
+
+    fn set_status(&mut self, order_id: &str, status: OrderStatus) {
+        let Some(o) = self.orders.get_mut(order_id) else {
+            return;
+        };
+        let before = (o.status, o.expires_at_ms, o.released);
+        o.status = status;
+        self.reindex(order_id, Some(before));
+    }
+
+    fn set_released(&mut self, order_id: &str) {
+        let Some(o) = self.orders.get_mut(order_id) else {
+            return;
+        };
+        let before = (o.status, o.expires_at_ms, o.released);
+        o.released = true;
+        self.reindex(order_id, Some(before));
+    }
+
+    /// Moves the order's index entries from what it was (`before`) to what it is.
+    fn reindex(&mut self, order_id: &str, before: Option<(OrderStatus, u64, bool)>) {
+        if let Some((status, expires, _)) = before
+            && status == OrderStatus::PendingPayment
+        {
+            self.due.remove(&(expires, order_id.to_owned()));
+        }
+        self.unreleased.remove(order_id);
+        let Some(o) = self.orders.get(order_id) else {
+            return;
+        };
+        match o.status {
+            OrderStatus::PendingPayment => {
+                self.due.insert((o.expires_at_ms, order_id.to_owned()));
+            }
+            OrderStatus::Expired if !o.released => {
+                self.unreleased.insert(order_id.to_owned());
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The id of the order made from a reservation.
@@ -133,7 +204,7 @@ impl Orders {
         payment_window_ms: u64,
     ) -> Result<Orders, OrderError> {
         let (journal, recovered) = Journal::open(dir, options)?;
-        let mut orders = BTreeMap::new();
+        let mut orders = Book::default();
         let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
         for record in &recovered.records {
             let op: Op =
@@ -142,19 +213,9 @@ impl Orders {
                     reason: e.to_string(),
                 })?;
             match op {
-                Op::Create(order) => {
-                    orders.entry(order.order_id.clone()).or_insert(order);
-                }
-                Op::Status { order_id, status } => {
-                    if let Some(o) = orders.get_mut(&order_id) {
-                        o.status = status;
-                    }
-                }
-                Op::Released { order_id } => {
-                    if let Some(o) = orders.get_mut(&order_id) {
-                        o.released = true;
-                    }
-                }
+                Op::Create(order) => orders.insert(order),
+                Op::Status { order_id, status } => orders.set_status(&order_id, status),
+                Op::Released { order_id } => orders.set_released(&order_id),
                 Op::Cursor { source, after } => {
                     let c = cursors.entry(source).or_default();
                     *c = (*c).max(after);
@@ -223,7 +284,7 @@ impl Orders {
                     released: false,
                 };
                 let appended = self.log(&Op::Create(order.clone()))?;
-                orders.insert(id, order.clone());
+                orders.insert(order.clone());
                 (order, Some(appended))
             }
         };
@@ -256,7 +317,7 @@ impl Orders {
         let (order, appended) = {
             let mut orders = self.orders.lock();
             let order = orders
-                .get_mut(order_id)
+                .get(order_id)
                 .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))?;
             match check(order)? {
                 None => (order.clone(), None),
@@ -265,8 +326,12 @@ impl Orders {
                         order_id: order_id.to_owned(),
                         status,
                     })?;
-                    order.status = status;
-                    (order.clone(), Some(appended))
+                    orders.set_status(order_id, status);
+                    let order = orders
+                        .get(order_id)
+                        .cloned()
+                        .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))?;
+                    (order, Some(appended))
                 }
             }
         };
@@ -381,18 +446,20 @@ impl Orders {
             let mut last = None;
             let mut count = 0;
             let paying = self.paying.lock();
-            for order in orders.values_mut() {
-                if order.status == OrderStatus::PendingPayment
-                    && now_ms >= order.expires_at_ms
-                    && !paying.contains(&order.order_id)
-                {
-                    last = Some(self.log(&Op::Status {
-                        order_id: order.order_id.clone(),
-                        status: OrderStatus::Expired,
-                    })?);
-                    order.status = OrderStatus::Expired;
-                    count += 1;
-                }
+            // Only the pending orders due by now, from the expiry index.
+            let due: Vec<String> = orders
+                .due
+                .range(..(now_ms.saturating_add(1), String::new()))
+                .map(|(_, id)| id.clone())
+                .filter(|id| !paying.contains(id))
+                .collect();
+            for order_id in due {
+                last = Some(self.log(&Op::Status {
+                    order_id: order_id.clone(),
+                    status: OrderStatus::Expired,
+                })?);
+                orders.set_status(&order_id, OrderStatus::Expired);
+                count += 1;
             }
             (count, last)
         };
@@ -405,11 +472,11 @@ impl Orders {
 
     /// Expired orders whose unit's release is not confirmed yet.
     pub fn unreleased(&self) -> Vec<Order> {
-        self.orders
-            .lock()
-            .values()
-            .filter(|o| o.status == OrderStatus::Expired && !o.released)
-            .cloned()
+        let orders = self.orders.lock();
+        orders
+            .unreleased
+            .iter()
+            .filter_map(|id| orders.get(id).cloned())
             .collect()
     }
 
@@ -417,12 +484,12 @@ impl Orders {
     pub async fn mark_released(&self, order_id: &str) -> Result<(), OrderError> {
         let appended = {
             let mut orders = self.orders.lock();
-            match orders.get_mut(order_id) {
+            match orders.get(order_id) {
                 Some(o) if !o.released => {
                     let a = self.log(&Op::Released {
                         order_id: order_id.to_owned(),
                     })?;
-                    o.released = true;
+                    orders.set_released(order_id);
                     Some(a)
                 }
                 _ => None,

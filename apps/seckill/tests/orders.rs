@@ -183,3 +183,53 @@ async fn an_expiry_whose_release_was_not_confirmed_is_released_after_a_restart()
     orders.mark_released(&due[0].order_id).await.unwrap();
     assert_eq!(inventory.stock("pen").unwrap().left, 1);
 }
+
+#[tokio::test]
+async fn the_sweep_expires_exactly_the_orders_due_and_lists_those_to_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Orders::open(
+            dir.path().join("orders"),
+            JournalOptions::default(),
+            WINDOW_MS,
+        )
+    };
+    let orders = open().unwrap();
+    // Ten orders made at 0, 100, ..., 900 ms: each due WINDOW_MS later. Two are paid.
+    for i in 0..10u64 {
+        orders
+            .create("inv-0", i + 1, "item-1", &format!("u{i}"), i * 100)
+            .await
+            .unwrap();
+    }
+    for i in [2u64, 5] {
+        orders
+            .pay(&order_id("inv-0", i + 1), &format!("u{i}"), 10)
+            .await
+            .unwrap();
+    }
+    assert_eq!(orders.expire_due(WINDOW_MS - 1).await.unwrap(), 0);
+    // Due by 1,300 ms: the ones made at 0, 100, 300 (200 is paid).
+    assert_eq!(orders.expire_due(WINDOW_MS + 300).await.unwrap(), 3);
+    assert_eq!(orders.expire_due(WINDOW_MS + 300).await.unwrap(), 0, "once");
+    let mut unreleased: Vec<String> = orders
+        .unreleased()
+        .into_iter()
+        .map(|o| o.order_id)
+        .collect();
+    unreleased.sort();
+    assert_eq!(unreleased, ["inv-0-1", "inv-0-2", "inv-0-4"]);
+    orders.mark_released("inv-0-2").await.unwrap();
+    drop(orders);
+    // After a restart the indexes are rebuilt from the journal.
+    let orders = open().unwrap();
+    assert_eq!(orders.unreleased().len(), 2);
+    // The rest (made at 400, 600 ... 900; 500 is paid) come due later.
+    assert_eq!(orders.expire_due(u64::MAX).await.unwrap(), 5);
+    assert_eq!(orders.unreleased().len(), 7);
+    assert_eq!(
+        orders.get("inv-0-3").unwrap().status,
+        OrderStatus::Paid,
+        "paid orders never expire"
+    );
+}
