@@ -543,16 +543,21 @@ impl Api {
 
     /// The shard that serves `user` for `item`.
     fn home(&self, item: &ItemDef, user: &str) -> Result<Shard, Box<Answer>> {
-        let shards = self.shards_of(item)?;
-        let names: Vec<String> = shards.iter().map(|s| s.name.clone()).collect();
-        let home = home_shard(&names, user).and_then(|name| self.shard(name));
-        home.cloned().ok_or_else(|| {
+        // Items from before shards existed are all in the first one.
+        let name = if item.shards.is_empty() {
+            self.shards.first().map(|s| &s.name)
+        } else {
+            home_shard(&item.shards, user)
+        };
+        let unknown = || {
             Box::new(fail(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
-                "no shard is configured",
+                format!("no configured shard holds {}", item.item_id),
             ))
-        })
+        };
+        let name = name.ok_or_else(unknown)?;
+        self.shard(name).cloned().ok_or_else(unknown)
     }
 
     /// The shard of an order and its reservation id, from the order id.
@@ -859,7 +864,7 @@ impl Api {
                 );
             }
             // Without one, every request is a new purchase attempt.
-            None => format!("auto-{}-{}", now_ms(), rand_suffix()),
+            None => format!("auto-{}-{:x}", now_ms(), crate::random_u64()),
         };
         let Some(item) = self.catalog.get(item_id) else {
             return fail(
@@ -1148,14 +1153,6 @@ where
             other => return other,
         }
     }
-}
-
-/// A few random-looking digits (time-based, for ids that only need to differ).
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
-    h.finish() % 1_000_000_000
 }
 
 /// Invalidates cached stock figures as orders instances announce returned units in the

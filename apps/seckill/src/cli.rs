@@ -123,18 +123,11 @@ fn parse_shard(text: &str) -> Result<String, String> {
 /// The sale's id: 64 random bits in `<dir>/sale-id`, made on first use. It names the sale's
 /// entries in shared stores (the catalog cache's Redis tier).
 fn sale_id(dir: &std::path::Path) -> anyhow::Result<String> {
-    use std::hash::{BuildHasher, Hasher};
     let file = dir.join("sale-id");
     match std::fs::read_to_string(&file) {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
         _ => {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            let id = format!("{:016x}", h.finish());
+            let id = format!("{:016x}", crate::random_u64());
             std::fs::write(&file, &id).with_context(|| format!("writing {}", file.display()))?;
             Ok(id)
         }

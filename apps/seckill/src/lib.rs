@@ -33,5 +33,15 @@ pub mod proto {
 }
 
 pub use inventory::{Inventory, InventoryError, Refusal, Reservation};
+
+/// 64 random bits, for ids and tokens: the standard library seeds each `RandomState` from
+/// the operating system's randomness.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.finish()
+}
 pub use orders::{Order, OrderError, OrderStatus, Orders};
 pub use service::InventoryService;

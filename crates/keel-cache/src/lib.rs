@@ -294,11 +294,6 @@ where
         }
     }
 
-    /// Drops `key` from this process's tier only.
-    pub fn invalidate_local(&self, key: &str) {
-        drop_local(&self.inner, key);
-    }
-
     /// The counters.
     pub fn stats(&self) -> &CacheStats {
         &self.inner.stats

@@ -268,16 +268,13 @@ fn quoted(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
 }
 
-/// 128 random bits as hex, from the OS's randomness (the standard library's hasher keys).
+/// 128 random bits as hex.
 fn fresh_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    (0..2)
-        .map(|i| {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(i);
-            format!("{:016x}", h.finish())
-        })
-        .collect()
+    format!(
+        "{:016x}{:016x}",
+        keel_seckill::random_u64(),
+        keel_seckill::random_u64()
+    )
 }
 
 /// A child process and how to start it again.
