@@ -129,6 +129,7 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
                             "latency_us": s.stats.latency_us(),
                             "requests": s.requests.load(Ordering::Relaxed),
                             "failures": s.failures.load(Ordering::Relaxed),
+                            "idle_connections": s.idle.len(),
                         })
                     })
                     .collect();

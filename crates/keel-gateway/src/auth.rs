@@ -6,8 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http::{HeaderName, HeaderValue, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::headers::Lookup;
 use serde::Deserialize;
 
 /// `auth = { ... }` on a route.
@@ -143,22 +145,26 @@ impl Auth {
         })
     }
 
-    /// Checks a request's credentials; on success, sets the forwarded-claim headers.
-    pub(crate) fn check(&self, headers: &mut HeaderMap) -> Result<(), String> {
-        for (_, name) in &self.forward {
-            headers.remove(name);
-        }
-        if let Some(key) = headers.get(&self.api_key_header)
-            && self
-                .api_keys
-                .iter()
-                .any(|k| constant_time_eq(k, key.as_bytes()))
+    /// The headers claims are forwarded in: whatever the client sent in them is dropped.
+    pub(crate) fn claim_headers(&self) -> impl Iterator<Item = &HeaderName> {
+        self.forward.iter().map(|(_, name)| name)
+    }
+
+    /// Checks a request's credentials; on success, the claim headers to forward (the
+    /// client's own headers of those names must be dropped: see [`Auth::claim_headers`]).
+    pub(crate) fn verify(
+        &self,
+        headers: &(impl Lookup + ?Sized),
+    ) -> Result<Vec<(&HeaderName, HeaderValue)>, String> {
+        if let Some(key) = headers.value(&self.api_key_header)
+            && self.api_keys.iter().any(|k| constant_time_eq(k, key))
         {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        static AUTHORIZATION: HeaderName = header::AUTHORIZATION;
         let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+            .value(&AUTHORIZATION)
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let (Some(jwt), Some(token)) = (&self.jwt, bearer) else {
             return Err(if self.jwt.is_some() {
@@ -173,16 +179,17 @@ impl Auth {
             &jwt.validation,
         )
         .map_err(|e| format!("token refused: {e}"))?;
+        let mut claims = Vec::with_capacity(self.forward.len());
         for (claim, name) in &self.forward {
             let value = match data.claims.get(claim) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(other) => other.to_string(),
+                Some(serde_json::Value::String(s)) => HeaderValue::from_str(s),
+                Some(other) => HeaderValue::from_str(&other.to_string()),
                 None => continue,
             };
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(name.clone(), v);
+            if let Ok(v) = value {
+                claims.push((name, v));
             }
         }
-        Ok(())
+        Ok(claims)
     }
 }

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
 use ipnet::IpNet;
 use keel_governance::balance::hash_key;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::config::RateLimitConfig;
+use crate::headers::Lookup;
 
 /// Parses `10.0.0.0/8`, `::1/128` or a single address.
 pub(crate) fn parse_net(text: &str) -> Option<IpNet> {
@@ -122,16 +123,20 @@ impl RateLimiter {
     }
 
     /// What the 429 says is limited.
-    pub(crate) fn subject(&self, ip: IpAddr, headers: &HeaderMap) -> String {
+    pub(crate) fn subject(&self, ip: IpAddr, headers: &(impl Lookup + ?Sized)) -> String {
         match &self.key {
             LimitKey::Route => "this route".into(),
-            LimitKey::Header(h) if headers.contains_key(h) => format!("this {h}"),
+            LimitKey::Header(h) if headers.value(h).is_some() => format!("this {h}"),
             _ => ip.to_string(),
         }
     }
 
     /// Takes a token for the request's key; if there is none, how long until there will be.
-    pub(crate) fn check(&self, ip: IpAddr, headers: &HeaderMap) -> Result<(), Duration> {
+    pub(crate) fn check(
+        &self,
+        ip: IpAddr,
+        headers: &(impl Lookup + ?Sized),
+    ) -> Result<(), Duration> {
         let by_ip = || match ip {
             IpAddr::V4(v4) => hash_key(&v4.octets()),
             IpAddr::V6(v6) => hash_key(&v6.octets()),
@@ -143,14 +148,12 @@ impl RateLimiter {
             // An API-key limit only counts keys the route accepts: a made-up key (sent along
             // with a valid token) counts against the address.
             LimitKey::Header(h) => headers
-                .get(h)
-                .filter(|v| {
-                    self.valid_keys.is_empty() || self.valid_keys.iter().any(|k| k == v.as_bytes())
-                })
+                .value(h)
+                .filter(|v| self.valid_keys.is_empty() || self.valid_keys.iter().any(|k| k == v))
                 .map_or_else(by_ip, |v| {
                     let mut bytes = Vec::with_capacity(v.len() + 1);
                     bytes.push(0xff);
-                    bytes.extend_from_slice(v.as_bytes());
+                    bytes.extend_from_slice(v);
                     hash_key(&bytes)
                 }),
         };
@@ -192,6 +195,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn allow_and_deny() {

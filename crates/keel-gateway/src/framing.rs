@@ -20,7 +20,7 @@ enum State {
     /// Skipping this many body bytes.
     Body(u64),
     /// In a chunked body.
-    Chunk(Chunk),
+    Chunk(Chunked),
     /// Not following this connection any more.
     Off,
 }
@@ -33,6 +33,93 @@ enum Chunk {
     Data(u64),
     /// Reading trailer lines until an empty one.
     Trailers,
+}
+
+/// Follows a chunked body (RFC 9112 §7.1) as its bytes go by, to find where it ends.
+#[derive(Debug)]
+pub(crate) struct Chunked {
+    phase: Chunk,
+    /// The size or trailer line being read.
+    line: Vec<u8>,
+    max_line: usize,
+}
+
+/// Where a chunked body stands after some of its bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ChunkedEnd {
+    /// Not ended yet: all the bytes belonged to it.
+    No,
+    /// It ended after this many of the bytes.
+    At(usize),
+    /// Not a chunked body (a bad size line, or a line longer than allowed).
+    Invalid,
+}
+
+impl Chunked {
+    /// A tracker at the start of a body; a size or trailer line may be `max_line` bytes long.
+    pub(crate) fn new(max_line: usize) -> Chunked {
+        Chunked {
+            phase: Chunk::Size,
+            line: Vec::new(),
+            max_line,
+        }
+    }
+
+    /// Follows the next bytes of the body.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> ChunkedEnd {
+        let total = bytes.len();
+        let mut bytes = bytes;
+        while !bytes.is_empty() {
+            match self.phase {
+                Chunk::Data(left) => {
+                    // The data, then its CRLF (read as an empty size line).
+                    let n = left.min(bytes.len() as u64);
+                    bytes = &bytes[n as usize..];
+                    self.phase = if left == n {
+                        Chunk::Size
+                    } else {
+                        Chunk::Data(left - n)
+                    };
+                }
+                phase @ (Chunk::Size | Chunk::Trailers) => {
+                    let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(bytes);
+                        if self.line.len() > self.max_line {
+                            return ChunkedEnd::Invalid;
+                        }
+                        return ChunkedEnd::No;
+                    };
+                    self.line.extend_from_slice(&bytes[..=nl]);
+                    bytes = &bytes[nl + 1..];
+                    if self.line.len() > self.max_line + 2 {
+                        return ChunkedEnd::Invalid;
+                    }
+                    let text = trim_crlf(&self.line);
+                    match phase {
+                        Chunk::Size if text.is_empty() => {} // the CRLF after chunk data
+                        Chunk::Size => {
+                            let size = text.split(|b| *b == b';').next().unwrap_or(b"");
+                            match std::str::from_utf8(size)
+                                .ok()
+                                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                            {
+                                Some(0) => self.phase = Chunk::Trailers,
+                                Some(n) => self.phase = Chunk::Data(n),
+                                None => return ChunkedEnd::Invalid,
+                            }
+                        }
+                        Chunk::Trailers if text.is_empty() => {
+                            self.line.clear();
+                            return ChunkedEnd::At(total - bytes.len());
+                        }
+                        Chunk::Trailers | Chunk::Data(_) => {}
+                    }
+                    self.line.clear();
+                }
+            }
+        }
+        ChunkedEnd::No
+    }
 }
 
 /// What the tracker learned from the bytes of one read.
@@ -124,45 +211,14 @@ impl Framing {
                         }
                     }
                 }
-                State::Chunk(Chunk::Data(left)) => {
-                    // The data, then its CRLF (counted as two more bytes).
-                    let n = (*left).min(bytes.len() as u64);
-                    *left -= n;
-                    bytes = &bytes[n as usize..];
-                    if *left == 0 {
-                        self.state = State::Chunk(Chunk::Size);
+                State::Chunk(body) => match body.feed(bytes) {
+                    ChunkedEnd::No => break,
+                    ChunkedEnd::At(n) => {
+                        bytes = &bytes[n..];
+                        self.state = State::Head;
                     }
-                }
-                State::Chunk(phase @ (Chunk::Size | Chunk::Trailers)) => {
-                    let phase = *phase;
-                    let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
-                        self.line.extend_from_slice(bytes);
-                        if self.line.len() > self.max_head {
-                            self.off();
-                        }
-                        break;
-                    };
-                    self.line.extend_from_slice(&bytes[..=nl]);
-                    bytes = &bytes[nl + 1..];
-                    let line = std::mem::take(&mut self.line);
-                    let text = trim_crlf(&line);
-                    match phase {
-                        Chunk::Size if text.is_empty() => {} // the CRLF after chunk data
-                        Chunk::Size => {
-                            let size = text.split(|b| *b == b';').next().unwrap_or(b"");
-                            match std::str::from_utf8(size)
-                                .ok()
-                                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                            {
-                                Some(0) => self.state = State::Chunk(Chunk::Trailers),
-                                Some(n) => self.state = State::Chunk(Chunk::Data(n)),
-                                None => self.off(),
-                            }
-                        }
-                        Chunk::Trailers if text.is_empty() => self.state = State::Head,
-                        Chunk::Trailers | Chunk::Data(_) => {}
-                    }
-                }
+                    ChunkedEnd::Invalid => self.off(),
+                },
             }
         }
         seen
@@ -220,7 +276,7 @@ impl Framing {
             return Next::Off;
         }
         Next::Follow(if chunked {
-            State::Chunk(Chunk::Size)
+            State::Chunk(Chunked::new(self.max_head))
         } else {
             match length {
                 Some(n) if n > 0 => State::Body(n),

@@ -45,9 +45,11 @@ mod bridge;
 mod cache;
 pub mod config;
 mod conns;
+mod fast;
 mod filter;
 mod framing;
 pub mod gate;
+mod headers;
 mod metrics;
 mod proxy;
 mod router;
@@ -260,11 +262,15 @@ impl Gateway {
                 let watched = conns.add();
                 let state = watched.state.clone();
                 match tls {
-                    None => serve_connection(inner.clone(), stream, peer, false, state).await,
+                    None => fast::serve(inner.clone(), stream, peer, false, state).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => {
+                            // HTTP/2 goes to hyper; HTTP/1 starts on the fast path.
+                            Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
                                 serve_connection(inner.clone(), stream, peer, true, state).await;
+                            }
+                            Ok(Ok(stream)) => {
+                                fast::serve(inner.clone(), stream, peer, true, state).await;
                             }
                             Ok(Err(e)) => {
                                 inner

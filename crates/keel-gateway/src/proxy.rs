@@ -31,6 +31,7 @@ use hyper_util::rt::TokioIo;
 use keel_governance::endpoint::Outcome;
 use tokio::time::Instant;
 
+use crate::headers::Lookup;
 use crate::router::Target;
 use crate::upstream::{Pool, QueueError, UpBody};
 use crate::{Inner, Shared, cache};
@@ -47,7 +48,7 @@ pub(crate) fn error(
     code: &str,
     detail: impl Into<String>,
 ) -> Response<DownBody> {
-    let body = serde_json::json!({ "error": code, "detail": detail.into() }).to_string();
+    let body = error_json(code, detail.into());
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -55,6 +56,11 @@ pub(crate) fn error(
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// The body of a JSON error answer.
+pub(crate) fn error_json(code: &str, detail: String) -> String {
+    serde_json::json!({ "error": code, "detail": detail }).to_string()
 }
 
 /// The answer to a request with both `Content-Length` and `Transfer-Encoding` (a request
@@ -107,7 +113,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Whether a header holds `token` in its comma-separated list (case-insensitive).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
@@ -116,7 +122,7 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -125,11 +131,11 @@ fn is_idempotent(method: &Method) -> bool {
 
 /// What the access log and the metrics learn while a request is served.
 #[derive(Debug, Default)]
-struct Note {
-    route: Option<usize>,
+pub(crate) struct Note {
+    pub(crate) route: Option<usize>,
     /// The server that answered (or was tried last).
-    server: Option<Arc<crate::upstream::Server>>,
-    cache: Option<&'static str>,
+    pub(crate) server: Option<Arc<crate::upstream::Server>>,
+    pub(crate) cache: Option<&'static str>,
 }
 
 /// Serves one request, then counts it and logs it.
@@ -152,11 +158,39 @@ pub(crate) async fn handle(
     });
     let mut note = Note::default();
     let resp = serve(&inner, &shared, req, peer, tls, &mut note).await;
+    let logged = logged.as_ref().map(|(method, uri, host, at)| Logged {
+        at: *at,
+        method: method.as_str(),
+        host: host.as_deref(),
+        target: uri.path_and_query().map_or("/", |p| p.as_str()),
+    });
+    account(&inner, &shared, note, peer, resp.status(), started, logged);
+    resp
+}
+
+/// What the access log says of a request.
+pub(crate) struct Logged<'a> {
+    pub(crate) at: SystemTime,
+    pub(crate) method: &'a str,
+    pub(crate) host: Option<&'a str>,
+    /// The path and query the client sent.
+    pub(crate) target: &'a str,
+}
+
+/// Counts a served request in its route's metrics (or as unrouted) and writes its access log
+/// line (`logged` is `Some` when there is an access log).
+pub(crate) fn account(
+    inner: &Inner,
+    shared: &Shared,
+    mut note: Note,
+    peer: SocketAddr,
+    status: StatusCode,
+    started: Instant,
+    logged: Option<Logged<'_>>,
+) {
     let elapsed = started.elapsed();
     match note.route {
-        Some(i) => shared.router.routes()[i]
-            .metrics
-            .record(resp.status(), elapsed),
+        Some(i) => shared.router.routes()[i].metrics.record(status, elapsed),
         None => {
             inner
                 .metrics
@@ -164,24 +198,24 @@ pub(crate) async fn handle(
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    if let (Some(access), Some((method, uri, host, at))) = (&shared.access, logged) {
+    if let (Some(access), Some(logged)) = (&shared.access, logged) {
         let server = note.server.take();
         access.write(&crate::access::Entry {
-            ts_ms: at
+            ts_ms: logged
+                .at
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             client: peer.ip().to_string(),
-            method: method.as_str(),
-            host: host.as_deref(),
-            path: uri.path_and_query().map_or("/", |p| p.as_str()),
-            status: resp.status().as_u16(),
+            method: logged.method,
+            host: logged.host,
+            path: logged.target,
+            status: status.as_u16(),
             duration_us: elapsed.as_micros() as u64,
             route: note.route.map(|i| shared.router.routes()[i].name.as_str()),
             upstream_server: server.as_ref().map(|s| s.address.as_str()),
             cache: note.cache,
         });
     }
-    resp
 }
 
 /// The request's host without port: `Host`, or the authority of an HTTP/2 request.
@@ -196,7 +230,7 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
 /// The path routes match and servers get: `%XX` escapes of unreserved characters decoded
 /// and runs of slashes merged (so `/%61dmin` and `//admin` are `/admin`, and cannot slip past
 /// a route guarding `/admin/`); a `.` or `..` segment, escaped or not, is refused.
-fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+pub(crate) fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, String> {
     let bytes = path.as_bytes();
     let plain = !path.contains('%') && !path.contains("//");
     if plain
@@ -245,7 +279,7 @@ fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, String> {
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`; a bare IPv6 literal is kept whole.
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.find(']').map_or(host, |end| &host[..=end]);
     }
@@ -282,66 +316,36 @@ async fn serve(
         );
     };
     note.route = Some(route_index);
-    if !route.addresses.admits(peer.ip()) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("{} may not use this route", peer.ip()),
-        );
-    }
-    if let Some(refused) = rate_limited(route, false, peer, req.headers()) {
-        return refused;
-    }
-    let limits = &shared.config.server;
     let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-    if target_len > limits.max_uri_bytes {
-        return error(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            format!(
-                "request target of {target_len} bytes; the limit is {}",
-                limits.max_uri_bytes
-            ),
-        );
-    }
-    let max_body = route.max_body_bytes.unwrap_or(limits.max_body_bytes);
-    if let Some(len) = req
+    let length = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > max_body
-    {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("body of {len} bytes; the limit is {max_body}"),
-        );
+        .and_then(|v| v.parse::<u64>().ok());
+    let claims = match admit(
+        route,
+        &shared.config.server,
+        peer,
+        req.headers(),
+        target_len,
+        length,
+        &path,
+    ) {
+        Ok(claims) => claims,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Some(auth) = &route.auth {
+        let headers = req.headers_mut();
+        for name in auth.claim_headers() {
+            headers.remove(name);
+        }
+        for (name, value) in claims {
+            headers.insert(name.clone(), value);
+        }
     }
-    if let Some(auth) = &route.auth
-        && let Err(why) = auth.check(req.headers_mut())
-    {
-        let mut resp = error(StatusCode::UNAUTHORIZED, "unauthenticated", why);
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return resp;
-    }
-    if let Some(refused) = rate_limited(route, true, peer, req.headers()) {
-        return refused;
-    }
-    if let Some(gate) = &route.gate
-        && let Err(wait) = gate.check(&path)
-    {
-        let mut resp = error(
-            StatusCode::FORBIDDEN,
-            "not_started",
-            format!("opens in {}s", wait.as_secs_f64().ceil() as u64),
-        );
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return resp;
-    }
+    let max_body = route
+        .max_body_bytes
+        .unwrap_or(shared.config.server.max_body_bytes);
     let pool_index = match &route.target {
         Target::Static(dir) => {
             let file = route.rewrite(&path, None);
@@ -480,35 +484,131 @@ async fn serve(
     downgrade_version(resp, client_version)
 }
 
+/// Why a route's filters refused a request.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) detail: String,
+    /// `Retry-After` or `WWW-Authenticate`, as the refusal calls for.
+    pub(crate) header: Option<(HeaderName, HeaderValue)>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, detail: String) -> Refusal {
+        Refusal {
+            status,
+            code,
+            detail,
+            header: None,
+        }
+    }
+
+    fn retry_after(mut self, wait: Duration) -> Refusal {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        self.header = Some((header::RETRY_AFTER, HeaderValue::from(secs)));
+        self
+    }
+
+    /// The JSON error answer.
+    pub(crate) fn into_response(self) -> Response<DownBody> {
+        let mut resp = error(self.status, self.code, self.detail);
+        if let Some((name, value)) = self.header {
+            resp.headers_mut().insert(name, value);
+        }
+        resp
+    }
+}
+
+/// A route's filters, in order: the address lists, the rate limits keyed by address or
+/// route, the URI and body size limits, authentication, the rate limits keyed by a header
+/// (an API key, proven by then), and the opening-time gate. On success, the claim headers
+/// authentication forwards (the client's own headers of those names must go: see
+/// [`crate::auth::Auth::claim_headers`]). `content_length` is the declared body length.
+pub(crate) fn admit<'r>(
+    route: &'r crate::router::Route,
+    limits: &crate::config::ServerSection,
+    peer: SocketAddr,
+    headers: &(impl Lookup + ?Sized),
+    target_len: usize,
+    content_length: Option<u64>,
+    path: &str,
+) -> Result<Vec<(&'r HeaderName, HeaderValue)>, Refusal> {
+    if !route.addresses.admits(peer.ip()) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not use this route", peer.ip()),
+        ));
+    }
+    rate_limited(route, false, peer, headers)?;
+    if target_len > limits.max_uri_bytes {
+        return Err(Refusal::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "request target of {target_len} bytes; the limit is {}",
+                limits.max_uri_bytes
+            ),
+        ));
+    }
+    let max_body = route.max_body_bytes.unwrap_or(limits.max_body_bytes);
+    if let Some(len) = content_length
+        && len > max_body
+    {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body of {len} bytes; the limit is {max_body}"),
+        ));
+    }
+    let claims = match &route.auth {
+        None => Vec::new(),
+        Some(auth) => auth.verify(headers).map_err(|why| Refusal {
+            header: Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))),
+            ..Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", why)
+        })?,
+    };
+    rate_limited(route, true, peer, headers)?;
+    if let Some(gate) = &route.gate
+        && let Err(wait) = gate.check(path)
+    {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "not_started",
+            format!("opens in {}s", wait.as_secs_f64().ceil() as u64),
+        )
+        .retry_after(wait));
+    }
+    Ok(claims)
+}
+
 /// The 429 for the first of the route's rate limits (those checked `after_auth` or the
 /// others) that has no token for this request.
 fn rate_limited(
     route: &crate::router::Route,
     after_auth: bool,
     peer: SocketAddr,
-    headers: &HeaderMap,
-) -> Option<Response<DownBody>> {
+    headers: &(impl Lookup + ?Sized),
+) -> Result<(), Refusal> {
     for limiter in route
         .rate_limits
         .iter()
         .filter(|l| l.after_auth() == after_auth)
     {
         if let Err(wait) = limiter.check(peer.ip(), headers) {
-            let mut resp = error(
+            return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
                     "too many requests from {}; retry in {wait:?}",
                     limiter.subject(peer.ip(), headers)
                 ),
-            );
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            return Some(resp);
+            )
+            .retry_after(wait));
         }
     }
-    None
+    Ok(())
 }
 
 /// The answer goes back in the client's HTTP version, whatever the upstream spoke.
@@ -724,12 +824,12 @@ impl Upstream<'_> {
 /// midway (the client went away, or reset its HTTP/2 stream): otherwise the server's
 /// in-flight count would leak, and a server being probed after an ejection would never be
 /// picked again.
-struct Attempt<'a> {
-    pool: &'a Pool,
-    servers: &'a [Arc<crate::upstream::Server>],
-    server: &'a crate::upstream::Server,
-    started: Instant,
-    outcome: Option<Outcome>,
+pub(crate) struct Attempt<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) servers: &'a [Arc<crate::upstream::Server>],
+    pub(crate) server: &'a crate::upstream::Server,
+    pub(crate) started: Instant,
+    pub(crate) outcome: Option<Outcome>,
 }
 
 impl Drop for Attempt<'_> {

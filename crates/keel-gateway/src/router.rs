@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method};
 
 use crate::config::RouteConfig;
+use crate::headers::Lookup;
 
 /// Where a route sends its requests.
 #[derive(Debug)]
@@ -141,7 +142,7 @@ impl Route {
         method: &Method,
         host: Option<&str>,
         path: &str,
-        headers: &HeaderMap,
+        headers: &(impl Lookup + ?Sized),
     ) -> bool {
         if let Some(want) = &self.host
             && host.is_none_or(|h| !h.eq_ignore_ascii_case(want))
@@ -158,7 +159,7 @@ impl Route {
         }
         self.headers
             .iter()
-            .all(|(name, value)| headers.get(name) == Some(value))
+            .all(|(name, value)| headers.value(name) == Some(value.as_bytes()))
     }
 
     /// What the admin API shows of it.
@@ -228,7 +229,7 @@ impl Router {
         method: &Method,
         host: Option<&str>,
         path: &str,
-        headers: &HeaderMap,
+        headers: &(impl Lookup + ?Sized),
     ) -> Option<(usize, &Route)> {
         self.routes
             .iter()
@@ -240,6 +241,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn route(toml_text: &str) -> Route {
         let config: RouteConfig = toml::from_str(toml_text).unwrap();

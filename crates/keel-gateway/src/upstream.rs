@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
+
+use crate::headers::Lookup;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use http_body_util::BodyExt;
@@ -46,6 +48,8 @@ pub(crate) struct Server {
     pub(crate) failures: AtomicU64,
     /// The opaque id a sticky-session cookie carries.
     pub(crate) sticky_id: String,
+    /// Its idle keep-alive connections for the HTTP/1 fast path (`fast`).
+    pub(crate) idle: crate::fast::IdleConns,
 }
 
 impl Server {
@@ -63,17 +67,7 @@ enum HashKey {
     Cookie(String),
 }
 
-/// The value of cookie `name` in a request, if sent.
-pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.trim())
-}
+pub(crate) use crate::headers::cookie;
 
 /// Why a request could not get a slot.
 #[derive(Debug)]
@@ -191,6 +185,7 @@ impl Server {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sticky_id: format!("{:016x}", balance::hash_key(address.as_bytes())),
+            idle: crate::fast::IdleConns::default(),
         })
     }
 }
@@ -291,7 +286,7 @@ impl Pool {
         &self,
         servers: &[Arc<Server>],
         client: IpAddr,
-        headers: &HeaderMap,
+        headers: &(impl Lookup + ?Sized),
         exclude: &[usize],
     ) -> Option<usize> {
         if let Some(name) = &self.sticky_cookie
@@ -318,7 +313,7 @@ impl Pool {
             .collect();
         let named = match &self.hash_key {
             HashKey::Ip => None,
-            HashKey::Header(h) => headers.get(h).map(|v| balance::hash_key(v.as_bytes())),
+            HashKey::Header(h) => headers.value(h).map(balance::hash_key),
             HashKey::Cookie(c) => cookie(headers, c).map(|v| balance::hash_key(v.as_bytes())),
         };
         let key = named.unwrap_or_else(|| match client {
