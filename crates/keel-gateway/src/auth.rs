@@ -3,11 +3,16 @@
 //! bearer token, whichever the route configures. Chosen claims of a valid token are forwarded
 //! as headers; the same headers sent by the client are always removed first, so they cannot be
 //! forged.
+//!
+//! A verified token is remembered (up to 10,000 per route), so a client's next requests with it
+//! skip the signature check and the JSON decoding; its `exp` and `nbf` are still checked at
+//! each use. A token differing in any byte, its signature included, is verified afresh.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use http::{HeaderName, HeaderValue, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::Mutex;
 
 use crate::headers::Lookup;
 use serde::Deserialize;
@@ -60,6 +65,32 @@ pub struct JwtConfig {
 struct Jwt {
     key: DecodingKey,
     validation: Validation,
+    /// Tokens verified already, so a client's next requests skip the signature and JSON work.
+    verified: Mutex<HashMap<Box<str>, Verified>>,
+}
+
+/// Verified tokens kept per route at most; past it the expired ones go, and if that is not
+/// enough, all.
+const MAX_VERIFIED: usize = 10_000;
+
+/// What a verified token proved: its signature, issuer and audience hold for good; its time
+/// window is checked again at each use, as a new decoding would.
+#[derive(Debug, Clone)]
+struct Verified {
+    /// Header values of the forwarded claims, by index into `Auth::forward`.
+    claims: Vec<(usize, HeaderValue)>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+impl Verified {
+    /// Whether the token is within its time window at `now` (seconds), with `leeway` (the
+    /// test `jsonwebtoken` applies).
+    fn fresh(&self, now: u64, leeway: u64) -> bool {
+        self.exp
+            .is_some_and(|exp| exp >= now.saturating_sub(leeway))
+            && self.nbf.is_none_or(|nbf| nbf <= now + leeway)
+    }
 }
 
 /// A route's authentication, compiled.
@@ -120,7 +151,11 @@ impl Auth {
                 if let Some(iss) = &j.issuer {
                     validation.set_issuer(&[iss]);
                 }
-                Some(Jwt { key, validation })
+                Some(Jwt {
+                    key,
+                    validation,
+                    verified: Mutex::new(HashMap::new()),
+                })
             }
         };
         let forward = config
@@ -173,23 +208,141 @@ impl Auth {
                 format!("send a valid API key in {}", self.api_key_header)
             });
         };
-        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            token.trim(),
-            &jwt.key,
-            &jwt.validation,
-        )
-        .map_err(|e| format!("token refused: {e}"))?;
-        let mut claims = Vec::with_capacity(self.forward.len());
-        for (claim, name) in &self.forward {
-            let value = match data.claims.get(claim) {
-                Some(serde_json::Value::String(s)) => HeaderValue::from_str(s),
-                Some(other) => HeaderValue::from_str(&other.to_string()),
-                None => continue,
-            };
-            if let Ok(v) = value {
-                claims.push((name, v));
+        let token = token.trim();
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = jwt.validation.leeway;
+        let cached = jwt.verified.lock().get(token).cloned();
+        let verified = match cached {
+            Some(v) if v.fresh(now, leeway) => v,
+            _ => {
+                let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+                    token,
+                    &jwt.key,
+                    &jwt.validation,
+                )
+                .map_err(|e| format!("token refused: {e}"))?;
+                let claims = self
+                    .forward
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (claim, _))| {
+                        let value = match data.claims.get(claim)? {
+                            serde_json::Value::String(s) => HeaderValue::from_str(s),
+                            other => HeaderValue::from_str(&other.to_string()),
+                        };
+                        value.ok().map(|v| (i, v))
+                    })
+                    .collect();
+                let time = |name: &str| data.claims.get(name).and_then(serde_json::Value::as_u64);
+                let verified = Verified {
+                    claims,
+                    exp: time("exp"),
+                    nbf: time("nbf"),
+                };
+                let mut cache = jwt.verified.lock();
+                if cache.len() >= MAX_VERIFIED {
+                    cache.retain(|_, v| v.fresh(now, leeway));
+                    if cache.len() >= MAX_VERIFIED {
+                        cache.clear();
+                    }
+                }
+                cache.insert(token.into(), verified.clone());
+                verified
             }
-        }
+        };
+        let claims = verified
+            .claims
+            .into_iter()
+            .map(|(i, v)| (&self.forward[i].1, v))
+            .collect();
         Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hs256(secret: &str) -> Auth {
+        let config: AuthConfig = toml::from_str(&format!(
+            "[jwt]\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\nforward_claims = {{ sub = \"x-user-id\" }}"
+        ))
+        .unwrap();
+        Auth::new(&config).unwrap()
+    }
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn bearer(token: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn verified_tokens_are_remembered_but_not_trusted_blindly() {
+        let auth = hs256("s1");
+        let now = jsonwebtoken::get_current_timestamp();
+        let good = token("s1", serde_json::json!({ "sub": "ann", "exp": now + 60 }));
+        for _ in 0..3 {
+            let claims = auth.verify(&bearer(&good)).unwrap();
+            assert_eq!(claims.len(), 1);
+            assert_eq!(claims[0].0.as_str(), "x-user-id");
+            assert_eq!(claims[0].1, "ann");
+        }
+        let cache = &auth.jwt.as_ref().unwrap().verified;
+        assert_eq!(cache.lock().len(), 1, "verified once, then remembered");
+        // The same claims signed with another key, and the good token with a changed
+        // signature: both refused although the good one is remembered.
+        let forged = token(
+            "other",
+            serde_json::json!({ "sub": "ann", "exp": now + 60 }),
+        );
+        assert!(auth.verify(&bearer(&forged)).is_err());
+        // (A character inside the signature: the last one carries padding bits too.)
+        let mut tampered = good.clone().into_bytes();
+        let at = tampered.len() - 10;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(auth.verify(&bearer(&tampered)).is_err());
+        assert_eq!(cache.lock().len(), 1, "refused tokens are not remembered");
+        // Expired and not-yet-valid tokens are refused (and never remembered).
+        let old = token("s1", serde_json::json!({ "sub": "ann", "exp": now - 10 }));
+        assert!(auth.verify(&bearer(&old)).is_err());
+        let early = token(
+            "s1",
+            serde_json::json!({ "sub": "ann", "exp": now + 60, "nbf": now + 30 }),
+        );
+        assert!(auth.verify(&bearer(&early)).is_err());
+    }
+
+    #[test]
+    fn a_remembered_token_keeps_to_its_time_window() {
+        let v = Verified {
+            claims: Vec::new(),
+            exp: Some(1_000),
+            nbf: Some(900),
+        };
+        assert!(v.fresh(950, 0));
+        assert!(
+            v.fresh(1_000, 0),
+            "valid through its exp second, as jsonwebtoken has it"
+        );
+        assert!(!v.fresh(1_001, 0));
+        assert!(v.fresh(1_005, 5), "leeway");
+        assert!(!v.fresh(899, 0));
+        assert!(v.fresh(895, 5));
+        let no_exp = Verified { exp: None, ..v };
+        assert!(!no_exp.fresh(950, 0));
     }
 }
