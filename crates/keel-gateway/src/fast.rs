@@ -187,8 +187,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         header_timeout: Duration,
         max_head: usize,
     ) -> Read {
+        // Where the search for the head's end goes on from (bytes before it were searched):
+        // a head trickling in is searched once, not once per read.
+        let mut searched = 0;
         loop {
-            if let Some(end) = head_end(&self.buf) {
+            if let Some(end) = head_end(&self.buf[searched..]).map(|end| searched + end) {
                 if end > max_head {
                     return Read::Other;
                 }
@@ -197,6 +200,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             if self.buf.len() > max_head {
                 return Read::Other;
             }
+            // The end's first newline may be among the last two bytes.
+            searched = self.buf.len().saturating_sub(2);
             if deadline.is_none() && !self.buf.is_empty() {
                 deadline = Some(Instant::now() + header_timeout);
             }

@@ -377,6 +377,28 @@ async fn bodies_are_forwarded_whole_and_hop_by_hop_headers_dropped() {
 }
 
 #[tokio::test]
+async fn a_head_arriving_in_pieces_is_served_once_whole() {
+    let (up, _) = raw_upstream(None).await;
+    let gw = one_upstream(up).await;
+    let head = b"GET /pieces HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\n";
+    // Cut everywhere near the end, where the empty line may be split.
+    for cut in [
+        head.len() - 4,
+        head.len() - 3,
+        head.len() - 2,
+        head.len() - 1,
+        5,
+    ] {
+        let mut s = TcpStream::connect(gw).await.unwrap();
+        s.write_all(&head[..cut]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let out = exchange(&mut s, &head[cut..], 1).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "cut at {cut}: {out:?}");
+        assert!(out.contains("X-Mixed-Case"), "{out:?}");
+    }
+}
+
+#[tokio::test]
 async fn what_the_fast_path_does_not_take_goes_to_hyper_mid_connection() {
     let (up, _) = raw_upstream(None).await;
     let gw = one_upstream(up).await;
