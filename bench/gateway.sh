@@ -156,9 +156,9 @@ run() { # name port pid [wrk header]
   before=$(cpu_ticks "$3")
   out=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency ${4:+-H "$4"} "http://127.0.0.1:$2/" 2>&1)
   after=$(cpu_ticks "$3")
-  python3 - "$1" "$out" "$before" "$after" "$(rss_kib "$3")" "$(getconf CLK_TCK)" >> "$RESULTS" <<'PY'
+  python3 - "$1" "$out" "$before" "$after" "$(rss_kib "$3")" "$(getconf CLK_TCK)" "$SECS" >> "$RESULTS" <<'PY'
 import json, re, sys
-name, out, before, after, rss, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+name, out, before, after, rss, hz, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
 def ms(v, unit):
     return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+(?:us|ms|s))$", out, re.M))
@@ -168,7 +168,10 @@ def parse(s):
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 print(json.dumps({"proxy": name, "rps": rps, "p50_ms": parse(lat["50"]), "p99_ms": parse(lat["99"]),
-                  "cpu_s": (after - before) / hz, "rss_kib": rss, "non_2xx": int(errors.group(1)) if errors else 0}))
+                  "cpu_s": (after - before) / hz, "rss_kib": rss, "non_2xx": int(errors.group(1)) if errors else 0,
+                  # The proxy's CPU per request (its kernel time included): what it costs, when both cores
+                  # are busy and req/s meets the ceiling of the set-up.
+                  "cpu_us_per_req": round((after - before) / hz * 1e6 / (rps * secs), 2)}))
 PY
 }
 
@@ -187,11 +190,11 @@ med = lambda p, k: statistics.median(r[k] for r in rows if r["proxy"] == p)
 bad = [r for r in rows if r["non_2xx"] > 0]
 if bad:
     sys.exit(f"non-2xx answers in a run, so its figures would not be proxied requests: {bad}")
-print(f"{'proxy':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU s':>7} {'RSS MiB':>8}")
+print(f"{'proxy':>9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU s':>7} {'CPU us/req':>10} {'RSS MiB':>8}")
 t = {}
 for p in ("keel", "nginx", "haproxy", "keel_auth"):
-    t[p] = {k: med(p, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_s", "rss_kib", "non_2xx")}
-    print(f"{p:>8} {t[p]['rps']:>10.0f} {t[p]['p50_ms']:>8.3f} {t[p]['p99_ms']:>8.3f} {t[p]['cpu_s']:>7.2f} {t[p]['rss_kib']/1024:>8.1f}")
+    t[p] = {k: med(p, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_s", "rss_kib", "non_2xx", "cpu_us_per_req")}
+    print(f"{p:>9} {t[p]['rps']:>10.0f} {t[p]['p50_ms']:>8.3f} {t[p]['p99_ms']:>8.3f} {t[p]['cpu_s']:>7.2f} {t[p]['cpu_us_per_req']:>10.2f} {t[p]['rss_kib']/1024:>8.1f}")
 print(json.dumps({
     "keel_rps": t["keel"]["rps"], "nginx_rps": t["nginx"]["rps"], "haproxy_rps": t["haproxy"]["rps"],
     "keel_p99_ms": t["keel"]["p99_ms"], "nginx_p99_ms": t["nginx"]["p99_ms"], "haproxy_p99_ms": t["haproxy"]["p99_ms"],
@@ -199,6 +202,8 @@ print(json.dumps({
     "keel_vs_haproxy": round(t["keel"]["rps"] / t["haproxy"]["rps"], 2),
     "keel_auth_rps": t["keel_auth"]["rps"], "keel_auth_p99_ms": t["keel_auth"]["p99_ms"],
     "keel_auth_vs_nginx": round(t["keel_auth"]["rps"] / t["nginx"]["rps"], 2),
+    "keel_cpu_us_per_req": t["keel"]["cpu_us_per_req"], "nginx_cpu_us_per_req": t["nginx"]["cpu_us_per_req"],
+    "haproxy_cpu_us_per_req": t["haproxy"]["cpu_us_per_req"],
     "all": t,
 }))
 PY
