@@ -65,10 +65,14 @@ pub(crate) async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_timeout, max_head) = {
+    let (header_timeout, max_head, send_timeout) = {
         let shared = inner.current.load();
         let server = &shared.config.server;
-        (server.header_timeout, server.max_header_bytes)
+        (
+            server.header_timeout,
+            server.max_header_bytes,
+            server.idle_timeout,
+        )
     };
     // The janitor wakes this task to close the connection; its waker lasts as long as it.
     std::future::poll_fn(|cx| {
@@ -80,6 +84,7 @@ pub(crate) async fn serve<I>(
         io,
         buf: BytesMut::with_capacity(READ_SIZE),
         state: &state,
+        send_timeout,
     };
     let mut scratch = Scratch::default();
     // The first head must arrive within the header timeout of the connection's start.
@@ -156,18 +161,22 @@ struct Client<'s, I> {
     /// Read and not yet used.
     buf: BytesMut,
     state: &'s ConnState,
+    /// A client that takes none of an answer's bytes for this long is cut off (nginx's
+    /// `send_timeout`; the server's `idle_timeout`).
+    send_timeout: Duration,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
-    /// Reads more into `buf`: the number of bytes, 0 at the end of the stream, or 0 at once if
-    /// the connection is asked to wind down while nothing is buffered.
-    async fn fill(&mut self) -> io::Result<usize> {
+    /// Reads more into `buf`: the number of bytes, 0 at the end of the stream, or (between
+    /// requests, `between`) 0 at once if the connection is asked to wind down while nothing
+    /// is buffered.
+    async fn fill(&mut self, between: bool) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_SIZE);
         }
-        let Client { io, buf, state } = self;
+        let Client { io, buf, state, .. } = self;
         let n = std::future::poll_fn(|cx| {
-            if buf.is_empty() && state.close.load(Ordering::Acquire) {
+            if between && buf.is_empty() && state.close.load(Ordering::Acquire) {
                 return Poll::Ready(Ok(0));
             }
             tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)
@@ -206,8 +215,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 deadline = Some(Instant::now() + header_timeout);
             }
             let read = match deadline {
-                None => self.fill().await,
-                Some(by) => match tokio::time::timeout_at(by, self.fill()).await {
+                None => self.fill(true).await,
+                Some(by) => match tokio::time::timeout_at(by, self.fill(true)).await {
                     Ok(read) => read,
                     Err(_) => return Read::TimedOut,
                 },
@@ -223,7 +232,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
     async fn read_body(&mut self, len: usize, timeout: Duration) -> Result<Bytes, &'static str> {
         let by = Instant::now() + timeout;
         while self.buf.len() < len {
-            match tokio::time::timeout_at(by, self.fill()).await {
+            match tokio::time::timeout_at(by, self.fill(false)).await {
                 Err(_) => return Err("timed out"),
                 Ok(Ok(0) | Err(_)) => return Err("closed"),
                 Ok(Ok(_)) => {}
@@ -232,10 +241,30 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         Ok(self.buf.split_to(len).freeze())
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.io.write_all(bytes).await?;
-        self.state.activity.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+    /// Writes all of `bytes` and flushes them (TLS buffers what it encrypts), failing if the
+    /// client takes nothing for `send_timeout`. A timer is set only when a write has to wait.
+    async fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading");
+        while !bytes.is_empty() {
+            let ready = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut self.io).poll_write(cx, bytes))
+            })
+            .await;
+            let n = match ready {
+                Poll::Ready(n) => n?,
+                Poll::Pending => tokio::time::timeout(self.send_timeout, self.io.write(bytes))
+                    .await
+                    .map_err(|_| stalled())??,
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n..];
+            self.state.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::timeout(self.send_timeout, self.io.flush())
+            .await
+            .map_err(|_| stalled())?
     }
 }
 
@@ -251,6 +280,29 @@ fn head_end(buf: &[u8]) -> Option<usize> {
         }
     }
     None
+}
+
+/// A `Content-Length` value: decimal digits only (no sign, no spaces inside), at most 19.
+fn digits(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Whether a request target is one the `http` crate takes as it is (what hyper would route
+/// on): no fragment, only the characters it allows in a path and a query, ASCII only.
+/// Others go to hyper, which refuses or cuts them.
+fn plain_target(target: &str) -> bool {
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, query),
+        None => (target, ""),
+    };
+    let in_path =
+        |b: &u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E);
+    let in_query = |b: &u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E);
+    path.as_bytes().iter().all(in_path) && query.as_bytes().iter().all(in_query)
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
@@ -370,7 +422,7 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
         }
         Ok(claims) => {
             let target = route.rewrite(&path, query);
-            upstream_head(
+            let has_host = upstream_head(
                 &mut scratch.up,
                 &req,
                 &target,
@@ -402,6 +454,7 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
                         headers: req.headers,
                         replayable: crate::proxy::is_idempotent(&req.method) && body.is_empty(),
                         head_request: req.method == Method::HEAD,
+                        has_host,
                         body,
                         timeout,
                     };
@@ -441,7 +494,7 @@ fn parse<'h>(head: &'h [u8], parsed: &'h mut [httparse::Header<'h>]) -> Option<R
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return None;
     };
-    if !target.starts_with('/') || method == "CONNECT" {
+    if !target.starts_with('/') || method == "CONNECT" || !plain_target(target) {
         return None;
     }
     let mut length = None;
@@ -450,9 +503,7 @@ fn parse<'h>(head: &'h [u8], parsed: &'h mut [httparse::Header<'h>]) -> Option<R
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            let n = digits(h.value);
             // Twice (even alike) is hyper's to refuse, with `framing`.
             if length.is_some() || n.is_none_or(|n| n > MAX_BUFFERED_BODY) {
                 return None;
@@ -499,7 +550,7 @@ fn upstream_head(
     tls: bool,
     auth: Option<&crate::auth::Auth>,
     claims: &[(&HeaderName, http::HeaderValue)],
-) {
+) -> bool {
     use std::io::Write as _;
     up.clear();
     up.extend_from_slice(req.method.as_str().as_bytes());
@@ -509,19 +560,22 @@ fn upstream_head(
     static CONNECTION: HeaderName = header::CONNECTION;
     let connection: Vec<&[u8]> = req.headers.all(&CONNECTION).collect();
     let mut forwarded_for = None;
+    let mut host = false;
     for h in req.headers {
+        let named = named_by(&connection, h.name);
         if dropped_upstream(h.name)
-            || named_by(&connection, h.name)
+            || named
             || auth.is_some_and(|a| {
                 a.claim_headers()
                     .any(|n| n.as_str().eq_ignore_ascii_case(h.name))
             })
         {
-            if forwarded_for.is_none() && h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            if forwarded_for.is_none() && !named && h.name.eq_ignore_ascii_case("x-forwarded-for") {
                 forwarded_for = Some(h.value);
             }
             continue;
         }
+        host |= h.name.eq_ignore_ascii_case("host");
         up.extend_from_slice(h.name.as_bytes());
         up.extend_from_slice(b": ");
         up.extend_from_slice(h.value);
@@ -552,6 +606,7 @@ fn upstream_head(
     if let Some(len) = req.length {
         let _ = write!(up, "content-length: {len}\r\n");
     }
+    host
 }
 
 /// Answers a refused request with its JSON error; the status.
@@ -594,6 +649,8 @@ struct Forward<'a> {
     /// A bodiless idempotent request: it may be sent again after a failed attempt.
     replayable: bool,
     head_request: bool,
+    /// Whether the head sent upstream has a `Host` (else the server's address is sent).
+    has_host: bool,
     body: Bytes,
     timeout: Duration,
 }
@@ -637,7 +694,7 @@ impl Forward<'_> {
         note: &mut Note,
     ) -> (StatusCode, bool) {
         let pool = self.pool;
-        let _slot = match &pool.queue {
+        let slot = match &pool.queue {
             None => None,
             Some(queue) => match queue.enter().await {
                 Ok(permit) => Some(permit),
@@ -707,6 +764,8 @@ impl Forward<'_> {
             drop(attempt);
             let failure = match asked {
                 Ok((answer, stream)) => {
+                    // Counted until the answer's head is in, as on the hyper path.
+                    drop(slot);
                     let kept = keep_alive && answer.framing != Framing::Close;
                     let relayed = self.relay(client, scratch, &answer, stream, server).await;
                     return (answer.status, kept && relayed);
@@ -714,7 +773,7 @@ impl Forward<'_> {
                 Err(failure) => failure,
             };
             match failure {
-                Failure::NoAnswer(detail) if self.replayable => {
+                Failure::NoAnswer(detail) | Failure::Bad(detail) if self.replayable => {
                     tried.push(index);
                     if !pool.budget.withdraw() {
                         let detail = format!("{detail} (not retried: the retry budget is spent)");
@@ -763,8 +822,7 @@ impl Forward<'_> {
     fn request(&self, head: &[u8], server: &Server, out: &mut Vec<u8>) {
         out.clear();
         out.extend_from_slice(head);
-        static HOST: HeaderName = header::HOST;
-        if self.headers.value(&HOST).is_none() {
+        if !self.has_host {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(server.address.as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -991,9 +1049,7 @@ fn answer_head(
     let mut encoding: Option<&[u8]> = None;
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            let n = digits(h.value);
             match (length, n) {
                 (_, None) => return Err(Failure::Bad("a bad Content-Length".into())),
                 (Some(a), Some(b)) if a != b => {
@@ -1035,9 +1091,13 @@ fn answer_head(
             .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
     );
     for h in headers {
+        let framing_header = h.name.eq_ignore_ascii_case("content-length")
+            || h.name.eq_ignore_ascii_case("transfer-encoding");
+        // The length is written below, as the gateway read it; `Connection` cannot take
+        // away the headers the body is framed by.
         if dropped_downstream(h.name)
-            || named_by(&connection, h.name)
-            || (encoding.is_some() && h.name.eq_ignore_ascii_case("content-length"))
+            || (named_by(&connection, h.name) && !framing_header)
+            || h.name.eq_ignore_ascii_case("content-length")
         {
             continue;
         }
@@ -1045,6 +1105,9 @@ fn answer_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
+    }
+    if let (Some(n), None) = (length, encoding) {
+        let _ = write!(out, "content-length: {n}\r\n");
     }
     if !keep_alive || framing == Framing::Close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -1088,6 +1151,15 @@ impl IdleConns {
         if conns.len() < MAX_IDLE_PER_SERVER {
             conns.push_back((stream, Instant::now()));
         }
+    }
+
+    /// Closes the connections idle for too long and those the server has closed (so they
+    /// do not linger half-closed while the server gets no requests).
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        self.conns.lock().retain(|(stream, since)| {
+            now.duration_since(*since) <= IDLE_UPSTREAM && still_open(stream)
+        });
     }
 
     /// Connections kept now.
@@ -1182,6 +1254,9 @@ mod tests {
         };
         assert!(qualifies(b"GET /a?b=1 HTTP/1.1\r\nHost: x:80\r\n\r\n"));
         assert!(qualifies(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
+        assert!(qualifies(
+            b"GET /a/%2F-._~!$&'()*+,;=:@?q=/?x&y={z}|1 HTTP/1.1\r\n\r\n"
+        ));
         for head in [
             &b"GET / HTTP/1.0\r\n\r\n"[..],
             b"GET http://x/ HTTP/1.1\r\n\r\n",
@@ -1193,6 +1268,10 @@ mod tests {
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\n",
+            b"GET /api/login#x HTTP/1.1\r\n\r\n",
+            b"GET /a<b> HTTP/1.1\r\n\r\n",
+            b"GET /a?b=1#x HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
         ] {
             assert!(!qualifies(head), "{:?}", String::from_utf8_lossy(head));
@@ -1230,8 +1309,21 @@ mod tests {
         assert_eq!((framing, reusable), (Framing::Length(5), true));
         assert_eq!(
             out,
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: 2\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nX-Kept: 2\r\ncontent-length: 5\r\n\r\n"
         );
+        // `Connection` cannot take the framing away; a length is written as it was read.
+        let (framing, _, out) = frame(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 05\r\nConnection: content-length\r\n\r\n",
+            false,
+        );
+        assert_eq!(framing, Framing::Length(5));
+        assert!(out.contains("content-length: 5\r\n"), "{out}");
+        let (framing, _, out) = frame(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n",
+            false,
+        );
+        assert_eq!(framing, Framing::Chunked);
+        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
         let (framing, _, out) = frame(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
             false,
@@ -1248,6 +1340,16 @@ mod tests {
             false,
         );
         assert_eq!(framing, Framing::Length(0));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut parsed);
+            resp.parse(bad).unwrap();
+            assert!(answer_head(&resp, false, true, &mut Vec::new()).is_err());
+        }
         let (_, reusable, _) = frame(
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             false,

@@ -29,8 +29,10 @@ enum State {
 enum Chunk {
     /// Reading a chunk-size line.
     Size,
-    /// Skipping chunk data, then its CRLF.
+    /// Skipping chunk data.
     Data(u64),
+    /// The CRLF after chunk data.
+    DataEnd,
     /// Reading trailer lines until an empty one.
     Trailers,
 }
@@ -76,12 +78,12 @@ impl Chunked {
                     let n = left.min(bytes.len() as u64);
                     bytes = &bytes[n as usize..];
                     self.phase = if left == n {
-                        Chunk::Size
+                        Chunk::DataEnd
                     } else {
                         Chunk::Data(left - n)
                     };
                 }
-                phase @ (Chunk::Size | Chunk::Trailers) => {
+                phase @ (Chunk::Size | Chunk::DataEnd | Chunk::Trailers) => {
                     let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
                         self.line.extend_from_slice(bytes);
                         if self.line.len() > self.max_line {
@@ -94,25 +96,25 @@ impl Chunked {
                     if self.line.len() > self.max_line + 2 {
                         return ChunkedEnd::Invalid;
                     }
-                    let text = trim_crlf(&self.line);
+                    // Strict, so that no party on the way can read the framing otherwise:
+                    // lines end in CRLF, and an empty line comes only after chunk data and
+                    // at the end.
+                    let Some(text) = self.line.strip_suffix(b"\r\n") else {
+                        return ChunkedEnd::Invalid;
+                    };
                     match phase {
-                        Chunk::Size if text.is_empty() => {} // the CRLF after chunk data
-                        Chunk::Size => {
-                            let size = text.split(|b| *b == b';').next().unwrap_or(b"");
-                            match std::str::from_utf8(size)
-                                .ok()
-                                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                            {
-                                Some(0) => self.phase = Chunk::Trailers,
-                                Some(n) => self.phase = Chunk::Data(n),
-                                None => return ChunkedEnd::Invalid,
-                            }
-                        }
+                        Chunk::DataEnd if text.is_empty() => self.phase = Chunk::Size,
+                        Chunk::Size => match chunk_size(text) {
+                            Some(0) => self.phase = Chunk::Trailers,
+                            Some(n) => self.phase = Chunk::Data(n),
+                            None => return ChunkedEnd::Invalid,
+                        },
                         Chunk::Trailers if text.is_empty() => {
                             self.line.clear();
                             return ChunkedEnd::At(total - bytes.len());
                         }
-                        Chunk::Trailers | Chunk::Data(_) => {}
+                        Chunk::Trailers => {}
+                        Chunk::DataEnd | Chunk::Data(_) => return ChunkedEnd::Invalid,
                     }
                     self.line.clear();
                 }
@@ -120,6 +122,18 @@ impl Chunked {
         }
         ChunkedEnd::No
     }
+}
+
+/// The size of a chunk-size line (`1a`, `1a ; name=value`): hex digits (at most 16), then
+/// optional blanks and extensions.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = &line[digits..];
+    let rest = rest.trim_ascii_start();
+    if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()
 }
 
 /// What the tracker learned from the bytes of one read.
@@ -314,11 +328,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn trim_crlf(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,5 +414,43 @@ GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         let mut f = Framing::new(1024);
         f.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
         assert!(!f.is_on());
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_strict_parsers_say() {
+        let body =
+            b"5;ext=1\r\nhello\r\n1A \r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for step in 1..=body.len() {
+            let mut c = Chunked::new(1024);
+            let mut at = 0;
+            let mut end = None;
+            for piece in body.chunks(step) {
+                match c.feed(piece) {
+                    ChunkedEnd::No => at += piece.len(),
+                    ChunkedEnd::At(n) => {
+                        end = Some(at + n);
+                        break;
+                    }
+                    ChunkedEnd::Invalid => panic!("step {step}"),
+                }
+            }
+            assert_eq!(end, Some(body.len() - 4), "step {step}");
+        }
+        for bad in [
+            &b"5\r\nhello\r\n\r\n0\r\n\r\n"[..], // an extra empty line
+            b"5\nhello\r\n0\r\n\r\n",            // a bare LF
+            b"+5\r\nhello\r\n0\r\n\r\n",         // a sign
+            b"5\r\nhelloXY0\r\n\r\n",            // no CRLF after the data
+            b"11111111111111111\r\n",            // 17 hex digits
+            b"5 x\r\nhello\r\n",                 // junk after the size
+        ] {
+            let mut c = Chunked::new(1024);
+            assert_eq!(
+                c.feed(bad),
+                ChunkedEnd::Invalid,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -210,8 +210,9 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let conns = Arc::new(conns::Conns::default());
         start_background(&self.inner.current.load());
-        // The janitor: closes idle connections (the timeout as configured now, checked every
-        // half of it).
+        // The janitor: closes idle client connections (the timeout as configured now, checked
+        // every half of it, at most every second), and idle server connections the servers have
+        // closed or that were idle too long.
         let janitor = {
             let (conns, inner) = (conns.clone(), self.inner.clone());
             tokio::spawn(async move {
@@ -223,6 +224,11 @@ impl Gateway {
                     );
                     tokio::time::sleep(period).await;
                     conns.sweep(idle);
+                    for pool in &inner.current.load().pools {
+                        for server in pool.servers().iter() {
+                            server.idle.sweep();
+                        }
+                    }
                 }
             })
         };

@@ -95,7 +95,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, V
 /// An upstream answering by path:
 /// - `/chunked`: a chunked body with a trailer, written in pieces;
 /// - `/until-close`: an HTTP/1.0 answer without length, ended by closing;
-/// - `/empty`: 204; `/garbage`: not HTTP;
+/// - `/empty`: 204; `/garbage`: not HTTP; `/big`: 8 MiB;
 /// - `/early-hints`: a 103 before the 200;
 /// - anything else: `Content-Length`, with `X-Mixed-Case` and the request's head and body
 ///   length in the body.
@@ -151,6 +151,12 @@ async fn raw_upstream(close_after: Option<Duration>) -> (SocketAddr, Arc<AtomicU
                             .await
                             .is_ok(),
                         "/garbage" => s.write_all(b"SPEAK FRIEND\r\n\r\n").await.is_ok(),
+                        "/big" => {
+                            let body = vec![b'x'; 8 << 20];
+                            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                            s.write_all(head.as_bytes()).await.is_ok()
+                                && s.write_all(&body).await.is_ok()
+                        }
                         "/early-hints" => s
                             .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Mixed-Case: 1\r\n\r\nok")
                             .await
@@ -467,4 +473,114 @@ async fn stale_upstream_connections_are_replaced_not_failed() {
         assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
     }
     assert_eq!(conns.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_frees_its_slot_and_is_cut_off() {
+    let (up, _) = raw_upstream(None).await;
+    // One slot, no queue: a second request while the slot is taken would get 503.
+    let gw = gateway_to(
+        up,
+        "idle_timeout_ms = 400",
+        "max_inflight = 1\nqueue_size = 0",
+        "",
+    )
+    .await;
+    let mut stuck = TcpStream::connect(gw).await.unwrap();
+    stuck
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slot counts until the answer's head is in, so others are served meanwhile.
+    for _ in 0..3 {
+        assert_eq!(send(gw, "GET", "/other", &[], "").await.status, 200);
+    }
+    // The stuck client took nothing for the idle timeout: cut off (it gets far less than the
+    // 8 MiB, then the end of the stream).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stuck.read(&mut chunk))
+            .await
+            .expect("the stuck connection was held open")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(got < 8 << 20, "{got}");
+}
+
+#[tokio::test]
+async fn fragments_and_odd_targets_are_routed_as_hyper_sees_them() {
+    let (up, _) = raw_upstream(None).await;
+    // An exact route that refuses everyone, and a catch-all: `/login#x` must not reach the
+    // catch-all by not matching `/login` exactly.
+    let gw = gateway(&format!(
+        "[upstreams.api]\nservers = [{{ address = \"{up}\" }}]\n[[routes]]\npath = \"/login\"\nupstream = \"api\"\ndeny = [\"0.0.0.0/0\", \"::/0\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n"
+    ))
+    .await;
+    let out = raw(
+        gw,
+        b"GET /login#x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out:?}");
+    let out = raw(
+        gw,
+        b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out:?}");
+    let out = raw(
+        gw,
+        b"GET /a<b> HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_server_answering_garbage_costs_a_get_nothing_and_host_is_always_sent() {
+    // A server that answers anything with bytes that are not HTTP, next to a good one.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"SPEAK FRIEND\r\n\r\n").await;
+            });
+        }
+    });
+    let (good, _) = raw_upstream(None).await;
+    let gw = gateway(&format!(
+        "[upstreams.api]\nservers = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n"
+    ))
+    .await;
+    for i in 0..6 {
+        let a = send(gw, "GET", &format!("/g/{i}"), &[], "").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    // A client whose `Connection` names `Host` still has one sent (the server's address, as
+    // hyper's client does).
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    let mut out = String::new();
+    for _ in 0..2 {
+        out = exchange(
+            &mut s,
+            b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: host\r\n\r\n",
+            1,
+        )
+        .await;
+        if out.contains(&format!("host: {good}")) {
+            break;
+        }
+    }
+    assert!(out.contains(&format!("host: {good}")), "{out:?}");
+    assert_eq!(out.matches(r"\nhost:").count(), 1, "{out:?}");
 }
