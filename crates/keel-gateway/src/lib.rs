@@ -14,10 +14,13 @@
 //! - `cache`: per-route response cache with miss coalescing; `static_files`: files with
 //!   conditional and range requests.
 //! - `framing`: follows the framing of HTTP/1 requests to refuse ambiguous ones (request
-//!   smuggling) with 400; `conns`: the janitor of idle connections; `bodies`: body limits
+//!   smuggling) with 400, and of chunked bodies (`Chunked`, also for the fast path's relay); `conns`: the janitor of idle connections; `bodies`: body limits
 //!   and stall timeouts.
 //! - `admin`: Prometheus metrics, routes and upstream states as JSON, and reload, on their own
 //!   port; `access`: the access log.
+//! - `fast`: the HTTP/1.1 fast path, Keel's own request loop for plain proxying to HTTP/1.1
+//!   pools, which hands anything else to hyper mid-connection; `headers`: header lookups that
+//!   serve both the parsed heads of the fast path and hyper's `HeaderMap`.
 //!
 //! HTTP/1.1 and HTTP/2 downstream (h2c, or TLS with ALPN). A [`Gateway`] can be reloaded with a
 //! new configuration while it serves: requests already routed finish on the old one, open
