@@ -312,27 +312,9 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Request headers that stay on the client's hop (or that the gateway sets itself).
-fn dropped_upstream(name: &str) -> bool {
-    const NAMES: [&str; 12] = [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    ];
-    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// Response headers that stay on the server's hop.
-fn dropped_downstream(name: &str) -> bool {
+/// Headers that stay on their hop in either direction (`Transfer-Encoding` aside: an answer's
+/// is relayed with its body as it was framed).
+fn hop_by_hop(name: &str) -> bool {
     const NAMES: [&str; 7] = [
         "connection",
         "keep-alive",
@@ -343,6 +325,18 @@ fn dropped_downstream(name: &str) -> bool {
         "upgrade",
     ];
     NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Request headers not copied upstream: hop-by-hop ones, and those the gateway writes itself.
+fn dropped_upstream(name: &str) -> bool {
+    const NAMES: [&str; 5] = [
+        "transfer-encoding",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+    hop_by_hop(name) || NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Whether header `name` is among those the `Connection` headers name.
@@ -723,16 +717,7 @@ impl Forward<'_> {
                 break;
             };
             let server = &servers[index];
-            note.server = Some(server.clone());
-            server.requests.fetch_add(1, Ordering::Relaxed);
-            let mut attempt = Attempt {
-                pool,
-                servers: &servers,
-                server,
-                started: Instant::now(),
-                outcome: None,
-            };
-            server.stats.start();
+            let mut attempt = Attempt::start(pool, &servers, server, note);
             let asked = tokio::time::timeout(
                 self.timeout,
                 self.ask(
@@ -1095,7 +1080,7 @@ fn answer_head(
             || h.name.eq_ignore_ascii_case("transfer-encoding");
         // The length is written below, as the gateway read it; `Connection` cannot take
         // away the headers the body is framed by.
-        if dropped_downstream(h.name)
+        if hop_by_hop(h.name)
             || (named_by(&connection, h.name) && !framing_header)
             || h.name.eq_ignore_ascii_case("content-length")
         {

@@ -705,18 +705,7 @@ impl Upstream<'_> {
                 None => Empty::new().map_err(|e| match e {}).boxed(),
             };
             let up = up.map(|()| up_body);
-            note.server = Some(server.clone());
-            server
-                .requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut attempt = Attempt {
-                pool,
-                servers: &servers,
-                server,
-                started: Instant::now(),
-                outcome: None,
-            };
-            server.stats.start();
+            let mut attempt = Attempt::start(pool, &servers, server, note);
             let result = tokio::time::timeout(self.timeout, pool.client.request(up)).await;
             let (outcome, answer) = match result {
                 Ok(Ok(resp)) => {
@@ -830,6 +819,30 @@ pub(crate) struct Attempt<'a> {
     pub(crate) server: &'a crate::upstream::Server,
     pub(crate) started: Instant,
     pub(crate) outcome: Option<Outcome>,
+}
+
+impl<'a> Attempt<'a> {
+    /// Starts an attempt on `server`: counted, noted as the request's server, and in the
+    /// server's in-flight statistics until dropped.
+    pub(crate) fn start(
+        pool: &'a Pool,
+        servers: &'a [Arc<crate::upstream::Server>],
+        server: &'a Arc<crate::upstream::Server>,
+        note: &mut Note,
+    ) -> Attempt<'a> {
+        note.server = Some(server.clone());
+        server
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        server.stats.start();
+        Attempt {
+            pool,
+            servers,
+            server,
+            started: Instant::now(),
+            outcome: None,
+        }
+    }
 }
 
 impl Drop for Attempt<'_> {
