@@ -85,6 +85,7 @@ pub(crate) async fn serve<I>(
         buf: BytesMut::with_capacity(READ_SIZE),
         state: &state,
         send_timeout,
+        peer_ip: peer.ip().to_string(),
     };
     let mut scratch = Scratch::default();
     // The first head must arrive within the header timeout of the connection's start.
@@ -164,6 +165,8 @@ struct Client<'s, I> {
     /// A client that takes none of an answer's bytes for this long is cut off (nginx's
     /// `send_timeout`; the server's `idle_timeout`).
     send_timeout: Duration,
+    /// The client's address as `X-Forwarded-For` gives it.
+    peer_ip: String,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
@@ -420,7 +423,7 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
                 &mut scratch.up,
                 &req,
                 &target,
-                peer,
+                &client.peer_ip,
                 tls,
                 route.auth.as_ref(),
                 &claims,
@@ -540,7 +543,7 @@ fn upstream_head(
     up: &mut Vec<u8>,
     req: &Request<'_>,
     target: &str,
-    peer: SocketAddr,
+    peer_ip: &str,
     tls: bool,
     auth: Option<&crate::auth::Auth>,
     claims: &[(&HeaderName, http::HeaderValue)],
@@ -580,7 +583,8 @@ fn upstream_head(
         up.extend_from_slice(prior);
         up.extend_from_slice(b", ");
     }
-    let _ = write!(up, "{}\r\n", peer.ip());
+    up.extend_from_slice(peer_ip.as_bytes());
+    up.extend_from_slice(b"\r\n");
     up.extend_from_slice(if tls {
         b"x-forwarded-proto: https\r\n"
     } else {
@@ -713,19 +717,23 @@ impl Forward<'_> {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::new();
         for _ in 0..pool.max_attempts {
-            let Some(index) = pool.pick(&servers, self.peer.ip(), self.headers, &tried) else {
+            // One reading of the clock serves the balancer, the attempt's start, its deadline
+            // and the idle connection's age.
+            let now = Instant::now();
+            let Some(index) = pool.pick(&servers, self.peer.ip(), self.headers, &tried, now) else {
                 break;
             };
             let server = &servers[index];
-            let mut attempt = Attempt::start(pool, &servers, server, note);
-            let asked = tokio::time::timeout(
-                self.timeout,
+            let mut attempt = Attempt::start(pool, &servers, server, note, now);
+            let asked = tokio::time::timeout_at(
+                now + self.timeout,
                 self.ask(
                     server,
                     &scratch.up,
                     &mut scratch.upstream,
                     &mut scratch.out,
                     keep_alive,
+                    now,
                 ),
             )
             .await
@@ -740,7 +748,10 @@ impl Forward<'_> {
                 Err(Failure::TimedOut(_)) => StatusCode::GATEWAY_TIMEOUT,
                 Err(_) => StatusCode::BAD_GATEWAY,
             };
-            pool.responses.record(status, attempt.started.elapsed());
+            let answered = Instant::now();
+            let elapsed = answered.duration_since(attempt.started);
+            pool.responses.record(status, elapsed);
+            attempt.elapsed = Some(elapsed);
             attempt.outcome = Some(if status.is_server_error() {
                 Outcome::Failure
             } else {
@@ -752,7 +763,9 @@ impl Forward<'_> {
                     // Counted until the answer's head is in, as on the hyper path.
                     drop(slot);
                     let kept = keep_alive && answer.framing != Framing::Close;
-                    let relayed = self.relay(client, scratch, &answer, stream, server).await;
+                    let relayed = self
+                        .relay(client, scratch, &answer, stream, server, answered)
+                        .await;
                     return (answer.status, kept && relayed);
                 }
                 Err(failure) => failure,
@@ -826,10 +839,11 @@ impl Forward<'_> {
         buf: &mut BytesMut,
         out: &mut Vec<u8>,
         keep_alive: bool,
+        now: Instant,
     ) -> Result<(Answer, TcpStream), Failure> {
         self.request(head, server, out);
         loop {
-            let (mut stream, reused) = match server.idle.take() {
+            let (mut stream, reused) = match server.idle.take(now) {
                 Some(stream) => (stream, true),
                 None => (self.connect(server).await?, false),
             };
@@ -876,7 +890,8 @@ impl Forward<'_> {
     }
 
     /// Relays the answer whose head is in `scratch.out` and whose first body bytes are in
-    /// `scratch.upstream`; keeps the server connection for reuse if it is clean. Whether the
+    /// `scratch.upstream`; keeps the server connection for reuse if it is clean (its idle time
+    /// counted from `answered`, when the head came, which errs on the young side). Whether the
     /// client's connection is still usable.
     async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
         &self,
@@ -885,6 +900,7 @@ impl Forward<'_> {
         answer: &Answer,
         mut stream: TcpStream,
         server: &Server,
+        answered: Instant,
     ) -> bool {
         let Scratch {
             out, upstream: buf, ..
@@ -955,7 +971,7 @@ impl Forward<'_> {
             }
         }
         if answer.reusable && !surplus {
-            server.idle.put(stream);
+            server.idle.put(stream, answered);
         }
         true
     }
@@ -1114,8 +1130,7 @@ pub(crate) struct IdleConns {
 impl IdleConns {
     /// The most recently used idle connection that is still open. Those idle for too long
     /// are closed on the way.
-    fn take(&self) -> Option<TcpStream> {
-        let now = Instant::now();
+    fn take(&self, now: Instant) -> Option<TcpStream> {
         let mut conns = self.conns.lock();
         while conns
             .front()
@@ -1131,10 +1146,11 @@ impl IdleConns {
         None
     }
 
-    fn put(&self, stream: TcpStream) {
+    /// Keeps `stream` (idle from about `since`).
+    fn put(&self, stream: TcpStream, since: Instant) {
         let mut conns = self.conns.lock();
         if conns.len() < MAX_IDLE_PER_SERVER {
-            conns.push_back((stream, Instant::now()));
+            conns.push_back((stream, since));
         }
     }
 

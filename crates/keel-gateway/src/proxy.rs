@@ -679,7 +679,9 @@ impl Upstream<'_> {
         let mut last_error = String::new();
         let servers = pool.servers();
         for _ in 0..pool.max_attempts {
-            let Some(index) = pool.pick(&servers, self.peer.ip(), &parts.headers, &tried) else {
+            let now = Instant::now();
+            let Some(index) = pool.pick(&servers, self.peer.ip(), &parts.headers, &tried, now)
+            else {
                 break;
             };
             let server = &servers[index];
@@ -705,7 +707,7 @@ impl Upstream<'_> {
                 None => Empty::new().map_err(|e| match e {}).boxed(),
             };
             let up = up.map(|()| up_body);
-            let mut attempt = Attempt::start(pool, &servers, server, note);
+            let mut attempt = Attempt::start(pool, &servers, server, note, now);
             let result = tokio::time::timeout(self.timeout, pool.client.request(up)).await;
             let (outcome, answer) = match result {
                 Ok(Ok(resp)) => {
@@ -819,6 +821,8 @@ pub(crate) struct Attempt<'a> {
     pub(crate) server: &'a crate::upstream::Server,
     pub(crate) started: Instant,
     pub(crate) outcome: Option<Outcome>,
+    /// How long it took, if measured already (else measured when it is dropped).
+    pub(crate) elapsed: Option<Duration>,
 }
 
 impl<'a> Attempt<'a> {
@@ -829,6 +833,7 @@ impl<'a> Attempt<'a> {
         servers: &'a [Arc<crate::upstream::Server>],
         server: &'a Arc<crate::upstream::Server>,
         note: &mut Note,
+        now: Instant,
     ) -> Attempt<'a> {
         note.server = Some(server.clone());
         server
@@ -839,8 +844,9 @@ impl<'a> Attempt<'a> {
             pool,
             servers,
             server,
-            started: Instant::now(),
+            started: now,
             outcome: None,
+            elapsed: None,
         }
     }
 }
@@ -857,7 +863,7 @@ impl Drop for Attempt<'_> {
         let may_eject = outcome == Outcome::Failure && self.pool.may_eject(self.servers);
         if self.server.stats.finish(
             outcome,
-            self.started.elapsed(),
+            self.elapsed.unwrap_or_else(|| self.started.elapsed()),
             &self.pool.outlier,
             may_eject,
         ) {

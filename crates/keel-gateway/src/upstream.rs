@@ -281,13 +281,14 @@ impl Pool {
 
     /// Picks one of `servers` (a snapshot of this pool's), not one of `exclude`: the one a
     /// sticky cookie names if it is up, else the balancer's choice (consistent hashing keyed
-    /// by the client address, a header or a cookie).
+    /// by the client address, a header or a cookie). `now` is the time to judge ejections by.
     pub(crate) fn pick(
         &self,
         servers: &[Arc<Server>],
         client: IpAddr,
         headers: &(impl Lookup + ?Sized),
         exclude: &[usize],
+        now: Instant,
     ) -> Option<usize> {
         if let Some(name) = &self.sticky_cookie
             && let Some(id) = cookie(headers, name)
@@ -297,7 +298,6 @@ impl Pool {
         {
             return Some(i);
         }
-        let now = Instant::now();
         let views: Vec<EndpointView<'_>> = servers
             .iter()
             .enumerate()
