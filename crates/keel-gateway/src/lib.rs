@@ -14,8 +14,8 @@
 //! - `cache`: per-route response cache with miss coalescing; `static_files`: files with
 //!   conditional and range requests.
 //! - `framing`: follows the framing of HTTP/1 requests to refuse ambiguous ones (request
-//!   smuggling) with 400, and of chunked bodies (`Chunked`, also for the fast path's relay); `conns`: the janitor of idle connections; `bodies`: body limits
-//!   and stall timeouts.
+//!   smuggling) with 400, and of chunked bodies (`Chunked`, also for the fast path's relay);
+//!   `conns`: the janitor of idle connections; `bodies`: body limits and stall timeouts.
 //! - `admin`: Prometheus metrics, routes and upstream states as JSON, and reload, on their own
 //!   port; `access`: the access log.
 //! - `fast`: the HTTP/1.1 fast path, Keel's own request loop for plain proxying to HTTP/1.1

@@ -8,8 +8,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::HeaderName;
-
-use crate::headers::Lookup;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use http_body_util::BodyExt;
@@ -26,6 +24,7 @@ use keel_governance::Discover;
 use keel_registry::RegistryDiscover;
 
 use crate::config::{DiscoveryConfig, HealthConfig, UpstreamConfig};
+use crate::headers::Lookup;
 
 /// A request body on its way upstream.
 pub(crate) type UpBody = BoxBody<bytes::Bytes, crate::proxy::BoxError>;
