@@ -105,7 +105,14 @@ pub(crate) async fn serve<I>(
         };
         let shared = inner.current.load_full();
         match exchange(&inner, &shared, &mut client, &head, peer, tls, &mut scratch).await {
-            Next::KeepAlive => {}
+            Next::KeepAlive => {
+                // A large request or answer may have grown the buffers: an idle connection
+                // keeps no more than a small one's.
+                if client.buf.is_empty() && client.buf.capacity() > 4 * READ_SIZE {
+                    client.buf = BytesMut::with_capacity(READ_SIZE);
+                }
+                scratch.trim();
+            }
             Next::Close => {
                 let _ = client.io.shutdown().await;
                 return;
@@ -154,6 +161,22 @@ struct Scratch {
     out: Vec<u8>,
     /// What the server sent.
     upstream: BytesMut,
+}
+
+impl Scratch {
+    /// Gives back what a large message made the buffers grow to.
+    fn trim(&mut self) {
+        const KEEP: usize = 4 * READ_SIZE;
+        if self.up.capacity() > KEEP {
+            self.up = Vec::new();
+        }
+        if self.out.capacity() > KEEP {
+            self.out = Vec::new();
+        }
+        if self.upstream.capacity() > KEEP {
+            self.upstream = BytesMut::new();
+        }
+    }
 }
 
 /// The client side of a connection.
