@@ -48,8 +48,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 /// Bytes read at a time.
 const READ_SIZE: usize = 16 * 1024;
-/// A server's answer head may be this long.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// A server's answer head may be this long (about what hyper's client allows).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// Idle upstream connections kept per server, and for how long.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
@@ -114,7 +114,9 @@ pub(crate) async fn serve<I>(
                 scratch.trim();
             }
             Next::Close => {
-                let _ = client.io.shutdown().await;
+                // Bounded: over TLS, shutting down writes what is pending, which a client that
+                // stopped reading would never take.
+                let _ = tokio::time::timeout(send_timeout, client.io.shutdown()).await;
                 return;
             }
             Next::HandOver => break Some(head),
@@ -224,8 +226,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
     ) -> Read {
         // Where the search for the head's end goes on from (bytes before it were searched):
         // a head trickling in is searched once, not once per read.
-        let mut searched = 0;
+        let mut searched: usize = 0;
         loop {
+            // Empty lines before a request line are ignored (RFC 9112 §2.2): some clients
+            // send a CRLF after a body. They do not start a head's deadline.
+            let blank = self
+                .buf
+                .iter()
+                .take_while(|b| **b == b'\r' || **b == b'\n')
+                .count();
+            if blank > 0 {
+                self.buf.advance(blank);
+                searched = searched.saturating_sub(blank);
+            }
             if let Some(end) = head_end(&self.buf[searched..]).map(|end| searched + end) {
                 if end > max_head {
                     return Read::Other;
@@ -424,7 +437,7 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
         route: Some(route_index),
         ..Note::default()
     };
-    let mut keep_alive = req.keep_alive && !client.state.close.load(Ordering::Acquire);
+    let keep_alive = req.keep_alive;
     let admitted = crate::proxy::admit(
         route,
         &shared.config.server,
@@ -434,11 +447,16 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
         req.length,
         &path,
     );
-    let status = match admitted {
+    let done = match admitted {
         Err(refusal) => {
-            // An unread body would be taken for the next request: close instead.
-            keep_alive &= req.length.unwrap_or(0) == 0;
-            refuse(client, refusal, keep_alive, &mut scratch.out).await
+            // The body goes unread: skipped if it is all here, else the connection closes
+            // (its bytes would be taken for the next request).
+            let len = req.length.unwrap_or(0) as usize;
+            let skipped = client.buf.len() >= len;
+            if skipped {
+                client.buf.advance(len);
+            }
+            refuse(client, refusal, keep_alive && skipped, &mut scratch.out).await
         }
         Ok(claims) => {
             let target = route.rewrite(&path, query);
@@ -458,7 +476,6 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
             };
             match body {
                 Err(why) => {
-                    keep_alive = false;
                     let refusal = Refusal {
                         status: StatusCode::REQUEST_TIMEOUT,
                         code: "request_timeout",
@@ -478,9 +495,7 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
                         body,
                         timeout,
                     };
-                    let (status, kept) = forward.run(client, scratch, keep_alive, &mut note).await;
-                    keep_alive = kept;
-                    status
+                    forward.run(client, scratch, keep_alive, &mut note).await
                 }
             }
         }
@@ -491,8 +506,9 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
         host: req.host,
         target: req.target,
     });
-    crate::proxy::account(inner, shared, note, peer, status, started, logged);
-    if keep_alive {
+    let elapsed = done.at.saturating_duration_since(started);
+    crate::proxy::account(inner, shared, note, peer, done.status, elapsed, logged);
+    if done.keep_alive {
         Next::KeepAlive
     } else {
         Next::Close
@@ -514,7 +530,12 @@ fn parse<'h>(head: &'h [u8], parsed: &'h mut [httparse::Header<'h>]) -> Option<R
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return None;
     };
-    if !target.starts_with('/') || method == "CONNECT" || !plain_target(target) {
+    // (The `http` crate takes targets up to 65,534 bytes; longer ones are hyper's to refuse.)
+    if !target.starts_with('/')
+        || method == "CONNECT"
+        || target.len() > 65_534
+        || !plain_target(target)
+    {
         return None;
     }
     let mut length = None;
@@ -630,14 +651,28 @@ fn upstream_head(
     host
 }
 
-/// Answers a refused request with its JSON error; the status.
+/// How a request ended.
+struct Done {
+    /// The status the client got.
+    status: StatusCode,
+    /// Whether the connection stays open.
+    keep_alive: bool,
+    /// When the answer's head was ready: the metrics and the access log time a request to
+    /// there, as on the hyper path.
+    at: Instant,
+}
+
+/// Answers a refused request with its JSON error (the connection stays open if `keep_alive`
+/// and the answer was written whole).
 async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Client<'_, I>,
     refusal: Refusal,
     keep_alive: bool,
     out: &mut Vec<u8>,
-) -> StatusCode {
+) -> Done {
     use std::io::Write as _;
+    let at = Instant::now();
+    let keep_alive = keep_alive && !client.state.close.load(Ordering::Acquire);
     let body = crate::proxy::error_json(refusal.code, refusal.detail);
     out.clear();
     let _ = write!(
@@ -658,8 +693,12 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
-    let _ = client.write(out).await;
-    refusal.status
+    let written = client.write(out).await.is_ok();
+    Done {
+        status: refusal.status,
+        keep_alive: keep_alive && written,
+        at,
+    }
 }
 
 /// One request's way to the servers of a pool (what `proxy::Upstream` is to the hyper path).
@@ -705,15 +744,15 @@ struct Answer {
 
 impl Forward<'_> {
     /// Waits for a slot in the pool's queue, sends the request to a server (and to others
-    /// while that is safe), and relays the answer. The status the client got, and whether its
-    /// connection stays open.
+    /// while that is safe), and relays the answer. A client that goes away while its request
+    /// waits for an answer has it abandoned (status 499, nginx's "client closed request").
     async fn run<I: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: &mut Client<'_, I>,
         scratch: &mut Scratch,
         keep_alive: bool,
         note: &mut Note,
-    ) -> (StatusCode, bool) {
+    ) -> Done {
         let pool = self.pool;
         let slot = match &pool.queue {
             None => None,
@@ -730,8 +769,7 @@ impl Forward<'_> {
                         }
                     };
                     let refusal = refusal(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy", detail);
-                    let status = refuse(client, refusal, keep_alive, &mut scratch.out).await;
-                    return (status, keep_alive);
+                    return refuse(client, refusal, keep_alive, &mut scratch.out).await;
                 }
             },
         };
@@ -748,6 +786,8 @@ impl Forward<'_> {
             };
             let server = &servers[index];
             let mut attempt = Attempt::start(pool, &servers, server, note, now);
+            // A graceful stop that began meanwhile closes the connection after this answer.
+            let keep_alive = keep_alive && !client.state.close.load(Ordering::Acquire);
             let asked = tokio::time::timeout_at(
                 now + self.timeout,
                 self.ask(
@@ -758,9 +798,17 @@ impl Forward<'_> {
                     keep_alive,
                     now,
                 ),
-            )
-            .await
-            .unwrap_or_else(|_| {
+            );
+            let Some(asked) = unless_gone(client, asked).await else {
+                // (The attempt, dropped unfinished, says nothing against the server.)
+                tracing::debug!(peer = %self.peer, "client went away before the answer");
+                return Done {
+                    status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                    keep_alive: false,
+                    at: Instant::now(),
+                };
+            };
+            let asked = asked.unwrap_or_else(|_| {
                 Err(Failure::TimedOut(format!(
                     "{} did not answer within {:?}",
                     server.address, self.timeout
@@ -789,7 +837,11 @@ impl Forward<'_> {
                     let relayed = self
                         .relay(client, scratch, &answer, stream, server, answered)
                         .await;
-                    return (answer.status, kept && relayed);
+                    return Done {
+                        status: answer.status,
+                        keep_alive: kept && relayed,
+                        at: answered,
+                    };
                 }
                 Err(failure) => failure,
             };
@@ -799,27 +851,18 @@ impl Forward<'_> {
                     if !pool.budget.withdraw() {
                         let detail = format!("{detail} (not retried: the retry budget is spent)");
                         let refusal = refusal(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
-                        return (
-                            refuse(client, refusal, keep_alive, &mut scratch.out).await,
-                            keep_alive,
-                        );
+                        return refuse(client, refusal, keep_alive, &mut scratch.out).await;
                     }
                     tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
                     last_error = detail;
                 }
                 Failure::TimedOut(detail) => {
                     let refusal = refusal(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
-                    return (
-                        refuse(client, refusal, keep_alive, &mut scratch.out).await,
-                        keep_alive,
-                    );
+                    return refuse(client, refusal, keep_alive, &mut scratch.out).await;
                 }
                 Failure::NoAnswer(detail) | Failure::Bad(detail) => {
                     let refusal = refusal(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
-                    return (
-                        refuse(client, refusal, keep_alive, &mut scratch.out).await,
-                        keep_alive,
-                    );
+                    return refuse(client, refusal, keep_alive, &mut scratch.out).await;
                 }
             }
         }
@@ -832,10 +875,7 @@ impl Forward<'_> {
         } else {
             refusal(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
         };
-        (
-            refuse(client, refusal, keep_alive, &mut scratch.out).await,
-            keep_alive,
-        )
+        refuse(client, refusal, keep_alive, &mut scratch.out).await
     }
 
     /// The request's bytes for `server`: the head, `Host` if the client sent none, and the
@@ -1000,6 +1040,28 @@ impl Forward<'_> {
     }
 }
 
+/// Runs `work` while watching the client: if it closes its connection (or it fails) first,
+/// gives `work` up (`None`). What it sends meanwhile (pipelined requests) is kept in its
+/// buffer, up to [`READ_SIZE`] more bytes.
+async fn unless_gone<I: AsyncRead + AsyncWrite + Unpin, F: std::future::Future>(
+    client: &mut Client<'_, I>,
+    work: F,
+) -> Option<F::Output> {
+    let bound = client.buf.len() + READ_SIZE;
+    let mut work = std::pin::pin!(work);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return Some(out),
+            read = client.fill(false), if watching => match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => watching = client.buf.len() < bound,
+            },
+        }
+    }
+}
+
 fn refusal(status: StatusCode, code: &'static str, detail: String) -> Refusal {
     Refusal {
         status,
@@ -1119,7 +1181,10 @@ fn answer_head(
             || h.name.eq_ignore_ascii_case("transfer-encoding");
         // The length is written below, as the gateway read it; `Connection` cannot take
         // away the headers the body is framed by.
-        if hop_by_hop(h.name)
+        // `Trailer` announces the trailers a chunked body brings, relayed with it.
+        let announces_trailers =
+            framing == Framing::Chunked && h.name.eq_ignore_ascii_case("trailer");
+        if (hop_by_hop(h.name) && !announces_trailers)
             || (named_by(&connection, h.name) && !framing_header)
             || h.name.eq_ignore_ascii_case("content-length")
         {

@@ -102,6 +102,9 @@ impl Chunked {
                     let Some(text) = self.line.strip_suffix(b"\r\n") else {
                         return ChunkedEnd::Invalid;
                     };
+                    if text.contains(&b'\r') {
+                        return ChunkedEnd::Invalid;
+                    }
                     match phase {
                         Chunk::DataEnd if text.is_empty() => self.phase = Chunk::Size,
                         Chunk::Size => match chunk_size(text) {
@@ -125,11 +128,15 @@ impl Chunked {
 }
 
 /// The size of a chunk-size line (`1a`, `1a ; name=value`): hex digits (at most 16), then
-/// optional blanks and extensions.
+/// optional spaces or tabs and extensions.
 fn chunk_size(line: &[u8]) -> Option<u64> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     let rest = &line[digits..];
-    let rest = rest.trim_ascii_start();
+    let blanks = rest
+        .iter()
+        .take_while(|b| **b == b' ' || **b == b'\t')
+        .count();
+    let rest = &rest[blanks..];
     if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
         return None;
     }
@@ -443,6 +450,9 @@ GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
             b"5\r\nhelloXY0\r\n\r\n",            // no CRLF after the data
             b"11111111111111111\r\n",            // 17 hex digits
             b"5 x\r\nhello\r\n",                 // junk after the size
+            b"5\r\r\nhello\r\n",                 // a bare CR
+            b"5\x0c\r\nhello\r\n",               // a form feed after the size
+            b"0\r\nX: 1\r\r\n\r\n",              // a bare CR in a trailer
         ] {
             let mut c = Chunked::new(1024);
             assert_eq!(

@@ -164,7 +164,15 @@ pub(crate) async fn handle(
         host: host.as_deref(),
         target: uri.path_and_query().map_or("/", |p| p.as_str()),
     });
-    account(&inner, &shared, note, peer, resp.status(), started, logged);
+    account(
+        &inner,
+        &shared,
+        note,
+        peer,
+        resp.status(),
+        started.elapsed(),
+        logged,
+    );
     resp
 }
 
@@ -185,10 +193,9 @@ pub(crate) fn account(
     mut note: Note,
     peer: SocketAddr,
     status: StatusCode,
-    started: Instant,
+    elapsed: Duration,
     logged: Option<Logged<'_>>,
 ) {
-    let elapsed = started.elapsed();
     match note.route {
         Some(i) => shared.router.routes()[i].metrics.record(status, elapsed),
         None => {

@@ -584,3 +584,60 @@ async fn a_server_answering_garbage_costs_a_get_nothing_and_host_is_always_sent(
     assert!(out.contains(&format!("host: {good}")), "{out:?}");
     assert_eq!(out.matches(r"\nhost:").count(), 1, "{out:?}");
 }
+
+#[tokio::test]
+async fn a_client_gone_before_the_answer_has_its_request_abandoned() {
+    // One slot, no queue: while an abandoned request kept its slot, others would get 503.
+    let server = upstream("a").await;
+    let gw = gateway_to(server, "", "max_inflight = 1\nqueue_size = 0", "").await;
+    let mut gone = TcpStream::connect(gw).await.unwrap();
+    gone.write_all(b"GET /sleep/3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        send(gw, "GET", "/", &[], "").await.status,
+        503,
+        "the slot is taken"
+    );
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(send(gw, "GET", "/", &[], "").await.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the slot was freed"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_request_with_its_body_in_hand_keeps_the_connection() {
+    let (up, _) = raw_upstream(None).await;
+    let gw = gateway(&format!(
+        "[server]\nheader_timeout_ms = 300\n[upstreams.api]\nservers = [{{ address = \"{up}\" }}]\n[[routes]]\npath = \"/closed\"\nupstream = \"api\"\ndeny = [\"0.0.0.0/0\", \"::/0\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    // Refused with its body read: the next request on the connection is served.
+    let out = exchange(
+        &mut s,
+        b"POST /closed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /open HTTP/1.1\r\nHost: x\r\n\r\n",
+        2,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out:?}");
+    assert!(!out.contains("connection: close"), "{out:?}");
+    assert!(out.contains("GET /open"), "{out:?}");
+    // A CRLF after a body (as old clients send) is ignored and does not start the header
+    // deadline: the connection is still usable after twice that deadline.
+    let out = exchange(
+        &mut s,
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n",
+        1,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let out = exchange(&mut s, b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+}
