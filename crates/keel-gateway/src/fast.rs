@@ -1431,6 +1431,7 @@ mod tests {
         assert_eq!(framing, Framing::Length(0));
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
         ] {
