@@ -7,8 +7,8 @@
 # The upstream is an nginx answering a fixed "hello" body. Each proxy runs alone on core 1
 # (nginx: 1 worker; HAProxy: 1 thread; Keel: 1 runtime thread) with keep-alive on both legs;
 # wrk (-t1 -c64 --latency) and the upstream share core 0. Reports req/s, p50/p99, the proxy's
-# CPU seconds and RSS. Installs nginx, haproxy and wrk from Debian packages if missing. The
-# last line is one JSON object.
+# CPU seconds, CPU per request and RSS. Installs nginx, haproxy and wrk from Debian packages
+# if missing. The last line is one JSON object.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,8 +10,8 @@
 //! server closes), chunked bodies without re-encoding.
 //!
 //! Whatever the fast path does not serve goes to hyper, which then serves the rest of the
-//! connection: the bytes already read are replayed to it ([`Rewind`]), so the hand-over is
-//! seamless at any request boundary. That covers HTTP/2 (h2c prior knowledge), HTTP/1.0,
+//! connection: the bytes already read are replayed to it (`crate::serve_connection`), so the
+//! hand-over is seamless at any request boundary. That covers HTTP/2 (h2c prior knowledge), HTTP/1.0,
 //! upgrades (WebSocket), `Expect`, chunked or large request bodies, any request head that is
 //! not plain (ambiguous framing, bad syntax, too large: hyper and `framing` refuse those), and
 //! routes to directories, caches, RPC services, h2c pools or pools with sticky sessions. A head
@@ -29,7 +29,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderName, Method, StatusCode, header};
 use keel_governance::endpoint::Outcome;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -133,7 +133,7 @@ pub(crate) async fn serve<I>(
             all.freeze()
         }
     };
-    crate::serve_connection(inner, Rewind { replay, io }, peer, tls, state).await;
+    crate::serve_connection(inner, io, replay, peer, tls, state).await;
 }
 
 /// What to do with the connection after a request.
@@ -1268,58 +1268,6 @@ fn still_open(stream: &TcpStream) -> bool {
             let mut byte = [0u8; 1];
             matches!(stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
-    }
-}
-
-/// A connection with bytes already read from it put back in front.
-struct Rewind<I> {
-    replay: Bytes,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay[..n]);
-            self.replay.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

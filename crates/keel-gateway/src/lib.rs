@@ -276,7 +276,15 @@ impl Gateway {
                         match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                             // HTTP/2 goes to hyper; HTTP/1 starts on the fast path.
                             Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                                serve_connection(inner.clone(), stream, peer, true, state).await;
+                                serve_connection(
+                                    inner.clone(),
+                                    stream,
+                                    bytes::Bytes::new(),
+                                    peer,
+                                    true,
+                                    state,
+                                )
+                                .await;
                             }
                             Ok(Ok(stream)) => {
                                 fast::serve(inner.clone(), stream, peer, true, state).await;
@@ -322,10 +330,13 @@ impl Gateway {
 }
 
 /// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends or the
-/// janitor asks it to wind down (idle for too long, or the gateway stopping).
+/// janitor asks it to wind down (idle for too long, or the gateway stopping). `replay` holds
+/// bytes already read from `io` (by the fast path, which hands the connection over), read
+/// again first.
 async fn serve_connection<I>(
     inner: Arc<Inner>,
     io: I,
+    replay: bytes::Bytes,
     peer: std::net::SocketAddr,
     tls: bool,
     state: Arc<conns::ConnState>,
@@ -354,6 +365,7 @@ async fn serve_connection<I>(
     });
     let io = Activity {
         io,
+        replay,
         state: state.clone(),
         framing: Some(framing::Framing::new(max_header_bytes)),
     };
@@ -397,9 +409,11 @@ async fn serve_connection<I>(
 }
 
 /// Counts reads and writes that moved bytes, so an idle connection can be told apart, and
-/// follows the framing of the requests read (see `framing`).
+/// follows the framing of the requests read (see `framing`); serves `replay` before reading
+/// from `io`.
 struct Activity<I> {
     io: I,
+    replay: bytes::Bytes,
     state: Arc<conns::ConnState>,
     framing: Option<framing::Framing>,
 }
@@ -412,7 +426,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        let poll = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        let poll = if this.replay.is_empty() {
+            std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+        } else {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            std::task::Poll::Ready(Ok(()))
+        };
         if buf.filled().len() > before {
             this.state.activity.fetch_add(1, Ordering::Relaxed);
             if let Some(framing) = &mut this.framing {
