@@ -1,6 +1,7 @@
 //! The processes' entry points (command line and start-up), shared by the `keel-seckill`
 //! binary and by `keel` (`keel seckill <role>`, which `keel up` runs).
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -33,9 +34,11 @@ pub enum Role {
         /// this process registers.
         #[arg(long)]
         registry: Option<String>,
-        /// Token of the admin endpoints.
-        #[arg(long, env = "KEEL_ADMIN_TOKEN")]
-        admin_token: String,
+        /// A file holding the token of the admin endpoints. Without it, the token is read from
+        /// the environment variable KEEL_ADMIN_TOKEN. (Never on the command line, where every
+        /// user of the machine sees it in `ps`.)
+        #[arg(long)]
+        admin_token_file: Option<std::path::PathBuf>,
         /// Buckets each item's stock is split into.
         #[arg(long, default_value_t = 16)]
         buckets: u32,
@@ -84,6 +87,31 @@ pub enum Role {
         #[arg(long)]
         registry: Option<String>,
     },
+}
+
+/// The environment variable that holds the admin token (`keel up` sets it in the API).
+pub const ADMIN_TOKEN_ENV: &str = "KEEL_ADMIN_TOKEN";
+
+/// A secret from `file` (its contents, trimmed) or else from the environment variable `env`;
+/// `None` when neither is set (an empty variable counts as unset). Secrets never come from the
+/// command line, which `ps` shows to every user of the machine.
+pub fn secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    match file {
+        Some(path) => {
+            let value = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the secret in {}", path.display()))?;
+            let value = value.trim();
+            anyhow::ensure!(!value.is_empty(), "{} is empty", path.display());
+            Ok(Some(value.to_owned()))
+        }
+        None => match std::env::var(env) {
+            Ok(value) if value.is_empty() => Ok(None),
+            Ok(value) => Ok(Some(value)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(e) => anyhow::bail!("{env}: {e}"),
+        },
+    }
 }
 
 /// The environment variable `keel up` sets in its children: its own process id.
@@ -154,11 +182,17 @@ pub fn run(role: Role) -> anyhow::Result<()> {
             inventories,
             orders,
             registry,
-            admin_token,
+            admin_token_file,
             buckets,
             cache_redis,
             cache_ttl_ms,
         } => {
+            let admin_token =
+                secret(admin_token_file.as_deref(), ADMIN_TOKEN_ENV)?.with_context(|| {
+                    format!(
+                        "the admin token is needed: set {ADMIN_TOKEN_ENV} or --admin-token-file"
+                    )
+                })?;
             let catalog = crate::api::Catalog::open(&data_dir)
                 .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
             let sale = sale_id(&data_dir)?;
@@ -232,7 +266,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     .with_context(|| format!("binding {addr}"))?;
                 let local = listener.local_addr()?;
                 let registration = peers.register(peers::API_SERVICE, local).await?;
-                println!("api on {local}");
+                let _ = writeln!(std::io::stdout(), "api on {local}");
                 crate::api::serve(api, listener, async {
                     stop_requested().await;
                 })
@@ -277,7 +311,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     registrations
                         .extend(peers.register(&peers::orders_service(name), local).await?);
                 }
-                println!("orders on {local}");
+                let _ = writeln!(std::io::stdout(), "orders on {local}");
                 let work = tokio::spawn(crate::orders_service::background(
                     orders.clone(),
                     clients.clone(),
@@ -319,7 +353,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 let registration = peers
                     .register(&peers::inventory_service(&shard), local)
                     .await?;
-                println!("inventory on {local}");
+                let _ = writeln!(std::io::stdout(), "inventory on {local}");
                 let server = keel_rpc::Server::builder()
                     .add_service(proto::InventoryServer::new(InventoryService::new(
                         Arc::new(inventory),

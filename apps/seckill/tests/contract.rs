@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{TOKEN, call};
+use common::call;
 
 struct Sale {
     procs: Vec<Child>,
@@ -43,8 +43,6 @@ fn sale(payment_window_ms: u64) -> Sale {
             &format!("inv-0={inventory_addr}"),
             "--orders",
             &format!("inv-0={orders_addr}"),
-            "--admin-token",
-            TOKEN,
             "--buckets",
             "4",
         ],

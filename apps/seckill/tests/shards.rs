@@ -109,8 +109,6 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
             "inv-1",
             "--registry",
             &registry,
-            "--admin-token",
-            common::TOKEN,
             "--cache-ttl-ms",
             "60000",
         ]

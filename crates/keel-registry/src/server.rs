@@ -153,7 +153,11 @@ pub struct Registry {
 
 /// What a commit hands back once durable.
 struct Committed {
+    /// The revision of the request's own last command: what its reply says.
     revision: u64,
+    /// The last revision this commit wrote, lock hand-overs it caused included: the
+    /// durability watermark is raised to it.
+    upto: u64,
     /// Lock waiters promoted by this commit, to be told once it is durable.
     promoted: Vec<(oneshot::Sender<Result<LockHolder, Status>>, LockHolder)>,
 }
@@ -166,6 +170,16 @@ fn namespace(ns: &str) -> Result<String, Status> {
     let ns = if ns.is_empty() { "default" } else { ns };
     check_name("namespace", ns)?;
     Ok(ns.to_owned())
+}
+
+/// `text` quoted for an error message, cut to its first 64 characters: a reply never echoes
+/// unbounded input back.
+fn shown(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
 }
 
 /// Names (namespaces, services, instance ids, lock names): 1 to 253 bytes of letters,
@@ -185,15 +199,21 @@ fn check_name(what: &str, name: &str) -> Result<(), Status> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/')))
     {
         return Err(bad(format!(
-            "{what} {name:?} contains {c:?}; use letters, digits and . _ - : /"
+            "{what} {} contains {c:?}; use letters, digits and . _ - : /",
+            shown(name)
         )));
     }
     Ok(())
 }
 
+/// Config keys: 1 to 1024 bytes of UTF-8 without control characters (spaces and any other
+/// printable character allowed, so keys can mirror paths and titles).
 fn check_config_key(key: &str) -> Result<(), Status> {
-    if key.is_empty() || key.len() > 1024 {
-        return Err(bad("config key must be 1 to 1024 bytes"));
+    if key.is_empty() || key.len() > MAX_CONFIG_KEY {
+        return Err(bad(format!(
+            "config key must be 1 to {MAX_CONFIG_KEY} bytes, not {}",
+            key.len()
+        )));
     }
     if key.chars().any(char::is_control) {
         return Err(bad("config key contains control characters"));
@@ -208,13 +228,20 @@ fn check_address(address: &str) -> Result<(), Status> {
     match port {
         Some((host, Ok(p))) if !host.is_empty() && p != 0 => Ok(()),
         _ => Err(bad(format!(
-            "address {address:?} is not host:port with a port from 1 to 65535"
+            "address {} is not host:port with a port from 1 to 65535",
+            shown(address)
         ))),
     }
 }
 
 const MAX_CONFIG_VALUE: usize = 1 << 20;
+const MAX_CONFIG_KEY: usize = 1024;
+/// Instance metadata: at most this many entries...
 const MAX_METADATA: usize = 64;
+/// ...each key 1 to 128 bytes and each value at most 512 bytes (Consul's limits for service
+/// metadata), so an instance's metadata stays under 40 KiB.
+const MAX_METADATA_KEY: usize = 128;
+const MAX_METADATA_VALUE: usize = 512;
 
 impl Registry {
     /// Opens the registry: recovers the state from `data_dir` (if set) and starts the lease
@@ -370,14 +397,22 @@ impl Registry {
         let mut appends = Vec::new();
         let mut committed = Committed {
             revision: state.revision(),
+            upto: state.revision(),
             promoted: Vec::new(),
         };
+        // The request's own commands come first; the acquisitions of promoted waiters are
+        // queued after them, so the reply's revision is that of the last own command.
+        let mut own = commands.len();
         let mut queue: VecDeque<Command> = commands.into();
         while let Some(cmd) = queue.pop_front() {
             let frees_locks = matches!(cmd.op, Some(Op::Revoke(_)) | Some(Op::Release(_)));
-            committed.revision = state
+            committed.upto = state
                 .apply(&cmd)
                 .map_err(|e| Status::new(keel_rpc::Code::FailedPrecondition, e.0))?;
+            if own > 0 {
+                own -= 1;
+                committed.revision = committed.upto;
+            }
             if let Some(journal) = &self.inner.journal {
                 appends.push(journal.append(cmd.encode_to_vec()).map_err(store_status)?);
             }
@@ -449,11 +484,11 @@ impl Registry {
         for append in appends {
             append.await.map_err(store_status)?;
         }
-        let revision = committed.revision;
+        let upto = committed.upto;
         self.inner.durable.send_if_modified(|d| {
-            let raise = revision > *d;
+            let raise = upto > *d;
             if raise {
-                *d = revision;
+                *d = upto;
             }
             raise
         });
@@ -464,7 +499,14 @@ impl Registry {
             }
         }
         self.maybe_snapshot(written);
-        Ok(revision)
+        Ok(committed.revision)
+    }
+
+    /// Waits until every write up to `revision` is durable. A read captures its answer and the
+    /// revision it reflects under the state lock, then waits here before it replies: it never
+    /// shows a write that a crash could still take back.
+    async fn durable(&self, revision: u64) -> Result<(), Status> {
+        durable_at(&mut self.inner.durable.subscribe(), revision).await
     }
 
     fn maybe_snapshot(&self, written: u64) {
@@ -517,11 +559,15 @@ impl Registry {
             Some(h) => Err(Status::new(
                 keel_rpc::Code::FailedPrecondition,
                 format!(
-                    "lock {name:?} is held with token {}, not {token}: a newer holder has it",
+                    "lock {} is held with token {}, not {token}: a newer holder has it",
+                    shown(name),
                     h.token
                 ),
             )),
-            None => Err(Status::not_found(format!("lock {name:?} is not held"))),
+            None => Err(Status::not_found(format!(
+                "lock {} is not held",
+                shown(name)
+            ))),
         })
         .await
     }
@@ -735,6 +781,22 @@ impl proto::Registry for Registry {
         if instance.metadata.len() > MAX_METADATA {
             return Err(bad(format!("more than {MAX_METADATA} metadata entries")));
         }
+        for (key, value) in &instance.metadata {
+            if key.is_empty() || key.len() > MAX_METADATA_KEY {
+                return Err(bad(format!(
+                    "metadata key {} is {} bytes; keys are 1 to {MAX_METADATA_KEY} bytes",
+                    shown(key),
+                    key.len()
+                )));
+            }
+            if value.len() > MAX_METADATA_VALUE {
+                return Err(bad(format!(
+                    "metadata value of {} is {} bytes; the limit is {MAX_METADATA_VALUE}",
+                    shown(key),
+                    value.len()
+                )));
+            }
+        }
         if instance.zone.len() > 253 {
             return Err(bad("zone is over 253 bytes"));
         }
@@ -767,8 +829,9 @@ impl proto::Registry for Registry {
                     .any(|i| i.id == req.id);
                 if !listed {
                     return Err(Status::not_found(format!(
-                        "no instance {:?} of service {:?}",
-                        req.id, req.service
+                        "no instance {} of service {}",
+                        shown(&req.id),
+                        shown(&req.service)
                     )));
                 }
                 Ok(vec![Command {
@@ -788,16 +851,22 @@ impl proto::Registry for Registry {
         req: ServiceRef,
     ) -> Result<ServiceSnapshot, Status> {
         let ns = namespace(&req.namespace)?;
-        Ok(self.inner.state.lock().list_instances(&(ns, req.service)))
+        let snapshot = self.inner.state.lock().list_instances(&(ns, req.service));
+        self.durable(snapshot.revision).await?;
+        Ok(snapshot)
     }
 
     async fn list_services(&self, _ctx: Context, req: NamespaceRef) -> Result<ServiceList, Status> {
         let ns = namespace(&req.namespace)?;
-        let state = self.inner.state.lock();
-        Ok(ServiceList {
-            services: state.list_services(&ns),
-            revision: state.revision(),
-        })
+        let list = {
+            let state = self.inner.state.lock();
+            ServiceList {
+                services: state.list_services(&ns),
+                revision: state.revision(),
+            }
+        };
+        self.durable(list.revision).await?;
+        Ok(list)
     }
 
     async fn watch(
@@ -857,8 +926,8 @@ impl proto::Registry for Registry {
                     return Err(Status::new(
                         keel_rpc::Code::FailedPrecondition,
                         format!(
-                            "config {:?} is at version {current}, not {expected}",
-                            req.key
+                            "config {} is at version {current}, not {expected}",
+                            shown(&req.key)
                         ),
                     ));
                 }
@@ -880,12 +949,15 @@ impl proto::Registry for Registry {
 
     async fn get_config(&self, _ctx: Context, req: ConfigRef) -> Result<ConfigEntry, Status> {
         let ns = namespace(&req.namespace)?;
-        self.inner
-            .state
-            .lock()
-            .config(&(ns, req.key.clone()))
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("no config {:?}", req.key)))
+        let (found, revision) = {
+            let state = self.inner.state.lock();
+            (
+                state.config(&(ns, req.key.clone())).cloned(),
+                state.revision(),
+            )
+        };
+        self.durable(revision).await?;
+        found.ok_or_else(|| Status::not_found(format!("no config {}", shown(&req.key))))
     }
 
     async fn delete_config(&self, ctx: Context, req: ConfigRef) -> Result<WriteReply, Status> {
@@ -895,7 +967,7 @@ impl proto::Registry for Registry {
         let revision = self
             .commit(|state| {
                 if state.config(&key).is_none() {
-                    return Err(Status::not_found(format!("no config {:?}", req.key)));
+                    return Err(Status::not_found(format!("no config {}", shown(&req.key))));
                 }
                 Ok(vec![Command {
                     op: Some(Op::DeleteConfig(ConfigRef {
@@ -910,11 +982,15 @@ impl proto::Registry for Registry {
 
     async fn list_config(&self, _ctx: Context, req: ConfigPrefix) -> Result<ConfigList, Status> {
         let ns = namespace(&req.namespace)?;
-        let state = self.inner.state.lock();
-        Ok(ConfigList {
-            entries: state.list_config(&ns, &req.prefix),
-            revision: state.revision(),
-        })
+        let list = {
+            let state = self.inner.state.lock();
+            ConfigList {
+                entries: state.list_config(&ns, &req.prefix),
+                revision: state.revision(),
+            }
+        };
+        self.durable(list.revision).await?;
+        Ok(list)
     }
 
     async fn lock(&self, ctx: Context, req: LockRequest) -> Result<LockHolder, Status> {
@@ -957,7 +1033,7 @@ impl proto::Registry for Registry {
                 Some(h) if req.no_wait => {
                     return Err(Status::new(
                         keel_rpc::Code::Aborted,
-                        format!("lock {:?} is held (token {})", req.name, h.token),
+                        format!("lock {} is held (token {})", shown(&req.name), h.token),
                     ));
                 }
                 Some(_) => {
@@ -977,7 +1053,11 @@ impl proto::Registry for Registry {
             }
         };
         let waiting = match next {
-            Next::Held(holder) => return Ok(holder),
+            Next::Held(holder) => {
+                // Perhaps taken by a call of this lease whose write is still on its way.
+                self.durable(self.revision()).await?;
+                return Ok(holder);
+            }
             Next::Acquired(committed) => {
                 self.finish(committed).await?;
                 return self
@@ -993,7 +1073,10 @@ impl proto::Registry for Registry {
         };
         let received = match ctx.deadline() {
             Some(d) => tokio::time::timeout_at(d, waiting).await.map_err(|_| {
-                Status::deadline_exceeded(format!("lock {:?} still held at the deadline", req.name))
+                Status::deadline_exceeded(format!(
+                    "lock {} still held at the deadline",
+                    shown(&req.name)
+                ))
             })?,
             None => waiting.await,
         };
@@ -1010,12 +1093,15 @@ impl proto::Registry for Registry {
 
     async fn holder(&self, _ctx: Context, req: LockRef) -> Result<LockHolder, Status> {
         let ns = namespace(&req.namespace)?;
-        self.inner
-            .state
-            .lock()
-            .lock_holder(&(ns, req.name.clone()))
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("lock {:?} is not held", req.name)))
+        let (found, revision) = {
+            let state = self.inner.state.lock();
+            (
+                state.lock_holder(&(ns, req.name.clone())).cloned(),
+                state.revision(),
+            )
+        };
+        self.durable(revision).await?;
+        found.ok_or_else(|| Status::not_found(format!("lock {} is not held", shown(&req.name))))
     }
 
     async fn check_fence(
@@ -1024,16 +1110,31 @@ impl proto::Registry for Registry {
         req: CheckFenceRequest,
     ) -> Result<CheckFenceReply, Status> {
         let ns = namespace(&req.namespace)?;
-        let current_token = self
-            .inner
-            .state
-            .lock()
-            .lock_holder(&(ns, req.name))
-            .map_or(0, |h| h.token);
+        let (current_token, revision) = {
+            let state = self.inner.state.lock();
+            (
+                state.lock_holder(&(ns, req.name)).map_or(0, |h| h.token),
+                state.revision(),
+            )
+        };
+        self.durable(revision).await?;
         Ok(CheckFenceReply {
             current: current_token != 0 && current_token == req.token,
             current_token,
         })
+    }
+}
+
+/// How long a read waits for the writes it shows to become durable before it gives up.
+const READ_DURABLE_WAIT: Duration = Duration::from_secs(10);
+
+async fn durable_at(durable: &mut watch::Receiver<u64>, revision: u64) -> Result<(), Status> {
+    match tokio::time::timeout(READ_DURABLE_WAIT, durable.wait_for(|d| *d >= revision)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) => Err(Status::unavailable("the registry is shutting down")),
+        Err(_) => Err(Status::unavailable(format!(
+            "revision {revision} did not reach the disk within {READ_DURABLE_WAIT:?}"
+        ))),
     }
 }
 
@@ -1064,38 +1165,111 @@ impl Watcher {
                 return Some(event);
             }
             let upto = *self.durable.borrow_and_update();
-            {
+            let reset = {
                 let state = self.registry.inner.state.lock();
                 if self.after > state.revision() {
                     // A revision this registry never reached (its data was replaced): the
                     // watcher's view cannot be patched, only replaced.
-                    let reset = state.reset(&self.target, true);
-                    self.after = reset.revision;
+                    Some(state.reset(&self.target, true))
+                } else if !self.started && self.after == 0 {
+                    Some(state.reset(&self.target, false))
+                } else {
                     self.started = true;
-                    return Some(reset);
+                    match state.changes(&self.target, self.after, upto) {
+                        Ok(events) => {
+                            self.after = self.after.max(upto);
+                            self.pending.extend(events);
+                            None
+                        }
+                        Err(Compacted) => Some(state.reset(&self.target, true)),
+                    }
                 }
-                if !self.started && self.after == 0 {
-                    self.started = true;
-                    let reset = state.reset(&self.target, false);
-                    self.after = reset.revision;
-                    return Some(reset);
-                }
+            };
+            if let Some(reset) = reset {
+                // A full view is sent only once all it shows is durable, like any read.
+                durable_at(&mut self.durable, reset.revision).await.ok()?;
+                self.after = reset.revision;
                 self.started = true;
-                match state.changes(&self.target, self.after, upto) {
-                    Ok(events) => {
-                        self.after = self.after.max(upto);
-                        self.pending.extend(events);
-                    }
-                    Err(Compacted) => {
-                        let reset = state.reset(&self.target, true);
-                        self.after = reset.revision;
-                        return Some(reset);
-                    }
-                }
+                return Some(reset);
             }
             if self.pending.is_empty() && self.durable.changed().await.is_err() {
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::Registry as _;
+
+    /// A write applied in memory but not yet durable is not shown by any read: reads wait
+    /// until what they show would survive a crash, then answer with it.
+    #[tokio::test]
+    async fn reads_show_only_durable_writes() {
+        let r = Registry::open(crate::RegistryConfig::default())
+            .await
+            .unwrap();
+        let entry = ConfigEntry {
+            namespace: "default".into(),
+            key: "k".into(),
+            value: b"v".to_vec().into(),
+            version: 1,
+            revision: 0,
+        };
+        // Applied, its append "in flight": not finished, so not durable.
+        let in_flight = {
+            let mut state = r.inner.state.lock();
+            r.apply_locked(
+                &mut state,
+                vec![Command {
+                    op: Some(Op::PutConfig(entry)),
+                }],
+            )
+            .unwrap()
+        };
+        let get = || {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.get_config(
+                    Context::new(None),
+                    ConfigRef {
+                        namespace: String::new(),
+                        key: "k".into(),
+                    },
+                )
+                .await
+            })
+        };
+        let list = || {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.list_config(
+                    Context::new(None),
+                    ConfigPrefix {
+                        namespace: String::new(),
+                        prefix: String::new(),
+                    },
+                )
+                .await
+            })
+        };
+        let (got, listed) = (get(), list());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !got.is_finished(),
+            "GetConfig answered a write not yet durable"
+        );
+        assert!(
+            !listed.is_finished(),
+            "ListConfig answered a write not yet durable"
+        );
+        let revision = r.finish(in_flight).await.unwrap();
+        let got = got.await.unwrap().unwrap();
+        assert_eq!(got.revision, revision);
+        let listed = listed.await.unwrap().unwrap();
+        assert_eq!(listed.revision, revision);
+        assert_eq!(listed.entries.len(), 1);
     }
 }

@@ -890,3 +890,157 @@ async fn callers_keep_calling_with_the_cached_list_while_the_registry_is_down() 
         assert_eq!(client.echo(&request).await.unwrap().message, "hi");
     }
 }
+
+/// A write's reply carries its own revision, also when it hands a lock to a waiter: the
+/// hand-over is the next revision, so a client that watches from its write's revision sees
+/// who holds the lock now.
+#[tokio::test]
+async fn an_unlock_or_revoke_that_hands_a_lock_over_replies_with_its_own_revision() {
+    let r = Registry::open(RegistryConfig::default()).await.unwrap();
+    let req = |lease_id| LockRequest {
+        namespace: "prod".into(),
+        name: "l".into(),
+        lease_id,
+        value: Default::default(),
+        no_wait: false,
+    };
+    let lock_ref = || LockRef {
+        namespace: "prod".into(),
+        name: "l".into(),
+    };
+    for by_revoke in [false, true] {
+        let a = grant(&r, 60_000).await;
+        let b = grant(&r, 60_000).await;
+        let held = r.lock(ctx(), req(a)).await.unwrap();
+        let waiting = {
+            let r = r.clone();
+            tokio::spawn(async move { r.lock(ctx(), req(b)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let mut events = r
+            .watch(
+                ctx(),
+                WatchRequest {
+                    namespace: "prod".into(),
+                    after_revision: r.revision(),
+                    target: Some(Target::Lock("l".into())),
+                },
+            )
+            .await
+            .unwrap();
+        let reply = if by_revoke {
+            r.revoke_lease(ctx(), LeaseRef { id: a }).await.unwrap()
+        } else {
+            r.unlock(
+                ctx(),
+                UnlockRequest {
+                    namespace: "prod".into(),
+                    name: "l".into(),
+                    token: held.token,
+                },
+            )
+            .await
+            .unwrap()
+        };
+        let b_holds = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            b_holds.revision,
+            reply.revision + 1,
+            "the release is the reply's revision, B's acquisition the next (revoke: {by_revoke})"
+        );
+        assert_eq!(r.holder(ctx(), lock_ref()).await.unwrap().lease_id, b);
+        // Watching from the reply's revision shows B taking the lock.
+        let mut resumed = r
+            .watch(
+                ctx(),
+                WatchRequest {
+                    namespace: "prod".into(),
+                    after_revision: reply.revision,
+                    target: Some(Target::Lock("l".into())),
+                },
+            )
+            .await
+            .unwrap();
+        let event = next(&mut resumed).await;
+        assert_eq!(event.revision, b_holds.revision);
+        // The live watch saw the release at the reply's revision, then the acquisition.
+        let release = next(&mut events).await;
+        assert_eq!(release.revision, reply.revision);
+        r.revoke_lease(ctx(), LeaseRef { id: b }).await.unwrap();
+    }
+}
+
+/// Instance metadata is bounded in bytes as well as in entries, config keys follow their own
+/// documented rule, and errors never echo an unbounded input.
+#[tokio::test]
+async fn metadata_is_bounded_and_errors_do_not_echo_big_inputs() {
+    let r = Registry::open(RegistryConfig::default()).await.unwrap();
+    let mut big = instance("api", "a", 9000, 0);
+    big.metadata.insert("blob".into(), "x".repeat(1 << 20));
+    let err = r
+        .register(
+            ctx(),
+            RegisterRequest {
+                instance: Some(big),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("512"), "{}", err.message());
+    assert!(err.message().len() < 300, "{}", err.message().len());
+    let mut long_key = instance("api", "a", 9000, 0);
+    long_key.metadata.insert("k".repeat(129), "v".into());
+    let err = r
+        .register(
+            ctx(),
+            RegisterRequest {
+                instance: Some(long_key),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut fine = instance("api", "a", 9000, 0);
+    fine.metadata.insert("zone-hint".into(), "v".repeat(512));
+    register(&r, fine).await;
+
+    // A 1 MiB key asked for: not found, without the key echoed back.
+    let huge = "k".repeat(1 << 20);
+    let err = r
+        .get_config(
+            ctx(),
+            ConfigRef {
+                namespace: "prod".into(),
+                key: huge.clone(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().len() < 300, "{}", err.message().len());
+    let err = r
+        .deregister(
+            ctx(),
+            InstanceRef {
+                namespace: "prod".into(),
+                service: "api".into(),
+                id: huge,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.message().len() < 300, "{}", err.message().len());
+    // Config keys may hold spaces (as docs/registry.md states); control characters are refused.
+    let put = |key: &str| PutConfigRequest {
+        namespace: "prod".into(),
+        key: key.into(),
+        value: b"v".to_vec().into(),
+        expected_version: None,
+    };
+    r.put_config(ctx(), put("feature flags/new checkout"))
+        .await
+        .unwrap();
+    let err = r.put_config(ctx(), put("bad\nkey")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

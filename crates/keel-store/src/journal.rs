@@ -7,6 +7,9 @@
 //! it is cut off, and reported in [`Recovered::torn_tail`]. A bad record with valid records
 //! after it, or in any segment but the last, is damage that dropping would lose acknowledged
 //! data: opening fails with [`StoreError::Corrupt`], naming the file and offset.
+//!
+//! A journal directory belongs to one process: opening takes an exclusive lock on its `LOCK`
+//! file ([`DirLock`]), and a second opener is refused with [`StoreError::Locked`].
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +28,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::StoreError;
+use crate::lock::DirLock;
 use crate::record::{self, Defect};
 use crate::snapshot::{self, Snapshot};
 
@@ -217,7 +221,9 @@ impl Journal {
         options: JournalOptions,
     ) -> Result<(Journal, Recovered), StoreError> {
         let dir = dir.as_ref().to_owned();
-        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        // Taken before anything is read: a second process on this directory would interleave
+        // its records with ours. The writer thread holds it until its last sync is done.
+        let lock = DirLock::acquire(&dir)?;
         let (segments, snapshots) = list_dir(&dir)?;
 
         let mut recovered = Recovered::default();
@@ -345,6 +351,7 @@ impl Journal {
             last_end,
             next_index,
             stats.clone(),
+            lock,
         )?;
         let thread = std::thread::Builder::new()
             .name("keel-journal".into())
@@ -475,8 +482,12 @@ impl Journal {
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        // Closing the channel lets the writer finish what was submitted, sync, and exit.
+        // Closing the channel lets the writer finish what was submitted, sync, and exit; it
+        // is waited for, so the directory's lock is free once the journal is gone.
         self.submit.lock().tx = None;
+        if let Some(thread) = self.thread.get_mut().take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -517,6 +528,8 @@ struct Writer {
     failed: Option<StoreError>,
     stats: Arc<JournalStats>,
     buf: Vec<u8>,
+    /// Held for as long as this writer may write.
+    _lock: DirLock,
 }
 
 impl Writer {
@@ -527,6 +540,7 @@ impl Writer {
         last_end: Option<u64>,
         next_index: u64,
         stats: Arc<JournalStats>,
+        lock: DirLock,
     ) -> Result<Writer, StoreError> {
         let mut segments: VecDeque<SegmentFile> = kept.into();
         // Append to the last segment if it ends right before `next_index`; otherwise (no
@@ -566,6 +580,7 @@ impl Writer {
             failed: None,
             stats,
             buf: Vec::with_capacity(64 * 1024),
+            _lock: lock,
         })
     }
 

@@ -12,6 +12,7 @@
 //! - [`snapshot`]: snapshot files, written to a temporary name, synced, then renamed.
 //! - [`queue`]: a durable queue on the journal: at-least-once delivery with leases and
 //!   acknowledgements, compacted by snapshots.
+//! - [`lock`]: one process per directory, by an exclusive lock on a `LOCK` file.
 //! - `record`: the byte layout, as pure functions.
 //!
 //! The on-disk format is specified in `docs/storage.md`.
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod journal;
+pub mod lock;
 pub mod queue;
 mod record;
 pub mod snapshot;
@@ -27,6 +29,7 @@ pub mod snapshot;
 pub use journal::{
     Appended, Journal, JournalOptions, JournalStats, Record, Recovered, SyncPolicy, TornTail,
 };
+pub use lock::DirLock;
 pub use queue::{Delivery, DurableQueue};
 pub use snapshot::Snapshot;
 
@@ -70,6 +73,21 @@ pub enum StoreError {
     /// The journal is closed.
     #[error("journal is closed")]
     Closed,
+    /// Another process (or another open journal in this one) holds the directory.
+    #[error("{} is in use by {}: one process may open a journal directory at a time", dir.display(), holder_text(*pid))]
+    Locked {
+        /// The journal's directory.
+        dir: PathBuf,
+        /// The holder's process id, as it wrote it in the lock file, when readable.
+        pid: Option<u32>,
+    },
+}
+
+fn holder_text(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".to_owned(),
+    }
 }
 
 impl StoreError {

@@ -277,6 +277,24 @@ async fn oversized_records_are_refused() {
     assert_eq!(journal.append(vec![0u8; 100]).unwrap().await.unwrap(), 1);
 }
 
+#[tokio::test]
+async fn a_journal_directory_is_opened_by_one_journal_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(dir.path(), options(SyncPolicy::Always)).unwrap();
+    journal.append(payload(1)).unwrap().await.unwrap();
+    let err = Journal::open(dir.path(), options(SyncPolicy::Always)).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Locked { .. }), "{text}");
+    assert!(
+        text.contains(&format!("process {}", std::process::id())),
+        "{text}"
+    );
+    // Once the first is gone, the directory opens again with everything in it.
+    drop(journal);
+    let (_, recovered) = Journal::open(dir.path(), options(SyncPolicy::Always)).unwrap();
+    assert_eq!(recovered.last_index(), 1);
+}
+
 /// The child side of the kill -9 test: appends as fast as it can and prints each index once
 /// its append has been acknowledged.
 #[test]
@@ -338,7 +356,16 @@ fn kill_9_during_appends_loses_no_acknowledged_record() {
             }
         }
         assert!(seen > 0, "child acknowledged nothing");
-        child.kill().unwrap(); // SIGKILL
+        // While the child writes, nobody else may open its journal; the error names the
+        // directory and the child's pid.
+        match Journal::open(dir.path(), options(SyncPolicy::Always)) {
+            Err(StoreError::Locked { dir: d, pid }) => {
+                assert_eq!(d, dir.path());
+                assert_eq!(pid, Some(child.id()), "round {round}");
+            }
+            other => panic!("round {round}: a second opener got {other:?}"),
+        }
+        child.kill().unwrap(); // SIGKILL: the kernel drops the lock with the process
         child.wait().unwrap();
 
         let (_, recovered) = Journal::open(dir.path(), options(SyncPolicy::Always)).unwrap();

@@ -22,7 +22,7 @@ mod bench_seckill;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use keel::loadgen;
+use keel::{loadgen, say};
 use keel_echo::{EchoClient, EchoRequest, EchoServer, EchoService};
 use keel_rpc::{CallOptions, Channel, ChannelConfig, Codec, Server, ServerConfig};
 
@@ -57,9 +57,10 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct UpArgs {
-    /// The system's configuration.
-    #[arg(long, default_value = "keel.toml")]
-    config: std::path::PathBuf,
+    /// The system's configuration. Without this flag, `keel.toml` is used and written with
+    /// the defaults on first run; a file named here must exist.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Stop after this many seconds (for trying it out and for CI); 0 runs until Ctrl-C.
     #[arg(long, default_value_t = 0)]
     seconds: u64,
@@ -91,10 +92,11 @@ struct RegistryArgs {
     /// interval:<ms>, or never.
     #[arg(long, default_value = "always")]
     sync: String,
-    /// Require this token for writes (`authorization: Bearer <token>`). Also read from
-    /// KEEL_REGISTRY_TOKEN.
-    #[arg(long, env = "KEEL_REGISTRY_TOKEN")]
-    token: Option<String>,
+    /// Require the token in this file for writes (`authorization: Bearer <token>`). Without
+    /// it, the token (if any) is read from KEEL_REGISTRY_TOKEN; never from the command line,
+    /// which `ps` shows to every user of the machine.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
     /// Share of a service's instances whose leases may lapse at once before protection keeps
     /// them listed (1 turns protection off).
     #[arg(long, default_value_t = 0.5)]
@@ -173,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -191,7 +194,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Seckill(args)) => {
             let rt = runtime(0)?;
             let summary = rt.block_on(bench_seckill::run(&args))?;
-            println!("{summary}");
+            say!("{summary}");
             anyhow::ensure!(summary["ok"] == true, "an invariant of the sale was broken");
             Ok(())
         }
@@ -200,7 +203,10 @@ fn main() -> anyhow::Result<()> {
         Command::Gateway(args) => gateway(args),
         Command::Seckill(role) => keel_seckill::cli::run(role),
         Command::Up(args) => {
-            let mut config = keel::up::UpConfig::load_or_create(&args.config)?;
+            let mut config = match &args.config {
+                Some(path) => keel::up::UpConfig::load(path)?,
+                None => keel::up::UpConfig::load_or_create(std::path::Path::new("keel.toml"))?,
+            };
             config.scale.apply(&args.scale)?;
             let rt = runtime(0)?;
             rt.block_on(keel::up::run(
@@ -235,7 +241,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         } else {
             "http"
         };
-        println!(
+        say!(
             "keel gateway on {scheme}://{} ({}); SIGHUP reloads, Ctrl-C stops",
             listener.local_addr()?,
             args.config
@@ -245,7 +251,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(admin.listen)
                 .await
                 .with_context(|| format!("binding the admin port {}", admin.listen))?;
-            println!("admin API on http://{}", listener.local_addr()?);
+            say!("admin API on http://{}", listener.local_addr()?);
             let stop = stop.clone();
             tokio::spawn(
                 gateway
@@ -290,7 +296,7 @@ fn print_json(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    println!("{}", rt.block_on(bench)?);
+    say!("{}", rt.block_on(bench)?);
     Ok(())
 }
 
@@ -318,7 +324,7 @@ fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     let config = RegistryConfig {
         data_dir: Some(args.data_dir.clone()),
         sync: parse_sync(&args.sync)?,
-        token: args.token.clone().filter(|t| !t.is_empty()),
+        token: keel_seckill::cli::secret(args.token_file.as_deref(), "KEEL_REGISTRY_TOKEN")?,
         protect_threshold: args.protect_threshold,
         ..RegistryConfig::default()
     };
@@ -331,7 +337,7 @@ fn registry(args: RegistryArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.addr))?;
         // Printed on stdout so scripts and tests can wait for it.
-        println!(
+        say!(
             "keel registry on {} (data in {}, revision {}); Ctrl-C stops",
             listener.local_addr()?,
             args.data_dir.display(),
@@ -449,16 +455,19 @@ async fn bench_rpc(args: &RpcBenchArgs) -> anyhow::Result<loadgen::LoadReport> {
 
 fn print_report(args: &RpcBenchArgs, report: &loadgen::LoadReport) {
     if !args.json {
-        println!(
+        say!(
             "keel rpc: {} B payload, concurrency {}, {} connections, {}",
-            args.load.payload, args.load.concurrency, args.load.connections, args.codec
+            args.load.payload,
+            args.load.concurrency,
+            args.load.connections,
+            args.codec
         );
-        println!("  {}", report.summary());
+        say!("  {}", report.summary());
         if let Some(e) = &report.first_error {
-            println!("  first error: {e}");
+            say!("  first error: {e}");
         }
     }
-    println!("{}", report.to_json_for(&args.load));
+    say!("{}", report.to_json_for(&args.load));
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -476,11 +485,9 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let serving = server_rt.spawn(server.serve(listener, async {
         let _ = stop_rx.await;
     }));
-    println!("Keel echo service listening on {addr} (Keel RPC and HTTP/JSON on one port)");
-    println!(
-        "  try: curl -s -X POST http://{addr}/keel.echo.v1.Echo/Echo -d '{{\"message\":\"hi\"}}'"
-    );
-    println!(
+    say!("Keel echo service listening on {addr} (Keel RPC and HTTP/JSON on one port)");
+    say!("  try: curl -s -X POST http://{addr}/keel.echo.v1.Echo/Echo -d '{{\"message\":\"hi\"}}'");
+    say!(
         "Driving it with the built-in load generator for {:.0} s...",
         args.seconds
     );
@@ -502,7 +509,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             json: false,
         };
         let report = client_rt.block_on(bench_rpc(&bench))?;
-        println!(
+        say!(
             "  echo {payload:>5} B, {concurrency} in flight over 4 connections: {}",
             report.summary()
         );
@@ -514,9 +521,9 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .lines()
         .find(|l| l.starts_with("keel_rpc_requests_total{service=\"keel.echo.v1.Echo\",method=\"Echo\",status=\"ok\"}"))
         .unwrap_or("");
-    println!("Server metrics: {calls}");
+    say!("Server metrics: {calls}");
     let _ = stop_tx.send(());
     server_rt.block_on(serving)??;
-    println!("Server drained and stopped.");
+    say!("Server drained and stopped.");
     Ok(())
 }

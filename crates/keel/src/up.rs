@@ -236,7 +236,8 @@ impl UpConfig {
         )
     }
 
-    /// Reads `path`, or writes the defaults there first if it does not exist.
+    /// Reads `path`, or writes the defaults there first if it does not exist (the default
+    /// configuration's first run).
     pub fn load_or_create(path: &Path) -> anyhow::Result<UpConfig> {
         if !path.exists() {
             let config = UpConfig::defaults();
@@ -244,12 +245,25 @@ impl UpConfig {
                 "# keel up: the flash-sale system on this machine (see docs/seckill.md).\n{}",
                 toml::to_string(&config)?
             );
-            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-            println!("wrote {} with the defaults", path.display());
+            write_private(path, &text).with_context(|| format!("writing {}", path.display()))?;
+            crate::say!("wrote {} with the defaults", path.display());
             return Ok(config);
         }
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        UpConfig::load(path)
+    }
+
+    /// Reads `path`, which must exist: a configuration named on the command line is never
+    /// made up (a typo would otherwise start a new sale with a new admin token).
+    pub fn load(path: &Path) -> anyhow::Result<UpConfig> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "{}: no such configuration file (run `keel up` without --config to write \
+                 keel.toml with the defaults)",
+                path.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
         let config: UpConfig =
             toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
         config.scale.check()?;
@@ -261,6 +275,19 @@ impl UpConfig {
         }
         Ok(config)
     }
+}
+
+/// Writes `text` to `path` readable by its owner alone: the file holds the admin token.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
 }
 
 /// `text` as a TOML string (quoted and escaped).
@@ -281,6 +308,9 @@ fn fresh_token() -> String {
 struct Part {
     name: String,
     args: Vec<String>,
+    /// Passed in the environment, not on the command line: values other users must not see
+    /// in `ps` (the admin token).
+    env: Vec<(String, String)>,
 }
 
 /// The process ids of the running parts, also written to `<data_dir>/pids.json` after every
@@ -321,7 +351,8 @@ fn banner_address(line: &str) -> Option<String> {
     )
 }
 
-/// Starts a part; returns the child and the address its banner names.
+/// Starts a part; returns the child and the address its banner names. A part that exits
+/// before it listens is reported with what it wrote to stderr (its own error).
 async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
     let exe = std::env::current_exe()?;
     // In a process group of its own: a Ctrl-C at the terminal reaches `keel up` alone, which
@@ -333,41 +364,104 @@ async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
             keel_seckill::cli::SUPERVISOR_ENV,
             std::process::id().to_string(),
         )
+        .envs(part.env.iter().map(|(k, v)| (k, v)))
         .args(&part.args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", part.name))?;
+    let name = part.name.clone();
+    // Until the banner, stderr is kept (to explain a failed start); after it, relayed.
+    let early: std::sync::Arc<parking_lot::Mutex<Option<Vec<String>>>> =
+        std::sync::Arc::new(parking_lot::Mutex::new(Some(Vec::new())));
+    let stderr_done = match child.stderr.take() {
+        Some(stderr) => {
+            let mut stderr = BufReader::new(stderr).lines();
+            let name = name.clone();
+            let early = early.clone();
+            Some(tokio::spawn(async move {
+                while let Ok(Some(line)) = stderr.next_line().await {
+                    if let Some(kept) = early.lock().as_mut() {
+                        if kept.len() < 50 {
+                            kept.push(line.clone());
+                        }
+                        continue;
+                    }
+                    use std::io::Write as _;
+                    let _ = writeln!(std::io::stderr(), "[{name}] {line}");
+                }
+            }))
+        }
+        None => None,
+    };
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let banner = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
         .await
-        .with_context(|| format!("{} did not start within 30 s", part.name))??
-        .with_context(|| format!("{} exited before it listened", part.name))?;
+        .with_context(|| format!("{name} did not start within 30 s"))?;
+    let banner = match banner {
+        Ok(Some(line)) => line,
+        _ => {
+            // The part is gone: its stderr ends too; wait for the last lines (bounded).
+            if let Some(done) = stderr_done {
+                let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+            }
+            let said = early.lock().take().unwrap_or_default();
+            let status = tokio::time::timeout(Duration::from_secs(2), child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map_or_else(|| "no exit status".to_owned(), |s| s.to_string());
+            let said = part_error(&said);
+            bail!("{name} exited before it listened ({status}): {said}");
+        }
+    };
+    // From now on stderr is relayed; what came before the banner is shown first.
+    if let Some(kept) = early.lock().take() {
+        use std::io::Write as _;
+        for line in kept {
+            let _ = writeln!(std::io::stderr(), "[{name}] {line}");
+        }
+    }
     let address = banner_address(&banner)
-        .with_context(|| format!("{}: unexpected first line {banner:?}", part.name))?;
-    let name = part.name.clone();
+        .with_context(|| format!("{name}: unexpected first line {banner:?}"))?;
     let out_name = name.clone();
     tokio::spawn(async move {
         let name = out_name;
         while let Ok(Some(line)) = stdout.next_line().await {
-            println!("[{name}] {line}");
+            crate::say!("[{name}] {line}");
         }
     });
-    if let Some(stderr) = child.stderr.take() {
-        let mut stderr = BufReader::new(stderr).lines();
-        let name = name.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                eprintln!("[{name}] {line}");
-            }
-        });
-    }
-    println!(
+    crate::say!(
         "started {name} (pid {}) on {address}",
         child.id().unwrap_or(0)
     );
     Ok((child, address))
+}
+
+/// The error a part printed before exiting: anyhow's `Error: ...` and its causes, or else
+/// its last lines.
+fn part_error(stderr: &[String]) -> String {
+    if let Some(at) = stderr.iter().position(|l| l.starts_with("Error: ")) {
+        let lines: Vec<&str> = stderr[at..]
+            .iter()
+            .map(|l| {
+                let l = l.trim();
+                let l = l.strip_prefix("Error: ").unwrap_or(l);
+                // anyhow numbers the causes: "0: ...".
+                match l.split_once(": ") {
+                    Some((n, rest)) if n.bytes().all(|b| b.is_ascii_digit()) => rest,
+                    _ => l,
+                }
+            })
+            .filter(|l| !l.is_empty() && *l != "Caused by:")
+            .collect();
+        return lines.join(": ");
+    }
+    match stderr.len() {
+        0 => "it printed nothing".to_owned(),
+        n => stderr[n.saturating_sub(5)..].join(" | "),
+    }
 }
 
 /// Replaces the value after `flag` in `args`.
@@ -399,7 +493,7 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
                 if stop.is_cancelled() {
                     return;
                 }
-                println!("{} exited ({}); restarting in {backoff:?}", part.name,
+                crate::say!("{} exited ({}); restarting in {backoff:?}", part.name,
                     status.map_or_else(|e| e.to_string(), |s| s.to_string()));
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(100);
@@ -412,13 +506,13 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
                 loop {
                     match start(&part).await {
                         Ok((next, _)) => {
-                            println!("restarted {}", part.name);
+                            crate::say!("restarted {}", part.name);
                             pids.set(&part.name, &next);
                             child = next;
                             break;
                         }
                         Err(e) => {
-                            println!("restarting {} failed: {e:#}; again in {backoff:?}", part.name);
+                            crate::say!("restarting {} failed: {e:#}; again in {backoff:?}", part.name);
                             tokio::select! {
                                 () = tokio::time::sleep(backoff) => {}
                                 () = stop.cancelled() => return,
@@ -519,11 +613,57 @@ async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Checks what would make a part fail to start, before any part starts: every address parses
+/// and its port is free, and the data directory can be written.
+fn preflight(config: &UpConfig) -> anyhow::Result<()> {
+    let mut addresses = vec![
+        ("registry.listen", config.registry.listen.clone()),
+        ("api.listen", config.api.listen.clone()),
+        ("gateway.listen", config.gateway.listen.clone()),
+        ("gateway.admin", config.gateway.admin.clone()),
+    ];
+    for i in 0..config.scale.inventory {
+        addresses.push((
+            "inventory.listen",
+            nth_address(&config.inventory.listen, i)?,
+        ));
+    }
+    for j in 0..config.scale.orders {
+        addresses.push(("orders.listen", nth_address(&config.orders.listen, j)?));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (field, address) in &addresses {
+        let parsed: std::net::SocketAddr = address.parse().with_context(|| {
+            format!("{field} = {address:?} is not an IP address and port (such as 127.0.0.1:8080)")
+        })?;
+        if parsed.port() == 0 {
+            continue;
+        }
+        if !seen.insert(parsed) {
+            bail!("{field} = {address:?}: that address is given to two parts");
+        }
+        std::net::TcpListener::bind(parsed)
+            .map_err(|e| anyhow::anyhow!("{field} = {address:?}: cannot listen there: {e}"))?;
+    }
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("data_dir {}: cannot create it", data.display()))?;
+    let probe = data.join(".keel-write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .with_context(|| format!("data_dir {}: cannot write there", data.display()))?;
+    Ok(())
+}
+
 /// Runs the system until Ctrl-C (or for `run_for`).
 pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<()> {
     let data = &config.data_dir;
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     config.scale.check()?;
+    preflight(&config)?;
+    // One `keel up` per data directory: a second one would interleave its records with ours
+    // in every journal. Held until this function returns; each part locks its own journal too.
+    let _data_lock = keel_store::DirLock::acquire(data)
+        .with_context(|| format!("another `keel up` runs on {}", data.display()))?;
     check_topology(data, config.scale)?;
     let dir = |name: &str| data.join(name).to_string_lossy().into_owned();
     let mut parts: Vec<(Part, Child)> = Vec::new();
@@ -538,6 +678,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
                 "--data-dir".into(),
                 dir("registry"),
             ],
+            env: Vec::new(),
         },
         &mut parts,
     )
@@ -563,6 +704,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
                     "--registry".into(),
                     registry.clone(),
                 ],
+                env: Vec::new(),
             },
             &mut parts,
         )
@@ -593,6 +735,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
             Part {
                 name: format!("orders-{j}"),
                 args,
+                env: Vec::new(),
             },
             &mut parts,
         )
@@ -608,8 +751,6 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         dir("catalog"),
         "--registry".into(),
         registry.clone(),
-        "--admin-token".into(),
-        config.admin_token.clone(),
         "--cache-ttl-ms".into(),
         config.cache.ttl_ms.to_string(),
     ];
@@ -623,6 +764,10 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         Part {
             name: "api".into(),
             args,
+            env: vec![(
+                keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
+                config.admin_token.clone(),
+            )],
         },
         &mut parts,
     )
@@ -635,7 +780,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     let web = std::path::absolute(data.join("web"))?;
     keel_seckill::web::write(&web).with_context(|| format!("writing {}", web.display()))?;
     let gateway_toml = config.gateway_toml(&config.gateway.listen, &registry, &web);
-    std::fs::write(&gateway_config, gateway_toml)
+    write_private(&gateway_config, &gateway_toml)
         .with_context(|| format!("writing {}", gateway_config.display()))?;
     let gateway = Part {
         name: "gateway".into(),
@@ -644,6 +789,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
             "--config".into(),
             gateway_config.to_string_lossy().into_owned(),
         ],
+        env: Vec::new(),
     };
     let (child, gateway_addr) = start(&gateway).await?;
     // Restarted, it must come back on the same port.
@@ -659,7 +805,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     // Up means the gateway has found the API in the registry and answers through it.
     wait_until_served(&gateway_addr).await?;
 
-    println!(
+    crate::say!(
         "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md)\n  registry    {registry}\nCtrl-C stops everything.",
         config.admin_token
     );
@@ -685,18 +831,22 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         let (stop, supervisors) = &mut stages[stage(&part.name)];
         supervisors.spawn(supervise(part, child, stop.clone(), pids.clone()));
     }
-    match run_for {
-        Some(d) => tokio::time::sleep(d).await,
-        None => {
-            let _ = tokio::signal::ctrl_c().await;
+    let run_out = async {
+        match run_for {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
         }
+    };
+    tokio::select! {
+        () = run_out => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
-    println!("stopping");
+    crate::say!("stopping");
     for (stop, supervisors) in &mut stages {
         stop.cancel();
         while supervisors.join_next().await.is_some() {}
     }
-    println!("stopped");
+    crate::say!("stopped");
     Ok(())
 }
 

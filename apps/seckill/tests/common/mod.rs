@@ -12,6 +12,7 @@ use serde_json::Value;
 pub fn start(args: &[&str], banner: &str) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel-seckill"))
         .args(args)
+        .env("KEEL_ADMIN_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

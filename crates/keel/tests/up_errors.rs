@@ -1,0 +1,295 @@
+//! `keel up` and its parts as a new user meets them when something is wrong: a second process
+//! on one data directory, a configuration file that does not exist, a port in use, a part that
+//! cannot start, a closed stdout, and secrets kept off the command line.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TOKEN, Up, alive};
+
+/// Runs `keel ARGS` in `dir` to its end (at most 60 s); its output.
+fn keel(dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keel {args:?} still runs after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A keel.toml on fixed ports taken from free ones, with `edit` applied to its text.
+fn config(dir: &std::path::Path, edit: impl Fn(String) -> String) {
+    let text = format!(
+        "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\n"
+    );
+    std::fs::write(dir.join("keel.toml"), edit(text)).unwrap();
+}
+
+#[test]
+fn a_second_keel_up_or_part_on_one_data_directory_is_refused_naming_the_holder() {
+    let up = Up::start("");
+    let dir = up.dir.path();
+    // A second `keel up` on the same keel.toml (so the same data_dir), other ports (all 0).
+    let out = keel(dir, &["up", "--seconds", "5"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("process {}", up.child.id())) && err.contains("data"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    // Every part on the directory of its running twin: refused at once, naming the twin.
+    let data = dir.join("data");
+    let path = |name: &str| data.join(name).to_string_lossy().into_owned();
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "registry",
+            vec![
+                "registry".into(),
+                "--addr".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                path("registry"),
+            ],
+        ),
+        (
+            "inventory-0",
+            vec![
+                "seckill".into(),
+                "inventory".into(),
+                "--addr".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                path("inventory-0"),
+                "--shard".into(),
+                "inv-0".into(),
+            ],
+        ),
+        (
+            "orders-0",
+            vec![
+                "seckill".into(),
+                "orders".into(),
+                "--addr".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                path("orders-0"),
+                "--inventory".into(),
+                "inv-0=127.0.0.1:1".into(),
+            ],
+        ),
+    ];
+    for (part, args) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = keel(dir, &args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{part}: {err}");
+        let pid = up.started[part];
+        assert!(
+            err.contains(&format!("process {pid}")) && err.contains(&path(part)),
+            "{part}: {err}"
+        );
+    }
+    let mut api = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "seckill",
+            "api",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &path("catalog"),
+            "--inventory",
+            "inv-0=127.0.0.1:1",
+        ])
+        .env("KEEL_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    api.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!api.wait().unwrap().success(), "{err}");
+    assert!(
+        err.contains(&format!("process {}", up.started["api"])),
+        "{err}"
+    );
+    // The sale is unharmed: the first `keel up` still serves.
+    let (status, _) = common::call(&up.gateway, "GET", "/api/items", "");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_named_configuration_file_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keel(
+        dir.path(),
+        &["up", "--config", "typo.toml", "--seconds", "1"],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("typo.toml: no such configuration file"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("typo.toml").exists(),
+        "a named file was made up"
+    );
+    assert!(!dir.path().join("keel-data").exists(), "a sale was started");
+}
+
+#[test]
+fn start_failures_name_the_field_or_the_parts_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cases = [
+        (
+            format!("[api]\nlisten = \"127.0.0.1:{port}\""),
+            "api.listen = \"127.0.0.1:",
+            "cannot listen there",
+        ),
+        (
+            "[registry]\nlisten = \"127.0.0.1:99999\"".to_owned(),
+            "registry.listen = \"127.0.0.1:99999\"",
+            "is not an IP address and port",
+        ),
+        (
+            "data_dir = \"data\"".to_owned(),
+            "data_dir keel.toml/data",
+            "cannot create it",
+        ),
+    ];
+    for (i, (replace, field, reason)) in cases.into_iter().enumerate() {
+        config(dir.path(), |text| {
+            let (section, _) = replace.split_once('\n').unwrap_or((&replace, ""));
+            match i {
+                0 | 1 => {
+                    text.replacen(&format!("{section}\nlisten = \"127.0.0.1:0\""), &replace, 1)
+                }
+                _ => text.replacen(&replace, "data_dir = \"keel.toml/data\"", 1),
+            }
+        });
+        let out = keel(dir.path(), &["up", "--seconds", "1"]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(field) && err.contains(reason), "{err}");
+        // Checked before anything started.
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("started "),
+            "{err}"
+        );
+    }
+    drop(taken);
+
+    // A failure only the part itself can see: its own error is shown, not just that it
+    // exited.
+    config(dir.path(), |text| text);
+    let registry = dir.path().join("data/registry");
+    std::fs::create_dir_all(&registry).unwrap();
+    std::fs::write(
+        registry.join("00000000000000000001.wal"),
+        b"this is not a journal segment",
+    )
+    .unwrap();
+    let out = keel(dir.path(), &["up", "--seconds", "1"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("registry exited before it listened")
+            && err.contains("00000000000000000001.wal is damaged at byte 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_stops_nothing_and_secrets_stay_off_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), |text| text);
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["up", "--seconds", "20"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // `keel up | head -3`: three lines read, then the pipe is closed.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(lines.next().unwrap().unwrap());
+    }
+    drop(lines);
+    // It goes on: every part starts (each started line now falls on a closed pipe), and the
+    // system serves.
+    let pids = dir.path().join("data/pids.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let parts = loop {
+        assert!(Instant::now() < deadline, "the parts did not start");
+        assert!(child.try_wait().unwrap().is_none(), "keel up ended early");
+        if let Ok(text) = std::fs::read_to_string(&pids)
+            && let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<String, u32>>(&text)
+            && map.len() == 7
+        {
+            break map;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // No process's command line carries the admin token.
+    for (name, pid) in &parts {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(TOKEN),
+            "{name}'s command line shows the admin token"
+        );
+    }
+    let own = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&own).contains(TOKEN));
+    // keel.toml and the gateway's file hold the token: readable by their owner alone.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.path().join("data/gateway.toml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "gateway.toml is readable by others: {mode:o}"
+    );
+    // Ended by SIGINT: it stops as usual, without a panic.
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(status.success(), "{status}: {err}");
+    // Logs written to a file carry no colour codes.
+    assert!(!err.contains('\u{1b}'), "{err}");
+    for pid in parts.values() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive(*pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
