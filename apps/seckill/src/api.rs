@@ -1,4 +1,4 @@
-//! The sale's HTTP API (the contract of issue 5, served behind the gateway) and the catalog
+//! The sale's HTTP API (the contract in docs/seckill.md, served behind the gateway) and the catalog
 //! of items it keeps.
 //!
 //! JSON bodies; errors are `{"error": CODE, "detail": ...}`. The catalog (name, price, stock,
@@ -11,7 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use keel_cache::TwoLevel;
 use keel_rpc::Code;
 use keel_store::{Journal, JournalOptions, StoreError};
@@ -485,6 +485,9 @@ fn reply(status: StatusCode, body: &Value) -> Answer {
     resp
 }
 
+/// Largest request body the API takes.
+const MAX_BODY: usize = 64 * 1024;
+
 fn fail(status: StatusCode, code: &str, detail: impl std::fmt::Display) -> Answer {
     reply(
         status,
@@ -646,15 +649,11 @@ impl Api {
             .headers()
             .get("x-user-id")
             .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
-        let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return fail(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "the body is unreadable or over 64 KiB",
-                );
-            }
+        let (parts, body) = req.into_parts();
+        let limits = keel_rpc::http_body::BodyLimits::new(MAX_BODY);
+        let body = match keel_rpc::http_body::read(&parts.headers, body, limits).await {
+            Ok(body) => body,
+            Err(e) => return fail(e.status(), e.code(), e.to_string()),
         };
         let json_body = || serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string());
         let not_json = |why: String| {

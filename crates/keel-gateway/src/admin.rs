@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -156,9 +156,11 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
             json(StatusCode::OK, &serde_json::Value::Object(out))
         }
         (Method::POST, "/admin/reload") => {
-            let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return fail(StatusCode::BAD_REQUEST, "invalid_request", e),
+            let (parts, body) = req.into_parts();
+            let limits = keel_rpc::http_body::BodyLimits::new(4 << 20);
+            let body = match keel_rpc::http_body::read(&parts.headers, body, limits).await {
+                Ok(body) => body,
+                Err(e) => return fail(e.status(), e.code(), e),
             };
             let result = if body.iter().all(u8::is_ascii_whitespace) {
                 gateway.reload_file().await

@@ -229,7 +229,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let mut searched: usize = 0;
         loop {
             // Empty lines before a request line are ignored (RFC 9112 §2.2): some clients
-            // send a CRLF after a body. They do not start a head's deadline.
+            // send a CRLF after a body. They start the head's deadline like any other byte,
+            // so a client cannot hold the connection by sending blank lines.
             let blank = self
                 .buf
                 .iter()
@@ -238,6 +239,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             if blank > 0 {
                 self.buf.advance(blank);
                 searched = searched.saturating_sub(blank);
+                if deadline.is_none() {
+                    deadline = Some(Instant::now() + header_timeout);
+                }
             }
             if let Some(end) = head_end(&self.buf[searched..]).map(|end| searched + end) {
                 if end > max_head {
@@ -536,6 +540,11 @@ fn parse<'h>(head: &'h [u8], parsed: &'h mut [httparse::Header<'h>]) -> Option<R
         || target.len() > 65_534
         || !plain_target(target)
     {
+        return None;
+    }
+    // A missing, repeated or listed Host is refused on the hyper path, with every other
+    // request that is not well formed.
+    if crate::headers::host_fault(&*req.headers, true).is_some() {
         return None;
     }
     let mut length = None;
@@ -1290,26 +1299,32 @@ mod tests {
             parse(head, &mut parsed).is_some()
         };
         assert!(qualifies(b"GET /a?b=1 HTTP/1.1\r\nHost: x:80\r\n\r\n"));
-        assert!(qualifies(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
         assert!(qualifies(
-            b"GET /a/%2F-._~!$&'()*+,;=:@?q=/?x&y={z}|1 HTTP/1.1\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+        ));
+        assert!(qualifies(
+            b"GET /a/%2F-._~!$&'()*+,;=:@?q=/?x&y={z}|1 HTTP/1.1\r\nHost: x\r\n\r\n"
         ));
         for head in [
-            &b"GET / HTTP/1.0\r\n\r\n"[..],
-            b"GET http://x/ HTTP/1.1\r\n\r\n",
-            b"CONNECT x:443 HTTP/1.1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..],
+            b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\n",
-            b"GET /api/login#x HTTP/1.1\r\n\r\n",
-            b"GET /a<b> HTTP/1.1\r\n\r\n",
-            b"GET /a?b=1#x HTTP/1.1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-            b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /api/login#x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a<b> HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a?b=1#x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+            // Host missing, repeated or a list: hyper's path refuses it.
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
         ] {
             assert!(!qualifies(head), "{:?}", String::from_utf8_lossy(head));
         }

@@ -6,8 +6,8 @@
 //!
 //! The tracker reads each request head (with `httparse`, as hyper does), then skips the body
 //! by its `Content-Length` or by its chunks, and so finds the next head. Anything it does not
-//! follow — HTTP/2, an upgrade, a head it cannot parse, a head larger than the gateway
-//! accepts — turns it off for the rest of the connection: hyper's own checks still apply, and
+//! follow — HTTP/2, CONNECT, a head it cannot parse (such as the bytes of another protocol
+//! after an accepted upgrade), a head larger than the gateway accepts — turns it off for the rest of the connection: hyper's own checks still apply, and
 //! the tracker never refuses a request it is not sure about.
 
 /// Headers parsed per head at most (more turns the tracker off; hyper allows 100).
@@ -218,7 +218,7 @@ impl Framing {
                     let from = before.saturating_sub(3);
                     match find(&self.line[from..], b"\r\n\r\n") {
                         None => {
-                            if self.line.len() > self.max_head {
+                            if self.line.len() > self.max_head || !could_be_head(&self.line) {
                                 self.off();
                             }
                             break;
@@ -265,7 +265,9 @@ impl Framing {
         let mut lengths = 0;
         let mut chunked = false;
         let mut transfer_encoding = false;
-        let mut upgrade = request.method == Some("CONNECT");
+        // A CONNECT is refused and ends the connection; an `Upgrade` header may be refused
+        // and the connection go on.
+        let connect = request.method == Some("CONNECT");
         for h in request.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 lengths += 1;
@@ -283,8 +285,6 @@ impl Framing {
                         .next()
                         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
                 });
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         // Both framings, or the length given more than once (even with equal values, which
@@ -292,10 +292,13 @@ impl Framing {
         if (transfer_encoding && (length.is_some() || lengths_differ)) || lengths > 1 {
             return Next::Ambiguous;
         }
-        if lengths_differ || upgrade || (transfer_encoding && !chunked) {
-            // hyper refuses these or the protocol changes: nothing more to follow.
+        if lengths_differ || connect || (transfer_encoding && !chunked) {
+            // hyper refuses these, or the protocol changes: nothing more to follow.
             return Next::Off;
         }
+        // An upgrade the server may refuse: the connection would go on in HTTP/1.1, so the
+        // requests after it are followed too. If it is accepted, what follows is another
+        // protocol, which fails to parse as a head and turns the tracker off.
         Next::Follow(if chunked {
             State::Chunk(Chunked::new(self.max_head))
         } else {
@@ -329,6 +332,16 @@ enum Next {
     Follow(State),
     Ambiguous,
     Off,
+}
+
+/// Whether `partial`, the start of what should be a request head, parses so far (bytes of
+/// another protocol after an accepted upgrade do not).
+fn could_be_head(partial: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    !matches!(
+        httparse::Request::new(&mut headers).parse(partial),
+        Err(e) if e != httparse::Error::TooManyHeaders
+    )
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -413,7 +426,20 @@ GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         f.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert!(!f.is_on());
         let mut f = Framing::new(1024);
-        f.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        f.feed(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n");
+        assert!(!f.is_on());
+        // An upgrade is followed on: refused, the connection goes on in HTTP/1.1 and the
+        // next request is checked; accepted, the other protocol's bytes turn it off.
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let mut f = Framing::new(1024);
+        f.feed(upgrade);
+        assert!(f.is_on());
+        let seen =
+            f.feed(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(seen.ambiguous, Some(1));
+        let mut f = Framing::new(1024);
+        f.feed(upgrade);
+        f.feed(&[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f]);
         assert!(!f.is_on());
         let mut f = Framing::new(64);
         f.feed(&[b'a'; 100]);

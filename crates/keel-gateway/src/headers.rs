@@ -31,6 +31,25 @@ impl Lookup for [httparse::Header<'_>] {
     }
 }
 
+/// What is wrong with a request's `Host` by RFC 9112 §3.2, if anything: more than one `Host`
+/// field, one holding a list of hosts, or none at all in HTTP/1.1 (`requires_host`). Such a
+/// request is answered 400: routing by one host while the server reads another would let a
+/// request past a route's filters.
+pub(crate) fn host_fault<H: Lookup + ?Sized>(
+    headers: &H,
+    requires_host: bool,
+) -> Option<&'static str> {
+    static HOST: HeaderName = http::header::HOST;
+    let mut hosts = headers.all(&HOST);
+    match (hosts.next(), hosts.next()) {
+        (None, _) if requires_host => Some("an HTTP/1.1 request needs a Host header"),
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (Some(host), None) if host.contains(&b',') => Some("a Host header may name one host only"),
+        (Some(_), None) => None,
+    }
+}
+
 /// The value of cookie `name` in a request, if sent.
 pub(crate) fn cookie<'a, H: Lookup + ?Sized>(headers: &'a H, name: &str) -> Option<&'a str> {
     static COOKIE: HeaderName = http::header::COOKIE;

@@ -306,6 +306,31 @@ async fn serve(
     tls: bool,
     note: &mut Note,
 ) -> Response<DownBody> {
+    if req.method() == Method::CONNECT {
+        // A reverse proxy tunnels nowhere on request; the connection cannot go on either
+        // (the client may already be sending what it meant for the tunnel).
+        let mut resp = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not served: this is a reverse proxy",
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    let http1 = matches!(
+        req.version(),
+        http::Version::HTTP_10 | http::Version::HTTP_11
+    );
+    if http1
+        && let Some(why) =
+            crate::headers::host_fault(req.headers(), req.version() == http::Version::HTTP_11)
+    {
+        let mut resp = error(StatusCode::BAD_REQUEST, "invalid_host", why);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let host = host_of(&req);
     let path = match normalize_path(req.uri().path()) {
         Ok(p) => p.into_owned(),
@@ -672,13 +697,19 @@ impl Upstream<'_> {
         // Only a bodiless idempotent request can be sent again after a failed attempt.
         let replayable = is_idempotent(&parts.method) && body.is_end_stream();
         pool.budget.deposit();
-        // A body without a declared length is counted as it streams.
-        let (up_body, exceeded) = if !body.is_end_stream() && body.size_hint().exact().is_none() {
-            let capped = crate::bodies::Capped::new(body, self.max_body);
-            let exceeded = capped.exceeded.clone();
-            (capped.boxed(), Some(exceeded))
-        } else {
+        // The client's body is watched on its way, so a failure it causes is answered as the
+        // client's (400, 408, 413), not counted against the server. A body without a declared
+        // length is counted as it streams (hyper holds a declared one to its length).
+        let (up_body, client_body) = if body.is_end_stream() {
             (body.map_err(BoxError::from).boxed(), None)
+        } else {
+            let limit = match body.size_hint().exact() {
+                Some(_) => u64::MAX,
+                None => self.max_body,
+            };
+            let watched = crate::bodies::ClientBody::new(body, limit);
+            let state = watched.state.clone();
+            (watched.boxed(), Some(state))
         };
         let mut body = Some(up_body);
         let mut on_upgrade = on_upgrade;
@@ -716,6 +747,16 @@ impl Upstream<'_> {
             let up = up.map(|()| up_body);
             let mut attempt = Attempt::start(pool, &servers, server, note, now);
             let result = tokio::time::timeout(self.timeout, pool.client.request(up)).await;
+            let fault = match &result {
+                Ok(Ok(_)) => None,
+                Ok(Err(_)) => client_body.as_ref().and_then(|b| b.fault(false)),
+                Err(_) => client_body.as_ref().and_then(|b| b.fault(true)),
+            };
+            if let Some(fault) = fault {
+                // Not the server's doing: the attempt counts as abandoned, not failed.
+                drop(attempt);
+                return client_fault(fault, self.max_body, self.timeout);
+            }
             let (outcome, answer) = match result {
                 Ok(Ok(resp)) => {
                     let outcome = if resp.status().is_server_error() {
@@ -790,17 +831,6 @@ impl Upstream<'_> {
                 Err((false, detail)) => {
                     return error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
                 }
-                Err((true, _))
-                    if exceeded
-                        .as_ref()
-                        .is_some_and(|e| e.load(std::sync::atomic::Ordering::Relaxed)) =>
-                {
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("the body is over the limit of {} bytes", self.max_body),
-                    );
-                }
                 Err((true, detail)) => {
                     return error(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
                 }
@@ -816,6 +846,37 @@ impl Upstream<'_> {
             error(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
         }
     }
+}
+
+/// The answer to a request whose own body made its attempt fail.
+fn client_fault(
+    fault: crate::bodies::ClientFault,
+    max_body: u64,
+    timeout: Duration,
+) -> Response<DownBody> {
+    use crate::bodies::ClientFault;
+    let mut resp = match fault {
+        ClientFault::TooLarge => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is over the limit of {max_body} bytes"),
+        ),
+        ClientFault::Broken => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the request body was cut short or is badly framed",
+        ),
+        ClientFault::Incomplete => error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body was not received whole within {timeout:?}"),
+        ),
+    };
+    // The rest of the body is in an unknown state: the connection cannot carry another
+    // request.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// The bookkeeping of one attempt on one server, done also when the request is dropped

@@ -11,6 +11,7 @@
 //! in with [`include_proto!`]; see the `keel-echo` crate for a complete example.
 
 pub mod client;
+pub mod http_body;
 pub mod protocol;
 pub mod server;
 pub mod status;

@@ -73,13 +73,39 @@ impl WriteQueue {
         meta: &Metadata,
         body: &[u8],
     ) -> Result<Result<(), FrameError>, Closed> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Closed);
-        }
+        self.push_then(kind, request_id, meta, body, false)
+    }
+
+    /// Appends a frame and closes the queue in one step: no frame can follow it (a GoAway
+    /// after a protocol error is the connection's last frame). The writer still sends it.
+    pub(crate) fn push_last(
+        &self,
+        kind: FrameType,
+        request_id: u64,
+        meta: &Metadata,
+        body: &[u8],
+    ) -> Result<Result<(), FrameError>, Closed> {
+        let pushed = self.push_then(kind, request_id, meta, body, true);
+        self.ready.notify_one();
+        pushed
+    }
+
+    fn push_then(
+        &self,
+        kind: FrameType,
+        request_id: u64,
+        meta: &Metadata,
+        body: &[u8],
+        close: bool,
+    ) -> Result<Result<(), FrameError>, Closed> {
         let was_empty;
         let result;
         {
             let mut buf = self.buf.lock();
+            // Checked under the lock, so nothing is queued after a `push_last`.
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Closed);
+            }
             was_empty = buf.is_empty();
             result = encode_with(
                 &mut buf,
@@ -90,6 +116,9 @@ impl WriteQueue {
                 self.max_frame_size,
                 |dst| dst.extend_from_slice(body),
             );
+            if close {
+                self.closed.store(true, Ordering::Release);
+            }
         }
         if was_empty {
             self.ready.notify_one();

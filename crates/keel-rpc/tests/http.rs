@@ -191,3 +191,95 @@ async fn authorization_and_keel_meta_headers_become_metadata() {
         assert_eq!(v["message"].as_str().unwrap_or(""), want, "{header}");
     }
 }
+
+/// Sends `head` (and nothing more) and reads until the answer's status line is in: the
+/// status code and how long it took. None if nothing came within `within`.
+async fn answer_to_stall(
+    addr: std::net::SocketAddr,
+    head: &str,
+    within: std::time::Duration,
+) -> Option<(u16, std::time::Duration)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while got.len() < 12 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok()?;
+    let status = std::str::from_utf8(got.get(9..12)?).ok()?.parse().ok()?;
+    Some((status, started.elapsed()))
+}
+
+/// A client that declares a huge body and sends nothing is refused at once (413); one that
+/// sends part of its body and stalls gets 408 once the body timeout has passed.
+#[tokio::test]
+async fn lying_and_stalled_bodies_are_answered_at_once_or_within_the_body_timeout() {
+    use std::time::Duration;
+    let server = TestServer::start(ServerConfig {
+        body_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    let path = "/keel.echo.v1.Echo/Echo";
+    let (status, took) = answer_to_stall(
+        server.addr,
+        &format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000000\r\n\r\n"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("no answer to a declared 10 GB body");
+    assert_eq!(status, 413);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let (status, took) = answer_to_stall(
+        server.addr,
+        &format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{{\"mess"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("no answer to a stalled body");
+    assert_eq!(status, 408);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+}
+
+/// What the proto3 JSON mapping accepts, the JSON codec takes: `null` for a field's default,
+/// integers written `2.0` or `2e0`. What it refuses, an error names the field of.
+#[tokio::test]
+async fn json_bodies_follow_the_proto3_mapping_and_errors_name_the_field() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = "/keel.echo.v1.Echo/Echo";
+    let (status, body) = http(server.addr, "POST", echo, r#"{"message": null}"#).await;
+    assert_eq!((status, body.as_str()), (200, "{}"));
+    let count = "/keel.echo.v1.Echo/Count";
+    for form in ["2", "2.0", "2e0", "0.2e1", "\"2\""] {
+        let (status, body) = http(
+            server.addr,
+            "POST",
+            count,
+            &format!(r#"{{"count": {form}, "intervalMs": 0}}"#),
+        )
+        .await;
+        assert_eq!(status, 200, "{form}: {body}");
+        assert_eq!(body.lines().count(), 2, "{form}: {body}");
+    }
+    let refused = [
+        (r#"{"count": 2.5}"#, "count"),
+        (r#"{"count": "many"}"#, "count"),
+        (r#"{"count": 1, "colour": 1}"#, "colour"),
+    ];
+    for (sent, field) in refused {
+        let (status, body) = http(server.addr, "POST", count, sent).await;
+        assert_eq!(status, 400, "{sent}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains(field), "{sent}: {message}");
+        assert!(!message.contains("untagged enum"), "{sent}: {message}");
+    }
+}

@@ -373,6 +373,46 @@ async fn malformed_frame_closes_only_that_connection() {
     assert!(server.server.stats().protocol_errors.load(Ordering::SeqCst) >= 4);
 }
 
+/// A streaming call sent in the same write as a malformed frame never runs on after the
+/// protocol error: the GoAway is the connection's last frame (docs/protocol.md §10.3).
+#[tokio::test]
+async fn the_protocol_error_goaway_is_the_last_frame_even_with_a_stream_running() {
+    use keel_rpc::__private::prost::Message as _;
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut stream_request = request_frame(1, "keel.echo.v1.Echo", "Count", None);
+    stream_request.body = CountRequest {
+        count: 2000,
+        interval_ms: 0,
+    }
+    .encode_to_vec()
+    .into();
+    let mut bytes = frame_bytes(&stream_request);
+    // Unknown frame type.
+    bytes.extend_from_slice(&[
+        MAGIC[0], MAGIC[1], VERSION, 77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+    ]);
+    for trial in 0..40 {
+        let mut conn = raw_connect(server.addr, &bytes).await;
+        let (frames, closed) = read_frames_until_close(&mut conn).await;
+        assert!(closed, "trial {trial}");
+        let last = frames.last().expect("a goaway");
+        assert_eq!(
+            last.kind,
+            FrameType::GoAway,
+            "trial {trial}: {} frames, the last a {:?}",
+            frames.len(),
+            last.kind
+        );
+        assert_eq!(
+            frames
+                .iter()
+                .filter(|f| f.kind == FrameType::GoAway)
+                .count(),
+            1
+        );
+    }
+}
+
 #[tokio::test]
 async fn oversized_frame_is_refused() {
     let config = ServerConfig {

@@ -120,9 +120,13 @@ struct ServeArgs {
     /// Milliseconds of work per keel.bench.Work call.
     #[arg(long, default_value_t = 10)]
     work_ms: u64,
-    /// Server-wide concurrency limit (0: none).
-    #[arg(long, default_value_t = 0)]
-    max_concurrency: usize,
+    /// Server settings from a TOML file: the keys of `keel_rpc::ServerConfig`
+    /// (docs/operations.md); a missing key keeps its default, an unknown key is an error.
+    #[arg(long)]
+    server_config: Option<std::path::PathBuf>,
+    /// Server-wide concurrency limit (0: none); overrides the file.
+    #[arg(long)]
+    max_concurrency: Option<usize>,
     /// Adapt the concurrency limit to measured latency (overload protection).
     #[arg(long)]
     adaptive_limit: bool,
@@ -363,6 +367,19 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.server_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<ServerConfig>(&text)
+                .with_context(|| format!("{} is not valid", path.display()))?
+        }
+        None => ServerConfig::default(),
+    };
+    if let Some(limit) = args.max_concurrency {
+        config.max_concurrency = limit;
+    }
+    config.adaptive_limit |= args.adaptive_limit;
     let rt = runtime(args.threads)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.addr)
@@ -373,11 +390,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listener.local_addr()?
         );
         let mut builder = Server::builder()
-            .config(ServerConfig {
-                max_concurrency: args.max_concurrency,
-                adaptive_limit: args.adaptive_limit,
-                ..ServerConfig::default()
-            })
+            .config(config)
             .add_service(EchoServer::new(EchoService));
         if args.work_slots > 0 {
             builder = builder.add_service(bench_overload::work_service(

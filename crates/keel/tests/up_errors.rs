@@ -1,6 +1,7 @@
 //! `keel up` and its parts as a new user meets them when something is wrong: a second process
 //! on one data directory, a configuration file that does not exist, a port in use, a part that
-//! cannot start, a closed stdout, and secrets kept off the command line.
+//! cannot start, a closed stdout, secrets kept off the command line, bounded request bodies on
+//! every HTTP server, and `keel serve`'s server settings.
 
 mod common;
 
@@ -292,4 +293,139 @@ fn a_closed_stdout_stops_nothing_and_secrets_stay_off_the_command_line() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Sends `head` and nothing more; the answer's status code and how long it took (None if no
+/// status line came within `within`).
+fn answer_to_stall(addr: &str, head: &str, within: Duration) -> Option<(u16, Duration)> {
+    use std::io::Write as _;
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while got.len() < 12 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let status = std::str::from_utf8(got.get(9..12)?).ok()?.parse().ok()?;
+    Some((status, started.elapsed()))
+}
+
+/// Every HTTP server of the system other than the gateway's proxy port (the registry, an
+/// RPC port's HTTP side, the sale's API, the gateway's admin port): a declared body over the
+/// limit gets 413 at once, and a body that stalls gets 408 once the documented 10 s are over.
+#[test]
+fn every_http_server_refuses_lying_and_stalled_bodies() {
+    let up = Up::start("");
+    let admin = match up.addrs.get("gateway-admin") {
+        Some(a) => a.clone(),
+        None => common::wait_for(&up.lines, "admin API on http://")
+            .split("http://")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned(),
+    };
+    let servers = [
+        (
+            "registry",
+            up.addrs["registry"].clone(),
+            "/keel.registry.v1.Registry/GetConfig",
+        ),
+        (
+            "inventory",
+            up.addrs["inventory-0"].clone(),
+            "/keel.seckill.v1.Inventory/Reserve",
+        ),
+        ("api", up.addrs["api"].clone(), "/api/admin/items"),
+        ("gateway admin", admin, "/admin/reload"),
+    ];
+    for (name, addr, path) in &servers {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 10000000000\r\n\r\n"
+        );
+        let (status, took) = answer_to_stall(addr, &head, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{name}: no answer to a declared 10 GB body"));
+        assert_eq!(status, 413, "{name}");
+        assert!(took < Duration::from_secs(2), "{name}: {took:?}");
+    }
+    let stalled: Vec<_> = servers
+        .iter()
+        .map(|(name, addr, path)| {
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"par"
+            );
+            let (name, addr) = (name.to_string(), addr.clone());
+            std::thread::spawn(move || {
+                (name, answer_to_stall(&addr, &head, Duration::from_secs(20)))
+            })
+        })
+        .collect();
+    for probe in stalled {
+        let (name, answer) = probe.join().unwrap();
+        let (status, took) = answer.unwrap_or_else(|| panic!("{name}: no answer to a stall"));
+        assert_eq!(status, 408, "{name}");
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+            "{name}: {took:?}"
+        );
+    }
+}
+
+/// `keel serve --server-config` applies every key of the file and refuses an unknown one.
+#[test]
+fn keel_serve_reads_its_server_settings_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "max_frame_sise = 1024\n").unwrap();
+    let out = keel(dir.path(), &["serve", "--server-config", "bad.toml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("max_frame_sise"), "{}", stderr(&out));
+
+    std::fs::write(
+        dir.path().join("server.toml"),
+        "max_frame_size = 1024\nbody_timeout_ms = 300\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--addr", &addr, "--server-config", "server.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "keel serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let path = "/keel.echo.v1.Echo/Echo";
+    let over = answer_to_stall(
+        &addr,
+        &format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n"),
+        Duration::from_secs(5),
+    );
+    let stalled = answer_to_stall(
+        &addr,
+        &format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{{"),
+        Duration::from_secs(5),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(over.map(|a| a.0), Some(413), "max_frame_size applied");
+    let (status, took) = stalled.unwrap();
+    assert_eq!(status, 408);
+    assert!(
+        took < Duration::from_secs(3),
+        "body_timeout_ms applied: {took:?}"
+    );
 }

@@ -197,10 +197,7 @@ pub(super) async fn serve_binary(
     }
 
     // Whatever is still running has lost its caller (or its grace period): stop it.
-    let running: Vec<AbortHandle> = conn.calls.lock().drain().map(|(_, h)| h).collect();
-    for handle in running {
-        handle.abort();
-    }
+    abort_calls(&conn);
     conn.queue.close();
     // Flush what is queued, but a peer that stopped reading must not hold the connection
     // (and shutdown) forever.
@@ -212,16 +209,26 @@ pub(super) async fn serve_binary(
     }
 }
 
-/// Tells the peer why, then lets the caller close the connection.
+/// Aborts every call running on the connection.
+fn abort_calls(conn: &ConnState) {
+    let running: Vec<AbortHandle> = conn.calls.lock().drain().map(|(_, h)| h).collect();
+    for handle in running {
+        handle.abort();
+    }
+}
+
+/// Stops the connection's calls, then tells the peer why in a GoAway that is its last frame:
+/// nothing a call still running produces can follow it. The caller then closes the connection.
 fn protocol_error(shared: &Shared, conn: &ConnState, peer: SocketAddr, last_id: u64, reason: &str) {
     shared.stats.protocol_errors.fetch_add(1, Relaxed);
     tracing::warn!(%peer, reason, "protocol error; closing connection");
+    abort_calls(conn);
     let meta = status_meta(
         Code::InvalidArgument,
         &format!("protocol error: {reason}"),
         None,
     );
-    let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);
+    let _ = conn.queue.push_last(FrameType::GoAway, last_id, &meta, &[]);
 }
 
 /// Handles one frame. An `Err` is a protocol violation that ends the connection.

@@ -21,9 +21,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{
-    BodyExt, Full, LengthLimitError, Limited, StreamBody, combinators::UnsyncBoxBody,
-};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame as BodyFrame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -276,18 +274,16 @@ async fn call(
             .entries
             .push((key.into(), Bytes::copy_from_slice(value.as_bytes())));
     }
-    let limit = shared.config.max_frame_size as usize;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            let status =
-                Status::invalid_argument(format!("request body over the limit of {limit} bytes"));
-            return Ok(json(StatusCode::PAYLOAD_TOO_LARGE, &error_body(&status)));
-        }
+    let limits = crate::http_body::BodyLimits {
+        max_bytes: shared.config.max_frame_size as usize,
+        timeout: shared.config.body_timeout,
+    };
+    let (parts, body) = req.into_parts();
+    let body = match crate::http_body::read(&parts.headers, body, limits).await {
+        Ok(body) => body,
         Err(e) => {
-            return Err(Status::invalid_argument(format!(
-                "reading the request body failed: {e}"
-            )));
+            let status = Status::invalid_argument(e.to_string());
+            return Ok(json(e.status(), &error_body(&status)));
         }
     };
     let started = Instant::now();

@@ -50,9 +50,13 @@ pub struct ServerConfig {
     /// A connection with no call running and nothing received for this long is closed.
     #[serde(with = "crate::duration_ms", rename = "idle_timeout_ms")]
     pub idle_timeout: Duration,
-    /// How long a new connection may take to send its first bytes.
+    /// How long a new connection may take to send its first bytes (and, over HTTP, how long
+    /// a request's head may take to arrive).
     #[serde(with = "crate::duration_ms", rename = "handshake_timeout_ms")]
     pub handshake_timeout: Duration,
+    /// Over HTTP, how long a request's body may take to arrive whole; later, it gets 408.
+    #[serde(with = "crate::duration_ms", rename = "body_timeout_ms")]
+    pub body_timeout: Duration,
     /// On shutdown, how long in-flight calls may take to finish before they are cut off.
     #[serde(with = "crate::duration_ms", rename = "shutdown_grace_ms")]
     pub shutdown_grace: Duration,
@@ -75,6 +79,7 @@ impl Default for ServerConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             idle_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
+            body_timeout: crate::http_body::DEFAULT_BODY_TIMEOUT,
             shutdown_grace: Duration::from_secs(10),
             http: true,
             max_concurrency: 0,

@@ -55,6 +55,8 @@ pub struct Up {
     pub gateway: String,
     /// Each part's first pid, by name.
     pub started: BTreeMap<String, u32>,
+    /// Each part's address, by name; `gateway-admin` for the gateway's admin port.
+    pub addrs: BTreeMap<String, String>,
     /// The directory it runs in.
     pub dir: tempfile::TempDir,
     stopped: bool,
@@ -90,6 +92,7 @@ impl Up {
             lines,
             gateway: String::new(),
             started: BTreeMap::new(),
+            addrs: BTreeMap::new(),
             dir,
             stopped: false,
         };
@@ -101,7 +104,14 @@ impl Up {
             }
             if let Some(rest) = line.strip_prefix("started ") {
                 let name = rest.split(' ').next().unwrap().to_owned();
-                up.started.insert(name, pid_of(&line));
+                up.started.insert(name.clone(), pid_of(&line));
+                if let Some((_, addr)) = rest.rsplit_once(" on ") {
+                    up.addrs.insert(name, addr.to_owned());
+                }
+            }
+            if let Some((_, addr)) = line.split_once("[gateway] admin API on http://") {
+                up.addrs
+                    .insert("gateway-admin".into(), addr.trim().to_owned());
             }
         };
         up.gateway = ready
