@@ -91,7 +91,7 @@ RESULTS="$WORK/results"
 for stock in 100 10000; do
   for system in keel naive; do
     gw=$KEEL_GW; [ "$system" = naive ] && gw=$NAIVE_GW
-    line=$("$BIN/keel" bench seckill --gateway "$gw" --token "$TOKEN" --buyers "$BUYERS" --stock "$stock" \
+    line=$(KEEL_ADMIN_TOKEN="$TOKEN" "$BIN/keel" bench seckill --gateway "$gw" --buyers "$BUYERS" --stock "$stock" \
       --concurrency "$CONCURRENCY" 2>/dev/null | tail -1) || true
     echo "{\"system\": \"$system\", \"run\": $line}" >> "$RESULTS"
     echo "done: $system, stock $stock" >&2
@@ -100,7 +100,7 @@ done
 
 # Keel again, with chaos: an inventory shard, an orders instance or the API SIGKILLed a third
 # of the way in.
-line=$("$BIN/keel" bench seckill --gateway "$KEEL_GW" --token "$TOKEN" --buyers "$BUYERS" --stock 10000 \
+line=$(KEEL_ADMIN_TOKEN="$TOKEN" "$BIN/keel" bench seckill --gateway "$KEEL_GW" --buyers "$BUYERS" --stock 10000 \
   --concurrency "$CONCURRENCY" --chaos "$WORK/data/pids.json" 2>/dev/null | tail -1) || true
 echo "{\"system\": \"keel-chaos\", \"run\": $line}" >> "$RESULTS"
 echo "done: keel with chaos" >&2

@@ -67,6 +67,10 @@ enum CatalogOp {
     Transfer(Transfer),
     /// A transfer finished (by id).
     TransferDone(String),
+    /// An item taken out of the storefront (by id); its orders stay.
+    Hidden(String),
+    /// An item nobody had reserved, dropped from the catalog (by id).
+    Removed(String),
 }
 
 /// The journaled list of items, and the transfers between shards not known to be finished.
@@ -74,6 +78,8 @@ enum CatalogOp {
 pub struct Catalog {
     journal: Journal,
     items: Mutex<Vec<ItemDef>>,
+    /// Items out of the storefront (their orders stay readable).
+    hidden: Mutex<std::collections::BTreeSet<String>>,
     pending: Mutex<std::collections::BTreeMap<String, Transfer>>,
 }
 
@@ -81,7 +87,8 @@ impl Catalog {
     /// Opens the catalog in `dir`. Blocking.
     pub fn open(dir: impl AsRef<Path>) -> Result<Catalog, StoreError> {
         let (journal, recovered) = Journal::open(dir, JournalOptions::default())?;
-        let mut items = Vec::new();
+        let mut items: Vec<ItemDef> = Vec::new();
+        let mut hidden = std::collections::BTreeSet::new();
         let mut pending = std::collections::BTreeMap::new();
         for r in &recovered.records {
             if let Ok(item) = serde_json::from_slice::<ItemDef>(&r.payload) {
@@ -94,6 +101,13 @@ impl Catalog {
                     Ok(CatalogOp::TransferDone(id)) => {
                         pending.remove(&id);
                     }
+                    Ok(CatalogOp::Hidden(id)) => {
+                        hidden.insert(id);
+                    }
+                    Ok(CatalogOp::Removed(id)) => {
+                        items.retain(|i| i.item_id != id);
+                        hidden.remove(&id);
+                    }
                     Err(e) => {
                         tracing::warn!(index = r.index, error = %e, "unreadable catalog record skipped")
                     }
@@ -103,6 +117,7 @@ impl Catalog {
         Ok(Catalog {
             journal,
             items: Mutex::new(items),
+            hidden: Mutex::new(hidden),
             pending: Mutex::new(pending),
         })
     }
@@ -146,6 +161,45 @@ impl Catalog {
                 .append(serde_json::to_vec(&op).unwrap_or_default())?
         };
         appended.await.map(|_| ())
+    }
+
+    /// Takes an item out of the storefront; returns once durable. Its orders stay.
+    pub async fn hide(&self, item_id: &str) -> Result<(), StoreError> {
+        let appended = {
+            let mut hidden = self.hidden.lock();
+            let op = CatalogOp::Hidden(item_id.to_owned());
+            let a = self
+                .journal
+                .append(serde_json::to_vec(&op).unwrap_or_default())?;
+            hidden.insert(item_id.to_owned());
+            a
+        };
+        appended.await.map(|_| ())
+    }
+
+    /// Drops an item from the catalog; returns once durable.
+    pub async fn remove(&self, item_id: &str) -> Result<(), StoreError> {
+        let appended = {
+            let mut items = self.items.lock();
+            let op = CatalogOp::Removed(item_id.to_owned());
+            let a = self
+                .journal
+                .append(serde_json::to_vec(&op).unwrap_or_default())?;
+            items.retain(|i| i.item_id != item_id);
+            self.hidden.lock().remove(item_id);
+            a
+        };
+        appended.await.map(|_| ())
+    }
+
+    /// Whether an item is out of the storefront.
+    pub fn is_hidden(&self, item_id: &str) -> bool {
+        self.hidden.lock().contains(item_id)
+    }
+
+    /// An item the storefront shows.
+    pub fn shown(&self, item_id: &str) -> Option<ItemDef> {
+        self.get(item_id).filter(|i| !self.is_hidden(&i.item_id))
     }
 
     /// Transfers begun and not known to be finished.
@@ -208,6 +262,8 @@ pub struct Api {
     /// Per (item, shard) found sold out: the (user, request id) of every reservation there,
     /// so that while the shard stays sold out a request that holds none is answered here.
     pub holders: Mutex<std::collections::HashMap<(String, String), Holders>>,
+    /// Buys by outcome and reservation latency, for `/metrics` and `/status`.
+    pub metrics: crate::metrics::SaleMetrics,
 }
 
 /// The requests that hold (or held) a unit of an item in a shard.
@@ -246,6 +302,7 @@ impl Api {
             registry: None,
             rebalancing: Mutex::new(std::collections::HashMap::new()),
             holders: Mutex::new(std::collections::HashMap::new()),
+            metrics: crate::metrics::SaleMetrics::default(),
         }
     }
 
@@ -488,15 +545,47 @@ fn reply(status: StatusCode, body: &Value) -> Answer {
 /// Largest request body the API takes.
 const MAX_BODY: usize = 64 * 1024;
 
+/// The `error` code of an answer that failed, kept with the answer so that counters can
+/// tell outcomes apart without reading its body.
+#[derive(Debug, Clone)]
+struct ErrorCode(String);
+
 fn fail(status: StatusCode, code: &str, detail: impl std::fmt::Display) -> Answer {
-    reply(
+    let mut answer = reply(
         status,
         &json!({ "error": code, "detail": detail.to_string() }),
-    )
+    );
+    answer.extensions_mut().insert(ErrorCode(code.to_owned()));
+    answer
 }
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A JSON value quoted in an error message, cut to 40 characters.
+fn shown_json(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(40) {
+        None => text,
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+    }
+}
+
+/// Counting an answer in the sale's metrics.
+trait Counted {
+    fn counted(self, metrics: &crate::metrics::SaleMetrics) -> Self;
+}
+
+impl Counted for Answer {
+    /// Counts a buy's answer by its outcome: `ok`, or its error code.
+    fn counted(self, metrics: &crate::metrics::SaleMetrics) -> Answer {
+        match self.extensions().get::<ErrorCode>() {
+            Some(ErrorCode(code)) => metrics.count_buy(code),
+            None => metrics.count_buy("ok"),
+        }
+        self
+    }
 }
 
 /// An RPC failure as an HTTP answer.
@@ -664,6 +753,9 @@ impl Api {
             )
         };
         match (method, segments.as_slice()) {
+            (Method::GET, ["health"]) => reply(StatusCode::OK, &json!({"status": "serving"})),
+            (Method::GET, ["metrics"]) => self.metrics_page().await,
+            (Method::GET, ["status"]) => self.status_page(),
             (Method::POST, ["api", "admin", "items"]) => {
                 if !admin {
                     return fail(
@@ -678,12 +770,17 @@ impl Api {
                 }
             }
             (Method::GET, ["api", "items"]) => {
-                let items = self.catalog.all();
+                let items: Vec<ItemDef> = self
+                    .catalog
+                    .all()
+                    .into_iter()
+                    .filter(|i| !self.catalog.is_hidden(&i.item_id))
+                    .collect();
                 let out =
                     futures_util::future::join_all(items.iter().map(|i| self.item_json(i))).await;
                 reply(StatusCode::OK, &Value::from(out))
             }
-            (Method::GET, ["api", "items", id]) => match self.catalog.get(id) {
+            (Method::GET, ["api", "items", id]) => match self.catalog.shown(id) {
                 Some(item) => reply(StatusCode::OK, &self.item_json(&item).await),
                 None => fail(StatusCode::NOT_FOUND, "not_found", format!("no item {id}")),
             },
@@ -701,7 +798,8 @@ impl Api {
                 }
                 Ok(b) => self.buy(id, &b).await,
                 Err(why) => not_json(why),
-            },
+            }
+            .counted(&self.metrics),
             (Method::GET, ["api", "orders", id]) => self.order(id).await,
             (Method::GET, ["api", "users", user, "orders"]) => self.user_orders(user).await,
             (Method::POST, ["api", "orders", id, "pay"]) => match json_body() {
@@ -717,6 +815,26 @@ impl Api {
                     );
                 }
                 self.ship(id).await
+            }
+            (Method::GET, ["api", "admin", "items"]) => {
+                if !admin {
+                    return fail(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "admin token needed",
+                    );
+                }
+                self.admin_items().await
+            }
+            (Method::DELETE, ["api", "admin", "items", id]) => {
+                if !admin {
+                    return fail(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "admin token needed",
+                    );
+                }
+                self.take_down(id).await
             }
             (Method::GET, ["api", "admin", "items", id, "audit"]) => {
                 if !admin {
@@ -738,22 +856,48 @@ impl Api {
     }
 
     async fn create_item(&self, b: &Value) -> Answer {
-        let name = b["name"].as_str().unwrap_or("");
-        let (Some(price), Some(stock)) = (b["price_cents"].as_u64(), b["stock"].as_u64()) else {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "name, price_cents and stock are needed",
-            );
+        let invalid = |why: String| fail(StatusCode::BAD_REQUEST, "invalid_request", why);
+        let name = match &b["name"] {
+            Value::String(n) if !n.trim().is_empty() && n.chars().count() <= 200 => n.as_str(),
+            Value::Null => return invalid("name is needed: a text of 1 to 200 characters".into()),
+            other => {
+                return invalid(format!(
+                    "name must be a text of 1 to 200 characters, not {}",
+                    shown_json(other)
+                ));
+            }
         };
-        if name.is_empty() || stock == 0 || stock > 100_000_000 {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "name must not be empty and stock must be 1 to 100,000,000",
-            );
-        }
+        let whole = |field: &str, min: u64, max: u64| -> Result<u64, String> {
+            match &b[field] {
+                Value::Null => Err(format!(
+                    "{field} is needed: a whole number from {min} to {max}"
+                )),
+                v => v
+                    .as_u64()
+                    .filter(|n| (min..=max).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "{field} must be a whole number from {min} to {max}, not {}",
+                            shown_json(v)
+                        )
+                    }),
+            }
+        };
+        let price = match whole("price_cents", 0, 1_000_000_000) {
+            Ok(n) => n,
+            Err(why) => return invalid(why),
+        };
+        let stock = match whole("stock", 1, 100_000_000) {
+            Ok(n) => n,
+            Err(why) => return invalid(why),
+        };
         let starts_at_ms = match b["starts_at"].as_str() {
+            None if !b["starts_at"].is_null() => {
+                return invalid(format!(
+                    "starts_at must be an RFC 3339 time such as 2026-12-24T18:00:00Z, not {}",
+                    shown_json(&b["starts_at"])
+                ));
+            }
             None => now_ms(),
             Some(t) => match humantime::parse_rfc3339_weak(t) {
                 Ok(at) => at
@@ -768,16 +912,12 @@ impl Api {
                 }
             },
         };
-        let per_user_limit = match b["per_user_limit"].as_u64() {
-            None => 1,
-            Some(n) if (1..=1000).contains(&n) => n as u32,
-            Some(_) => {
-                return fail(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "per_user_limit must be 1 to 1000",
-                );
-            }
+        let per_user_limit = match &b["per_user_limit"] {
+            Value::Null => 1,
+            _ => match whole("per_user_limit", 1, 1000) {
+                Ok(n) => n as u32,
+                Err(why) => return invalid(why),
+            },
         };
         let _one_at_a_time = self.creating.lock().await;
         // The stock in shares across the shards (no single process takes every buyer), each
@@ -865,7 +1005,7 @@ impl Api {
             // Without one, every request is a new purchase attempt.
             None => format!("auto-{}-{:x}", now_ms(), crate::random_u64()),
         };
-        let Some(item) = self.catalog.get(item_id) else {
+        let Some(item) = self.catalog.shown(item_id) else {
             return fail(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -896,7 +1036,7 @@ impl Api {
             user_id: user.to_owned(),
             request_id,
         };
-        let mut answer = shard.inventory.reserve(&request).await;
+        let mut answer = self.reserve(&shard, &request).await;
         // The home shard's share is gone: move some of another shard's unsold units there
         // (if any shard has some), then ask once more.
         if answer
@@ -904,7 +1044,7 @@ impl Api {
             .is_ok_and(|r| r.outcome == proto::Outcome::SoldOut as i32)
             && self.rebalance(&item, &shard).await
         {
-            answer = shard.inventory.reserve(&request).await;
+            answer = self.reserve(&shard, &request).await;
         }
         match answer {
             Ok(r) if r.outcome == proto::Outcome::Reserved as i32 => {
@@ -945,6 +1085,149 @@ impl Api {
             }
             Err(e) => upstream(&e),
         }
+    }
+
+    /// `GET /api/admin/items`: every item, hidden ones included, with its figures.
+    async fn admin_items(&self) -> Answer {
+        let items = self.catalog.all();
+        let out = futures_util::future::join_all(items.iter().map(|item| async move {
+            let mut shown = self.item_json(item).await;
+            shown["hidden"] = Value::from(self.catalog.is_hidden(&item.item_id));
+            shown["initial_stock"] = Value::from(item.stock);
+            shown["price_cents"] = Value::from(item.price_cents);
+            shown["per_user_limit"] = Value::from(item.per_user_limit);
+            shown
+        }))
+        .await;
+        reply(StatusCode::OK, &Value::from(out))
+    }
+
+    /// `DELETE /api/admin/items/{id}`: an item is taken out of the storefront at once; if
+    /// nobody had reserved any of it, it is dropped from the catalog too, else it stays
+    /// (hidden) so its orders can still be read, paid and shipped.
+    async fn take_down(&self, item_id: &str) -> Answer {
+        let Some(item) = self.catalog.get(item_id) else {
+            return fail(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no item {item_id}"),
+            );
+        };
+        // Hidden first, so no buy starts while the figures are read.
+        if let Err(e) = self.catalog.hide(item_id).await {
+            return fail(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e);
+        }
+        self.stock_cache.invalidate(item_id).await;
+        let (_, reserved, _) = match self.stock(&item).await {
+            Ok(figures) => figures,
+            // Figures unknown: it stays hidden, never dropped.
+            Err(_) => {
+                return reply(
+                    StatusCode::OK,
+                    &json!({ "item_id": item_id, "hidden": true, "removed": false }),
+                );
+            }
+        };
+        if reserved > 0 {
+            return reply(
+                StatusCode::OK,
+                &json!({ "item_id": item_id, "hidden": true, "removed": false,
+                         "detail": format!("{reserved} units are reserved: the item stays, hidden, for its orders") }),
+            );
+        }
+        if let Err(e) = self.catalog.remove(item_id).await {
+            return fail(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e);
+        }
+        reply(
+            StatusCode::OK,
+            &json!({ "item_id": item_id, "hidden": true, "removed": true }),
+        )
+    }
+
+    /// One `Reserve` call, timed for the metrics.
+    async fn reserve(
+        &self,
+        shard: &Shard,
+        request: &proto::ReserveRequest,
+    ) -> Result<proto::ReserveReply, keel_rpc::Status> {
+        let started = std::time::Instant::now();
+        let answer = shard.inventory.reserve(request).await;
+        self.metrics.reservations.record(started.elapsed());
+        answer
+    }
+
+    /// `GET /metrics`: the sale's counters, each item's units left, and each item's orders by
+    /// status (asked of the orders services, all at once, within 2 s).
+    async fn metrics_page(&self) -> Answer {
+        let items = self.catalog.all();
+        let stock = futures_util::future::join_all(items.iter().map(|item| async move {
+            let left = self.stock_left(item).await?;
+            Some((item.item_id.clone(), left))
+        }));
+        let orders = futures_util::future::join_all(items.iter().map(|item| async move {
+            let shards = self.shards_of(item).ok()?;
+            let mut by_status: std::collections::BTreeMap<String, u64> = Default::default();
+            for shard in shards {
+                let audit = shard
+                    .orders
+                    .audit(&proto::AuditRequest {
+                        item_id: item.item_id.clone(),
+                        inventory: shard.name.clone(),
+                    })
+                    .await
+                    .ok()?;
+                for (status, n) in audit.orders_by_status {
+                    *by_status.entry(status).or_default() += n;
+                }
+            }
+            Some((item.item_id.clone(), by_status))
+        }));
+        let gathered = tokio::time::timeout(
+            Duration::from_secs(2),
+            futures_util::future::join(stock, orders),
+        )
+        .await;
+        let timed_out = gathered.is_err();
+        let (stock, orders) = gathered.unwrap_or_default();
+        if timed_out || stock.iter().any(Option::is_none) || orders.iter().any(Option::is_none) {
+            self.metrics
+                .scrape_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let stock: Vec<(String, u64)> = stock.into_iter().flatten().collect();
+        let orders: Vec<(String, String, u64)> = orders
+            .into_iter()
+            .flatten()
+            .flat_map(|(item, by)| by.into_iter().map(move |(s, n)| (item.clone(), s, n)))
+            .collect();
+        let mut answer =
+            Response::new(Full::new(Bytes::from(self.metrics.render(&stock, &orders))));
+        answer.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        answer
+    }
+
+    /// `GET /status`: uptime, items, buys by outcome and the mean reservation latency.
+    fn status_page(&self) -> Answer {
+        let buys: serde_json::Map<String, Value> = self
+            .metrics
+            .buys()
+            .map(|(o, n)| (o.to_owned(), Value::from(n)))
+            .collect();
+        reply(
+            StatusCode::OK,
+            &json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": self.metrics.uptime().as_secs(),
+                "items": self.catalog.all().len(),
+                "shards": self.shards.len(),
+                "buys": buys,
+                "reservations": self.metrics.reservations.count(),
+                "reservation_mean_us": self.metrics.reservations.mean().as_micros() as u64,
+            }),
+        )
     }
 
     async fn order(&self, order_id: &str) -> Answer {

@@ -13,13 +13,15 @@
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
 //!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`;
 //! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry);
-//! - [`web`]: the storefront and admin pages the gateway serves.
+//! - [`web`]: the storefront and admin pages the gateway serves;
+//! - [`metrics`]: the sale's business in Prometheus text, at the API's `/metrics`.
 //!
 //! `keel up` (in the `keel` crate) runs them as separate processes behind the gateway.
 
 pub mod api;
 pub mod cli;
 pub mod inventory;
+pub mod metrics;
 pub mod orders;
 pub mod orders_service;
 pub mod peers;

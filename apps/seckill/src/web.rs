@@ -1,6 +1,6 @@
 //! The storefront: static pages the gateway serves next to the API — the items with live
 //! stock and a countdown, buying, the buyer's orders and paying (`index.html`, `store.js`),
-//! and an admin page that creates items (`admin.html`). Plain HTML and JavaScript, compiled
+//! and an admin page that creates, lists and takes down items (`admin.html`). Plain HTML and JavaScript, compiled
 //! into the binary and written out by `keel up` for the gateway's static route.
 
 use std::path::Path;

@@ -278,3 +278,189 @@ fn every_status_of_the_contract() {
         404
     );
 }
+
+/// The admin lists every item and takes items down: one nobody reserved is dropped, one with
+/// orders is hidden (gone from the storefront, its orders still readable); bad fields are
+/// refused naming the field and its rule.
+#[test]
+fn the_admin_lists_and_takes_down_items_and_bad_fields_are_named() {
+    let sale = sale(60_000);
+    let api = &sale.api;
+    let create = |name: &str| {
+        let (status, created) = call(
+            api,
+            "POST",
+            "/api/admin/items",
+            true,
+            Some(json!({"name": name, "price_cents": 100, "stock": 5})),
+        );
+        assert_eq!(status, 201, "{created}");
+        created["item_id"].as_str().unwrap().to_owned()
+    };
+    let unsold = create("nobody buys this");
+    let sold = create("somebody buys this");
+    let (status, bought) = call(
+        api,
+        "POST",
+        &format!("/api/items/{sold}/buy"),
+        false,
+        Some(json!({"user_id": "u1", "request_id": "r1"})),
+    );
+    assert_eq!(status, 200, "{bought}");
+    let order = bought["order_id"].as_str().unwrap().to_owned();
+
+    let (status, listed) = call(api, "GET", "/api/admin/items", false, None);
+    assert_eq!(status, 401, "{listed}");
+    let (status, listed) = call(api, "GET", "/api/admin/items", true, None);
+    assert_eq!(status, 200);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed[0]["hidden"], false);
+
+    let (status, gone) = call(
+        api,
+        "DELETE",
+        &format!("/api/admin/items/{unsold}"),
+        true,
+        None,
+    );
+    assert_eq!(status, 200, "{gone}");
+    assert_eq!(
+        (gone["hidden"].clone(), gone["removed"].clone()),
+        (json!(true), json!(true))
+    );
+    let (status, kept) = call(
+        api,
+        "DELETE",
+        &format!("/api/admin/items/{sold}"),
+        true,
+        None,
+    );
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(
+        (kept["hidden"].clone(), kept["removed"].clone()),
+        (json!(true), json!(false))
+    );
+
+    // Out of the storefront, and not for sale...
+    let (_, shown) = call(api, "GET", "/api/items", false, None);
+    assert_eq!(shown, json!([]));
+    let (status, _) = call(api, "GET", &format!("/api/items/{sold}"), false, None);
+    assert_eq!(status, 404);
+    let (status, _) = call(
+        api,
+        "POST",
+        &format!("/api/items/{sold}/buy"),
+        false,
+        Some(json!({"user_id": "u2"})),
+    );
+    assert_eq!(status, 404);
+    // ...while its order stays, and the admin still sees the hidden item.
+    let (status, _) = call(api, "GET", &format!("/api/orders/{order}"), false, None);
+    assert_eq!(status, 200);
+    let (_, listed) = call(api, "GET", "/api/admin/items", true, None);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["item_id"], sold.as_str());
+    assert_eq!(listed[0]["hidden"], true);
+
+    // Validation names the field and the rule.
+    let refused = [
+        (
+            json!({"name": "x", "price_cents": -1, "stock": 1}),
+            "price_cents must be a whole number from 0",
+        ),
+        (json!({"name": "x", "stock": 1}), "price_cents is needed"),
+        (
+            json!({"name": "x", "price_cents": 1, "stock": 0}),
+            "stock must be a whole number from 1 to 100000000, not 0",
+        ),
+        (
+            json!({"name": "", "price_cents": 1, "stock": 1}),
+            "name must be a text of 1 to 200 characters",
+        ),
+        (json!({"price_cents": 1, "stock": 1}), "name is needed"),
+        (
+            json!({"name": "x", "price_cents": 1, "stock": 1, "per_user_limit": 0}),
+            "per_user_limit must be a whole number from 1 to 1000",
+        ),
+        (
+            json!({"name": "x", "price_cents": 1, "stock": 1, "starts_at": 5}),
+            "starts_at must be an RFC 3339 time",
+        ),
+    ];
+    for (body, want) in refused {
+        let (status, answer) = call(api, "POST", "/api/admin/items", true, Some(body.clone()));
+        assert_eq!(status, 400, "{body}");
+        let detail = answer["detail"].as_str().unwrap_or("");
+        assert!(detail.contains(want), "{body}: {detail}");
+    }
+}
+
+/// The API's port serves `/health`, `/status` and `/metrics`, and the metrics count the
+/// sale's business: buys by outcome, units left, orders by status, reservation latency.
+#[test]
+fn the_api_port_reports_health_status_and_the_sales_metrics() {
+    let sale = sale(60_000);
+    let api = &sale.api;
+    let (status, health) = call(api, "GET", "/health", false, None);
+    assert_eq!((status, health), (200, json!({"status": "serving"})));
+    let (status, created) = call(
+        api,
+        "POST",
+        "/api/admin/items",
+        true,
+        Some(json!({"name": "one", "price_cents": 100, "stock": 1})),
+    );
+    assert_eq!(status, 201);
+    let item = created["item_id"].as_str().unwrap().to_owned();
+    let buy = |user: &str| {
+        call(
+            api,
+            "POST",
+            &format!("/api/items/{item}/buy"),
+            false,
+            Some(json!({"user_id": user})),
+        )
+        .0
+    };
+    assert_eq!(buy("u1"), 200);
+    assert_eq!(buy("u2"), 409);
+    let (status, status_page) = call(api, "GET", "/status", false, None);
+    assert_eq!(status, 200);
+    assert_eq!(status_page["buys"]["ok"], 1, "{status_page}");
+    assert_eq!(status_page["buys"]["sold_out"], 1, "{status_page}");
+    assert_eq!(status_page["items"], 1);
+
+    let metrics = || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    // The order is taken in by the orders service a moment after the buy.
+    let mut text = metrics();
+    for _ in 0..50 {
+        if text.contains("status=\"pending_payment\"} 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        text = metrics();
+    }
+    for line in [
+        "keel_sale_buys_total{outcome=\"ok\"} 1".to_owned(),
+        "keel_sale_buys_total{outcome=\"sold_out\"} 1".to_owned(),
+        format!("keel_sale_stock_left{{item=\"{item}\"}} 0"),
+        format!("keel_sale_orders{{item=\"{item}\",status=\"pending_payment\"}} 1"),
+        "keel_sale_scrape_errors_total 0".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line} missing from:\n{text}");
+    }
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("keel_sale_reservation_duration_seconds_count") && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+}

@@ -1,6 +1,10 @@
 //! The admin port: Prometheus metrics and a JSON API.
 //!
+//! - `GET /health`: `200 {"status":"serving"}`, or `503 {"status":"draining"}` once the
+//!   gateway stops (no token needed, for load balancers and supervisors).
 //! - `GET /metrics`: Prometheus text (no token needed, for scrapers).
+//! - `GET /status`: JSON: version, uptime, connections, routes, upstreams, reloads (no token
+//!   needed; it names no secret).
 //! - `GET /admin/routes`: the routes in order, with their request counts.
 //! - `GET /admin/upstreams`: every pool and server: health, ejection, requests in flight,
 //!   latency estimate, queue depth.
@@ -8,7 +12,8 @@
 //!   applies it as the new configuration (TOML). 200 `{"reloaded": true}`, or 400
 //!   `{"error": "invalid_config", "detail": ...}` and the old configuration keeps serving.
 //!
-//! With `[admin] token` set, everything but `/metrics` needs `Authorization: Bearer <token>`.
+//! With `[admin] token` set, everything but `/health`, `/metrics` and `/status` needs
+//! `Authorization: Bearer <token>`.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -80,13 +85,44 @@ pub(crate) async fn serve(
 
 async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody> {
     let shared = gateway.inner.current.load_full();
-    if req.method() == Method::GET && req.uri().path() == "/metrics" {
-        let mut resp = Response::new(Full::new(Bytes::from(gateway.render_metrics())));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
-        return resp;
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(gateway.render_metrics())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return resp;
+        }
+        (&Method::GET, "/health") => {
+            return if gateway.inner.stopping.is_cancelled() {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "draining"}),
+                )
+            } else {
+                json(StatusCode::OK, &serde_json::json!({"status": "serving"}))
+            };
+        }
+        (&Method::GET, "/status") => {
+            let m = &gateway.inner.metrics;
+            return json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_s": gateway.inner.started.elapsed().as_secs(),
+                    "connections_open": m.connections_open.load(Ordering::Relaxed),
+                    "connections_accepted": m.connections_accepted.load(Ordering::Relaxed),
+                    "connections_refused": m.connections_refused.load(Ordering::Relaxed),
+                    "routes": shared.router.routes().len(),
+                    "upstreams": shared.pools.len(),
+                    "servers": shared.pools.iter().map(|p| p.servers().len()).sum::<usize>(),
+                    "reloads": m.reloads.load(Ordering::Relaxed),
+                    "reloads_refused": m.reloads_refused.load(Ordering::Relaxed),
+                }),
+            );
+        }
+        _ => {}
     }
     if let Some(token) = shared.config.admin.as_ref().and_then(|a| a.token.as_ref()) {
         let presented = req

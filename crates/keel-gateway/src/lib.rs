@@ -51,6 +51,9 @@ mod conns;
 mod fast;
 mod filter;
 mod framing;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 mod headers;
 mod metrics;
@@ -94,6 +97,8 @@ struct Inner {
     reloading: tokio::sync::Mutex<()>,
     /// Cancelled when `serve` stops: ends WebSocket tunnels (which live outside connections).
     stopping: CancellationToken,
+    /// When the gateway was built, for `/status`.
+    started: std::time::Instant,
 }
 
 /// A configured gateway. Cheap to clone; clones share state and reloads.
@@ -125,6 +130,7 @@ impl Gateway {
                 metrics,
                 reloading: tokio::sync::Mutex::new(()),
                 stopping: CancellationToken::new(),
+                started: std::time::Instant::now(),
             }),
         })
     }

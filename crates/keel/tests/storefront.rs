@@ -211,6 +211,15 @@ async fn a_browser_creates_an_item_buys_it_sees_the_order_and_pays() {
         )
         .await;
     let item = item.as_str().unwrap().to_owned();
+    // ...and lists it, with a button to take it down.
+    browser
+        .until(
+            &format!(
+                "document.querySelector('#items tr[data-item-id=\"{item}\"] button') !== null || null"
+            ),
+            "the new item in the admin page's list",
+        )
+        .await;
 
     // An item that opens in two hours shows a countdown and cannot be bought yet.
     let later = humantime::format_rfc3339_seconds(

@@ -429,3 +429,144 @@ fn keel_serve_reads_its_server_settings_from_a_file() {
         "body_timeout_ms applied: {took:?}"
     );
 }
+
+/// Every port of the system other than the gateway's proxy port (whose paths belong to its
+/// routes) serves `/health`, `/metrics` and `/status`: the registry, the inventory shards and
+/// orders instances (RPC ports), the sale's API and the gateway's admin port.
+#[test]
+fn every_port_serves_health_metrics_and_status() {
+    let up = Up::start("");
+    let admin = match up.addrs.get("gateway-admin") {
+        Some(a) => a.clone(),
+        None => common::wait_for(&up.lines, "admin API on http://")
+            .split("http://")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned(),
+    };
+    let mut ports: Vec<(String, String)> = up
+        .addrs
+        .iter()
+        .filter(|(name, _)| name.as_str() != "gateway" && name.as_str() != "gateway-admin")
+        .map(|(n, a)| (n.clone(), a.clone()))
+        .collect();
+    ports.push(("gateway admin".into(), admin));
+    assert_eq!(ports.len(), 7, "{ports:?}");
+    for (name, addr) in &ports {
+        let get = |path: &str| {
+            use std::io::Write as _;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            let status: u16 = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            (
+                status,
+                out.split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_owned())
+                    .unwrap_or_default(),
+            )
+        };
+        let (status, body) = get("/health");
+        assert_eq!(status, 200, "{name} /health: {body}");
+        assert!(body.contains("serving"), "{name} /health: {body}");
+        let (status, body) = get("/metrics");
+        assert_eq!(status, 200, "{name} /metrics");
+        assert!(body.contains("# TYPE "), "{name} /metrics: {body}");
+        let (status, body) = get("/status");
+        assert_eq!(status, 200, "{name} /status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert!(v.get("uptime_s").is_some(), "{name} /status: {body}");
+    }
+}
+
+/// `keel bench seckill` as a new user runs it: the token from keel.toml, a warning when the
+/// rate limits refused most attempts, and a system that stops mid-run reported as "could not
+/// check", not as lost acknowledgements.
+#[test]
+fn the_sale_bench_tells_a_limited_run_and_an_unreachable_system_from_a_broken_one() {
+    // A low limit per client address: most attempts of one machine's buyers are refused.
+    let mut up = Up::start("buy_per_ip_per_second = 20.0\n");
+    let dir = up.dir.path().to_owned();
+    let out = keel(
+        &dir,
+        &[
+            "bench",
+            "seckill",
+            "--gateway",
+            &up.gateway,
+            "--buyers",
+            "400",
+            "--stock",
+            "20",
+            "--concurrency",
+            "64",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text} {}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["verdict"], "ok", "{summary}");
+    assert!(
+        summary["rate_limited"].as_u64().unwrap() * 2 > summary["attempts"].as_u64().unwrap(),
+        "{summary}"
+    );
+    assert!(
+        summary["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("rate limits"),
+        "{summary}"
+    );
+    assert!(stderr(&out).contains("warning: "), "{}", stderr(&out));
+
+    // The system stops while the bench runs: nothing can be checked, nothing is called lost.
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "bench",
+            "seckill",
+            "--gateway",
+            &up.gateway,
+            "--buyers",
+            "20000",
+            "--stock",
+            "100",
+            "--concurrency",
+            "32",
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut progress = BufReader::new(bench.stderr.take().unwrap()).lines();
+    // The progress line shows errors as they happen.
+    let first = progress.next().unwrap().unwrap();
+    assert!(first.contains("errors"), "{first}");
+    up.stop();
+    let said: Vec<String> = progress.map_while(Result::ok).collect();
+    let last = said.join("\n");
+    let mut out = String::new();
+    bench
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = bench.wait().unwrap();
+    assert!(!status.success());
+    assert!(last.contains("could not check the invariants"), "{last}");
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["verdict"], "unchecked", "{summary}");
+    assert_eq!(summary["lost_acks"], 0, "{summary}");
+    assert!(
+        summary["breaches"].as_array().unwrap().is_empty(),
+        "{summary}"
+    );
+}

@@ -20,19 +20,18 @@ const BUCKETS_MICROS: [u64; 16] = [
     1_000_000, 2_500_000, 10_000_000,
 ];
 
-/// Counters of one method.
+/// A latency histogram with Prometheus' bucket layout (50 µs to 10 s), recorded without
+/// locks. Shared by every Keel component that exports latencies.
 #[derive(Debug, Default)]
-pub struct MethodStats {
-    by_code: [AtomicU64; 17],
-    /// Cumulative counts per bucket are computed at render time; these are per-bucket.
+pub struct Histogram {
+    /// Per-bucket counts (the last is +Inf); made cumulative when rendered.
     buckets: [AtomicU64; 17],
     sum_micros: AtomicU64,
 }
 
-impl MethodStats {
-    /// Records a finished call.
-    pub(crate) fn record(&self, code: Code, elapsed: Duration) {
-        self.by_code[code as usize].fetch_add(1, Relaxed);
+impl Histogram {
+    /// Records one observation.
+    pub fn record(&self, elapsed: Duration) {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let bucket = BUCKETS_MICROS
             .iter()
@@ -40,6 +39,58 @@ impl MethodStats {
             .unwrap_or(BUCKETS_MICROS.len());
         self.buckets[bucket].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add(micros, Relaxed);
+    }
+
+    /// Observations recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Mean of the observations.
+    pub fn mean(&self) -> Duration {
+        Duration::from_micros(
+            self.sum_micros
+                .load(Relaxed)
+                .checked_div(self.count())
+                .unwrap_or(0),
+        )
+    }
+
+    /// Appends the histogram's `_bucket`, `_sum` and `_count` lines for metric `name`, with
+    /// `labels` (`key="value",...`, or empty) on each.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.buckets[BUCKETS.len()].load(Relaxed);
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Counters of one method.
+#[derive(Debug, Default)]
+pub struct MethodStats {
+    by_code: [AtomicU64; 17],
+    latency: Histogram,
+}
+
+impl MethodStats {
+    /// Records a finished call.
+    pub(crate) fn record(&self, code: Code, elapsed: Duration) {
+        self.by_code[code as usize].fetch_add(1, Relaxed);
+        self.latency.record(elapsed);
     }
 
     /// Finished calls with this code.
@@ -54,8 +105,7 @@ impl MethodStats {
 
     /// Mean latency of finished calls.
     pub fn mean_latency(&self) -> Duration {
-        let n = self.buckets.iter().map(|c| c.load(Relaxed)).sum::<u64>();
-        Duration::from_micros(self.sum_micros.load(Relaxed).checked_div(n).unwrap_or(0))
+        self.latency.mean()
     }
 }
 
@@ -168,27 +218,10 @@ pub(crate) fn render(shared: &super::Shared) -> String {
     }
     out.push_str("# HELP keel_rpc_request_duration_seconds Call latency by method.\n# TYPE keel_rpc_request_duration_seconds histogram\n");
     for (service, method, m) in methods {
-        let mut cumulative = 0;
-        for (i, le) in BUCKETS.iter().enumerate() {
-            cumulative += m.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "keel_rpc_request_duration_seconds_bucket{{service=\"{service}\",method=\"{method}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        cumulative += m.buckets[BUCKETS.len()].load(Relaxed);
-        let sum = m.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "keel_rpc_request_duration_seconds_bucket{{service=\"{service}\",method=\"{method}\",le=\"+Inf\"}} {cumulative}"
-        );
-        let _ = writeln!(
-            out,
-            "keel_rpc_request_duration_seconds_sum{{service=\"{service}\",method=\"{method}\"}} {sum}"
-        );
-        let _ = writeln!(
-            out,
-            "keel_rpc_request_duration_seconds_count{{service=\"{service}\",method=\"{method}\"}} {cumulative}"
+        m.latency.render(
+            &mut out,
+            "keel_rpc_request_duration_seconds",
+            &format!("service=\"{service}\",method=\"{method}\""),
         );
     }
     out

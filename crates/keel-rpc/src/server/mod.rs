@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use metrics::{MethodStats, ServerStats};
+pub use metrics::{Histogram, MethodStats, ServerStats};
 pub use service::{Context, IntoService, ResponseStream, ServiceDef};
 
 use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAGIC};
