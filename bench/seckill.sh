@@ -11,6 +11,7 @@
 # last line is one JSON object.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/keel-config.sh
 
 BUYERS="${1:-10000}"
 CONCURRENCY=64
@@ -50,25 +51,7 @@ wait_line() { # file needle
 
 # Keel: the whole system (registry, two inventory shards, two orders instances, API, gateway),
 # no rate limits (one load generator address).
-cat > "$WORK/keel.toml" <<CONF
-data_dir = "data"
-admin_token = "$TOKEN"
-[gateway]
-listen = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[registry]
-listen = "127.0.0.1:0"
-[api]
-listen = "127.0.0.1:0"
-[inventory]
-listen = "127.0.0.1:0"
-[orders]
-listen = "127.0.0.1:0"
-payment_window_ms = 600000
-[limits]
-buy_per_ip_per_second = 0.0
-buy_per_user_per_second = 0.0
-CONF
+keel_config "$WORK/keel.toml" "$TOKEN" 600000
 (cd "$WORK" && exec "$BIN/keel" up > up.log 2>&1) & KEEL_UP_PID=$!
 KEEL_GW=$(wait_line "$WORK/up.log" "Keel is up" | sed 's#.*http://\([^/]*\)/.*#\1#')
 

@@ -42,10 +42,10 @@ use crate::upstream::{Pool, QueueError, Server};
 use crate::{Inner, Shared};
 
 /// Headers parsed per head at most (hyper's limit too); more goes to hyper, which refuses it.
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are read whole, then sent; larger ones go to hyper, which
 /// streams them.
-const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 /// Bytes read at a time.
 const READ_SIZE: usize = 16 * 1024;
 /// A server's answer head may be this long (about what hyper's client allows).
@@ -312,7 +312,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
 }
 
 /// Where the request head in `buf` ends (after its empty line), if it is all there.
-fn head_end(buf: &[u8]) -> Option<usize> {
+pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
     let mut from = 0;
     while let Some(at) = buf[from..].iter().position(|b| *b == b'\n') {
         let nl = from + at;
@@ -388,14 +388,14 @@ fn named_by(connection: &[&[u8]], name: &str) -> bool {
 }
 
 /// The request as the fast path serves it, once it qualifies.
-struct Request<'h> {
-    method: Method,
+pub(crate) struct Request<'h> {
+    pub(crate) method: Method,
     /// What the client asked for (path and query), as sent.
-    target: &'h str,
-    host: Option<&'h str>,
-    headers: &'h [httparse::Header<'h>],
-    length: Option<u64>,
-    keep_alive: bool,
+    pub(crate) target: &'h str,
+    pub(crate) host: Option<&'h str>,
+    pub(crate) headers: &'h [httparse::Header<'h>],
+    pub(crate) length: Option<u64>,
+    pub(crate) keep_alive: bool,
 }
 
 /// Serves one request from `head`, or says it is hyper's.
@@ -522,7 +522,10 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
 /// Parses a request head the fast path takes: HTTP/1.1, origin-form target, no upgrade, no
 /// `Expect`, and a body that is absent or of one declared length of at most
 /// [`MAX_BUFFERED_BODY`].
-fn parse<'h>(head: &'h [u8], parsed: &'h mut [httparse::Header<'h>]) -> Option<Request<'h>> {
+pub(crate) fn parse<'h>(
+    head: &'h [u8],
+    parsed: &'h mut [httparse::Header<'h>],
+) -> Option<Request<'h>> {
     let mut req = httparse::Request::new(parsed);
     match req.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
@@ -725,7 +728,7 @@ struct Forward<'a> {
 }
 
 /// Why an attempt got no answer.
-enum Failure {
+pub(crate) enum Failure {
     /// None at all (refused, or lost before the answer): another server may be tried.
     NoAnswer(String),
     /// Not within the response timeout.
@@ -736,7 +739,7 @@ enum Failure {
 
 /// How a server frames an answer's body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     Length(u64),
     Chunked,
     /// Until the server closes the connection.
@@ -744,11 +747,11 @@ enum Framing {
 }
 
 /// An answer head, relayed.
-struct Answer {
-    status: StatusCode,
-    framing: Framing,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) framing: Framing,
     /// Whether the server keeps the connection open after the answer.
-    reusable: bool,
+    pub(crate) reusable: bool,
 }
 
 impl Forward<'_> {
@@ -1090,24 +1093,8 @@ async fn read_answer(
     out: &mut Vec<u8>,
 ) -> Result<Answer, Failure> {
     loop {
-        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut parsed);
-        match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let code = resp.code.unwrap_or(0);
-                if (100..200).contains(&code) && code != 101 {
-                    buf.advance(n);
-                    continue;
-                }
-                let answer = answer_head(&resp, head_request, keep_alive, out)?;
-                buf.advance(n);
-                return Ok(answer);
-            }
-            Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
-                return Err(Failure::Bad("the answer's head is too large".into()));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(Failure::Bad(format!("the answer is not HTTP/1: {e}"))),
+        if let Some(answer) = parse_answer(buf, head_request, keep_alive, out)? {
+            return Ok(answer);
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_SIZE);
@@ -1119,6 +1106,38 @@ async fn read_answer(
         .map_err(|e| Failure::NoAnswer(e.to_string()))?;
         if n == 0 {
             return Err(Failure::NoAnswer("closed".into()));
+        }
+    }
+}
+
+/// The answer head at the start of `buf`, once it is all there (`None` until then): 1xx
+/// interim answers are dropped from `buf` on the way, the head's bytes are taken out of it
+/// (the body's first bytes stay), and the head for the client is written into `out`.
+pub(crate) fn parse_answer(
+    buf: &mut BytesMut,
+    head_request: bool,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<Answer>, Failure> {
+    loop {
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut parsed);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let code = resp.code.unwrap_or(0);
+                if (100..200).contains(&code) && code != 101 {
+                    buf.advance(n);
+                    continue;
+                }
+                let answer = answer_head(&resp, head_request, keep_alive, out)?;
+                buf.advance(n);
+                return Ok(Some(answer));
+            }
+            Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
+                return Err(Failure::Bad("the answer's head is too large".into()));
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(Failure::Bad(format!("the answer is not HTTP/1: {e}"))),
         }
     }
 }

@@ -18,6 +18,9 @@ pub mod backend;
 pub mod client;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 mod state;
 

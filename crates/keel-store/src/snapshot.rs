@@ -48,18 +48,23 @@ fn checksum(index: u64, data: &[u8]) -> u32 {
     hasher.finalize()
 }
 
+/// The header of the snapshot of `data` at `index`; the file is the header, then `data`.
+pub(crate) fn header(index: u64, data: &[u8]) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&index.to_le_bytes());
+    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    header.extend_from_slice(&checksum(index, data).to_le_bytes());
+    header
+}
+
 /// Writes the snapshot durably: temp file, fsync, rename, fsync of the directory.
 pub(crate) fn write(dir: &Path, index: u64, data: &[u8]) -> Result<PathBuf, StoreError> {
     let path = dir.join(file_name(index));
     let tmp = dir.join(format!("{}.tmp", file_name(index)));
     let io = |e| StoreError::io(&tmp, e);
     let mut file = fs::File::create(&tmp).map_err(io)?;
-    let mut header = Vec::with_capacity(HEADER_LEN);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&index.to_le_bytes());
-    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    header.extend_from_slice(&checksum(index, data).to_le_bytes());
-    file.write_all(&header).map_err(io)?;
+    file.write_all(&header(index, data)).map_err(io)?;
     file.write_all(data).map_err(io)?;
     file.sync_all().map_err(io)?;
     drop(file);
@@ -71,6 +76,11 @@ pub(crate) fn write(dir: &Path, index: u64, data: &[u8]) -> Result<PathBuf, Stor
 /// Reads and verifies a snapshot file.
 pub(crate) fn read(path: &Path) -> Result<Snapshot, StoreError> {
     let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    decode(path, bytes)
+}
+
+/// Verifies and decodes `bytes`, the contents of snapshot file `path` (which errors name).
+pub(crate) fn decode(path: &Path, bytes: Vec<u8>) -> Result<Snapshot, StoreError> {
     let corrupt = |offset: usize, reason: &str| StoreError::Corrupt {
         file: path.to_owned(),
         offset: offset as u64,
