@@ -62,7 +62,11 @@ fuzz_target!(|input: &[u8]| {
     let count = usize::from(count % 8).min(rest.len());
     let (pieces, data) = rest.split_at(count);
     let whole = [u8::MAX];
-    let pieces = if pieces.is_empty() { &whole[..] } else { pieces };
+    let pieces = if pieces.is_empty() {
+        &whole[..]
+    } else {
+        pieces
+    };
 
     let end = chunked_end(data, pieces);
     let end_whole = {

@@ -10,7 +10,9 @@ const LIMIT: u32 = 64 * 1024;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the chunk size, so partial reads are explored too.
-    let Some((&chunk, rest)) = data.split_first() else { return };
+    let Some((&chunk, rest)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(chunk).max(1);
     let mut buf = BytesMut::new();
     for piece in rest.chunks(chunk) {
@@ -20,8 +22,12 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(frame)) => {
                     // Whatever decodes must re-encode to a frame that decodes the same.
                     let mut again = BytesMut::new();
-                    frame.encode(&mut again).expect("a decoded frame re-encodes");
-                    let round = Frame::decode(&mut again, u32::MAX).expect("re-decodes").expect("whole");
+                    frame
+                        .encode(&mut again)
+                        .expect("a decoded frame re-encodes");
+                    let round = Frame::decode(&mut again, u32::MAX)
+                        .expect("re-decodes")
+                        .expect("whole");
                     assert_eq!(round, frame);
                 }
                 Ok(None) => break,

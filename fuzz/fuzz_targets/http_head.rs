@@ -42,7 +42,10 @@ fn check(input: &[u8], head: &Head<'_>) {
             assert!(!name.eq_ignore_ascii_case(refused), "{head:?}");
         }
     }
-    assert!(head.length.is_none_or(|n| n <= MAX_BUFFERED_BODY), "{head:?}");
+    assert!(
+        head.length.is_none_or(|n| n <= MAX_BUFFERED_BODY),
+        "{head:?}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

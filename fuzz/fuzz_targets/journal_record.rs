@@ -48,7 +48,11 @@ fuzz_target!(|input: &[u8]| {
         encode_record(record.index, &data[record.payload.clone()], &mut again);
     }
     assert_eq!(end, found.valid_end);
-    assert_eq!(again, &data[..found.valid_end], "records re-encode to their bytes");
+    assert_eq!(
+        again,
+        &data[..found.valid_end],
+        "records re-encode to their bytes"
+    );
 
     // Recovery asks whether a valid record starts anywhere after the defect; a search of
     // every later offset must agree.

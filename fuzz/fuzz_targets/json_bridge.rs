@@ -3,7 +3,9 @@
 //! optional fields): as JSON, the way the HTTP→RPC bridge (`POST /{service}/{method}`) reads
 //! a request body, and as protobuf, the way a binary call's body is read. Neither may panic,
 //! and whatever either accepts must come back unchanged through both encodings: JSON written
-//! by the codec reads back as the same message, and so does its protobuf encoding.
+//! by the codec reads back as the same message, and so does its protobuf encoding. The one
+//! exception: an enum number read from protobuf that the schema does not name cannot be
+//! written as JSON, and the encoder must say so with an error.
 #![no_main]
 
 use std::fmt::Debug;
@@ -21,15 +23,23 @@ fn round_trip<M: RpcMessage + PartialEq + Debug>(body: &[u8]) {
         };
         for back in [Codec::Json, Codec::Protobuf] {
             let mut out = BytesMut::new();
-            back.encode(&msg, &mut out).expect("a decoded message encodes");
-            let again = back
-                .decode::<M>(out.clone().freeze())
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{back:?} written by the codec does not read back: {e:?}: {:?}",
-                        String::from_utf8_lossy(&out)
-                    )
-                });
+            if let Err(e) = back.encode(&msg, &mut out) {
+                // Protobuf keeps an enum number it does not know, which JSON has no name
+                // for: the encoder says so (and the registry refuses such a status).
+                assert!(
+                    codec == Codec::Protobuf
+                        && back == Codec::Json
+                        && e.message().contains("Invalid variant"),
+                    "a decoded message does not encode: {e:?}"
+                );
+                continue;
+            }
+            let again = back.decode::<M>(out.clone().freeze()).unwrap_or_else(|e| {
+                panic!(
+                    "{back:?} written by the codec does not read back: {e:?}: {:?}",
+                    String::from_utf8_lossy(&out)
+                )
+            });
             assert_eq!(again, msg, "{codec:?} then {back:?}");
         }
     }

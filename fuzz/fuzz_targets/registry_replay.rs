@@ -36,7 +36,11 @@ fn replay(state: &mut Replay, records: &[&[u8]]) -> Vec<Applied> {
                     assert_eq!(state.revision(), *revision);
                 }
                 Applied::NotACommand | Applied::Rejected(_) => {
-                    assert_eq!(state.snapshot(), snapshot, "a refused command changed the state");
+                    assert_eq!(
+                        state.snapshot(),
+                        snapshot,
+                        "a refused command changed the state"
+                    );
                 }
             }
             applied

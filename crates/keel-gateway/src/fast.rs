@@ -1160,6 +1160,8 @@ fn answer_head(
     static CONNECTION: HeaderName = header::CONNECTION;
     let connection: Vec<&[u8]> = headers.all(&CONNECTION).collect();
     let mut length: Option<u64> = None;
+    // Whether the answer has `Transfer-Encoding`, and its last coding over all its headers
+    // (a list may be split across headers, and empty elements count for nothing).
     let mut encoding: Option<&[u8]> = None;
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -1172,7 +1174,12 @@ fn answer_head(
                 (_, n) => length = n,
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            encoding = Some(h.value);
+            let last = h
+                .value
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|coding| !coding.is_empty());
+            encoding = last.or(encoding).or(Some(b""));
         }
     }
     let bodiless = head_request || code == 204 || code == 304;
@@ -1180,9 +1187,8 @@ fn answer_head(
         Framing::Length(0)
     } else {
         match (encoding, length) {
-            (Some(te), _) => {
-                let last = te.rsplit(|b| *b == b',').next().unwrap_or(b"");
-                if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            (Some(last), _) => {
+                if last.eq_ignore_ascii_case(b"chunked") {
                     Framing::Chunked
                 } else {
                     Framing::Close
@@ -1395,6 +1401,30 @@ mod tests {
         );
         assert_eq!(framing, Framing::Chunked);
         assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+        // The codings of all `Transfer-Encoding` headers make one list, as the client reads
+        // it: an empty header or element does not hide a `chunked` before it.
+        for (head, expected) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: \r\n\r\n"[..],
+                Framing::Chunked,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked ,\r\n\r\n",
+                Framing::Chunked,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Framing::Close,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\n",
+                Framing::Close,
+            ),
+        ] {
+            let (framing, _, out) = frame(head, false);
+            assert_eq!(framing, expected, "{out}");
+            assert!(!out.contains("content-length"), "{out}");
+        }
         let (framing, _, out) = frame(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
             false,

@@ -86,7 +86,9 @@ impl Chunked {
                 phase @ (Chunk::Size | Chunk::DataEnd | Chunk::Trailers) => {
                     let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
                         self.line.extend_from_slice(bytes);
-                        if self.line.len() > self.max_line {
+                        // A line of `max_line` bytes may still have its CR here, its LF
+                        // in the next read: the same line is judged the same however cut.
+                        if self.line.len() > self.max_line + 1 {
                             return ChunkedEnd::Invalid;
                         }
                         return ChunkedEnd::No;
@@ -207,6 +209,11 @@ impl Framing {
                     if self.line.is_empty()
                         && let Some(at) = find(bytes, b"\r\n\r\n")
                     {
+                        if at + 4 > self.max_head {
+                            // Refused by the server as too large, however it arrives.
+                            self.off();
+                            break;
+                        }
                         let next = self.head(&bytes[..at + 4]);
                         self.apply(next, &mut seen);
                         bytes = &bytes[at + 4..];
@@ -225,6 +232,10 @@ impl Framing {
                         }
                         Some(at) => {
                             let end = from + at + 4;
+                            if end > self.max_head {
+                                self.off();
+                                break;
+                            }
                             let next = self.head(&self.line[..end]);
                             self.line.clear();
                             self.apply(next, &mut seen);
@@ -444,6 +455,22 @@ GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         let mut f = Framing::new(64);
         f.feed(&[b'a'; 100]);
         assert!(!f.is_on());
+        // A head over the limit is refused by the server, and the tracker turns off whether
+        // the head came in one read or in pieces; a head at the limit is followed.
+        let head = |len: usize| {
+            let pad = len - "GET / HTTP/1.1\r\nX: \r\n\r\n".len();
+            format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(pad))
+        };
+        for (len, on) in [(128, true), (129, false)] {
+            let head = head(len);
+            for step in [1, 7, 64, 128, len] {
+                let mut f = Framing::new(128);
+                for piece in head.as_bytes().chunks(step) {
+                    f.feed(piece);
+                }
+                assert_eq!(f.is_on(), on, "a head of {len} in pieces of {step}");
+            }
+        }
         let mut f = Framing::new(1024);
         f.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
         assert!(!f.is_on());
@@ -468,6 +495,31 @@ GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
                 }
             }
             assert_eq!(end, Some(body.len() - 4), "step {step}");
+        }
+        // A line at the length limit is judged the same whether its CRLF comes in one read
+        // or is cut between CR and LF; one byte more is too long either way.
+        for (extension, ok) in [(58, true), (59, false)] {
+            let line = format!("0;{}\r\n\r\n", "x".repeat(extension));
+            let line = line.as_bytes();
+            let whole = Chunked::new(60).feed(line);
+            for cut in 1..line.len() {
+                let mut c = Chunked::new(60);
+                let first = c.feed(&line[..cut]);
+                let end = match first {
+                    ChunkedEnd::No => match c.feed(&line[cut..]) {
+                        ChunkedEnd::At(n) => ChunkedEnd::At(cut + n),
+                        other => other,
+                    },
+                    other => other,
+                };
+                assert_eq!(end, whole, "cut at {cut}");
+            }
+            let expected = if ok {
+                ChunkedEnd::At(line.len())
+            } else {
+                ChunkedEnd::Invalid
+            };
+            assert_eq!(whole, expected, "extension of {extension}");
         }
         for bad in [
             &b"5\r\nhello\r\n\r\n0\r\n\r\n"[..], // an extra empty line

@@ -23,9 +23,10 @@ use tokio::time::Instant;
 use crate::RegistryError;
 use crate::proto::{
     self, CheckFenceReply, CheckFenceRequest, Command, ConfigEntry, ConfigList, ConfigPrefix,
-    ConfigRef, GrantLeaseRequest, InstanceRef, Lease, LeaseRef, LockHolder, LockRef, LockRequest,
-    NamespaceRef, RegisterRequest, RevokeCommand, ServiceList, ServiceRef, ServiceSnapshot,
-    UnlockRequest, WatchEvent, WatchRequest, WriteReply, command::Op, watch_request::Target,
+    ConfigRef, GrantLeaseRequest, InstanceRef, InstanceStatus, Lease, LeaseRef, LockHolder,
+    LockRef, LockRequest, NamespaceRef, RegisterRequest, RevokeCommand, ServiceList, ServiceRef,
+    ServiceSnapshot, UnlockRequest, WatchEvent, WatchRequest, WriteReply, command::Op,
+    watch_request::Target,
 };
 use crate::state::{Compacted, NameKey, State, WatchTarget};
 
@@ -771,6 +772,12 @@ impl proto::Registry for Registry {
         check_address(&instance.address)?;
         if instance.weight == 0 {
             instance.weight = keel_governance::discover::DEFAULT_WEIGHT;
+        }
+        if InstanceStatus::try_from(instance.status).is_err() {
+            return Err(bad(format!(
+                "status {} is not one of UP (0) and DOWN (1)",
+                instance.status
+            )));
         }
         if instance.weight > 10_000 {
             return Err(bad(format!(

@@ -277,6 +277,15 @@ async fn bad_requests_get_clear_errors() {
             },
             "weight",
         ),
+        // A status this registry does not know: every reader would fail on it (the JSON
+        // mapping has no name for it).
+        (
+            Instance {
+                status: 7,
+                ..instance("orders", "a", 1, lease)
+            },
+            "status 7",
+        ),
         (instance("orders", "a", 1, 999), "lease 999"),
     ];
     for (i, want) in cases {
