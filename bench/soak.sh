@@ -12,7 +12,8 @@
 # RSS (VmRSS) and open file descriptors. After a warm-up of the first fifth of the run, the
 # RSS slope (KiB per minute, least squares) and the fd growth are computed per process. The last
 # line is one JSON object; "flat" is true when no process's RSS grew by more than 1 MiB over the
-# measured window and none gained more than 4 fds.
+# measured window and none gained more than 4 fds. With SOAK_SAMPLES=FILE, every sample is also
+# written to FILE as CSV (seconds, process, RSS in KiB, fds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/keel-config.sh
@@ -194,6 +195,13 @@ for name, points in samples.items():
     }
     if grown > 1024 or fd_growth > 4:
         flat = False
+series = os.environ.get("SOAK_SAMPLES")
+if series:
+    with open(series, "w") as f:
+        f.write("seconds,process,rss_kib,fds\n")
+        for name, points in samples.items():
+            for t, rss, fds in points:
+                f.write(f"{t:.0f},{name},{rss},{fds}\n")
 with lock:
     final = dict(counts)
 print(json.dumps({"duration_s": total, "warm_up_s": round(warm_up), "sample_every_s": 10,
