@@ -290,6 +290,9 @@ impl Framing {
                     _ => lengths_differ = true,
                 }
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                // As hyper, the server behind this guard, reads a request: the last header's
+                // last coding decides, and anything but `chunked` is refused. (An upstream's
+                // answer is read as a client reads it instead: see `fast::answer_head`.)
                 transfer_encoding = true;
                 chunked = std::str::from_utf8(h.value).is_ok_and(|v| {
                     v.rsplit(',')
