@@ -80,6 +80,14 @@ pub enum Role {
         /// Directory of the instance's journal.
         #[arg(long, default_value = "keel-data/inventory")]
         data_dir: std::path::PathBuf,
+        /// The journal in a NATS JetStream stream instead of `--data-dir`:
+        /// `nats://HOST:PORT[,HOST:PORT…][?replicas=N]` (N: 1, 3 or 5, used when the stream is
+        /// created).
+        #[arg(long)]
+        journal: Option<String>,
+        /// The stream's name with `--journal` (default `keel-inventory-<shard>`).
+        #[arg(long)]
+        stream: Option<String>,
         /// The shard's name (it prefixes the ids of its orders).
         #[arg(long, default_value = "inv-0", value_parser = parse_shard)]
         shard: String,
@@ -336,15 +344,22 @@ pub fn run(role: Role) -> anyhow::Result<()> {
         Role::Inventory {
             addr,
             data_dir,
+            journal,
+            stream,
             shard,
             registry,
         } => {
-            let inventory = Inventory::open(&data_dir, keel_store::JournalOptions::default())
-                .with_context(|| format!("opening the inventory in {}", data_dir.display()))?;
+            let stream = stream.unwrap_or_else(|| format!("keel-inventory-{shard}"));
+            let target = keel_store::LogTarget::choose(journal.as_deref(), &data_dir, &stream)
+                .map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
+                let place = target.describe();
+                let inventory = Inventory::open_at(target)
+                    .await
+                    .with_context(|| format!("opening the inventory in {place}"))?;
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;

@@ -33,7 +33,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use keel_store::{Journal, JournalOptions, StoreError};
+use keel_store::{Journal, JournalOptions, Log, LogTarget, Recovered, StoreError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -181,7 +181,7 @@ pub struct StockView {
 /// One inventory instance.
 #[derive(Debug)]
 pub struct Inventory {
-    journal: Journal,
+    journal: Log,
     items: Mutex<HashMap<String, Arc<ItemCell>>>,
     /// Every reservation made, live or not (a retried request is answered from it).
     reservations: Mutex<std::collections::BTreeMap<u64, Held>>,
@@ -197,6 +197,19 @@ impl Inventory {
         options: JournalOptions,
     ) -> Result<Inventory, InventoryError> {
         let (journal, recovered) = Journal::open(dir, options)?;
+        Inventory::replayed(Log::Local(journal), recovered)
+    }
+
+    /// Opens the inventory whose journal is at `target` (a directory or a JetStream stream),
+    /// replaying it. With a stream, every append is fenced: once another process has opened
+    /// the stream and appended, this one's next append fails and it takes no more
+    /// reservations.
+    pub async fn open_at(target: LogTarget) -> Result<Inventory, InventoryError> {
+        let (journal, recovered) = Log::open(target).await?;
+        Inventory::replayed(journal, recovered)
+    }
+
+    fn replayed(journal: Log, recovered: Recovered) -> Result<Inventory, InventoryError> {
         if let Some(torn) = &recovered.torn_tail {
             tracing::warn!(file = %torn.file.display(), dropped = torn.dropped_bytes, "inventory journal had a torn tail (a crash mid-write); cut off");
         }

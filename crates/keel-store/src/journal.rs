@@ -130,6 +130,8 @@ pub struct JournalStats {
     pub snapshots: AtomicU64,
     /// Segment files deleted after a snapshot made them unnecessary.
     pub segments_removed: AtomicU64,
+    /// Appends sent again because their acknowledgement did not come (stream journals).
+    pub resends: AtomicU64,
 }
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
@@ -185,6 +187,13 @@ pub struct Appended {
     /// The record's index.
     pub index: u64,
     rx: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+impl Appended {
+    /// An append whose acknowledgement arrives on `rx`.
+    pub(crate) fn new(index: u64, rx: oneshot::Receiver<Result<(), StoreError>>) -> Appended {
+        Appended { index, rx }
+    }
 }
 
 impl Future for Appended {

@@ -13,6 +13,9 @@
 //! - [`queue`]: a durable queue on the journal: at-least-once delivery with leases and
 //!   acknowledgements, compacted by snapshots.
 //! - [`lock`]: one process per directory, by an exclusive lock on a `LOCK` file.
+//! - [`stream`]: the same journal contract on a NATS JetStream stream (replicated on other
+//!   machines), with appends fenced by the stream's expected last sequence; [`Log`] is either
+//!   kind, chosen by a [`LogTarget`] (a directory or a `nats://` address).
 //! - `record`: the byte layout, as pure functions.
 //!
 //! The on-disk format is specified in `docs/storage.md`.
@@ -25,16 +28,22 @@ use std::sync::Arc;
 pub mod fuzzing;
 pub mod journal;
 pub mod lock;
+mod log;
 pub mod queue;
 mod record;
 pub mod snapshot;
+pub mod stream;
+#[doc(hidden)]
+pub mod testing;
 
 pub use journal::{
     Appended, Journal, JournalOptions, JournalStats, Record, Recovered, SyncPolicy, TornTail,
 };
 pub use lock::DirLock;
+pub use log::{Log, LogTarget};
 pub use queue::{Delivery, DurableQueue};
 pub use snapshot::Snapshot;
+pub use stream::{StreamJournal, StreamOptions};
 
 /// What went wrong in the store.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,6 +92,27 @@ pub enum StoreError {
         dir: PathBuf,
         /// The holder's process id, as it wrote it in the lock file, when readable.
         pid: Option<u32>,
+    },
+    /// A stream journal's engine (NATS JetStream) failed or could not be reached.
+    #[error("nats stream {stream}: {reason}")]
+    Engine {
+        /// The stream.
+        stream: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Another writer appended to the stream: this one's append was refused by the stream
+    /// (its expected last sequence did not hold), and the journal takes no more.
+    #[error(
+        "nats stream {stream}: append {index} refused because another writer appended first ({reason}); this writer has been replaced"
+    )]
+    Fenced {
+        /// The stream.
+        stream: String,
+        /// The refused record's index.
+        index: u64,
+        /// JetStream's answer.
+        reason: String,
     },
 }
 

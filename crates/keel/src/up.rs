@@ -33,8 +33,9 @@ pub struct UpConfig {
     pub registry: Listen,
     /// The sale's HTTP API.
     pub api: Listen,
-    /// The inventory shards (a fixed port p: shard i listens on p + i).
-    pub inventory: Listen,
+    /// The inventory shards (a fixed port p: shard i listens on p + i) and where their
+    /// journals are.
+    pub inventory: InventorySection,
     /// The orders instances (a fixed port p: instance i listens on p + i).
     pub orders: OrdersSection,
     /// How many processes of each kind.
@@ -152,6 +153,20 @@ fn default_registry() -> Listen {
     }
 }
 
+/// `[inventory]`: the shards' addresses, and their journals: in `data_dir` by default, or
+/// with `journal = "nats://host:port[,host:port…][?replicas=N]"` each shard's in a NATS
+/// JetStream stream of its own (`keel-<id>-inv-<i>`, the id made on first use and kept in
+/// `<data_dir>/journal-id`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventorySection {
+    /// `host:port` of shard 0 (port 0: any free port).
+    pub listen: String,
+    /// The JetStream servers holding the shards' journals; none: local files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<String>,
+}
+
 /// A process's address.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,8 +209,9 @@ impl UpConfig {
             api: Listen {
                 listen: "127.0.0.1:7400".into(),
             },
-            inventory: Listen {
+            inventory: InventorySection {
                 listen: "127.0.0.1:7200".into(),
+                journal: None,
             },
             orders: OrdersSection {
                 listen: "127.0.0.1:7300".into(),
@@ -584,6 +600,60 @@ fn check_topology(data: &Path, scale: Scale) -> anyhow::Result<()> {
     }
 }
 
+/// Where the shards' journals are: `None` for `data_dir`, or the JetStream address and the
+/// streams' name prefix. The choice is kept in `<data_dir>/journal-id` (the prefix, and the
+/// address): a sale whose journals are local files is refused a JetStream address and the
+/// other way round, since the shards would start empty in the other place.
+fn check_journal(data: &Path, address: Option<&str>) -> anyhow::Result<Option<(String, String)>> {
+    let file = data.join("journal-id");
+    let address = address.map(str::trim).filter(|a| !a.is_empty());
+    if let Some(a) = address {
+        keel_store::StreamOptions::parse(a, "check")
+            .map_err(|e| anyhow::anyhow!("inventory.journal: {e}"))?;
+    }
+    let recorded = match std::fs::read_to_string(&file) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    match (recorded, address) {
+        (None, None) => Ok(None),
+        (None, Some(a)) => {
+            if data.join("inventory-0").exists() {
+                bail!(
+                    "inventory.journal = {a:?}, but {} holds a sale whose inventory journals are                      local files; they would start empty in JetStream (use another data_dir for                      a sale on JetStream)",
+                    data.display()
+                );
+            }
+            let prefix = format!("keel-{:016x}", keel_seckill::random_u64());
+            std::fs::write(&file, format!("{prefix}\n{a}\n"))
+                .with_context(|| format!("writing {}", file.display()))?;
+            Ok(Some((a.to_owned(), prefix)))
+        }
+        (Some(text), configured) => {
+            let mut lines = text.lines();
+            let prefix = lines.next().unwrap_or_default().trim().to_owned();
+            let was = lines.next().unwrap_or_default().trim().to_owned();
+            match configured {
+                // Another list of servers (a member added or replaced) finds the same
+                // streams; pointing it at another cluster is the operator's call.
+                Some(a) => {
+                    if a != was {
+                        tracing::warn!(was = %was, now = %a, "inventory.journal changed; the streams {prefix}-inv-* are looked for there");
+                        std::fs::write(&file, format!("{prefix}\n{a}\n"))
+                            .with_context(|| format!("writing {}", file.display()))?;
+                    }
+                    Ok(Some((a.to_owned(), prefix)))
+                }
+                None => bail!(
+                    "the sale in {} keeps its inventory journals in JetStream at {was:?}                      (streams {prefix}-inv-*), but inventory.journal is not set",
+                    data.display()
+                ),
+            }
+        }
+    }
+}
+
 /// Waits (up to 30 s) until `GET /api/items` through the gateway at `gateway` is answered
 /// by the API rather than refused for want of a server.
 async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
@@ -657,6 +727,10 @@ fn preflight(config: &UpConfig) -> anyhow::Result<()> {
 
 /// Runs the system until Ctrl-C (or for `run_for`).
 pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<()> {
+    // Listened for from the start: a Ctrl-C while the parts start (or right after the banner)
+    // stops them in order instead of killing `keel up` with the default action.
+    let mut interrupted = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for Ctrl-C")?;
     let data = &config.data_dir;
     config.scale.check()?;
     preflight(&config)?;
@@ -665,6 +739,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     let _data_lock = keel_store::DirLock::acquire(data)
         .with_context(|| format!("another `keel up` runs on {}", data.display()))?;
     check_topology(data, config.scale)?;
+    let streams = check_journal(data, config.inventory.journal.as_deref())?;
     let dir = |name: &str| data.join(name).to_string_lossy().into_owned();
     let mut parts: Vec<(Part, Child)> = Vec::new();
 
@@ -689,21 +764,30 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         .collect();
     for (i, shard) in shards.iter().enumerate() {
         let i = i as u32;
+        let mut args = vec![
+            "seckill".into(),
+            "inventory".into(),
+            "--addr".into(),
+            nth_address(&config.inventory.listen, i)?,
+            "--data-dir".into(),
+            dir(&format!("inventory-{i}")),
+            "--shard".into(),
+            shard.clone(),
+            "--registry".into(),
+            registry.clone(),
+        ];
+        if let Some((address, prefix)) = &streams {
+            args.extend([
+                "--journal".into(),
+                address.clone(),
+                "--stream".into(),
+                format!("{prefix}-{shard}"),
+            ]);
+        }
         launch(
             Part {
                 name: format!("inventory-{i}"),
-                args: vec![
-                    "seckill".into(),
-                    "inventory".into(),
-                    "--addr".into(),
-                    nth_address(&config.inventory.listen, i)?,
-                    "--data-dir".into(),
-                    dir(&format!("inventory-{i}")),
-                    "--shard".into(),
-                    shard.clone(),
-                    "--registry".into(),
-                    registry.clone(),
-                ],
+                args,
                 env: Vec::new(),
             },
             &mut parts,
@@ -839,7 +923,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     };
     tokio::select! {
         () = run_out => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupted.recv() => {}
     }
     crate::say!("stopping");
     for (stop, supervisors) in &mut stages {

@@ -5,37 +5,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{TOKEN, Up, alive, call, wait_for};
-
-/// Runs `keel bench seckill` (50 units, 16 at a time) against the gateway; it must exit
-/// successfully; returns its summary.
-fn bench(gw: &str, buyers: &str, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args([
-            "bench",
-            "seckill",
-            "--gateway",
-            gw,
-            "--token",
-            TOKEN,
-            "--buyers",
-            buyers,
-            "--stock",
-            "50",
-            "--concurrency",
-            "16",
-        ])
-        .args(extra)
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    serde_json::from_str(text.lines().last().unwrap()).unwrap()
-}
+use common::{Up, alive, bench, call, wait_for};
 
 #[test]
 fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
@@ -232,5 +205,44 @@ fn the_parts_stop_by_themselves_when_keel_up_is_killed() {
             pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_ctrl_c_while_the_parts_start_stops_them_in_order() {
+    let dir = common::configured("", "");
+    let (mut child, lines) = common::spawn_up(dir.path());
+    // The first part is up, the others are still to come.
+    let first = wait_for(&lines, "started registry");
+    let registry = common::pid_of(&first);
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "keel up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "stopped as on any Ctrl-C: {status:?}");
+    let mut started = vec![registry];
+    while let Ok(line) = lines.try_recv() {
+        if line.starts_with("started ") {
+            started.push(common::pid_of(&line));
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while started.iter().any(|p| alive(*p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a part outlived keel up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -62,31 +62,53 @@ pub struct Up {
     stopped: bool,
 }
 
+/// A temporary directory with a keel.toml on free ports, these `[limits]` lines, and
+/// `inventory` added to the `[inventory]` section.
+pub fn configured(limits: &str, inventory: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keel.toml"),
+        format!(
+            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n{inventory}[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\n{limits}"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Spawns `keel up` in `dir`; the process and its stdout, line by line.
+pub fn spawn_up(dir: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("up")
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, lines)
+}
+
 impl Up {
     /// Starts `keel up` on free ports with these `[limits]` lines, and waits until it is up.
     pub fn start(limits: &str) -> Up {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("keel.toml"),
-            format!(
-                "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\n{limits}"
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-            .arg("up")
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        Up::start_with(limits, "")
+    }
+
+    /// Like [`Up::start`], with `inventory` added to the `[inventory]` section.
+    pub fn start_with(limits: &str, inventory: &str) -> Up {
+        Up::run_in(configured(limits, inventory))
+    }
+
+    /// Starts `keel up` in `dir` (which holds its keel.toml) and waits until it is up.
+    pub fn run_in(dir: tempfile::TempDir) -> Up {
+        let (child, lines) = spawn_up(dir.path());
         let mut up = Up {
             child,
             lines,
@@ -170,4 +192,31 @@ pub fn alive(pid: u32) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Runs `keel bench seckill` (50 units, 16 at a time) against the gateway; it must exit
+/// successfully; returns its summary.
+pub fn bench(gw: &str, buyers: &str, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "bench",
+            "seckill",
+            "--gateway",
+            gw,
+            "--token",
+            TOKEN,
+            "--buyers",
+            buyers,
+            "--stock",
+            "50",
+            "--concurrency",
+            "16",
+        ])
+        .args(extra)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
 }

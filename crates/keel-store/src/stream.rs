@@ -1,0 +1,675 @@
+//! A journal kept in a NATS JetStream stream instead of local segment files: the same
+//! append-and-replay contract as [`Journal`](crate::Journal), with the stream's replicas
+//! (on other machines) in place of the local disk.
+//!
+//! - **Index = stream sequence.** The stream holds only this journal's records, so record `n`
+//!   is the stream's message `n`, and replay reads messages `1..=last`.
+//! - **Fenced appends.** Every append carries `Nats-Expected-Last-Sequence: n - 1`. The stream
+//!   stores it only if its last message is `n - 1`, so a writer that has been replaced (another
+//!   process opened the stream, replayed it and appended) has its next append refused by
+//!   JetStream itself: [`StoreError::Fenced`]. The refused append and every one after it fail,
+//!   and the journal accepts no more, as after a disk error.
+//! - **Acknowledged after JetStream acknowledged.** An [`Appended`] resolves once the stream's
+//!   leader has stored the message, which with `replicas > 1` is after a quorum of the replicas
+//!   has it (in memory or on disk: JetStream syncs its files on an interval, see
+//!   docs/scale-out.md).
+//! - **In doubt, asked again.** A publish whose answer is lost (a timeout, a leader change, a
+//!   broken connection) is sent again with the same `Nats-Msg-Id`; JetStream's duplicate
+//!   window answers a message it has with its first sequence, so a retry never stores a record
+//!   twice. The message id names the writer (random per open) and the index, so one writer's
+//!   retry is never taken for another's record. After `retry_for` without an answer the journal
+//!   fails with [`StoreError::Engine`].
+//!
+//! Appends are pipelined: one task publishes in index order without waiting, another reads the
+//! acknowledgements in the same order. JetStream applies a stream's messages in the order they
+//! arrive on a connection, so message `n + 1`'s expectation holds once `n` is stored.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::StoreError;
+use crate::journal::{Appended, JournalStats, Record, Recovered};
+
+/// Where a stream journal lives and how it behaves.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// NATS servers to connect to (`nats://host:port` or `host:port`); any one of a cluster is
+    /// enough, the client learns the others.
+    pub servers: Vec<String>,
+    /// The stream's name (letters, digits, `-` and `_`); its subject is `keel.journal.<name>`.
+    pub stream: String,
+    /// Replicas of the stream when it is created (1, 3 or 5; at most the cluster's size).
+    pub replicas: usize,
+    /// Largest record accepted.
+    pub max_record_bytes: usize,
+    /// How long one publish waits for its acknowledgement before it is sent again.
+    pub ack_timeout: Duration,
+    /// How long an append may stay in doubt (resent after timeouts, leader changes, lost
+    /// connections) before the journal gives up and fails.
+    pub retry_for: Duration,
+}
+
+impl StreamOptions {
+    /// Options for `stream` on `servers`, one replica, the other settings at their defaults.
+    pub fn new(servers: Vec<String>, stream: impl Into<String>) -> StreamOptions {
+        StreamOptions {
+            servers,
+            stream: stream.into(),
+            replicas: 1,
+            max_record_bytes: 1 << 20,
+            ack_timeout: Duration::from_secs(2),
+            retry_for: Duration::from_secs(15),
+        }
+    }
+
+    /// Reads a journal address: `nats://host:port[,host:port…][?replicas=N]`. The stream name
+    /// is given separately (it is the journal's, not the server's).
+    pub fn parse(address: &str, stream: impl Into<String>) -> Result<StreamOptions, String> {
+        let rest = address
+            .strip_prefix("nats://")
+            .ok_or_else(|| format!("journal address {address:?} does not start with nats://"))?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let servers: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("nats://{}", h.trim_start_matches("nats://")))
+            .collect();
+        if servers.is_empty() {
+            return Err(format!("journal address {address:?} names no server"));
+        }
+        let mut options = StreamOptions::new(servers, stream);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("replicas", n)) => {
+                    options.replicas = match n.parse::<usize>() {
+                        Ok(r @ (1 | 3 | 5)) => r,
+                        _ => {
+                            return Err(format!(
+                                "journal address {address:?}: replicas must be 1, 3 or 5, not {n:?}"
+                            ));
+                        }
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "journal address {address:?}: unknown setting {pair:?} (known: replicas)"
+                    ));
+                }
+            }
+        }
+        check_stream_name(&options.stream)?;
+        Ok(options)
+    }
+
+    /// The subject the stream's records are published on.
+    pub fn subject(&self) -> String {
+        format!("keel.journal.{}", self.stream)
+    }
+}
+
+/// A stream name JetStream accepts and Keel can put in a subject: 1 to 200 of ASCII letters,
+/// digits, `-` and `_`.
+pub fn check_stream_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 200
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "stream name {name:?} must be 1 to 200 ASCII letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// An append waiting to be published.
+struct Pending {
+    index: u64,
+    payload: Bytes,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A published append waiting for its acknowledgement.
+struct InFlight {
+    pending: Pending,
+    ack: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+}
+
+/// How far the acknowledgements have come, and whether the journal failed.
+#[derive(Debug, Clone)]
+struct Progress {
+    acked: u64,
+    failed: Option<StoreError>,
+}
+
+struct Submit {
+    tx: Option<mpsc::UnboundedSender<Pending>>,
+    next_index: u64,
+}
+
+/// A journal in a JetStream stream. Appends may come from many tasks; they are numbered in
+/// submission order, which is the order they are stored and replayed in.
+pub struct StreamJournal {
+    options: StreamOptions,
+    submit: Mutex<Submit>,
+    progress: watch::Receiver<Progress>,
+    stats: Arc<JournalStats>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    client: async_nats::Client,
+}
+
+impl std::fmt::Debug for StreamJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamJournal")
+            .field("stream", &self.options.stream)
+            .field("next_index", &self.next_index())
+            .finish()
+    }
+}
+
+fn engine(stream: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine {
+        stream: stream.to_owned(),
+        reason: format!("{what}: {e}"),
+    }
+}
+
+impl StreamJournal {
+    /// Connects, creates the stream if it does not exist (file storage, `replicas`, nothing
+    /// ever discarded or deleted), and replays it. The records come back in
+    /// [`Recovered::records`]; the journal appends after the last of them.
+    pub async fn open(options: StreamOptions) -> Result<(StreamJournal, Recovered), StoreError> {
+        check_stream_name(&options.stream).map_err(|e| engine(&options.stream, "open", e))?;
+        let name = options.stream.clone();
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(options.ack_timeout))
+            .connect(options.servers.as_slice())
+            .await
+            .map_err(|e| engine(&name, "connecting to NATS", e))?;
+        // Wait for the first connection (bounded), so a wrong address is an error at start.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if Instant::now() > deadline {
+                return Err(engine(
+                    &name,
+                    "connecting to NATS",
+                    format!("no server of {:?} answered in 10 s", options.servers),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(options.ack_timeout)
+            .max_ack_inflight(4096)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let subject = options.subject();
+        let config = jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: options.replicas,
+            max_message_size: i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX),
+            duplicate_window: Duration::from_secs(120),
+            deny_delete: true,
+            deny_purge: true,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let mut stream = retry_api(&options, || js.get_or_create_stream(config.clone()))
+            .await
+            .map_err(|e| engine(&name, "creating the stream", e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| engine(&name, "reading the stream's state", e))?
+            .clone();
+        if !info.config.subjects.contains(&subject) {
+            return Err(engine(
+                &name,
+                "open",
+                format!(
+                    "the stream exists with subjects {:?}, not {subject:?}: it is not a Keel journal",
+                    info.config.subjects
+                ),
+            ));
+        }
+        if info.config.num_replicas != options.replicas {
+            tracing::warn!(stream = %name, has = info.config.num_replicas, asked = options.replicas,
+                "the stream exists with another number of replicas; kept as it is");
+        }
+        let last = info.state.last_sequence;
+        let first = info.state.first_sequence;
+        if last > 0 && first != 1 {
+            return Err(engine(
+                &name,
+                "open",
+                format!("the stream starts at message {first}: records before it are gone"),
+            ));
+        }
+        let records = replay(&stream, &name, last).await?;
+
+        let (progress_tx, progress) = watch::channel(Progress {
+            acked: last,
+            failed: None,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (flight_tx, flight_rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(JournalStats::default());
+        let writer = format!("{:016x}", random_u64());
+        let publisher = tokio::spawn(publish_loop(
+            js.clone(),
+            subject.clone(),
+            writer.clone(),
+            rx,
+            flight_tx,
+            stats.clone(),
+        ));
+        let acker = tokio::spawn(
+            Acker {
+                js,
+                subject,
+                writer,
+                options: options.clone(),
+                progress: progress_tx,
+                stats: stats.clone(),
+                predecessor_retried: false,
+            }
+            .run(flight_rx),
+        );
+        let journal = StreamJournal {
+            options,
+            submit: Mutex::new(Submit {
+                tx: Some(tx),
+                next_index: last + 1,
+            }),
+            progress,
+            stats,
+            tasks: Mutex::new(vec![publisher, acker]),
+            client,
+        };
+        Ok((
+            journal,
+            Recovered {
+                records,
+                ..Recovered::default()
+            },
+        ))
+    }
+
+    /// Appends a record. The index is assigned now, in submission order; await the result for
+    /// JetStream's acknowledgement.
+    pub fn append(&self, payload: impl Into<Bytes>) -> Result<Appended, StoreError> {
+        let payload = payload.into();
+        if payload.len() > self.options.max_record_bytes {
+            return Err(StoreError::TooLarge {
+                len: payload.len(),
+                max: self.options.max_record_bytes,
+            });
+        }
+        if let Some(e) = &self.progress.borrow().failed {
+            return Err(e.clone());
+        }
+        let (done, rx) = oneshot::channel();
+        let mut submit = self.submit.lock();
+        let index = submit.next_index;
+        let tx = submit.tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(Pending {
+            index,
+            payload,
+            done,
+        })
+        .map_err(|_| StoreError::Closed)?;
+        submit.next_index += 1;
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        Ok(Appended::new(index, rx))
+    }
+
+    /// The index the next append will get.
+    pub fn next_index(&self) -> u64 {
+        self.submit.lock().next_index
+    }
+
+    /// Waits until everything appended so far is acknowledged by JetStream.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let target = self.next_index() - 1;
+        let mut progress = self.progress.clone();
+        let seen = progress
+            .wait_for(|p| p.acked >= target || p.failed.is_some())
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        match &seen.failed {
+            Some(e) if seen.acked < target => Err(e.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counters (appends, bytes, resends; a stream journal has no batches or fsyncs of its
+    /// own).
+    pub fn stats(&self) -> &JournalStats {
+        &self.stats
+    }
+
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.options.stream
+    }
+
+    /// Stops accepting appends, waits for the acknowledgements of those submitted, and
+    /// disconnects.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let result = self.sync().await;
+        self.submit.lock().tx = None;
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = self.client.drain().await;
+        match result {
+            Err(StoreError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Drop for StreamJournal {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().iter() {
+            task.abort();
+        }
+    }
+}
+
+/// Runs a JetStream API call again while the cluster has no leader for it yet (a stream
+/// being created or a leader election), for up to `retry_for`.
+async fn retry_api<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    options: &StreamOptions,
+    mut call: impl FnMut() -> F,
+) -> Result<T, E> {
+    let deadline = Instant::now() + options.retry_for;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() + wait < deadline => {
+                tracing::debug!(error = %e, "JetStream call failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads messages `1..=last` in order.
+async fn replay(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    last: u64,
+) -> Result<Vec<Record>, StoreError> {
+    let mut records = Vec::with_capacity(usize::try_from(last).unwrap_or(0).min(1 << 20));
+    if last == 0 {
+        return Ok(records);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| engine(name, "replaying the stream", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| engine(name, "replaying the stream", e))?;
+    let mut expected = 1;
+    while expected <= last {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| engine(name, "replaying the stream", "no message for 30 s"))?
+            .ok_or_else(|| engine(name, "replaying the stream", "the consumer ended"))?
+            .map_err(|e| engine(name, "replaying the stream", e))?;
+        let sequence = message
+            .info()
+            .map_err(|e| engine(name, "replaying the stream", e))?
+            .stream_sequence;
+        if sequence != expected {
+            return Err(StoreError::Corrupt {
+                file: format!("nats stream {name}").into(),
+                offset: sequence,
+                reason: format!("message {sequence} where {expected} was expected"),
+            });
+        }
+        records.push(Record {
+            index: sequence,
+            payload: message.payload.clone(),
+        });
+        expected += 1;
+    }
+    Ok(records)
+}
+
+fn publish_message(writer: &str, pending: &Pending) -> PublishMessage {
+    PublishMessage::build()
+        .payload(pending.payload.clone())
+        .message_id(format!("{writer}-{}", pending.index))
+        .expected_last_sequence(pending.index - 1)
+}
+
+/// Publishes in index order without waiting for acknowledgements.
+async fn publish_loop(
+    js: jetstream::Context,
+    subject: String,
+    writer: String,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    flights: mpsc::UnboundedSender<InFlight>,
+    stats: Arc<JournalStats>,
+) {
+    while let Some(pending) = rx.recv().await {
+        let ack = js
+            .send_publish(subject.clone(), publish_message(&writer, &pending))
+            .await;
+        stats
+            .bytes
+            .fetch_add(pending.payload.len() as u64, Ordering::Relaxed);
+        if flights.send(InFlight { pending, ack }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads acknowledgements in index order, resends what is in doubt, fails the journal on a
+/// fence or after `retry_for`.
+struct Acker {
+    js: jetstream::Context,
+    subject: String,
+    writer: String,
+    options: StreamOptions,
+    progress: watch::Sender<Progress>,
+    stats: Arc<JournalStats>,
+    /// The previous record was stored only by a resend: this one's first attempt may have
+    /// reached the stream before it and been refused for that.
+    predecessor_retried: bool,
+}
+
+/// What one attempt came to.
+enum Outcome {
+    Stored,
+    /// Refused because the stream's last message is not `index - 1`.
+    WrongLast(String),
+    /// No answer, or an answer that says "not now".
+    InDoubt(String),
+    /// An answer that will not change.
+    Refused(String),
+}
+
+impl Acker {
+    async fn run(mut self, mut flights: mpsc::UnboundedReceiver<InFlight>) {
+        let mut failed: Option<StoreError> = None;
+        let mut queue: VecDeque<InFlight> = VecDeque::new();
+        loop {
+            let flight = match queue.pop_front() {
+                Some(f) => f,
+                None => match flights.recv().await {
+                    Some(f) => f,
+                    None => return,
+                },
+            };
+            if let Some(e) = &failed {
+                let _ = flight.pending.done.send(Err(e.clone()));
+                continue;
+            }
+            let index = flight.pending.index;
+            let first = match flight.ack {
+                Ok(ack) => outcome(index, ack.await),
+                Err(e) => publish_outcome(&e),
+            };
+            let result = match first {
+                Outcome::Stored => {
+                    self.predecessor_retried = false;
+                    Ok(())
+                }
+                Outcome::WrongLast(reason) if !self.predecessor_retried => {
+                    Err(self.fenced(index, &reason))
+                }
+                Outcome::Refused(reason) => Err(engine(
+                    &self.options.stream,
+                    &format!("append {index} refused"),
+                    reason,
+                )),
+                Outcome::WrongLast(reason) | Outcome::InDoubt(reason) => {
+                    self.resend(&flight.pending, reason).await
+                }
+            };
+            match result {
+                Ok(()) => {
+                    self.progress.send_modify(|p| p.acked = index);
+                    let _ = flight.pending.done.send(Ok(()));
+                }
+                Err(e) => {
+                    tracing::error!(stream = %self.options.stream, index, error = %e,
+                        "stream journal failed; it takes no more appends");
+                    self.progress.send_modify(|p| p.failed = Some(e.clone()));
+                    let _ = flight.pending.done.send(Err(e.clone()));
+                    failed = Some(e);
+                    // Whatever was published after it is answered with the same error.
+                    while let Ok(f) = flights.try_recv() {
+                        queue.push_back(f);
+                    }
+                }
+            }
+        }
+    }
+
+    fn fenced(&self, index: u64, reason: &str) -> StoreError {
+        StoreError::Fenced {
+            stream: self.options.stream.clone(),
+            index,
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Sends an append again (same message id, same expectation) until JetStream answers
+    /// for sure or `retry_for` has passed.
+    async fn resend(&mut self, pending: &Pending, mut reason: String) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.options.retry_for;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            if Instant::now() >= deadline {
+                return Err(engine(
+                    &self.options.stream,
+                    &format!(
+                        "append {} still in doubt after {:?}",
+                        pending.index, self.options.retry_for
+                    ),
+                    reason,
+                ));
+            }
+            tracing::debug!(stream = %self.options.stream, index = pending.index, %reason, "resending an append in doubt");
+            self.stats.resends.fetch_add(1, Ordering::Relaxed);
+            let attempt = match self
+                .js
+                .send_publish(self.subject.clone(), publish_message(&self.writer, pending))
+                .await
+            {
+                Ok(ack) => outcome(pending.index, ack.await),
+                Err(e) => publish_outcome(&e),
+            };
+            match attempt {
+                Outcome::Stored => {
+                    self.predecessor_retried = true;
+                    return Ok(());
+                }
+                // A resend carries the message id of the first attempt: had that been stored,
+                // the duplicate window would have answered with its sequence. So the stream
+                // moved on without this writer.
+                Outcome::WrongLast(r) => return Err(self.fenced(pending.index, &r)),
+                Outcome::Refused(r) => {
+                    return Err(engine(
+                        &self.options.stream,
+                        &format!("append {} refused", pending.index),
+                        r,
+                    ));
+                }
+                Outcome::InDoubt(r) => reason = r,
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+fn outcome(
+    index: u64,
+    ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+) -> Outcome {
+    match ack {
+        Ok(ack) if ack.sequence == index => Outcome::Stored,
+        Ok(ack) => Outcome::Refused(format!(
+            "stored as message {} where {index} was expected",
+            ack.sequence
+        )),
+        Err(e) => publish_outcome(&e),
+    }
+}
+
+fn publish_outcome(e: &jetstream::context::PublishError) -> Outcome {
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => Outcome::WrongLast(e.to_string()),
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound
+        | PublishErrorKind::MaxAckPending => Outcome::InDoubt(e.to_string()),
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastMessageId => {
+            Outcome::Refused(e.to_string())
+        }
+        // "JetStream not currently available", "no leader" and the like come as API errors
+        // of kind Other: in doubt, and resent until `retry_for` is up.
+        _ => Outcome::InDoubt(e.to_string()),
+    }
+}
+
+/// 64 random bits (the standard library seeds each `RandomState` from the OS).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

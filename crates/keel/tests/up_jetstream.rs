@@ -1,0 +1,159 @@
+//! `keel up` with the inventory shards' journals in NATS JetStream (`[inventory] journal`):
+//! the sale runs, a SIGKILLed shard comes back from its stream, a restart of the whole system
+//! finds every sale with no local inventory files, and a data directory is never switched
+//! between local journals and JetStream. Needs the NATS server on 127.0.0.1:4222 (or
+//! `KEEL_NATS_URL`); skipped with a message without it, failed instead when
+//! `KEEL_REQUIRE_SERVICES=1`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Up, bench, call, wait_for};
+use keel_store::testing::{DeleteStreams, nats_up, nats_url};
+
+fn buy(gw: &str, user: &str) -> u16 {
+    call(
+        gw,
+        "POST",
+        "/api/items/item-1/buy",
+        &format!(r#"{{"user_id": "{user}"}}"#),
+    )
+    .0
+}
+
+#[test]
+fn a_sale_with_its_inventory_in_jetstream_survives_a_killed_shard_and_a_restart() {
+    if !nats_up("a_sale_with_its_inventory_in_jetstream_survives_a_killed_shard_and_a_restart") {
+        return;
+    }
+    let journal = format!("journal = \"{}\"\n", nats_url());
+    let limits = "buy_per_ip_per_second = 0\nbuy_per_user_per_second = 0\n";
+    let mut up = Up::start_with(limits, &journal);
+    let data = up.dir.path().join("data");
+    let prefix = std::fs::read_to_string(data.join("journal-id"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let streams = DeleteStreams::new(vec![format!("{prefix}-inv-0"), format!("{prefix}-inv-1")]);
+    let gw = up.gateway.clone();
+    let (status, created) = call(
+        &gw,
+        "POST",
+        "/api/admin/items",
+        r#"{"name": "Kettle", "price_cents": 2500, "stock": 10}"#,
+    );
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(buy(&gw, "ann"), 200);
+
+    // SIGKILL both shards: each comes back from its stream and the sale goes on.
+    for shard in ["inventory-0", "inventory-1"] {
+        let pid = up.started[shard];
+        assert!(
+            Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        wait_for(&up.lines, &format!("restarted {shard}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while buy(&gw, "bob") != 200 {
+        assert!(Instant::now() < deadline, "buying after the restarts");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A sale under load, with the invariants checked by the bench through the API.
+    let summary = bench(&gw, "300", &[]);
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64()
+        ),
+        (Some(50), Some(0), Some(0)),
+        "{summary}"
+    );
+    let audit = |gw: &str| {
+        let (_, audit) = call(gw, "GET", "/api/admin/items/item-1/audit", "");
+        let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
+        (audit["stock_left"].as_u64(), audit["reserved"].as_u64())
+    };
+    assert_eq!(audit(&gw), (Some(8), Some(2)));
+    assert!(up.stop().success());
+
+    // The shards' records are in their streams, and nowhere on the local disk.
+    let counts = streams.messages();
+    assert!(counts.iter().all(|n| *n > 0), "{counts:?}");
+    for shard in ["inventory-0", "inventory-1"] {
+        assert!(
+            !data.join(shard).exists(),
+            "{shard} wrote a local journal although its journal is in JetStream"
+        );
+    }
+
+    // The whole system again on the same directory: the shards replay their streams.
+    let dir = std::mem::replace(&mut up.dir, tempfile::tempdir().unwrap());
+    let again = Up::run_in(dir);
+    assert_eq!(audit(&again.gateway), (Some(8), Some(2)));
+    assert_eq!(
+        buy(&again.gateway, "ann"),
+        409,
+        "ann holds her unit already"
+    );
+    drop(again);
+    drop(streams);
+}
+
+/// Runs `keel up` in `dir`, which must refuse to start; what it wrote to stderr.
+fn refused(dir: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["up", "--seconds", "5"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_data_directory_is_not_switched_between_local_journals_and_jetstream() {
+    // A sale with local inventory journals, then a configuration naming JetStream: refused
+    // before anything starts (no server is needed to be refused).
+    let mut up = Up::start("");
+    let status = up.stop();
+    assert!(status.success(), "{status:?}");
+    let dir = up.dir.path().to_owned();
+    let text = std::fs::read_to_string(dir.join("keel.toml")).unwrap();
+    let with_journal = text.replace(
+        "[inventory]\nlisten = \"127.0.0.1:0\"\n",
+        "[inventory]\nlisten = \"127.0.0.1:0\"\njournal = \"nats://127.0.0.1:4222\"\n",
+    );
+    assert_ne!(text, with_journal);
+    std::fs::write(dir.join("keel.toml"), &with_journal).unwrap();
+    let err = refused(&dir);
+    assert!(
+        err.contains("local files") && err.contains("would start empty"),
+        "{err}"
+    );
+    assert!(!dir.join("data/journal-id").exists());
+
+    // A bad address is named with the field.
+    std::fs::write(
+        dir.join("keel.toml"),
+        text.replace(
+            "[inventory]\nlisten = \"127.0.0.1:0\"\n",
+            "[inventory]\nlisten = \"127.0.0.1:0\"\njournal = \"nats://h1:4222?replicas=2\"\n",
+        ),
+    )
+    .unwrap();
+    let err = refused(&dir);
+    assert!(
+        err.contains("inventory.journal") && err.contains("replicas must be 1, 3 or 5"),
+        "{err}"
+    );
+}
