@@ -13,12 +13,19 @@
 # RSS slope (KiB per minute, least squares) and the fd growth are computed per process. The last
 # line is one JSON object; "flat" is true when no process's RSS grew by more than 1 MiB over the
 # measured window and none gained more than 4 fds. With SOAK_SAMPLES=FILE, every sample is also
-# written to FILE as CSV (seconds, process, RSS in KiB, fds).
+# written to FILE as CSV (seconds, process, RSS in KiB, fds, anonymous huge pages in KiB).
+#
+# Transparent huge pages are off for the measured processes unless SOAK_THP=1: Keel's allocator
+# (mimalloc) asks the kernel for huge pages on its segments, so with them a process's RSS moves
+# in steps of 2 MiB (a huge page faulted in, or split and partly returned), which is more than the
+# 1 MiB the verdict allows. With SOAK_THP=0 (MIMALLOC_ALLOW_THP=0, inherited by every part) RSS
+# moves in 4 KiB pages and a slope is growth, not a page boundary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/keel-config.sh
 
 SECONDS_TOTAL="${1:-1800}"
+SOAK_THP="${SOAK_THP:-0}"
 TOKEN="soak-$RANDOM-$RANDOM"
 
 cargo build --release -q -p keel
@@ -33,15 +40,16 @@ cleanup() {
 trap cleanup EXIT
 
 keel_config "$WORK/keel.toml" "$TOKEN" 86400000
-(cd "$WORK" && exec "$BIN/keel" up --seconds $((SECONDS_TOTAL + 120))) > "$WORK/up.log" 2>&1 &
+(cd "$WORK" && MIMALLOC_ALLOW_THP="$SOAK_THP" exec "$BIN/keel" up --seconds $((SECONDS_TOTAL + 120))) > "$WORK/up.log" 2>&1 &
 KEEL_UP_PID=$!
 for _ in $(seq 1 600); do grep -q "Keel is up" "$WORK/up.log" && break; sleep 0.1; done
 grep -q "Keel is up" "$WORK/up.log" || { cat "$WORK/up.log" >&2; exit 1; }
 
-python3 - "$WORK" "$KEEL_UP_PID" "$SECONDS_TOTAL" "$TOKEN" <<'PY'
+python3 - "$WORK" "$KEEL_UP_PID" "$SECONDS_TOTAL" "$TOKEN" "$SOAK_THP" <<'PY'
 import http.client, json, os, re, sys, threading, time
 
 work, up_pid, total, token = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+thp = sys.argv[5] != "0"
 log = open(os.path.join(work, "up.log")).read()
 gateway = re.search(r"Keel is up: http://([^/ ]+)/", log).group(1)
 registry = re.search(r"registry\s+(\S+:\d+)", log).group(1)
@@ -147,7 +155,9 @@ def sample(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
             rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-        return rss, len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            huge = int(re.search(r"AnonHugePages:\s+(\d+)", f.read()).group(1))
+        return rss, len(os.listdir(f"/proc/{pid}/fd")), huge
     except (OSError, AttributeError):
         return None
 
@@ -158,7 +168,7 @@ while True:
     for name, pid in pids.items():
         s = sample(pid)
         if s:
-            samples[name].append((now, s[0], s[1]))
+            samples[name].append((now, s[0], s[1], s[2]))
     with lock:
         snapshot = dict(counts)
     print(f"{int(now)} s: {snapshot}", file=sys.stderr, flush=True)
@@ -183,7 +193,7 @@ for name, points in samples.items():
         report[name] = {"error": "no samples (the process was gone)"}
         flat = False
         continue
-    per_min = slope([(t / 60.0, rss) for t, rss, _ in measured])
+    per_min = slope([(t / 60.0, rss) for t, rss, _, _ in measured])
     grown = per_min * (measured[-1][0] - measured[0][0]) / 60.0
     fd_growth = measured[-1][2] - measured[0][2]
     report[name] = {
@@ -191,19 +201,20 @@ for name, points in samples.items():
         "rss_max_kib": max(p[1] for p in points),
         "rss_slope_kib_per_min": round(per_min, 2),
         "fds_start": measured[0][2], "fds_end": measured[-1][2], "fd_growth": fd_growth,
-        "samples": len(points),
+        "anon_huge_end_kib": measured[-1][3], "samples": len(points),
     }
     if grown > 1024 or fd_growth > 4:
         flat = False
 series = os.environ.get("SOAK_SAMPLES")
 if series:
     with open(series, "w") as f:
-        f.write("seconds,process,rss_kib,fds\n")
+        f.write("seconds,process,rss_kib,fds,anon_huge_kib\n")
         for name, points in samples.items():
-            for t, rss, fds in points:
-                f.write(f"{t:.0f},{name},{rss},{fds}\n")
+            for t, rss, fds, huge in points:
+                f.write(f"{t:.0f},{name},{rss},{fds},{huge}\n")
 with lock:
     final = dict(counts)
 print(json.dumps({"duration_s": total, "warm_up_s": round(warm_up), "sample_every_s": 10,
+                  "transparent_huge_pages": thp,
                   "load": final, "processes": report, "flat": flat}))
 PY
