@@ -264,6 +264,9 @@ pub struct Api {
     pub holders: Mutex<std::collections::HashMap<(String, String), Holders>>,
     /// Buys by outcome and reservation latency, for `/metrics` and `/status`.
     pub metrics: crate::metrics::SaleMetrics,
+    /// How long a buy whose answer was lost (the shard unreachable, its owner dead or being
+    /// replaced) is sent again, with the same request id, before the buyer is told to retry.
+    pub in_doubt_for: Duration,
 }
 
 /// The requests that hold (or held) a unit of an item in a shard.
@@ -274,6 +277,10 @@ pub struct Holders {
     complete: bool,
     requests: std::collections::HashSet<(String, String)>,
 }
+
+/// How long an in-doubt buy is sent again by default: a standby's election (3 s lease) and
+/// replay, with room to spare.
+pub const DEFAULT_IN_DOUBT_FOR: Duration = Duration::from_secs(10);
 
 /// Shards with more reservations of an item than this are not listed; their sold-out
 /// requests go on to the inventory.
@@ -303,6 +310,7 @@ impl Api {
             rebalancing: Mutex::new(std::collections::HashMap::new()),
             holders: Mutex::new(std::collections::HashMap::new()),
             metrics: crate::metrics::SaleMetrics::default(),
+            in_doubt_for: DEFAULT_IN_DOUBT_FOR,
         }
     }
 
@@ -1144,14 +1152,40 @@ impl Api {
         )
     }
 
-    /// One `Reserve` call, timed for the metrics.
+    /// One `Reserve` decision, timed for the metrics. A call whose answer was lost
+    /// (`unavailable` or `deadline_exceeded`: the shard's owner may have decided and died, or
+    /// is being replaced) is sent again with the same request id for up to `in_doubt_for`;
+    /// the inventory is idempotent on it, so the buyer gets the decision that was made, from
+    /// whichever owner serves the shard by then.
     async fn reserve(
         &self,
         shard: &Shard,
         request: &proto::ReserveRequest,
     ) -> Result<proto::ReserveReply, keel_rpc::Status> {
         let started = std::time::Instant::now();
-        let answer = shard.inventory.reserve(request).await;
+        let give_up = started + self.in_doubt_for;
+        let backoff = keel_rpc::client::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            ..keel_rpc::client::Backoff::default()
+        };
+        let mut attempt = 0u32;
+        let answer = loop {
+            let answer = shard.inventory.reserve(request).await;
+            let in_doubt = matches!(
+                &answer,
+                Err(e) if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
+            );
+            let wait = backoff.delay(attempt);
+            if !in_doubt || std::time::Instant::now() + wait >= give_up {
+                break answer;
+            }
+            attempt += 1;
+            self.metrics
+                .in_doubt_retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+        };
         self.metrics.reservations.record(started.elapsed());
         answer
     }

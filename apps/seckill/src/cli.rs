@@ -49,6 +49,10 @@ pub enum Role {
         /// How long the catalog cache keeps a stock figure (each tier).
         #[arg(long, default_value_t = 1000)]
         cache_ttl_ms: u64,
+        /// How long a buy whose answer was lost (its shard's owner died or is being replaced)
+        /// is sent again with the same request id before the buyer gets 503.
+        #[arg(long, default_value_t = 10_000)]
+        in_doubt_ms: u64,
     },
     /// Run an orders instance until Ctrl-C.
     Orders {
@@ -91,9 +95,14 @@ pub enum Role {
         /// The shard's name (it prefixes the ids of its orders).
         #[arg(long, default_value = "inv-0", value_parser = parse_shard)]
         shard: String,
-        /// Keel's registry (HOST:PORT), to register in.
+        /// Keel's registry (HOST:PORT), to register in. With `--journal` too, the shard's
+        /// processes elect its owner there: one serves, the others stand by.
         #[arg(long)]
         registry: Option<String>,
+        /// The election lease's TTL (with `--journal` and `--registry`): how long a dead
+        /// owner keeps its shard before a standby takes over.
+        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
+        lease_ttl_ms: u64,
     },
 }
 
@@ -194,6 +203,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
             buckets,
             cache_redis,
             cache_ttl_ms,
+            in_doubt_ms,
         } => {
             let admin_token =
                 secret(admin_token_file.as_deref(), ADMIN_TOKEN_ENV)?.with_context(|| {
@@ -250,6 +260,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 let mut api =
                     crate::api::Api::new(catalog, shards, admin_token, buckets, stock_cache);
                 api.registry = peers.registry().cloned();
+                api.in_doubt_for = std::time::Duration::from_millis(in_doubt_ms);
                 let api = Arc::new(api);
                 // Transfers between shards left unfinished (a crash, a shard away): finished
                 // now and retried every second.
@@ -348,6 +359,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
             stream,
             shard,
             registry,
+            lease_ttl_ms,
         } => {
             let stream = stream.unwrap_or_else(|| format!("keel-inventory-{shard}"));
             let target = keel_store::LogTarget::choose(journal.as_deref(), &data_dir, &stream)
@@ -356,27 +368,57 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let place = target.describe();
-                let inventory = Inventory::open_at(target)
-                    .await
-                    .with_context(|| format!("opening the inventory in {place}"))?;
+                let peers = Peers::new(registry.as_deref());
+                let elected = matches!(target, keel_store::LogTarget::Stream(_))
+                    && peers.registry().is_some();
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
                 let local = listener.local_addr()?;
-                let peers = Peers::new(registry.as_deref());
-                let registration = peers
-                    .register(&peers::inventory_service(&shard), local)
-                    .await?;
+                let (service, registration) = if elected {
+                    (InventoryService::standby(), None)
+                } else {
+                    let place = target.describe();
+                    let inventory = Inventory::open_at(target.clone())
+                        .await
+                        .with_context(|| format!("opening the inventory in {place}"))?;
+                    let registration = peers
+                        .register(&peers::inventory_service(&shard), local)
+                        .await?;
+                    (InventoryService::new(Arc::new(inventory)), registration)
+                };
+                let stop = tokio_util::sync::CancellationToken::new();
+                let ownership = match (elected, peers.registry()) {
+                    (true, Some(backend)) => {
+                        let (role, _) = tokio::sync::watch::channel(crate::owner::Role::Standby);
+                        Some(tokio::spawn(crate::owner::run(
+                            backend.clone(),
+                            crate::owner::Ownership {
+                                shard: shard.clone(),
+                                target,
+                                lease_ttl: std::time::Duration::from_millis(lease_ttl_ms),
+                                address: local,
+                            },
+                            service.clone(),
+                            role,
+                            stop.clone(),
+                        )))
+                    }
+                    _ => None,
+                };
                 let _ = writeln!(std::io::stdout(), "inventory on {local}");
                 let server = keel_rpc::Server::builder()
-                    .add_service(proto::InventoryServer::new(InventoryService::new(
-                        Arc::new(inventory),
-                    )))
+                    .add_service(proto::InventoryServer::new(service))
                     .build();
                 server
                     .serve(listener, async {
                         stop_requested().await;
+                        // Step down first: deregistered and resigned, so a standby takes over
+                        // at once rather than after the lease.
+                        stop.cancel();
+                        if let Some(ownership) = ownership {
+                            let _ = ownership.await;
+                        }
                     })
                     .await?;
                 deregister(registration.into_iter().collect()).await;

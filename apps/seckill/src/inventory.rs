@@ -117,6 +117,11 @@ enum Op {
         transfer_id: String,
         added: Vec<(u32, u64)>,
     },
+    /// A new owner took the journal over (after replaying it); written by [`Inventory::claim`].
+    Owner {
+        owner: String,
+        token: u64,
+    },
 }
 
 /// A reservation and what became of it.
@@ -187,6 +192,10 @@ pub struct Inventory {
     reservations: Mutex<std::collections::BTreeMap<u64, Held>>,
     next_reservation: AtomicU64,
     failed: AtomicBool,
+    /// Woken when `failed` is set.
+    failure: tokio::sync::Notify,
+    /// The last owner that claimed the journal: (owner, fencing token).
+    owner: Mutex<Option<(String, u64)>>,
 }
 
 impl Inventory {
@@ -219,6 +228,8 @@ impl Inventory {
             reservations: Mutex::new(std::collections::BTreeMap::new()),
             next_reservation: AtomicU64::new(1),
             failed: AtomicBool::new(false),
+            failure: tokio::sync::Notify::new(),
+            owner: Mutex::new(None),
         };
         for record in &recovered.records {
             let op: Op =
@@ -340,6 +351,9 @@ impl Inventory {
                 cell.sold_out
                     .store(item.buckets.iter().all(|b| *b == 0), Ordering::Relaxed);
             }
+            Op::Owner { owner, token } => {
+                *self.owner.lock() = Some((owner, token));
+            }
         }
         Ok(())
     }
@@ -362,10 +376,55 @@ impl Inventory {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.failed.store(true, Ordering::Release);
+                self.failure.notify_waiters();
                 tracing::error!(error = %e, "inventory journal write failed; no more reservations");
                 Err(e.into())
             }
         }
+    }
+
+    /// Whether a journal failure (an I/O error, or on a stream another writer's append) has
+    /// stopped the instance.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a journal failure has stopped the instance.
+    pub async fn failed(&self) {
+        loop {
+            let woken = self.failure.notified();
+            if self.has_failed() {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// The last owner that claimed the journal, with its fencing token.
+    pub fn owner(&self) -> Option<(String, u64)> {
+        self.owner.lock().clone()
+    }
+
+    /// Takes the journal over for `owner`, elected with fencing token `token`: appends an
+    /// owner record right after what was replayed, answered once durable. On a stream the
+    /// append carries the expected last sequence, so it fails with
+    /// [`StoreError::Fenced`] if the previous owner appended after the replay (reopen and
+    /// claim again); once it succeeds, no earlier writer can append any more.
+    pub async fn claim(&self, owner: &str, token: u64) -> Result<(), InventoryError> {
+        self.check_running()?;
+        let op = Op::Owner {
+            owner: owner.to_owned(),
+            token,
+        };
+        let appended = self.journal.append(encode(&op))?;
+        self.durable(appended).await?;
+        *self.owner.lock() = Some((owner.to_owned(), token));
+        Ok(())
+    }
+
+    /// Closes the journal (after the appends made so far are durable).
+    pub async fn close(&self) -> Result<(), InventoryError> {
+        Ok(self.journal.close().await?)
     }
 
     /// Creates an item with this instance's buckets (units per bucket). Creating it again

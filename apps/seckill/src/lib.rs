@@ -12,6 +12,8 @@
 //!   run by `keel-seckill api`;
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
 //!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`;
+//! - [`owner`]: shard ownership, one owner per inventory shard chosen by an election, with
+//!   standbys;
 //! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry);
 //! - [`web`]: the storefront and admin pages the gateway serves;
 //! - [`metrics`]: the sale's business in Prometheus text, at the API's `/metrics`.
@@ -24,6 +26,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod orders;
 pub mod orders_service;
+pub mod owner;
 pub mod peers;
 pub mod service;
 pub mod web;

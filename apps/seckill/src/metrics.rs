@@ -32,6 +32,9 @@ pub struct SaleMetrics {
     pub reservations: Histogram,
     /// Scrapes that could not ask every shard for its orders in time.
     pub scrape_errors: AtomicU64,
+    /// `Reserve` calls sent again after an answer was lost (the shard's owner died or was
+    /// being replaced): the same request id, so the inventory answers with its first decision.
+    pub in_doubt_retries: AtomicU64,
 }
 
 impl Default for SaleMetrics {
@@ -41,6 +44,7 @@ impl Default for SaleMetrics {
             buys: Default::default(),
             reservations: Histogram::default(),
             scrape_errors: AtomicU64::new(0),
+            in_doubt_retries: AtomicU64::new(0),
         }
     }
 }
@@ -97,6 +101,11 @@ impl SaleMetrics {
             out,
             "# HELP keel_sale_scrape_errors_total Scrapes that missed some shard's order counts.\n# TYPE keel_sale_scrape_errors_total counter\nkeel_sale_scrape_errors_total {}",
             self.scrape_errors.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keel_sale_in_doubt_retries_total Reserve calls resent with the same request id after a lost answer.\n# TYPE keel_sale_in_doubt_retries_total counter\nkeel_sale_in_doubt_retries_total {}",
+            self.in_doubt_retries.load(Relaxed)
         );
         let _ = writeln!(
             out,

@@ -7,16 +7,44 @@ use keel_rpc::{Context, Status};
 use crate::inventory::{Inventory, InventoryError, Refusal};
 use crate::proto;
 
-/// Serves an [`Inventory`] over Keel RPC.
+/// Serves an [`Inventory`] over Keel RPC, or — in a standby that does not own its shard —
+/// answers every call `unavailable`. Clones share the inventory they serve, so an ownership
+/// loop can install and remove it while the server runs.
 #[derive(Debug, Clone)]
 pub struct InventoryService {
-    inventory: Arc<Inventory>,
+    inventory: Arc<arc_swap::ArcSwapOption<Inventory>>,
 }
 
 impl InventoryService {
     /// Serves `inventory`.
     pub fn new(inventory: Arc<Inventory>) -> InventoryService {
-        InventoryService { inventory }
+        InventoryService {
+            inventory: Arc::new(arc_swap::ArcSwapOption::new(Some(inventory))),
+        }
+    }
+
+    /// Serves nothing until [`InventoryService::install`] is called: a standby.
+    pub fn standby() -> InventoryService {
+        InventoryService {
+            inventory: Arc::new(arc_swap::ArcSwapOption::empty()),
+        }
+    }
+
+    /// Starts serving `inventory`, or with `None` stops (a standby again). Calls under way
+    /// finish on the inventory they started with.
+    pub fn install(&self, inventory: Option<Arc<Inventory>>) {
+        self.inventory.store(inventory);
+    }
+
+    /// The inventory served now.
+    pub fn current(&self) -> Option<Arc<Inventory>> {
+        self.inventory.load_full()
+    }
+
+    fn serving(&self) -> Result<Arc<Inventory>, Status> {
+        self.current().ok_or_else(|| {
+            Status::unavailable("this inventory instance is a standby: it does not own its shard")
+        })
     }
 }
 
@@ -68,7 +96,7 @@ impl proto::Inventory for InventoryService {
         if request.per_user_limit == 0 {
             return Err(Status::invalid_argument("per_user_limit must be positive"));
         }
-        self.inventory
+        self.serving()?
             .create_item(&request.item_id, request.buckets, request.per_user_limit)
             .await
             .map_err(status)?;
@@ -84,7 +112,7 @@ impl proto::Inventory for InventoryService {
         need("user_id", &request.user_id)?;
         need("request_id", &request.request_id)?;
         let answer = self
-            .inventory
+            .serving()?
             .reserve(&request.item_id, &request.user_id, &request.request_id)
             .await
             .map_err(status)?;
@@ -106,7 +134,7 @@ impl proto::Inventory for InventoryService {
         request: proto::ReleaseRequest,
     ) -> Result<proto::ReleaseReply, Status> {
         let released = self
-            .inventory
+            .serving()?
             .release(request.reservation_id, &request.user_id)
             .await
             .map_err(status)?;
@@ -119,7 +147,7 @@ impl proto::Inventory for InventoryService {
         request: proto::CommitRequest,
     ) -> Result<proto::CommitReply, Status> {
         let committed = self
-            .inventory
+            .serving()?
             .commit(request.reservation_id)
             .await
             .map_err(status)?;
@@ -131,7 +159,7 @@ impl proto::Inventory for InventoryService {
         _ctx: Context,
         request: proto::StockRequest,
     ) -> Result<proto::StockReply, Status> {
-        Ok(match self.inventory.stock(&request.item_id) {
+        Ok(match self.serving()?.stock(&request.item_id) {
             None => proto::StockReply::default(),
             Some(s) => proto::StockReply {
                 found: true,
@@ -155,7 +183,7 @@ impl proto::Inventory for InventoryService {
             n => n.min(1000) as usize,
         };
         let list = self
-            .inventory
+            .serving()?
             .reservations_after(request.after, limit)
             .await
             .map_err(status)?;
@@ -172,7 +200,7 @@ impl proto::Inventory for InventoryService {
         need("item_id", &request.item_id)?;
         need("transfer_id", &request.transfer_id)?;
         let taken = self
-            .inventory
+            .serving()?
             .transfer_out(&request.item_id, &request.transfer_id, request.units)
             .await
             .map_err(status)?;
@@ -190,7 +218,7 @@ impl proto::Inventory for InventoryService {
         need("item_id", &request.item_id)?;
         need("transfer_id", &request.transfer_id)?;
         let found = self
-            .inventory
+            .serving()?
             .transfer_in(&request.item_id, &request.transfer_id, request.units)
             .await
             .map_err(status)?;
@@ -206,7 +234,7 @@ impl proto::Inventory for InventoryService {
             0 => 100_000,
             n => n.min(1_000_000) as usize,
         };
-        Ok(match self.inventory.holders(&request.item_id, limit) {
+        Ok(match self.serving()?.holders(&request.item_id, limit) {
             Some(list) => proto::HoldersReply {
                 holders: list
                     .into_iter()
@@ -228,7 +256,7 @@ impl proto::Inventory for InventoryService {
     ) -> Result<proto::GetReservationReply, Status> {
         Ok(proto::GetReservationReply {
             reservation: self
-                .inventory
+                .serving()?
                 .reservation(request.reservation_id)
                 .map(to_proto),
         })

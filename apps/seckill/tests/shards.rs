@@ -10,26 +10,8 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{Procs, call, start};
-use keel_registry::{Registry, RegistryConfig};
-use keel_rpc::Server;
+use common::{Procs, call, registry, start};
 use serde_json::{Value, json};
-
-/// Starts a registry on a free port in this process; returns its address.
-fn registry(rt: &tokio::runtime::Runtime) -> String {
-    rt.block_on(async {
-        let registry = Registry::open(RegistryConfig::default()).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            Server::builder()
-                .add_service(registry.service())
-                .build()
-                .serve(listener, std::future::pending::<()>()),
-        );
-        addr.to_string()
-    })
-}
 
 fn inventory(dir: &std::path::Path, shard: &str, registry: &str) -> std::process::Child {
     common::start_inventory_with(
@@ -310,23 +292,7 @@ fn two_shards_found_through_the_registry_never_oversell_and_balance() {
 
     // The audit balances once every reservation has its order.
     for (id, initial) in [(&item, stock), (&lamp, 10), (&mug, 20)] {
-        let audit = loop {
-            let (status, audit) = call(
-                &api,
-                "GET",
-                &format!("/api/admin/items/{id}/audit"),
-                true,
-                None,
-            );
-            if status == 200 && audit["queue_backlog"] == 0 {
-                break audit;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the backlog never drained: {audit}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let audit = common::drained_audit(&api, id, deadline);
         let by = &audit["orders_by_status"];
         let n = |s: &str| by[s].as_u64().unwrap_or(0);
         assert_eq!(audit["initial_stock"], initial as u64);

@@ -23,6 +23,9 @@ pub mod etcd;
 pub mod fuzzing;
 pub mod server;
 mod state;
+#[cfg(feature = "etcd")]
+#[doc(hidden)]
+pub mod testing;
 
 /// Generated from `proto/registry.proto`.
 #[allow(missing_docs, clippy::all)]

@@ -2,15 +2,13 @@
 //! against a real etcd started on loopback in a temporary directory. Without an `etcd` binary
 //! the etcd half is skipped with a message, or fails when `KEEL_REQUIRE_SERVICES=1`.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use keel_governance::Discover;
 use keel_registry::proto::{EventKind, Instance};
 use keel_registry::{
-    EtcdBackend, NamingBackend, Registration, Registry, RegistryConfig, RegistryDiscover,
-    RegistryHandle,
+    NamingBackend, Registration, Registry, RegistryConfig, RegistryDiscover, RegistryHandle,
 };
 use keel_rpc::{Channel, ChannelConfig, Code, Server};
 use tokio::net::TcpListener;
@@ -44,85 +42,6 @@ async fn keel() -> KeelFixture {
         handle: RegistryHandle::new(channel),
         _stop: stop,
     }
-}
-
-/// An etcd process we started, killed when dropped.
-struct EtcdFixture {
-    backend: EtcdBackend,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for EtcdFixture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn etcd() -> Option<EtcdFixture> {
-    let available = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !available {
-        if std::env::var("KEEL_REQUIRE_SERVICES").as_deref() == Ok("1") {
-            panic!("etcd is required (KEEL_REQUIRE_SERVICES=1) but no `etcd` binary was found");
-        }
-        eprintln!(
-            "skipping the etcd half of the parity suite: no `etcd` binary (apt-get install etcd-server)"
-        );
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let child = Command::new("etcd")
-        .args(["--name", "keel-test", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{client}"),
-            "--advertise-client-urls",
-            &format!("http://127.0.0.1:{client}"),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-cluster",
-            &format!("keel-test=http://127.0.0.1:{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd");
-    let mut fixture = EtcdFixture {
-        backend: EtcdBackend::connect(&[format!("http://127.0.0.1:{client}")], "/keel-test")
-            .await
-            .unwrap_or_else(|e| panic!("etcd client: {e}")),
-        child,
-        _dir: dir,
-    };
-    // Ready when it answers a read.
-    for _ in 0..200 {
-        if fixture.backend.list(NS, "probe").await.is_ok() {
-            return Some(fixture);
-        }
-        if let Ok(Some(status)) = fixture.child.try_wait() {
-            panic!("etcd exited at start: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("etcd did not become ready on port {client}");
 }
 
 fn instance(service: &str, id: &str, port: u16, lease: u64) -> Instance {
@@ -368,11 +287,12 @@ macro_rules! parity {
             )*
         }
         mod etcd_backend {
-            use super::*;
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let Some(fixture) = etcd().await else { return };
+                    let Some(fixture) = keel_registry::testing::etcd("the etcd half of the parity suite").await else {
+                        return;
+                    };
                     super::$name(&fixture.backend).await;
                 }
             )*

@@ -165,6 +165,22 @@ pub struct InventorySection {
     /// The JetStream servers holding the shards' journals; none: local files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
+    /// Standby processes per shard (0 to 4; needs `journal`). A shard's processes elect its
+    /// owner in the registry; when the owner dies, a standby takes over once its lease
+    /// (`lease_ttl_ms`) runs out, instead of the shard waiting for a restart.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub standbys: u32,
+    /// The shard owners' election lease, in milliseconds (300 to 600000; with `journal`).
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn default_lease_ttl_ms() -> u64 {
+    3000
 }
 
 /// A process's address.
@@ -210,6 +226,8 @@ impl UpConfig {
                 listen: "127.0.0.1:7400".into(),
             },
             inventory: InventorySection {
+                standbys: 0,
+                lease_ttl_ms: default_lease_ttl_ms(),
                 listen: "127.0.0.1:7200".into(),
                 journal: None,
             },
@@ -740,6 +758,22 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         .with_context(|| format!("another `keel up` runs on {}", data.display()))?;
     check_topology(data, config.scale)?;
     let streams = check_journal(data, config.inventory.journal.as_deref())?;
+    let section = &config.inventory;
+    if section.standbys > 4 {
+        bail!("inventory.standbys = {}: use 0 to 4", section.standbys);
+    }
+    if section.standbys > 0 && streams.is_none() {
+        bail!(
+            "inventory.standbys = {} needs inventory.journal: a standby takes a shard over from its stream (local journals are one process's own)",
+            section.standbys
+        );
+    }
+    if !(300..=600_000).contains(&section.lease_ttl_ms) {
+        bail!(
+            "inventory.lease_ttl_ms = {}: use 300 to 600000",
+            section.lease_ttl_ms
+        );
+    }
     let dir = |name: &str| data.join(name).to_string_lossy().into_owned();
     let mut parts: Vec<(Part, Child)> = Vec::new();
 
@@ -782,8 +816,18 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
                 address.clone(),
                 "--stream".into(),
                 format!("{prefix}-{shard}"),
+                "--lease-ttl-ms".into(),
+                config.inventory.lease_ttl_ms.to_string(),
             ]);
         }
+        // The standbys: the same shard and stream, on any free port.
+        let mut standby_args = args.clone();
+        let host = config
+            .inventory
+            .listen
+            .rsplit_once(':')
+            .map_or("127.0.0.1", |(host, _)| host);
+        set_arg(&mut standby_args, "--addr", &format!("{host}:0"));
         launch(
             Part {
                 name: format!("inventory-{i}"),
@@ -793,6 +837,23 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
             &mut parts,
         )
         .await?;
+        for k in 1..=config.inventory.standbys {
+            let mut args = standby_args.clone();
+            set_arg(
+                &mut args,
+                "--data-dir",
+                &dir(&format!("inventory-{i}-standby-{k}")),
+            );
+            launch(
+                Part {
+                    name: format!("inventory-{i}-standby-{k}"),
+                    args,
+                    env: Vec::new(),
+                },
+                &mut parts,
+            )
+            .await?;
+        }
     }
 
     for j in 0..config.scale.orders {

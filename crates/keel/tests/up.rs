@@ -211,20 +211,21 @@ fn the_parts_stop_by_themselves_when_keel_up_is_killed() {
 #[test]
 fn a_ctrl_c_while_the_parts_start_stops_them_in_order() {
     let dir = common::configured("", "");
-    let (mut child, lines) = common::spawn_up(dir.path());
+    let (child, lines) = common::spawn_up(dir.path());
+    let mut child = common::Interrupted(child);
     // The first part is up, the others are still to come.
     let first = wait_for(&lines, "started registry");
     let registry = common::pid_of(&first);
     assert!(
         Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args(["-INT", &child.0.id().to_string()])
             .status()
             .unwrap()
             .success()
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(std::time::Instant::now() < deadline, "keel up did not stop");

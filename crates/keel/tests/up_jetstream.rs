@@ -10,7 +10,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Up, bench, call, wait_for};
+use common::{Up, bench, bench_with, call, wait_for};
 use keel_store::testing::{DeleteStreams, nats_up, nats_url};
 
 fn buy(gw: &str, user: &str) -> u16 {
@@ -32,13 +32,7 @@ fn a_sale_with_its_inventory_in_jetstream_survives_a_killed_shard_and_a_restart(
     let limits = "buy_per_ip_per_second = 0\nbuy_per_user_per_second = 0\n";
     let mut up = Up::start_with(limits, &journal);
     let data = up.dir.path().join("data");
-    let prefix = std::fs::read_to_string(data.join("journal-id"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
-    let streams = DeleteStreams::new(vec![format!("{prefix}-inv-0"), format!("{prefix}-inv-1")]);
+    let streams = shard_streams(&up);
     let gw = up.gateway.clone();
     let (status, created) = call(
         &gw,
@@ -108,6 +102,56 @@ fn a_sale_with_its_inventory_in_jetstream_survives_a_killed_shard_and_a_restart(
     drop(streams);
 }
 
+#[test]
+fn a_standby_takes_over_a_shard_whose_owner_is_killed_mid_sale() {
+    if !nats_up("a_standby_takes_over_a_shard_whose_owner_is_killed_mid_sale") {
+        return;
+    }
+    let inventory = format!(
+        "journal = \"{}\"\nstandbys = 1\nlease_ttl_ms = 1000\n",
+        nats_url()
+    );
+    let limits = "buy_per_ip_per_second = 0\nbuy_per_user_per_second = 0\n";
+    let up = Up::start_with(limits, &inventory);
+    let _streams = shard_streams(&up);
+    for part in ["inventory-0-standby-1", "inventory-1-standby-1"] {
+        assert!(up.started.contains_key(part), "{:?}", up.started.keys());
+    }
+    // An open-loop sale (2,000 buyers at 500/s for 1,000 units); 1.5 s in, the owner of
+    // shard inv-0 (its first process, elected first) is SIGKILLed.
+    let gw = up.gateway.clone();
+    let sale = std::thread::spawn(move || {
+        bench_with(
+            &gw,
+            &["--buyers", "2000", "--stock", "1000", "--rate", "500"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let owner = up.started["inventory-0"];
+    assert!(
+        Command::new("kill")
+            .args(["-9", &owner.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let summary = sale.join().unwrap();
+    // The buys in doubt were answered by the standby: no error, nothing sold twice, every
+    // acknowledged buy has its order, and every unit is sold.
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64(),
+            summary["errors"].as_u64(),
+            summary["ok"].as_bool(),
+        ),
+        (Some(1000), Some(0), Some(0), Some(0), Some(true)),
+        "{summary}"
+    );
+    drop(up);
+}
+
 /// Runs `keel up` in `dir`, which must refuse to start; what it wrote to stderr.
 fn refused(dir: &std::path::Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -156,4 +200,12 @@ fn a_data_directory_is_not_switched_between_local_journals_and_jetstream() {
         err.contains("inventory.journal") && err.contains("replicas must be 1, 3 or 5"),
         "{err}"
     );
+}
+
+/// The two shard streams of `up` (named after its data directory's journal id), deleted when
+/// the guard drops.
+fn shard_streams(up: &Up) -> DeleteStreams {
+    let id = std::fs::read_to_string(up.dir.path().join("data").join("journal-id")).unwrap();
+    let prefix = id.lines().next().unwrap();
+    DeleteStreams::new(vec![format!("{prefix}-inv-0"), format!("{prefix}-inv-1")])
 }

@@ -31,7 +31,27 @@ pub fn start(args: &[&str], banner: &str) -> (Child, String) {
     (child, addr)
 }
 
-/// Starts an inventory instance on a free port with its journal in `dir`.
+/// Starts a Keel registry on a free port in this process (on `rt`); returns its address.
+pub fn registry(rt: &tokio::runtime::Runtime) -> String {
+    rt.block_on(serve_registry())
+}
+
+/// Starts a Keel registry on a free port on the current runtime; returns its address.
+pub async fn serve_registry() -> String {
+    let registry = keel_registry::Registry::open(keel_registry::RegistryConfig::default())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        keel_rpc::Server::builder()
+            .add_service(registry.service())
+            .build()
+            .serve(listener, std::future::pending::<()>()),
+    );
+    addr.to_string()
+}
+
 pub fn start_inventory(dir: &std::path::Path) -> (Child, String) {
     start_inventory_with(dir, &[])
 }
@@ -119,4 +139,26 @@ pub fn call(
         .and_then(|(_, b)| serde_json::from_str(b).ok())
         .unwrap_or(Value::Null);
     (status, json)
+}
+
+/// The item's audit once the queue to the orders service has drained (every reservation has
+/// its order); panics at `deadline`.
+pub fn drained_audit(api: &str, item: &str, deadline: std::time::Instant) -> Value {
+    loop {
+        let (status, audit) = call(
+            api,
+            "GET",
+            &format!("/api/admin/items/{item}/audit"),
+            true,
+            None,
+        );
+        if status == 200 && audit["queue_backlog"] == 0 {
+            return audit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backlog never drained: {audit}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -169,6 +169,19 @@ impl Drop for Up {
     }
 }
 
+/// A `keel up` process that is stopped with SIGINT when dropped, unless it has exited: also
+/// when a test fails before it stops it.
+pub struct Interrupted(pub Child);
+
+impl Drop for Interrupted {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(Some(_))) {
+            interrupt(self.0.id());
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn interrupt(pid: u32) {
     let _ = Command::new("kill")
         .args(["-INT", &pid.to_string()])
@@ -197,22 +210,17 @@ pub fn alive(pid: u32) -> bool {
 /// Runs `keel bench seckill` (50 units, 16 at a time) against the gateway; it must exit
 /// successfully; returns its summary.
 pub fn bench(gw: &str, buyers: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--buyers", buyers, "--stock", "50", "--concurrency", "16"];
+    args.extend_from_slice(extra);
+    bench_with(gw, &args)
+}
+
+/// `keel bench seckill` against the gateway `gw` with `args` (buyers, stock, load); its
+/// summary (the last line).
+pub fn bench_with(gw: &str, args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args([
-            "bench",
-            "seckill",
-            "--gateway",
-            gw,
-            "--token",
-            TOKEN,
-            "--buyers",
-            buyers,
-            "--stock",
-            "50",
-            "--concurrency",
-            "16",
-        ])
-        .args(extra)
+        .args(["bench", "seckill", "--gateway", gw, "--token", TOKEN])
+        .args(args)
         .stderr(Stdio::null())
         .output()
         .unwrap();

@@ -1,0 +1,244 @@
+//! Shard ownership: one owner per inventory shard at a time, chosen by an election in the
+//! naming backend (Keel's registry or etcd), with standbys ready to take over.
+//!
+//! Every inventory process of a shard runs [`run`]. It campaigns in the election
+//! `seckill-inventory-<shard>` under a lease of its own; the winner replays the shard's
+//! journal, claims it (an owner record appended right after the replay, fenced by the
+//! journal's expected last sequence on a stream) and only then registers as the shard's
+//! instance, which is how the API and the orders find it. The others wait in the election,
+//! answering calls `unavailable`.
+//!
+//! An owner steps down, and becomes a standby again, when
+//! - its lease is gone (`not_found` on a renewal), or it could not renew it for a whole TTL
+//!   (a partition: by then the naming backend may have elected another owner);
+//! - its journal failed — on a stream, an append refused because another writer appended
+//!   (it was replaced while it did not know it).
+//!
+//! The election keeps two owners from serving at once in the normal case; the journal's
+//! fencing keeps a deposed owner that has not noticed from recording anything after the new
+//! owner's claim, so it cannot sell: a reservation is acknowledged only once its record is in
+//! the journal. Whatever the old owner recorded before the claim, the new one has replayed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_registry::{NamingBackend, Registration, proto as reg};
+use keel_rpc::Code;
+use keel_rpc::client::Backoff;
+use keel_store::{LogTarget, StoreError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::peers;
+use crate::{Inventory, InventoryError, InventoryService};
+
+/// How many times a new owner replays and claims again when the previous owner's last
+/// appends keep landing after its replay.
+const CLAIM_ATTEMPTS: u32 = 10;
+
+/// What one inventory process of a shard needs to take part in its election.
+#[derive(Debug, Clone)]
+pub struct Ownership {
+    /// The shard.
+    pub shard: String,
+    /// The shard's journal (a stream shared by the owner and its standbys).
+    pub target: LogTarget,
+    /// The election lease's TTL: how long a dead owner keeps the shard before a standby is
+    /// elected.
+    pub lease_ttl: Duration,
+    /// Where this process serves (published as the election's value and registered).
+    pub address: SocketAddr,
+}
+
+/// What the process is doing, for status pages and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Waiting in the election (or for the naming backend).
+    Standby,
+    /// Owner of the shard, elected with this fencing token.
+    Owner {
+        /// The election's fencing token.
+        token: u64,
+    },
+}
+
+/// The election's name for `shard`.
+pub fn election(shard: &str) -> String {
+    peers::inventory_service(shard)
+}
+
+/// Takes part in the shard's election until `stop` is cancelled: serves the shard through
+/// `service` while it owns it, and is a standby otherwise. `role` follows what it does.
+pub async fn run<B: NamingBackend + Clone>(
+    backend: B,
+    ownership: Ownership,
+    service: InventoryService,
+    role: watch::Sender<Role>,
+    stop: CancellationToken,
+) {
+    let backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: ownership.lease_ttl.max(Duration::from_millis(200)),
+        ..Backoff::default()
+    };
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match own_once(&backend, &ownership, &service, &role, &stop).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                tracing::warn!(shard = %ownership.shard, error = %e, "shard ownership: trying again");
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = tokio::time::sleep(backoff.delay(failures)) => {}
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// One term: a lease, a campaign, and — if elected — serving until the term ends.
+async fn own_once<B: NamingBackend + Clone>(
+    backend: &B,
+    ownership: &Ownership,
+    service: &InventoryService,
+    role: &watch::Sender<Role>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let ttl = ownership.lease_ttl;
+    let lease = backend.grant_lease(ttl).await?;
+    let lost = CancellationToken::new();
+    let keeper = tokio::spawn(keep_lease(backend.clone(), lease, ttl, lost.clone()));
+    let _stop_keeper = AbortOnDrop(keeper);
+    let result = serve_term(backend, ownership, service, role, stop, lease, &lost).await;
+    // Whatever ended the term: serve nothing, and let the next candidate in at once.
+    service.install(None);
+    role.send_replace(Role::Standby);
+    let _ = tokio::time::timeout(ttl, backend.revoke_lease(lease)).await;
+    result
+}
+
+async fn serve_term<B: NamingBackend + Clone>(
+    backend: &B,
+    ownership: &Ownership,
+    service: &InventoryService,
+    role: &watch::Sender<Role>,
+    stop: &CancellationToken,
+    lease: u64,
+    lost: &CancellationToken,
+) -> anyhow::Result<()> {
+    let name = election(&ownership.shard);
+    let value = Bytes::from(ownership.address.to_string());
+    let holder = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        () = lost.cancelled() => anyhow::bail!("the election lease was lost while campaigning"),
+        elected = backend.campaign(peers::NAMESPACE, &name, lease, value, None) => elected?,
+    };
+    let token = holder.token;
+    tracing::info!(shard = %ownership.shard, token, "elected owner of the shard; replaying its journal");
+    let owner = format!("{}/{}", ownership.address, std::process::id());
+    let inventory = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        () = lost.cancelled() => anyhow::bail!("the election lease was lost during the replay"),
+        taken = take_over(&ownership.target, &owner, token) => Arc::new(taken?),
+    };
+    service.install(Some(inventory.clone()));
+    role.send_replace(Role::Owner { token });
+    let instance = reg::Instance {
+        namespace: peers::NAMESPACE.into(),
+        service: peers::inventory_service(&ownership.shard),
+        id: owner.clone(),
+        address: ownership.address.to_string(),
+        ..Default::default()
+    };
+    let registration = Registration::start(backend.clone(), instance, ownership.lease_ttl).await;
+    let ended = match &registration {
+        Err(e) => Err(anyhow::anyhow!("registering the shard's owner failed: {e}")),
+        Ok(_) => {
+            tracing::info!(shard = %ownership.shard, token, "serving the shard");
+            tokio::select! {
+                () = stop.cancelled() => Ok(()),
+                () = lost.cancelled() => Err(anyhow::anyhow!("stepped down: the election lease was lost")),
+                () = inventory.failed() => Err(anyhow::anyhow!(
+                    "stepped down: the journal refused an append (another owner took over)"
+                )),
+            }
+        }
+    };
+    service.install(None);
+    if let Ok(registration) = registration {
+        let _ = tokio::time::timeout(ownership.lease_ttl, registration.deregister()).await;
+    }
+    // Appends under way end (durable, fenced or timed out) before a successor is let in.
+    let _ = tokio::time::timeout(ownership.lease_ttl, inventory.close()).await;
+    let _ = tokio::time::timeout(
+        ownership.lease_ttl,
+        backend.resign(peers::NAMESPACE, &name, token),
+    )
+    .await;
+    ended
+}
+
+/// Replays the journal and claims it; replays again while the previous owner's last appends
+/// land between a replay and the claim.
+async fn take_over(target: &LogTarget, owner: &str, token: u64) -> anyhow::Result<Inventory> {
+    for _ in 0..CLAIM_ATTEMPTS {
+        let inventory = Inventory::open_at(target.clone()).await?;
+        match inventory.claim(owner, token).await {
+            Ok(()) => return Ok(inventory),
+            Err(InventoryError::Journal(StoreError::Fenced { .. })) => {
+                tracing::info!(owner, "the journal grew during the replay; replaying again");
+                let _ = inventory.close().await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!(
+        "the journal kept growing during {CLAIM_ATTEMPTS} replays: another writer is still appending"
+    )
+}
+
+/// Renews `lease` every third of `ttl` and cancels `lost` once it is gone: refused
+/// (`not_found`), or not renewed for a whole TTL, counted from the sending of the last renewal
+/// that was answered (the backend's expiry is no earlier than that).
+async fn keep_lease<B: NamingBackend>(
+    backend: B,
+    lease: u64,
+    ttl: Duration,
+    lost: CancellationToken,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(20));
+    let mut valid_until = Instant::now() + ttl;
+    loop {
+        tokio::time::sleep(every).await;
+        let sent = Instant::now();
+        let left = valid_until.saturating_duration_since(sent);
+        if left.is_zero() {
+            lost.cancel();
+            return;
+        }
+        match tokio::time::timeout(left.min(every), backend.keep_alive(lease)).await {
+            Ok(Ok(())) => valid_until = sent + ttl,
+            Ok(Err(e)) if e.code() == Code::NotFound => {
+                lost.cancel();
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(lease, error = %e, "renewing the election lease failed"),
+            Err(_) => tracing::warn!(lease, "renewing the election lease timed out"),
+        }
+        if Instant::now() >= valid_until {
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
