@@ -1427,6 +1427,7 @@ impl Api {
                 *by_status.entry(status).or_default() += n;
             }
             let position = audit.positions.get(&shard.name).copied().unwrap_or(0);
+            backlog += audit.backlog as usize;
             backlog += shard
                 .inventory
                 .reservations_after(&proto::ReservationsAfterRequest {

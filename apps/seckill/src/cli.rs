@@ -5,11 +5,19 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::orders_service::{Inventories, OrdersService};
+use crate::orders_pg::PgOrders;
+use crate::orders_service::{Inventories, OrderBook, OrdersService};
 use crate::peers::{self, Peers};
 use crate::{Inventory, InventoryService, Orders, proto};
 use anyhow::Context as _;
 use clap::Subcommand;
+
+/// The durable consumer through which orders instances follow a shard's journal stream.
+const ORDERS_CONSUMER: &str = "keel-orders";
+
+/// How long a reservation record handed to an orders instance waits for its acknowledgement
+/// before it is delivered again (to whichever instance asks next).
+const ORDERS_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A process of the sale.
 #[derive(Subcommand, Debug)]
@@ -75,6 +83,26 @@ pub enum Role {
         /// How often unpaid orders are checked for expiry.
         #[arg(long, default_value_t = 200)]
         sweep_ms: u64,
+        /// Keep the order book in PostgreSQL (`postgres://USER@HOST:PORT/DATABASE`) instead
+        /// of `--data-dir`; several orders instances may share it. Needs `--journal`: the
+        /// reservations then come from the shards' journal streams. Also read from
+        /// `KEEL_ORDERS_DATABASE`, which keeps a password off the command line.
+        #[arg(
+            long,
+            env = "KEEL_ORDERS_DATABASE",
+            hide_env_values = true,
+            requires = "journal"
+        )]
+        database: Option<String>,
+        /// With `--database`: the JetStream servers holding the shards' journals
+        /// (`nats://HOST:PORT[,HOST:PORT…]`); each shard's stream is read through the durable
+        /// consumer `keel-orders`, shared by every orders instance.
+        #[arg(long, requires = "database")]
+        journal: Option<String>,
+        /// With `--journal`: shard S's stream is `<PREFIX>-S` (the inventory's default
+        /// stream names have the prefix `keel-inventory`).
+        #[arg(long, default_value = "keel-inventory")]
+        stream_prefix: String,
     },
     /// Run an inventory instance until Ctrl-C.
     Inventory {
@@ -301,18 +329,49 @@ pub fn run(role: Role) -> anyhow::Result<()> {
             registry,
             payment_window_ms,
             sweep_ms,
+            database,
+            journal,
+            stream_prefix,
         } => {
-            let orders = Orders::open(
-                &data_dir,
-                keel_store::JournalOptions::default(),
-                payment_window_ms,
-            )
-            .with_context(|| format!("opening the orders in {}", data_dir.display()))?;
+            let local_book = match database {
+                Some(_) => None,
+                None => Some(
+                    Orders::open(
+                        &data_dir,
+                        keel_store::JournalOptions::default(),
+                        payment_window_ms,
+                    )
+                    .with_context(|| format!("opening the orders in {}", data_dir.display()))?,
+                ),
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let orders = Arc::new(orders);
+                let orders = Arc::new(match (local_book, database, journal) {
+                    (Some(orders), _, _) => OrderBook::Local(Arc::new(orders)),
+                    (None, Some(url), Some(journal)) => {
+                        let orders = PgOrders::connect(&url, payment_window_ms)
+                            .await
+                            .context("opening the order book in PostgreSQL")?;
+                        let mut feeds = std::collections::BTreeMap::new();
+                        for (name, _) in &inventories {
+                            let stream = format!("{stream_prefix}-{name}");
+                            let options = keel_store::StreamOptions::parse(&journal, &stream)
+                                .map_err(|e| anyhow::anyhow!("--journal: {e}"))?;
+                            let feed = keel_store::StreamFeed::open(
+                                &options,
+                                ORDERS_CONSUMER,
+                                ORDERS_ACK_WAIT,
+                            )
+                            .await
+                            .with_context(|| format!("following the journal stream {stream}"))?;
+                            feeds.insert(name.clone(), Arc::new(feed));
+                        }
+                        OrderBook::Postgres { orders, feeds }
+                    }
+                    _ => anyhow::bail!("--database needs --journal"),
+                });
                 let peers = Peers::new(registry.as_deref());
                 let mut clients = Inventories::new();
                 for (name, address) in &inventories {

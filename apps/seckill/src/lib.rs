@@ -10,6 +10,8 @@
 //!   `proto/inventory.proto`), run by the `keel-seckill inventory` process;
 //! - [`api`]: the sale's HTTP API (the contract served behind the gateway) and the catalog,
 //!   run by `keel-seckill api`;
+//! - [`orders_pg`]: the order book in PostgreSQL (the scale-out profile), shared by several
+//!   orders instances;
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
 //!   (taking in reservations, expiring unpaid orders), run by `keel-seckill orders`;
 //! - [`owner`]: shard ownership, one owner per inventory shard chosen by an election, with
@@ -25,10 +27,13 @@ pub mod cli;
 pub mod inventory;
 pub mod metrics;
 pub mod orders;
+pub mod orders_pg;
 pub mod orders_service;
 pub mod owner;
 pub mod peers;
 pub mod service;
+#[doc(hidden)]
+pub mod testing;
 pub mod web;
 
 /// Generated from `proto/inventory.proto`.

@@ -85,6 +85,18 @@ pub enum OrderError {
         /// What was wrong.
         reason: String,
     },
+    /// The order book's database failed or could not be reached (orders in PostgreSQL).
+    #[error("orders database: {0}")]
+    Database(String),
+    /// The inventory could not be asked to commit or release the order's unit.
+    #[error("the inventory could not commit the unit: {0}")]
+    Inventory(String),
+}
+
+impl From<sqlx::Error> for OrderError {
+    fn from(e: sqlx::Error) -> OrderError {
+        OrderError::Database(e.to_string())
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -543,6 +555,20 @@ impl Orders {
         }
         counts
     }
+}
+
+/// The inventory side of an order's unit: committing it when the order is paid, giving it
+/// back when the order expired. Both are idempotent in the inventory.
+pub trait Units: Send + Sync {
+    /// Commits the order's unit for good: true if committed (now or before), false if its
+    /// reservation was released; an error when the inventory could not be asked.
+    fn commit(
+        &self,
+        order: &Order,
+    ) -> impl std::future::Future<Output = Result<bool, String>> + Send;
+
+    /// Gives the expired order's unit back: true once it is back (now or before).
+    fn release(&self, order: &Order) -> impl std::future::Future<Output = bool> + Send;
 }
 
 /// Where reservations come from: an inventory instance, in process or over RPC.

@@ -16,6 +16,8 @@
 //! - [`stream`]: the same journal contract on a NATS JetStream stream (replicated on other
 //!   machines), with appends fenced by the stream's expected last sequence; [`Log`] is either
 //!   kind, chosen by a [`LogTarget`] (a directory or a `nats://` address).
+//! - [`feed`]: a stream journal read as a queue, through a durable JetStream consumer
+//!   (at-least-once, redelivered when a follower dies).
 //! - `record`: the byte layout, as pure functions.
 //!
 //! The on-disk format is specified in `docs/storage.md`.
@@ -23,6 +25,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod feed;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -36,6 +39,7 @@ pub mod stream;
 #[doc(hidden)]
 pub mod testing;
 
+pub use feed::{FeedRecord, StreamFeed};
 pub use journal::{
     Appended, Journal, JournalOptions, JournalStats, Record, Recovered, SyncPolicy, TornTail,
 };

@@ -177,7 +177,7 @@ impl std::fmt::Debug for StreamJournal {
     }
 }
 
-fn engine(stream: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn engine(stream: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine {
         stream: stream.to_owned(),
         reason: format!("{what}: {e}"),
@@ -189,68 +189,15 @@ impl StreamJournal {
     /// ever discarded or deleted), and replays it. The records come back in
     /// [`Recovered::records`]; the journal appends after the last of them.
     pub async fn open(options: StreamOptions) -> Result<(StreamJournal, Recovered), StoreError> {
-        check_stream_name(&options.stream).map_err(|e| engine(&options.stream, "open", e))?;
         let name = options.stream.clone();
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(options.ack_timeout))
-            .connect(options.servers.as_slice())
-            .await
-            .map_err(|e| engine(&name, "connecting to NATS", e))?;
-        // Wait for the first connection (bounded), so a wrong address is an error at start.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.connection_state() != async_nats::connection::State::Connected {
-            if Instant::now() > deadline {
-                return Err(engine(
-                    &name,
-                    "connecting to NATS",
-                    format!("no server of {:?} answered in 10 s", options.servers),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let js = jetstream::ContextBuilder::new()
-            .timeout(options.ack_timeout)
-            .max_ack_inflight(4096)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
+        let (client, js) = connect(&options).await?;
         let subject = options.subject();
-        let config = jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: options.replicas,
-            max_message_size: i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX),
-            duplicate_window: Duration::from_secs(120),
-            deny_delete: true,
-            deny_purge: true,
-            allow_direct: true,
-            ..Default::default()
-        };
-        let mut stream = retry_api(&options, || js.get_or_create_stream(config.clone()))
-            .await
-            .map_err(|e| engine(&name, "creating the stream", e))?;
+        let mut stream = open_stream(&js, &options).await?;
         let info = stream
             .info()
             .await
             .map_err(|e| engine(&name, "reading the stream's state", e))?
             .clone();
-        if !info.config.subjects.contains(&subject) {
-            return Err(engine(
-                &name,
-                "open",
-                format!(
-                    "the stream exists with subjects {:?}, not {subject:?}: it is not a Keel journal",
-                    info.config.subjects
-                ),
-            ));
-        }
-        if info.config.num_replicas != options.replicas {
-            tracing::warn!(stream = %name, has = info.config.num_replicas, asked = options.replicas,
-                "the stream exists with another number of replicas; kept as it is");
-        }
         let last = info.state.last_sequence;
         let first = info.state.first_sequence;
         if last > 0 && first != 1 {
@@ -391,6 +338,84 @@ impl Drop for StreamJournal {
             task.abort();
         }
     }
+}
+
+/// Connects to the servers of `options` and waits (up to 10 s) for the first connection, so a
+/// wrong address is an error at once; the client reconnects by itself afterwards.
+pub(crate) async fn connect(
+    options: &StreamOptions,
+) -> Result<(async_nats::Client, jetstream::Context), StoreError> {
+    check_stream_name(&options.stream).map_err(|e| engine(&options.stream, "open", e))?;
+    let name = &options.stream;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(options.ack_timeout))
+        .connect(options.servers.as_slice())
+        .await
+        .map_err(|e| engine(name, "connecting to NATS", e))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if Instant::now() > deadline {
+            return Err(engine(
+                name,
+                "connecting to NATS",
+                format!("no server of {:?} answered in 10 s", options.servers),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let js = jetstream::ContextBuilder::new()
+        .timeout(options.ack_timeout)
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    Ok((client, js))
+}
+
+/// The journal's stream, created if it does not exist (file storage, `replicas`, nothing ever
+/// discarded or deleted); refused if a stream of that name holds something else.
+pub(crate) async fn open_stream(
+    js: &jetstream::Context,
+    options: &StreamOptions,
+) -> Result<jetstream::stream::Stream, StoreError> {
+    let name = &options.stream;
+    let subject = options.subject();
+    let config = jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![subject.clone()],
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: options.replicas,
+        max_message_size: i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX),
+        duplicate_window: Duration::from_secs(120),
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: true,
+        ..Default::default()
+    };
+    let mut stream = retry_api(options, || js.get_or_create_stream(config.clone()))
+        .await
+        .map_err(|e| engine(name, "creating the stream", e))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| engine(name, "reading the stream's state", e))?;
+    if !info.config.subjects.contains(&subject) {
+        return Err(engine(
+            name,
+            "open",
+            format!(
+                "the stream exists with subjects {:?}, not {subject:?}: it is not a Keel journal",
+                info.config.subjects
+            ),
+        ));
+    }
+    if info.config.num_replicas != options.replicas {
+        tracing::warn!(stream = %name, has = info.config.num_replicas, asked = options.replicas,
+            "the stream exists with another number of replicas; kept as it is");
+    }
+    Ok(stream)
 }
 
 /// Runs a JetStream API call again while the cluster has no leader for it yet (a stream

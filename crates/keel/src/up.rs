@@ -209,6 +209,10 @@ pub struct OrdersSection {
     pub listen: String,
     /// Time a buyer has to pay.
     pub payment_window_ms: u64,
+    /// The order book in PostgreSQL (`postgres://USER@HOST:PORT/DATABASE`) instead of local
+    /// journals; needs `inventory.journal` (the orders follow the shards' streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 impl UpConfig {
@@ -234,6 +238,7 @@ impl UpConfig {
             orders: OrdersSection {
                 listen: "127.0.0.1:7300".into(),
                 payment_window_ms: 600_000,
+                database: None,
             },
             scale: Scale::default(),
             limits: LimitsSection::default(),
@@ -672,6 +677,46 @@ fn check_journal(data: &Path, address: Option<&str>) -> anyhow::Result<Option<(S
     }
 }
 
+/// Checks `orders.database` against the data directory: it needs the inventory on JetStream,
+/// and a sale stays where its orders began (local journals or PostgreSQL), which a marker
+/// file in `data` records.
+fn check_database(
+    data: &Path,
+    url: Option<&str>,
+    on_streams: bool,
+) -> anyhow::Result<Option<String>> {
+    let marker = data.join("orders-database");
+    let url = url.map(str::trim).filter(|u| !u.is_empty());
+    match url {
+        Some(u) => {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                bail!("orders.database = {u:?}: use postgres://USER@HOST:PORT/DATABASE");
+            }
+            if !on_streams {
+                bail!(
+                    "orders.database needs inventory.journal: orders in PostgreSQL follow the shards' JetStream streams"
+                );
+            }
+            if !marker.exists() {
+                if data.join("orders-0").exists() {
+                    bail!(
+                        "orders.database is set, but {} holds a sale whose orders are in local journals; they would not be in the database (use another data_dir)",
+                        data.display()
+                    );
+                }
+                std::fs::write(&marker, b"postgres\n")
+                    .with_context(|| format!("writing {}", marker.display()))?;
+            }
+            Ok(Some(u.to_owned()))
+        }
+        None if marker.exists() => bail!(
+            "the sale in {} keeps its orders in PostgreSQL, but orders.database is not set",
+            data.display()
+        ),
+        None => Ok(None),
+    }
+}
+
 /// Waits (up to 30 s) until `GET /api/items` through the gateway at `gateway` is answered
 /// by the API rather than refused for want of a server.
 async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
@@ -768,6 +813,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
             section.standbys
         );
     }
+    let database = check_database(data, config.orders.database.as_deref(), streams.is_some())?;
     if !(300..=600_000).contains(&section.lease_ttl_ms) {
         bail!(
             "inventory.lease_ttl_ms = {}: use 300 to 600000",
@@ -876,11 +922,22 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         {
             args.extend(["--inventory".into(), shard.clone()]);
         }
+        let mut env = Vec::new();
+        if let (Some(url), Some((address, prefix))) = (&database, &streams) {
+            // By environment: the URL may hold a password.
+            env.push(("KEEL_ORDERS_DATABASE".to_owned(), url.clone()));
+            args.extend([
+                "--journal".into(),
+                address.clone(),
+                "--stream-prefix".into(),
+                prefix.clone(),
+            ]);
+        }
         launch(
             Part {
                 name: format!("orders-{j}"),
                 args,
-                env: Vec::new(),
+                env,
             },
             &mut parts,
         )

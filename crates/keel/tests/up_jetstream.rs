@@ -1,9 +1,11 @@
 //! `keel up` with the inventory shards' journals in NATS JetStream (`[inventory] journal`):
 //! the sale runs, a SIGKILLed shard comes back from its stream, a restart of the whole system
 //! finds every sale with no local inventory files, and a data directory is never switched
-//! between local journals and JetStream. Needs the NATS server on 127.0.0.1:4222 (or
-//! `KEEL_NATS_URL`); skipped with a message without it, failed instead when
-//! `KEEL_REQUIRE_SERVICES=1`.
+//! between local journals and JetStream; standbys take over a killed shard owner; the orders
+//! in PostgreSQL, fed from the streams, outlive a killed orders instance. Needs the NATS
+//! server on 127.0.0.1:4222 (or `KEEL_NATS_URL`) and, for the orders, PostgreSQL (on
+//! 127.0.0.1:5432 or `KEEL_POSTGRES_URL`); skipped with a message without them, failed
+//! instead when `KEEL_REQUIRE_SERVICES=1`.
 
 mod common;
 
@@ -152,6 +154,76 @@ fn a_standby_takes_over_a_shard_whose_owner_is_killed_mid_sale() {
     drop(up);
 }
 
+#[test]
+fn orders_in_postgresql_follow_the_streams_and_outlive_a_killed_orders_instance() {
+    let test = "orders_in_postgresql_follow_the_streams_and_outlive_a_killed_orders_instance";
+    if !nats_up(test) {
+        return;
+    }
+    let Some(db) = keel_seckill::testing::temp_database(test) else {
+        return;
+    };
+    let limits = "buy_per_ip_per_second = 0\nbuy_per_user_per_second = 0\n";
+    let dir = common::configured(limits, &format!("journal = \"{}\"\n", nats_url()));
+    let config = dir.path().join("keel.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "payment_window_ms = 60000\n",
+        &format!("payment_window_ms = 60000\ndatabase = \"{}\"\n", db.url),
+    );
+    std::fs::write(&config, text).unwrap();
+    let up = Up::run_in(dir);
+    let _streams = shard_streams(&up);
+    // The database URL reaches the orders by environment, not on their command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", up.started["orders-0"])).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("postgres://"),
+        "the database URL is on the command line"
+    );
+    // An open-loop sale; 1.5 s in, orders-0 is SIGKILLed (keel up starts it again, and it goes
+    // on from its durable consumer).
+    let gw = up.gateway.clone();
+    let sale = std::thread::spawn(move || {
+        bench_with(
+            &gw,
+            &["--buyers", "2000", "--stock", "1000", "--rate", "500"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let victim = up.started["orders-0"];
+    assert!(
+        Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let summary = sale.join().unwrap();
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64(),
+            summary["ok"].as_bool(),
+        ),
+        (Some(1000), Some(0), Some(0), Some(true)),
+        "{summary}"
+    );
+    // Every order is a row in PostgreSQL, one per reservation, and none is in a local journal.
+    let rows: (i64, i64) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query_as(
+            "SELECT count(*), count(DISTINCT (inventory, reservation_id)) FROM seckill_orders",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    });
+    assert_eq!(rows, (1000, 1000));
+    assert!(!up.dir.path().join("data").join("orders-0").exists());
+    drop(up);
+}
+
 /// Runs `keel up` in `dir`, which must refuse to start; what it wrote to stderr.
 fn refused(dir: &std::path::Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -198,6 +270,54 @@ fn a_data_directory_is_not_switched_between_local_journals_and_jetstream() {
     let err = refused(&dir);
     assert!(
         err.contains("inventory.journal") && err.contains("replicas must be 1, 3 or 5"),
+        "{err}"
+    );
+}
+
+#[test]
+fn orders_in_postgresql_need_the_streams_and_a_sale_keeps_its_order_book() {
+    // No server is needed to be refused: each check comes before anything starts.
+    let dir = common::configured("", "");
+    let config = dir.path().join("keel.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with = |inventory: &str, database: &str| {
+        text.replace(
+            "[inventory]\nlisten = \"127.0.0.1:0\"\n",
+            &format!("[inventory]\nlisten = \"127.0.0.1:0\"\n{inventory}"),
+        )
+        .replace(
+            "payment_window_ms = 60000\n",
+            &format!("payment_window_ms = 60000\n{database}"),
+        )
+    };
+    let journal = "journal = \"nats://127.0.0.1:4222\"\n";
+    std::fs::write(&config, with("", "database = \"postgres://db/sale\"\n")).unwrap();
+    let err = refused(dir.path());
+    assert!(
+        err.contains("orders.database needs inventory.journal"),
+        "{err}"
+    );
+    std::fs::write(&config, with(journal, "database = \"mysql://db/sale\"\n")).unwrap();
+    let err = refused(dir.path());
+    assert!(
+        err.contains("orders.database = \"mysql://db/sale\": use postgres://"),
+        "{err}"
+    );
+    // A sale whose orders are local journals is not moved to a database, and the other way.
+    std::fs::create_dir_all(dir.path().join("data/orders-0")).unwrap();
+    std::fs::write(
+        &config,
+        with(journal, "database = \"postgres://db/sale\"\n"),
+    )
+    .unwrap();
+    let err = refused(dir.path());
+    assert!(err.contains("orders are in local journals"), "{err}");
+    std::fs::remove_dir_all(dir.path().join("data/orders-0")).unwrap();
+    std::fs::write(dir.path().join("data/orders-database"), "postgres\n").unwrap();
+    std::fs::write(&config, with(journal, "")).unwrap();
+    let err = refused(dir.path());
+    assert!(
+        err.contains("keeps its orders in PostgreSQL, but orders.database is not set"),
         "{err}"
     );
 }
