@@ -256,7 +256,7 @@ pub struct Api {
     /// back from expired orders show within the cache's time to live.
     pub stock_cache: TwoLevel<u64>,
     /// Where opening times are published for the gateway's gate (none: not published).
-    pub registry: Option<keel_registry::RegistryHandle>,
+    pub registry: Option<keel_registry::Naming>,
     /// One transfer between shards at a time per item.
     pub rebalancing: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per (item, shard) found sold out: the (user, request id) of every reservation there,
@@ -1474,7 +1474,7 @@ where
 
 /// Invalidates cached stock figures as orders instances announce returned units in the
 /// registry (until the registry's stream ends).
-pub async fn follow_stock_changes(cache: TwoLevel<u64>, registry: keel_registry::RegistryHandle) {
+pub async fn follow_stock_changes(cache: TwoLevel<u64>, registry: keel_registry::Naming) {
     use keel_registry::ConfigChange;
     let mut changes = keel_registry::follow_config(
         registry,

@@ -38,8 +38,8 @@ pub enum Role {
         /// one is found through the registry).
         #[arg(long = "orders", value_parser = peers::parse_peer)]
         orders: Vec<(String, Option<String>)>,
-        /// Keel's registry (HOST:PORT): where peers without an address are found, and where
-        /// this process registers.
+        /// The naming service — Keel's registry (HOST:PORT) or etcd (etcd://HOST:PORT,…):
+        /// where peers without an address are found, and where this process registers.
         #[arg(long)]
         registry: Option<String>,
         /// A file holding the token of the admin endpoints. Without it, the token is read from
@@ -74,7 +74,7 @@ pub enum Role {
         /// NAME=HOST:PORT; repeat for each. The process registers as the orders of each.
         #[arg(long = "inventory", value_parser = peers::parse_peer, required = true)]
         inventories: Vec<(String, Option<String>)>,
-        /// Keel's registry (HOST:PORT).
+        /// The naming service — Keel's registry (HOST:PORT) or etcd (etcd://HOST:PORT,…).
         #[arg(long)]
         registry: Option<String>,
         /// Time a buyer has to pay before the order expires and its unit returns.
@@ -123,8 +123,9 @@ pub enum Role {
         /// The shard's name (it prefixes the ids of its orders).
         #[arg(long, default_value = "inv-0", value_parser = parse_shard)]
         shard: String,
-        /// Keel's registry (HOST:PORT), to register in. With `--journal` too, the shard's
-        /// processes elect its owner there: one serves, the others stand by.
+        /// The naming service — Keel's registry (HOST:PORT) or etcd (etcd://HOST:PORT,…),
+        /// to register in. With `--journal` too, the shard's processes elect its owner there:
+        /// one serves, the others stand by.
         #[arg(long)]
         registry: Option<String>,
         /// The election lease's TTL (with `--journal` and `--registry`): how long a dead
@@ -209,7 +210,7 @@ fn sale_id(dir: &std::path::Path) -> anyhow::Result<String> {
 
 /// Deregisters what `registrations` holds (a process stopping leaves the registry at once
 /// instead of when its lease runs out).
-async fn deregister(registrations: Vec<keel_registry::Registration>) {
+async fn deregister(registrations: Vec<keel_registry::Registration<keel_registry::Naming>>) {
     for r in registrations {
         if let Err(e) = r.deregister().await {
             tracing::warn!(error = %e, "deregistering failed");
@@ -246,7 +247,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let peers = Peers::new(registry.as_deref());
+                let peers = Peers::connect(registry.as_deref()).await?;
                 let mut shards = Vec::new();
                 for (name, address) in inventories {
                     let orders_address = orders
@@ -372,7 +373,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                     }
                     _ => anyhow::bail!("--database needs --journal"),
                 });
-                let peers = Peers::new(registry.as_deref());
+                let peers = Peers::connect(registry.as_deref()).await?;
                 let mut clients = Inventories::new();
                 for (name, address) in &inventories {
                     let channel =
@@ -427,7 +428,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let peers = Peers::new(registry.as_deref());
+                let peers = Peers::connect(registry.as_deref()).await?;
                 let elected = matches!(target, keel_store::LogTarget::Stream(_))
                     && peers.registry().is_some();
                 let listener = tokio::net::TcpListener::bind(addr)

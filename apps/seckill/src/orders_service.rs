@@ -353,7 +353,7 @@ pub async fn background(
     book: Arc<OrderBook>,
     inventories: Arc<Inventories>,
     sweep: Duration,
-    registry: Option<keel_registry::RegistryHandle>,
+    registry: Option<keel_registry::Naming>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     match &*book {

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use keel_governance::{Discover, Instance, ServiceChannel, ServiceChannelConfig, StaticDiscover};
-use keel_registry::{Registration, RegistryDiscover, RegistryHandle, proto as reg};
-use keel_rpc::{Channel, ChannelConfig};
+use keel_registry::{Naming, Registration, RegistryDiscover, proto as reg};
 
 /// How calls to the sale's services travel.
 pub type Transport = ServiceChannel;
@@ -58,7 +57,7 @@ pub fn check_shard(name: &str) -> anyhow::Result<()> {
 
 /// Where peers are found.
 pub struct Peers {
-    registry: Option<(RegistryHandle<Channel>, Arc<RegistryDiscover>)>,
+    registry: Option<(Naming, Arc<RegistryDiscover<Naming>>)>,
     fixed: Arc<StaticDiscover>,
 }
 
@@ -71,26 +70,29 @@ impl std::fmt::Debug for Peers {
 }
 
 impl Peers {
-    /// Peers at fixed addresses only, or also through the registry at `registry`. Needs a
-    /// Tokio runtime.
-    pub fn new(registry: Option<&str>) -> Peers {
-        let registry = registry.map(|address| {
-            let handle = RegistryHandle::new(Channel::with_config(
-                address.to_owned(),
-                ChannelConfig::default(),
-            ));
-            let discover = Arc::new(RegistryDiscover::new(handle.clone(), NAMESPACE));
-            (handle, discover)
-        });
-        Peers {
+    /// Peers at fixed addresses only, or also through the naming service at `registry`:
+    /// Keel's registry (`HOST:PORT`, reached lazily) or etcd (`etcd://HOST:PORT,…`, connected
+    /// here). Needs a Tokio runtime.
+    pub async fn connect(registry: Option<&str>) -> anyhow::Result<Peers> {
+        let registry = match registry {
+            None => None,
+            Some(address) => {
+                let naming = Naming::connect(address)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--registry: {e}"))?;
+                let discover = Arc::new(RegistryDiscover::new(naming.clone(), NAMESPACE));
+                Some((naming, discover))
+            }
+        };
+        Ok(Peers {
             registry,
             fixed: Arc::new(StaticDiscover::new()),
-        }
+        })
     }
 
-    /// The registry, if there is one.
-    pub fn registry(&self) -> Option<&RegistryHandle<Channel>> {
-        self.registry.as_ref().map(|(handle, _)| handle)
+    /// The naming service, if there is one.
+    pub fn registry(&self) -> Option<&Naming> {
+        self.registry.as_ref().map(|(naming, _)| naming)
     }
 
     /// A channel to `service`: at `address` if one is given, otherwise wherever the registry
@@ -119,7 +121,7 @@ impl Peers {
         &self,
         service: &str,
         address: std::net::SocketAddr,
-    ) -> anyhow::Result<Option<Registration>> {
+    ) -> anyhow::Result<Option<Registration<Naming>>> {
         let Some((handle, _)) = &self.registry else {
             return Ok(None);
         };

@@ -267,10 +267,11 @@ fn default_rpc_timeout() -> Duration {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
-    /// Address of Keel's registry.
+    /// The naming service: Keel's registry (`HOST:PORT`) or etcd
+    /// (`etcd://HOST:PORT[,HOST:PORT…][?prefix=/P]`).
     #[serde(default)]
     pub registry: Option<String>,
-    /// etcd endpoints.
+    /// etcd endpoints (`http://HOST:PORT`), the other way to name etcd.
     #[serde(default)]
     pub etcd: Vec<String>,
     /// Key prefix of Keel's entries in etcd.
@@ -290,6 +291,9 @@ impl DiscoveryConfig {
         }
         if self.service.is_empty() {
             return Err("discovery needs a service".into());
+        }
+        if let Some(address) = &self.registry {
+            keel_registry::NamingAddress::parse(address)?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! refuses requests for it that come early, at the gateway, before they cost the service
 //! anything.
 //!
-//! Opening times live in Keel's registry as config entries: the key is the gate's `prefix`
+//! Opening times live in the naming service (Keel's registry or etcd) as config entries: the key is the gate's `prefix`
 //! followed by the request's key (a segment of its path), the value the opening time as
 //! RFC 3339 text or Unix milliseconds. The gateway follows the prefix with a watch (resuming
 //! from its last revision after a break: `keel_registry::follow_config`). A request whose key has an opening time still to
@@ -15,14 +15,15 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use keel_registry::{ConfigChange, RegistryHandle, follow_config};
+use keel_registry::{ConfigChange, Naming, NamingAddress, follow_config};
 use serde::Deserialize;
 
 /// `[routes.gate]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GateConfig {
-    /// Address of Keel's registry.
+    /// Where the opening times are: Keel's registry (`HOST:PORT`) or etcd
+    /// (`etcd://HOST:PORT[,HOST:PORT…][?prefix=/P]`).
     pub registry: String,
     /// The registry namespace.
     #[serde(default = "default_namespace")]
@@ -43,6 +44,7 @@ impl GateConfig {
         if self.registry.is_empty() || self.prefix.is_empty() {
             return Err("gate needs a registry and a prefix".into());
         }
+        NamingAddress::parse(&self.registry).map_err(|e| format!("gate: {e}"))?;
         if self.path_segment == 0 {
             return Err("gate path_segment counts from 1".into());
         }
@@ -137,11 +139,22 @@ pub(crate) fn start(gate: &Arc<Gate>) {
 }
 
 async fn follow(gate: Weak<Gate>, config: GateConfig) {
-    let handle = RegistryHandle::new(keel_rpc::Channel::with_config(
-        config.registry.clone(),
-        keel_rpc::ChannelConfig::default(),
-    ));
-    let mut changes = follow_config(handle, config.namespace.clone(), config.prefix.clone());
+    // Keel's registry is reached lazily; etcd is connected here, retried while it is away.
+    let mut backoff = Duration::from_millis(100);
+    let naming = loop {
+        match Naming::connect(&config.registry).await {
+            Ok(naming) => break naming,
+            Err(e) => {
+                if gate.strong_count() == 0 {
+                    return;
+                }
+                tracing::warn!(registry = %config.registry, error = %e, "the gate cannot reach its registry; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let mut changes = follow_config(naming, config.namespace.clone(), config.prefix.clone());
     loop {
         // Wake now and then to notice that the gate is gone.
         let change = tokio::select! {

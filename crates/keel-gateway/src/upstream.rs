@@ -350,26 +350,18 @@ pub(crate) fn start(pool: &Arc<Pool>) {
 pub(crate) async fn connect_discovery(
     config: &DiscoveryConfig,
 ) -> Result<Arc<dyn Discover>, String> {
-    match &config.registry {
-        Some(address) => {
-            let channel =
-                keel_rpc::Channel::with_config(address.clone(), keel_rpc::ChannelConfig::default());
-            Ok(Arc::new(RegistryDiscover::new(
-                keel_registry::RegistryHandle::new(channel),
-                config.namespace.clone(),
-            )))
-        }
-        None => {
-            let backend =
-                keel_registry::EtcdBackend::connect(&config.etcd, config.etcd_prefix.clone())
-                    .await
-                    .map_err(|e| format!("cannot reach etcd at {:?}: {e}", config.etcd))?;
-            Ok(Arc::new(RegistryDiscover::new(
-                backend,
-                config.namespace.clone(),
-            )))
-        }
-    }
+    let naming = match &config.registry {
+        Some(address) => keel_registry::Naming::connect(address).await?,
+        None => keel_registry::Naming::Etcd(Box::new(
+            keel_registry::EtcdBackend::connect(&config.etcd, config.etcd_prefix.clone())
+                .await
+                .map_err(|e| format!("cannot reach etcd at {:?}: {e}", config.etcd))?,
+        )),
+    };
+    Ok(Arc::new(RegistryDiscover::new(
+        naming,
+        config.namespace.clone(),
+    )))
 }
 
 /// Keeps the servers of `pool` equal to the instances the registry lists.

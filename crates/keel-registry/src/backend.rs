@@ -58,6 +58,16 @@ pub trait NamingBackend: Send + Sync + 'static {
         service: &str,
         after_revision: u64,
     ) -> impl Future<Output = Result<EventStream, Status>> + Send;
+    /// Changes to the config entries under `prefix` after `after_revision` (0: a reset with
+    /// the current entries first), as [`WatchEvent`]s: `Reset` with `configs`, `Put` and
+    /// `Delete` with `config`. A resume point the backend no longer has history for yields a
+    /// reset marked `compacted`.
+    fn watch_config(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after_revision: u64,
+    ) -> impl Future<Output = Result<EventStream, Status>> + Send;
     /// Sets a config value; returns the entry with its new version.
     fn put_config(
         &self,
@@ -120,6 +130,31 @@ pub trait NamingBackend: Send + Sync + 'static {
 }
 
 impl<T: CallTransport> RegistryHandle<T> {
+    /// Opens a watch of `target` after `after_revision`, as a stream of events.
+    async fn open_watch(
+        &self,
+        namespace: &str,
+        target: Target,
+        after_revision: u64,
+    ) -> Result<EventStream, Status> {
+        let req = WatchRequest {
+            namespace: namespace.into(),
+            target: Some(target),
+            after_revision,
+        };
+        let stream = self
+            .client()
+            .watch_with(&req, self.options_without_deadline())
+            .await?;
+        Ok(futures_util::stream::unfold(stream, |mut s| async move {
+            match s.message().await {
+                Ok(Some(event)) => Some((Ok(event), s)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), s)),
+            }
+        })
+        .boxed())
+    }
     /// Takes a lock (publishing `value`), waiting up to `timeout` if one is set.
     async fn take_lock(
         &self,
@@ -210,23 +245,22 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
         service: &str,
         after_revision: u64,
     ) -> Result<EventStream, Status> {
-        let req = WatchRequest {
-            namespace: namespace.into(),
-            target: Some(Target::Service(service.into())),
+        self.open_watch(namespace, Target::Service(service.into()), after_revision)
+            .await
+    }
+
+    async fn watch_config(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after_revision: u64,
+    ) -> Result<EventStream, Status> {
+        self.open_watch(
+            namespace,
+            Target::ConfigPrefix(prefix.into()),
             after_revision,
-        };
-        let stream = self
-            .client()
-            .watch_with(&req, self.options_without_deadline())
-            .await?;
-        Ok(futures_util::stream::unfold(stream, |mut s| async move {
-            match s.message().await {
-                Ok(Some(event)) => Some((Ok(event), s)),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), s)),
-            }
-        })
-        .boxed())
+        )
+        .await
     }
 
     async fn put_config(

@@ -507,8 +507,8 @@ pub enum ConfigChange {
 /// the current entries, then each change as it happens. After a broken stream it resumes from
 /// the last revision seen (retrying with backoff while the registry is away), so no change is
 /// missed. Ends when the receiver is dropped. Needs a Tokio runtime.
-pub fn follow_config<T: CallTransport>(
-    handle: RegistryHandle<T>,
+pub fn follow_config<B: NamingBackend + Clone>(
+    backend: B,
     namespace: impl Into<String>,
     prefix: impl Into<String>,
 ) -> tokio::sync::mpsc::Receiver<ConfigChange> {
@@ -518,15 +518,7 @@ pub fn follow_config<T: CallTransport>(
         let mut revision = 0;
         let mut backoff = Duration::from_millis(100);
         while !tx.is_closed() {
-            let request = proto::WatchRequest {
-                namespace: namespace.clone(),
-                target: Some(proto::watch_request::Target::ConfigPrefix(prefix.clone())),
-                after_revision: revision,
-            };
-            let opened = handle
-                .client()
-                .watch_with(&request, handle.options_without_deadline())
-                .await;
+            let opened = backend.watch_config(&namespace, &prefix, revision).await;
             let mut stream = match opened {
                 Ok(s) => s,
                 Err(e) => {
@@ -539,10 +531,10 @@ pub fn follow_config<T: CallTransport>(
             loop {
                 let event = tokio::select! {
                     () = tx.closed() => return,
-                    m = stream.message() => match m {
-                        Ok(Some(event)) => event,
-                        Ok(None) => break,
-                        Err(e) => {
+                    m = stream.next() => match m {
+                        Some(Ok(event)) => event,
+                        None => break,
+                        Some(Err(e)) => {
                             tracing::debug!(%prefix, error = %e, "config watch broke; resuming");
                             break;
                         }

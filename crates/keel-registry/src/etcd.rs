@@ -104,6 +104,67 @@ impl EtcdBackend {
         format!("{}/{}/config/{key}", self.prefix, namespace(ns))
     }
 
+    /// The etcd key prefix a watch follows.
+    fn watched_prefix(&self, ns: &str, watched: &Watched) -> String {
+        match watched {
+            Watched::Service(service) => self.service_prefix(ns, service),
+            Watched::Config(prefix) => self.config_key(ns, prefix),
+        }
+    }
+
+    fn open_watch(
+        &self,
+        namespace: &str,
+        watched: Watched,
+        after_revision: u64,
+    ) -> Result<EventStream, Status> {
+        let state = EtcdWatch {
+            backend: self.clone(),
+            namespace: namespace.to_owned(),
+            watched,
+            next_revision: after_revision as i64 + 1,
+            reset: (after_revision == 0).then_some(false),
+            stream: None,
+            pending: VecDeque::new(),
+        };
+        Ok(futures_util::stream::unfold(state, |mut w| async move {
+            w.next().await.map(|item| (item, w))
+        })
+        .boxed())
+    }
+
+    /// The config entries under `prefix` and the revision they are current at.
+    async fn list_config(&self, ns: &str, prefix: &str) -> Result<(Vec<ConfigEntry>, u64), Status> {
+        let key_prefix = self.config_key(ns, "");
+        let resp = self
+            .client
+            .clone()
+            .get(
+                self.config_key(ns, prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(status)?;
+        let revision = resp.header().map_or(0, |h| h.revision() as u64);
+        let entries = resp
+            .kvs()
+            .iter()
+            .map(|kv| ConfigEntry {
+                namespace: namespace(ns).to_owned(),
+                key: kv
+                    .key_str()
+                    .ok()
+                    .and_then(|k| k.strip_prefix(key_prefix.as_str()))
+                    .unwrap_or_default()
+                    .to_owned(),
+                value: Bytes::copy_from_slice(kv.value()),
+                version: kv.version() as u64,
+                revision: kv.mod_revision() as u64,
+            })
+            .collect();
+        Ok((entries, revision))
+    }
+
     fn election_name(&self, ns: &str, name: &str) -> String {
         format!("{}/{}/elections/{name}", self.prefix, namespace(ns))
     }
@@ -283,19 +344,24 @@ impl NamingBackend for EtcdBackend {
         service: &str,
         after_revision: u64,
     ) -> Result<EventStream, Status> {
-        let state = EtcdWatch {
-            backend: self.clone(),
-            namespace: namespace.to_owned(),
-            service: service.to_owned(),
-            next_revision: after_revision as i64 + 1,
-            reset: (after_revision == 0).then_some(false),
-            stream: None,
-            pending: VecDeque::new(),
-        };
-        Ok(futures_util::stream::unfold(state, |mut w| async move {
-            w.next().await.map(|item| (item, w))
-        })
-        .boxed())
+        self.open_watch(
+            namespace,
+            Watched::Service(service.to_owned()),
+            after_revision,
+        )
+    }
+
+    async fn watch_config(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after_revision: u64,
+    ) -> Result<EventStream, Status> {
+        self.open_watch(
+            namespace,
+            Watched::Config(prefix.to_owned()),
+            after_revision,
+        )
     }
 
     async fn put_config(
@@ -489,10 +555,18 @@ impl NamingBackend for EtcdBackend {
 
 /// A service watch on etcd: a reset (list) when asked for or when etcd compacted past the
 /// resume point, then etcd's watch from the next revision.
+/// What an etcd watch follows.
+enum Watched {
+    /// A service's instances.
+    Service(String),
+    /// The config entries under a key prefix.
+    Config(String),
+}
+
 struct EtcdWatch {
     backend: EtcdBackend,
     namespace: String,
-    service: String,
+    watched: Watched,
     next_revision: i64,
     /// `Some(compacted)` when a reset is due.
     reset: Option<bool>,
@@ -507,25 +581,41 @@ impl EtcdWatch {
                 return Some(Ok(event));
             }
             if let Some(compacted) = self.reset.take() {
-                let snapshot = match self.backend.list(&self.namespace, &self.service).await {
-                    Ok(s) => s,
-                    Err(e) => return Some(Err(e)),
+                let event = match &self.watched {
+                    Watched::Service(service) => {
+                        match self.backend.list(&self.namespace, service).await {
+                            Ok(snapshot) => WatchEvent {
+                                revision: snapshot.revision,
+                                kind: EventKind::Reset as i32,
+                                instances: snapshot.instances,
+                                compacted,
+                                ..WatchEvent::default()
+                            },
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
+                    Watched::Config(prefix) => {
+                        match self.backend.list_config(&self.namespace, prefix).await {
+                            Ok((configs, revision)) => WatchEvent {
+                                revision,
+                                kind: EventKind::Reset as i32,
+                                configs,
+                                compacted,
+                                ..WatchEvent::default()
+                            },
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
                 };
-                self.next_revision = snapshot.revision as i64 + 1;
+                self.next_revision = event.revision as i64 + 1;
                 self.stream = None;
-                return Some(Ok(WatchEvent {
-                    revision: snapshot.revision,
-                    kind: EventKind::Reset as i32,
-                    instances: snapshot.instances,
-                    compacted,
-                    ..WatchEvent::default()
-                }));
+                return Some(Ok(event));
             }
             if self.stream.is_none() {
                 let options = WatchOptions::new()
                     .with_prefix()
                     .with_start_revision(self.next_revision);
-                let prefix = self.backend.service_prefix(&self.namespace, &self.service);
+                let prefix = self.backend.watched_prefix(&self.namespace, &self.watched);
                 match self
                     .backend
                     .client
@@ -551,37 +641,59 @@ impl EtcdWatch {
                 self.reset = Some(true);
                 continue;
             }
-            let prefix = self.backend.service_prefix(&self.namespace, &self.service);
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 let revision = kv.mod_revision();
                 self.next_revision = self.next_revision.max(revision + 1);
-                let id = kv
-                    .key_str()
-                    .ok()
-                    .and_then(|k| k.strip_prefix(prefix.as_str()))
-                    .unwrap_or_default()
-                    .to_owned();
-                let (kind, instance) = match event.event_type() {
-                    EventType::Put => (EventKind::Put, decode_instance(kv.value(), revision)),
-                    EventType::Delete => (
-                        EventKind::Delete,
-                        Some(Instance {
-                            namespace: namespace(&self.namespace).to_owned(),
-                            service: self.service.clone(),
-                            id,
-                            revision: revision as u64,
-                            ..Instance::default()
-                        }),
-                    ),
+                let key = kv.key_str().unwrap_or_default();
+                let kind = match event.event_type() {
+                    EventType::Put => EventKind::Put,
+                    EventType::Delete => EventKind::Delete,
                 };
-                if let Some(instance) = instance {
-                    self.pending.push_back(WatchEvent {
-                        revision: revision as u64,
-                        kind: kind as i32,
-                        instance: Some(instance),
-                        ..WatchEvent::default()
-                    });
+                let ns = namespace(&self.namespace).to_owned();
+                let watch_event = match &self.watched {
+                    Watched::Service(service) => {
+                        let prefix = self.backend.service_prefix(&self.namespace, service);
+                        let id = key.strip_prefix(prefix.as_str()).unwrap_or_default();
+                        let instance = match kind {
+                            EventKind::Put => decode_instance(kv.value(), revision),
+                            _ => Some(Instance {
+                                namespace: ns,
+                                service: service.clone(),
+                                id: id.to_owned(),
+                                revision: revision as u64,
+                                ..Instance::default()
+                            }),
+                        };
+                        instance.map(|instance| WatchEvent {
+                            revision: revision as u64,
+                            kind: kind as i32,
+                            instance: Some(instance),
+                            ..WatchEvent::default()
+                        })
+                    }
+                    Watched::Config(_) => {
+                        let prefix = self.backend.config_key(&self.namespace, "");
+                        let entry = ConfigEntry {
+                            namespace: ns,
+                            key: key
+                                .strip_prefix(prefix.as_str())
+                                .unwrap_or_default()
+                                .to_owned(),
+                            value: Bytes::copy_from_slice(kv.value()),
+                            version: kv.version() as u64,
+                            revision: revision as u64,
+                        };
+                        Some(WatchEvent {
+                            revision: revision as u64,
+                            kind: kind as i32,
+                            config: Some(entry),
+                            ..WatchEvent::default()
+                        })
+                    }
+                };
+                if let Some(watch_event) = watch_event {
+                    self.pending.push_back(watch_event);
                 }
             }
         }

@@ -12,6 +12,8 @@
 //! - [`backend`]: [`NamingBackend`], one interface over Keel's registry and etcd
 //!   ([`etcd`], feature `etcd`, on by default), so the discovery and registration helpers
 //!   and services work on either.
+//! - [`naming`]: [`Naming`], either backend chosen by an address (`HOST:PORT` or
+//!   `etcd://HOST:PORT,…`), for processes that take their naming service from configuration.
 //! - `state`: the deterministic state machine that the journal replays.
 
 pub mod backend;
@@ -21,6 +23,8 @@ pub mod etcd;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "etcd")]
+pub mod naming;
 pub mod server;
 mod state;
 #[cfg(feature = "etcd")]
@@ -37,6 +41,8 @@ pub use backend::NamingBackend;
 pub use client::{ConfigChange, Registration, RegistryDiscover, RegistryHandle, follow_config};
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdBackend;
+#[cfg(feature = "etcd")]
+pub use naming::{Naming, NamingAddress};
 pub use server::{Registry, RegistryConfig, RegistryStats};
 
 /// What can go wrong starting or stopping a registry.

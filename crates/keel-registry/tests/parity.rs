@@ -250,6 +250,52 @@ async fn config_is_versioned<B: NamingBackend>(b: &B) {
     assert_eq!((&got.value[..], got.version), (&b"20"[..], 2));
 }
 
+async fn config_changes_are_followed<B: NamingBackend + Clone>(b: &B) {
+    use keel_registry::{ConfigChange, follow_config};
+    b.put_config(NS, "open/a", "1".into()).await.unwrap();
+    b.put_config(NS, "other", "x".into()).await.unwrap();
+    let mut changes = follow_config(b.clone(), NS, "open/");
+    let next = async |changes: &mut tokio::sync::mpsc::Receiver<ConfigChange>| {
+        tokio::time::timeout(Duration::from_secs(5), changes.recv())
+            .await
+            .expect("a config change in time")
+            .expect("the follower runs")
+    };
+    match next(&mut changes).await {
+        ConfigChange::Reset(entries) => {
+            let got: Vec<(String, Vec<u8>)> = entries
+                .into_iter()
+                .map(|e| (e.key, e.value.to_vec()))
+                .collect();
+            assert_eq!(got, [("open/a".to_owned(), b"1".to_vec())]);
+        }
+        other => panic!("expected a reset first, got {other:?}"),
+    }
+    let b_put = b.put_config(NS, "open/b", "2".into()).await.unwrap();
+    b.put_config(NS, "closed/c", "x".into()).await.unwrap();
+    b.put_config(NS, "open/a", "3".into()).await.unwrap();
+    match next(&mut changes).await {
+        ConfigChange::Put(e) => assert_eq!((e.key.as_str(), &e.value[..]), ("open/b", &b"2"[..])),
+        other => panic!("expected open/b, got {other:?}"),
+    }
+    match next(&mut changes).await {
+        ConfigChange::Put(e) => assert_eq!(
+            (e.key.as_str(), &e.value[..], e.version),
+            ("open/a", &b"3"[..], 2)
+        ),
+        other => panic!("expected open/a, got {other:?}"),
+    }
+    // A watch resumed after open/b's revision starts with what came after it.
+    let mut resumed = b.watch_config(NS, "open/", b_put.revision).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), resumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.kind, EventKind::Put as i32);
+    assert_eq!(event.config.unwrap().key, "open/a");
+}
+
 async fn discovery_and_registration_helpers<B: NamingBackend + Clone>(b: &B) {
     let discover = RegistryDiscover::new(b.clone(), NS);
     let mut rx = discover.subscribe("search").unwrap();
@@ -306,5 +352,6 @@ parity!(
     locks_exclude_and_fence,
     elections_have_one_leader_at_a_time,
     config_is_versioned,
+    config_changes_are_followed,
     discovery_and_registration_helpers,
 );

@@ -30,7 +30,7 @@ pub struct UpConfig {
     pub gateway: GatewaySection,
     /// The registry, where the services find each other.
     #[serde(default = "default_registry")]
-    pub registry: Listen,
+    pub registry: RegistrySection,
     /// The sale's HTTP API.
     pub api: Listen,
     /// The inventory shards (a fixed port p: shard i listens on p + i) and where their
@@ -147,10 +147,24 @@ impl Scale {
     }
 }
 
-fn default_registry() -> Listen {
-    Listen {
+fn default_registry() -> RegistrySection {
+    RegistrySection {
         listen: "127.0.0.1:7000".into(),
+        external: None,
     }
+}
+
+/// `[registry]`: Keel's registry, started by `keel up` on `listen`; or, with `external`, a
+/// naming service that runs already — etcd (`etcd://HOST:PORT[,HOST:PORT…][?prefix=/P]`) or
+/// another Keel registry (`HOST:PORT`) — which every part then uses, and none is started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySection {
+    /// `host:port` of the registry `keel up` starts (port 0: any free port).
+    pub listen: String,
+    /// A naming service to use instead of starting one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
 }
 
 /// `[inventory]`: the shards' addresses, and their journals: in `data_dir` by default, or
@@ -750,11 +764,17 @@ async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
 /// and its port is free, and the data directory can be written.
 fn preflight(config: &UpConfig) -> anyhow::Result<()> {
     let mut addresses = vec![
-        ("registry.listen", config.registry.listen.clone()),
         ("api.listen", config.api.listen.clone()),
         ("gateway.listen", config.gateway.listen.clone()),
         ("gateway.admin", config.gateway.admin.clone()),
     ];
+    match &config.registry.external {
+        None => addresses.push(("registry.listen", config.registry.listen.clone())),
+        Some(external) => {
+            keel_registry::NamingAddress::parse(external)
+                .map_err(|e| anyhow::anyhow!("registry.external: {e}"))?;
+        }
+    }
     for i in 0..config.scale.inventory {
         addresses.push((
             "inventory.listen",
@@ -823,21 +843,26 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     let dir = |name: &str| data.join(name).to_string_lossy().into_owned();
     let mut parts: Vec<(Part, Child)> = Vec::new();
 
-    let registry = launch(
-        Part {
-            name: "registry".into(),
-            args: vec![
-                "registry".into(),
-                "--addr".into(),
-                config.registry.listen.clone(),
-                "--data-dir".into(),
-                dir("registry"),
-            ],
-            env: Vec::new(),
-        },
-        &mut parts,
-    )
-    .await?;
+    let registry = match &config.registry.external {
+        Some(external) => external.trim().to_owned(),
+        None => {
+            launch(
+                Part {
+                    name: "registry".into(),
+                    args: vec![
+                        "registry".into(),
+                        "--addr".into(),
+                        config.registry.listen.clone(),
+                        "--data-dir".into(),
+                        dir("registry"),
+                    ],
+                    env: Vec::new(),
+                },
+                &mut parts,
+            )
+            .await?
+        }
+    };
 
     let shards: Vec<String> = (0..config.scale.inventory)
         .map(|i| format!("inv-{i}"))

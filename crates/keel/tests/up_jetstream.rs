@@ -224,6 +224,152 @@ fn orders_in_postgresql_follow_the_streams_and_outlive_a_killed_orders_instance(
     drop(up);
 }
 
+#[test]
+fn the_scale_out_profile_runs_on_etcd_jetstream_and_postgresql() {
+    let test = "the_scale_out_profile_runs_on_etcd_jetstream_and_postgresql";
+    if !nats_up(test) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(etcd) = rt.block_on(keel_registry::testing::etcd(test)) else {
+        return;
+    };
+    let Some(db) = keel_seckill::testing::temp_database(test) else {
+        return;
+    };
+    // Names, config, elections in etcd; journals in JetStream; orders in PostgreSQL; a standby
+    // per shard. No registry of Keel's is started.
+    let naming = etcd.endpoint.replace("http://", "etcd://");
+    let limits = "buy_per_ip_per_second = 0\nbuy_per_user_per_second = 0\n";
+    let inventory = format!(
+        "journal = \"{}\"\nstandbys = 1\nlease_ttl_ms = 1000\n",
+        nats_url()
+    );
+    let dir = common::configured(limits, &inventory);
+    let config = dir.path().join("keel.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "[registry]\nlisten = \"127.0.0.1:0\"\n",
+            &format!("[registry]\nlisten = \"127.0.0.1:0\"\nexternal = \"{naming}\"\n"),
+        )
+        .replace(
+            "payment_window_ms = 60000\n",
+            &format!("payment_window_ms = 60000\ndatabase = \"{}\"\n", db.url),
+        );
+    std::fs::write(&config, text).unwrap();
+    let up = Up::run_in(dir);
+    let _streams = shard_streams(&up);
+    assert!(!up.started.contains_key("registry"), "{:?}", up.started);
+    // The parts are registered in etcd, under Keel's default prefix.
+    let listed = rt.block_on(async {
+        use keel_registry::NamingBackend as _;
+        let naming = keel_registry::Naming::connect(&naming).await.unwrap();
+        let mut names = Vec::new();
+        for service in [
+            "seckill-api",
+            "seckill-inventory-inv-0",
+            "seckill-orders-inv-1",
+        ] {
+            names.push((
+                service,
+                naming
+                    .list("default", service)
+                    .await
+                    .unwrap()
+                    .instances
+                    .len(),
+            ));
+        }
+        names
+    });
+    assert_eq!(
+        listed,
+        [
+            ("seckill-api", 1),
+            ("seckill-inventory-inv-0", 1),
+            ("seckill-orders-inv-1", 1)
+        ]
+    );
+    // The gateway's opening-time gate follows etcd.
+    let gw = up.gateway.clone();
+    let later = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + Duration::from_secs(3_600),
+    );
+    let (status, created) = call(
+        &gw,
+        "POST",
+        "/api/admin/items",
+        &format!(r#"{{"name": "Later", "price_cents": 1, "stock": 5, "starts_at": "{later}"}}"#),
+    );
+    assert_eq!(status, 201, "{created}");
+    let later_id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["item_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = call(
+            &gw,
+            "POST",
+            &format!("/api/items/{later_id}/buy"),
+            r#"{"user_id": "dan"}"#,
+        );
+        assert_eq!(status, 403, "{body}");
+        if body.contains("opens in") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gate never closed: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A sale with shard inv-0's owner SIGKILLed 1.5 s in: its standby, elected in etcd, goes on.
+    let sale = std::thread::spawn(move || {
+        bench_with(
+            &gw,
+            &["--buyers", "2000", "--stock", "1000", "--rate", "500"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let owner = up.started["inventory-0"];
+    assert!(
+        Command::new("kill")
+            .args(["-9", &owner.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let summary = sale.join().unwrap();
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64(),
+            summary["errors"].as_u64(),
+            summary["ok"].as_bool(),
+        ),
+        (Some(1000), Some(0), Some(0), Some(0), Some(true)),
+        "{summary}"
+    );
+    drop(up);
+    drop(etcd);
+}
+
+#[test]
+fn a_bad_external_registry_is_named_with_the_field() {
+    let dir = common::configured("", "");
+    let config = dir.path().join("keel.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[registry]\nlisten = \"127.0.0.1:0\"\n",
+        "[registry]\nlisten = \"127.0.0.1:0\"\nexternal = \"http://h1:2379\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let err = refused(dir.path());
+    assert!(
+        err.contains("registry.external: registry address \"http://h1:2379\""),
+        "{err}"
+    );
+}
+
 /// Runs `keel up` in `dir`, which must refuse to start; what it wrote to stderr.
 fn refused(dir: &std::path::Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
