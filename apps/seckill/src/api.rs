@@ -5,7 +5,6 @@
 //! start time, per-user limit) is journaled here; stock is held by the inventory, orders by
 //! the orders service, both reached over Keel RPC.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -14,213 +13,14 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use keel_cache::TwoLevel;
 use keel_rpc::Code;
-use keel_store::{Journal, JournalOptions, StoreError};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::orders_service::now_ms;
 use crate::peers::Transport;
 use crate::proto;
 
-/// An item of the sale, as the catalog keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ItemDef {
-    /// Its id.
-    pub item_id: String,
-    /// Display name.
-    pub name: String,
-    /// Price in cents.
-    pub price_cents: u64,
-    /// Units for sale.
-    pub stock: u64,
-    /// Unix time (ms) the sale opens.
-    pub starts_at_ms: u64,
-    /// Units one user may buy.
-    pub per_user_limit: u32,
-    /// The shards holding its stock, in the order of their shares (empty in items written
-    /// before shards existed: the API's first shard holds it all).
-    #[serde(default)]
-    pub shards: Vec<String>,
-}
-
-/// Units of an item moved from one shard to another whose share sold out first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Transfer {
-    /// Unique; the inventories' idempotency key.
-    pub id: String,
-    /// The item.
-    pub item_id: String,
-    /// The shard giving units.
-    pub from: String,
-    /// The shard receiving them.
-    pub to: String,
-    /// Units asked for (the giver may have fewer).
-    pub units: u64,
-}
-
-/// The catalog journal's other records (items are stored as plain [`ItemDef`]s).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum CatalogOp {
-    /// A transfer about to start.
-    Transfer(Transfer),
-    /// A transfer finished (by id).
-    TransferDone(String),
-    /// An item taken out of the storefront (by id); its orders stay.
-    Hidden(String),
-    /// An item nobody had reserved, dropped from the catalog (by id).
-    Removed(String),
-}
-
-/// The journaled list of items, and the transfers between shards not known to be finished.
-#[derive(Debug)]
-pub struct Catalog {
-    journal: Journal,
-    items: Mutex<Vec<ItemDef>>,
-    /// Items out of the storefront (their orders stay readable).
-    hidden: Mutex<std::collections::BTreeSet<String>>,
-    pending: Mutex<std::collections::BTreeMap<String, Transfer>>,
-}
-
-impl Catalog {
-    /// Opens the catalog in `dir`. Blocking.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Catalog, StoreError> {
-        let (journal, recovered) = Journal::open(dir, JournalOptions::default())?;
-        let mut items: Vec<ItemDef> = Vec::new();
-        let mut hidden = std::collections::BTreeSet::new();
-        let mut pending = std::collections::BTreeMap::new();
-        for r in &recovered.records {
-            if let Ok(item) = serde_json::from_slice::<ItemDef>(&r.payload) {
-                items.push(item);
-            } else {
-                match serde_json::from_slice::<CatalogOp>(&r.payload) {
-                    Ok(CatalogOp::Transfer(t)) => {
-                        pending.insert(t.id.clone(), t);
-                    }
-                    Ok(CatalogOp::TransferDone(id)) => {
-                        pending.remove(&id);
-                    }
-                    Ok(CatalogOp::Hidden(id)) => {
-                        hidden.insert(id);
-                    }
-                    Ok(CatalogOp::Removed(id)) => {
-                        items.retain(|i| i.item_id != id);
-                        hidden.remove(&id);
-                    }
-                    Err(e) => {
-                        tracing::warn!(index = r.index, error = %e, "unreadable catalog record skipped")
-                    }
-                }
-            }
-        }
-        Ok(Catalog {
-            journal,
-            items: Mutex::new(items),
-            hidden: Mutex::new(hidden),
-            pending: Mutex::new(pending),
-        })
-    }
-
-    /// Adds an item; returns once durable.
-    pub async fn add(&self, item: ItemDef) -> Result<(), StoreError> {
-        let appended = {
-            let mut items = self.items.lock();
-            let a = self
-                .journal
-                .append(serde_json::to_vec(&item).unwrap_or_default())?;
-            items.push(item);
-            a
-        };
-        appended.await.map(|_| ())
-    }
-
-    /// Records a transfer before it starts; returns once durable.
-    pub async fn begin_transfer(&self, transfer: &Transfer) -> Result<(), StoreError> {
-        let appended = {
-            let mut pending = self.pending.lock();
-            let op = CatalogOp::Transfer(transfer.clone());
-            let a = self
-                .journal
-                .append(serde_json::to_vec(&op).unwrap_or_default())?;
-            pending.insert(transfer.id.clone(), transfer.clone());
-            a
-        };
-        appended.await.map(|_| ())
-    }
-
-    /// Records that a transfer finished.
-    pub async fn end_transfer(&self, id: &str) -> Result<(), StoreError> {
-        let appended = {
-            let mut pending = self.pending.lock();
-            if pending.remove(id).is_none() {
-                return Ok(());
-            }
-            let op = CatalogOp::TransferDone(id.to_owned());
-            self.journal
-                .append(serde_json::to_vec(&op).unwrap_or_default())?
-        };
-        appended.await.map(|_| ())
-    }
-
-    /// Takes an item out of the storefront; returns once durable. Its orders stay.
-    pub async fn hide(&self, item_id: &str) -> Result<(), StoreError> {
-        let appended = {
-            let mut hidden = self.hidden.lock();
-            let op = CatalogOp::Hidden(item_id.to_owned());
-            let a = self
-                .journal
-                .append(serde_json::to_vec(&op).unwrap_or_default())?;
-            hidden.insert(item_id.to_owned());
-            a
-        };
-        appended.await.map(|_| ())
-    }
-
-    /// Drops an item from the catalog; returns once durable.
-    pub async fn remove(&self, item_id: &str) -> Result<(), StoreError> {
-        let appended = {
-            let mut items = self.items.lock();
-            let op = CatalogOp::Removed(item_id.to_owned());
-            let a = self
-                .journal
-                .append(serde_json::to_vec(&op).unwrap_or_default())?;
-            items.retain(|i| i.item_id != item_id);
-            self.hidden.lock().remove(item_id);
-            a
-        };
-        appended.await.map(|_| ())
-    }
-
-    /// Whether an item is out of the storefront.
-    pub fn is_hidden(&self, item_id: &str) -> bool {
-        self.hidden.lock().contains(item_id)
-    }
-
-    /// An item the storefront shows.
-    pub fn shown(&self, item_id: &str) -> Option<ItemDef> {
-        self.get(item_id).filter(|i| !self.is_hidden(&i.item_id))
-    }
-
-    /// Transfers begun and not known to be finished.
-    pub fn pending_transfers(&self) -> Vec<Transfer> {
-        self.pending.lock().values().cloned().collect()
-    }
-
-    /// An item.
-    pub fn get(&self, item_id: &str) -> Option<ItemDef> {
-        self.items
-            .lock()
-            .iter()
-            .find(|i| i.item_id == item_id)
-            .cloned()
-    }
-
-    /// All items, oldest first.
-    pub fn all(&self) -> Vec<ItemDef> {
-        self.items.lock().clone()
-    }
-}
+pub use crate::catalog::{Catalog, CatalogError, ItemDef, Transfer};
 
 /// One shard of the sale: an inventory instance with its share of every item's stock, and
 /// the orders instance that turns its reservations into orders. The shard's name prefixes
@@ -788,7 +588,12 @@ impl Api {
                     futures_util::future::join_all(items.iter().map(|i| self.item_json(i))).await;
                 reply(StatusCode::OK, &Value::from(out))
             }
-            (Method::GET, ["api", "items", id]) => match self.catalog.shown(id) {
+            (Method::GET, ["api", "items", id]) => match self
+                .catalog
+                .find(id)
+                .await
+                .filter(|i| !self.catalog.is_hidden(&i.item_id))
+            {
                 Some(item) => reply(StatusCode::OK, &self.item_json(&item).await),
                 None => fail(StatusCode::NOT_FOUND, "not_found", format!("no item {id}")),
             },
@@ -954,25 +759,31 @@ impl Api {
                     Err(e) => return upstream(&e),
                 }
             }
-            break item_id;
+            let item = ItemDef {
+                item_id: item_id.clone(),
+                name: name.to_owned(),
+                price_cents: price,
+                stock,
+                starts_at_ms,
+                per_user_limit,
+                shards: self
+                    .shards
+                    .iter()
+                    .take(shares.len())
+                    .map(|s| s.name.clone())
+                    .collect(),
+            };
+            match self.catalog.add(item).await {
+                Ok(()) => break item_id,
+                // Another API took this id a moment ago (its stock was made in the shards
+                // with the same settings, or refused as taken): try the next one.
+                Err(CatalogError::Taken(_)) if number < 1_000_000 => {
+                    number += 1;
+                    continue 'pick;
+                }
+                Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e),
+            }
         };
-        let item = ItemDef {
-            item_id: item_id.clone(),
-            name: name.to_owned(),
-            price_cents: price,
-            stock,
-            starts_at_ms,
-            per_user_limit,
-            shards: self
-                .shards
-                .iter()
-                .take(shares.len())
-                .map(|s| s.name.clone())
-                .collect(),
-        };
-        if let Err(e) = self.catalog.add(item).await {
-            return fail(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e);
-        }
         // An item that opens later: its opening time to the gateway's gate, which then
         // refuses early buyers before they reach this API (which refuses them too).
         if starts_at_ms > now_ms()
@@ -1013,7 +824,12 @@ impl Api {
             // Without one, every request is a new purchase attempt.
             None => format!("auto-{}-{:x}", now_ms(), crate::random_u64()),
         };
-        let Some(item) = self.catalog.shown(item_id) else {
+        let Some(item) = self
+            .catalog
+            .find(item_id)
+            .await
+            .filter(|i| !self.catalog.is_hidden(&i.item_id))
+        else {
             return fail(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -1114,7 +930,7 @@ impl Api {
     /// nobody had reserved any of it, it is dropped from the catalog too, else it stays
     /// (hidden) so its orders can still be read, paid and shipped.
     async fn take_down(&self, item_id: &str) -> Answer {
-        let Some(item) = self.catalog.get(item_id) else {
+        let Some(item) = self.catalog.find(item_id).await else {
             return fail(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -1394,7 +1210,7 @@ impl Api {
     }
 
     async fn audit(&self, item_id: &str) -> Answer {
-        let Some(item) = self.catalog.get(item_id) else {
+        let Some(item) = self.catalog.find(item_id).await else {
             return fail(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -1488,9 +1304,11 @@ pub async fn follow_stock_changes(cache: TwoLevel<u64>, registry: keel_registry:
     while let Some(change) = changes.recv().await {
         let items: Vec<String> = match change {
             // The first list, or one after a gap: whatever it names may have changed.
-            ConfigChange::Reset(entries) => entries.iter().filter_map(|e| item(&e.key)).collect(),
+            ConfigChange::Reset { entries, .. } => {
+                entries.iter().filter_map(|e| item(&e.key)).collect()
+            }
             ConfigChange::Put(entry) => item(&entry.key).into_iter().collect(),
-            ConfigChange::Delete(_) => Vec::new(),
+            ConfigChange::Delete { .. } => Vec::new(),
         };
         for item in items {
             cache.invalidate(&item).await;

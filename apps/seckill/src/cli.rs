@@ -208,6 +208,75 @@ fn sale_id(dir: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
+/// The API's catalog and the sale's id: with a naming service, both shared by every API
+/// there (a catalog in `data_dir` from a sale that ran without one is copied in, once); without
+/// one, in `data_dir`.
+async fn open_catalog(
+    peers: &Peers,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(crate::api::Catalog, String, Option<keel_store::DirLock>)> {
+    let Some(naming) = peers.registry() else {
+        let catalog = crate::api::Catalog::open(data_dir)
+            .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
+        return Ok((catalog, sale_id(data_dir)?, None));
+    };
+    // The directory stays this process's while it runs, as with a local catalog.
+    let lock = keel_store::DirLock::acquire(data_dir)
+        .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
+    let catalog = crate::api::Catalog::shared(naming.clone())
+        .await
+        .context("opening the catalog in the naming service")?;
+    // A local catalog is copied once; the marker keeps a later start (after items were
+    // removed from the shared one, say) from copying it again.
+    let moved = data_dir.join("catalog-moved");
+    let holds_more_than_the_lock = data_dir.read_dir().is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name() != keel_store::lock::LOCK_FILE)
+    });
+    let mut lock = Some(lock);
+    if !moved.exists() && holds_more_than_the_lock {
+        // The local journal takes the directory's lock itself.
+        drop(lock.take());
+        let local = crate::api::Catalog::open(data_dir)
+            .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
+        let copied = catalog.import(&local).await?;
+        std::fs::write(&moved, b"the catalog is in the naming service\n")
+            .with_context(|| format!("writing {}", moved.display()))?;
+        if copied > 0 {
+            tracing::info!(copied, dir = %data_dir.display(), "the catalog moved into the naming service");
+        }
+        drop(local);
+        lock = Some(
+            keel_store::DirLock::acquire(data_dir)
+                .with_context(|| format!("opening the catalog in {}", data_dir.display()))?,
+        );
+    }
+    // The sale's id (it names the stock cache's shared entries): the first API's, or the one
+    // the local directory had.
+    let mine = match std::fs::read_to_string(data_dir.join("sale-id")) {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+        _ => format!("{:016x}", crate::random_u64()),
+    };
+    let key = "seckill/sale-id";
+    use keel_registry::NamingBackend as _;
+    let sale = match naming
+        .put_config_if(peers::NAMESPACE, key, mine.clone().into_bytes().into(), 0)
+        .await
+    {
+        Ok(_) => mine,
+        Err(e) if e.code() == keel_rpc::Code::FailedPrecondition => {
+            let entry = naming
+                .get_config(peers::NAMESPACE, key)
+                .await
+                .context("reading the sale's id")?
+                .context("the sale's id vanished")?;
+            String::from_utf8_lossy(&entry.value).into_owned()
+        }
+        Err(e) => return Err(anyhow::anyhow!("recording the sale's id: {e}")),
+    };
+    Ok((catalog, sale, lock))
+}
+
 /// Deregisters what `registrations` holds (a process stopping leaves the registry at once
 /// instead of when its lease runs out).
 async fn deregister(registrations: Vec<keel_registry::Registration<keel_registry::Naming>>) {
@@ -240,14 +309,12 @@ pub fn run(role: Role) -> anyhow::Result<()> {
                         "the admin token is needed: set {ADMIN_TOKEN_ENV} or --admin-token-file"
                     )
                 })?;
-            let catalog = crate::api::Catalog::open(&data_dir)
-                .with_context(|| format!("opening the catalog in {}", data_dir.display()))?;
-            let sale = sale_id(&data_dir)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
                 let peers = Peers::connect(registry.as_deref()).await?;
+                let (catalog, sale, _lock) = open_catalog(&peers, &data_dir).await?;
                 let mut shards = Vec::new();
                 for (name, address) in inventories {
                     let orders_address = orders

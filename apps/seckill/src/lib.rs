@@ -10,6 +10,8 @@
 //!   `proto/inventory.proto`), run by the `keel-seckill inventory` process;
 //! - [`api`]: the sale's HTTP API (the contract served behind the gateway) and the catalog,
 //!   run by `keel-seckill api`;
+//! - [`catalog`]: the items, kept in a local journal or shared by every API in the naming
+//!   service;
 //! - [`orders_pg`]: the order book in PostgreSQL (the scale-out profile), shared by several
 //!   orders instances;
 //! - [`orders_service`]: the order book as `keel.seckill.v1.Orders`, with its background work
@@ -23,6 +25,7 @@
 //! `keel up` (in the `keel` crate) runs them as separate processes behind the gateway.
 
 pub mod api;
+pub mod catalog;
 pub mod cli;
 pub mod inventory;
 pub mod metrics;

@@ -170,7 +170,7 @@ async fn follow(gate: Weak<Gate>, config: GateConfig) {
             return;
         };
         match change {
-            ConfigChange::Reset(entries) => gate.apply(
+            ConfigChange::Reset { entries, .. } => gate.apply(
                 entries.into_iter().map(|c| {
                     let opens = parse_time(&c.value);
                     (c.key, opens)
@@ -181,7 +181,7 @@ async fn follow(gate: Weak<Gate>, config: GateConfig) {
                 let opens = parse_time(&c.value);
                 gate.apply([(c.key, opens)], false);
             }
-            ConfigChange::Delete(key) => gate.apply([(key, None)], false),
+            ConfigChange::Delete { key, .. } => gate.apply([(key, None)], false),
         }
     }
 }

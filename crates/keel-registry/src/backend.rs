@@ -75,6 +75,22 @@ pub trait NamingBackend: Send + Sync + 'static {
         key: &str,
         value: Bytes,
     ) -> impl Future<Output = Result<ConfigEntry, Status>> + Send;
+    /// Sets a config value only if it is at `expected_version` now (0: only if it is not set);
+    /// `failed_precondition` otherwise.
+    fn put_config_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        expected_version: u64,
+    ) -> impl Future<Output = Result<ConfigEntry, Status>> + Send;
+    /// Removes a config value; returns the revision of the deletion (nothing happens if it
+    /// is not set, and the revision is 0).
+    fn delete_config(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<u64, Status>> + Send;
     /// A config value, if set.
     fn get_config(
         &self,
@@ -276,6 +292,34 @@ impl<T: CallTransport> NamingBackend for RegistryHandle<T> {
             expected_version: None,
         };
         self.client().put_config_with(&req, self.options()).await
+    }
+
+    async fn put_config_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        expected_version: u64,
+    ) -> Result<ConfigEntry, Status> {
+        let req = PutConfigRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+            value,
+            expected_version: Some(expected_version),
+        };
+        self.client().put_config_with(&req, self.options()).await
+    }
+
+    async fn delete_config(&self, namespace: &str, key: &str) -> Result<u64, Status> {
+        let req = ConfigRef {
+            namespace: namespace.into(),
+            key: key.into(),
+        };
+        match self.client().delete_config_with(&req, self.options()).await {
+            Ok(reply) => Ok(reply.revision),
+            Err(e) if e.code() == Code::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     async fn get_config(&self, namespace: &str, key: &str) -> Result<Option<ConfigEntry>, Status> {

@@ -496,11 +496,33 @@ mod tests {
 pub enum ConfigChange {
     /// Every entry under the prefix now: replace what you have. Comes first, and again after
     /// a break whose changes the registry no longer keeps.
-    Reset(Vec<proto::ConfigEntry>),
-    /// An entry set.
+    Reset {
+        /// The entries.
+        entries: Vec<proto::ConfigEntry>,
+        /// The revision they are current at.
+        revision: u64,
+    },
+    /// An entry set (at its `revision`).
     Put(proto::ConfigEntry),
-    /// An entry deleted (its key).
-    Delete(String),
+    /// An entry deleted.
+    Delete {
+        /// Its key.
+        key: String,
+        /// The revision of the deletion.
+        revision: u64,
+    },
+}
+
+impl ConfigChange {
+    /// The revision the follower is at once it has applied this change.
+    pub fn revision(&self) -> u64 {
+        match self {
+            ConfigChange::Reset { revision, .. } | ConfigChange::Delete { revision, .. } => {
+                *revision
+            }
+            ConfigChange::Put(entry) => entry.revision,
+        }
+    }
 }
 
 /// Follows the config entries under `prefix` in `namespace`: a [`ConfigChange::Reset`] with
@@ -543,13 +565,19 @@ pub fn follow_config<B: NamingBackend + Clone>(
                 backoff = Duration::from_millis(100);
                 revision = revision.max(event.revision);
                 let change = match EventKind::try_from(event.kind) {
-                    Ok(EventKind::Reset) => ConfigChange::Reset(event.configs),
+                    Ok(EventKind::Reset) => ConfigChange::Reset {
+                        entries: event.configs,
+                        revision: event.revision,
+                    },
                     Ok(EventKind::Put) => match event.config {
                         Some(c) => ConfigChange::Put(c),
                         None => continue,
                     },
                     Ok(EventKind::Delete) => match event.config {
-                        Some(c) => ConfigChange::Delete(c.key),
+                        Some(c) => ConfigChange::Delete {
+                            key: c.key,
+                            revision: event.revision,
+                        },
                         None => continue,
                     },
                     _ => continue,

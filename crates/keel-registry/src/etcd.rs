@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{
-    Client, EventType, GetOptions, LeaderKey, LeaseKeepAliveStream, LeaseKeeper, LockOptions,
-    PutOptions, ResignOptions, SortOrder, SortTarget, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, EventType, GetOptions, LeaderKey, LeaseKeepAliveStream,
+    LeaseKeeper, LockOptions, PutOptions, ResignOptions, SortOrder, SortTarget, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 use futures_util::StreamExt;
 use keel_rpc::Status;
@@ -387,6 +388,50 @@ impl NamingBackend for EtcdBackend {
             version: resp.prev_key().map_or(0, |kv| kv.version() as u64) + 1,
             revision: resp.header().map_or(0, |h| h.revision() as u64),
         })
+    }
+
+    async fn put_config_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        expected_version: u64,
+    ) -> Result<ConfigEntry, Status> {
+        let full = self.config_key(namespace, key);
+        let txn = Txn::new()
+            .when([Compare::version(
+                full.clone(),
+                CompareOp::Equal,
+                expected_version as i64,
+            )])
+            .and_then([TxnOp::put(full.clone(), value.to_vec(), None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(status)?;
+        if !resp.succeeded() {
+            return Err(Status::new(
+                keel_rpc::Code::FailedPrecondition,
+                format!("config {key:?} is not at version {expected_version}"),
+            ));
+        }
+        Ok(ConfigEntry {
+            namespace: crate::etcd::namespace(namespace).to_owned(),
+            key: key.to_owned(),
+            value,
+            version: expected_version + 1,
+            revision: resp.header().map_or(0, |h| h.revision() as u64),
+        })
+    }
+
+    async fn delete_config(&self, namespace: &str, key: &str) -> Result<u64, Status> {
+        let resp = self
+            .client
+            .clone()
+            .delete(self.config_key(namespace, key), None)
+            .await
+            .map_err(status)?;
+        if resp.deleted() == 0 {
+            return Ok(0);
+        }
+        Ok(resp.header().map_or(0, |h| h.revision() as u64))
     }
 
     async fn get_config(&self, namespace: &str, key: &str) -> Result<Option<ConfigEntry>, Status> {

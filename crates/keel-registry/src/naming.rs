@@ -157,6 +157,20 @@ impl NamingBackend for Naming {
         either!(self, b => b.put_config(namespace, key, value))
     }
 
+    async fn put_config_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        expected_version: u64,
+    ) -> Result<ConfigEntry, Status> {
+        either!(self, b => b.put_config_if(namespace, key, value, expected_version))
+    }
+
+    async fn delete_config(&self, namespace: &str, key: &str) -> Result<u64, Status> {
+        either!(self, b => b.delete_config(namespace, key))
+    }
+
     async fn get_config(&self, namespace: &str, key: &str) -> Result<Option<ConfigEntry>, Status> {
         either!(self, b => b.get_config(namespace, key))
     }

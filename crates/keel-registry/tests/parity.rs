@@ -248,6 +248,32 @@ async fn config_is_versioned<B: NamingBackend>(b: &B) {
     assert_eq!((v1.version, v2.version), (1, 2));
     let got = b.get_config(NS, "limits").await.unwrap().unwrap();
     assert_eq!((&got.value[..], got.version), (&b"20"[..], 2));
+    // Compare-and-set: only at the expected version (0: only a new key).
+    let err = b
+        .put_config_if(NS, "limits", "30".into(), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let v3 = b.put_config_if(NS, "limits", "30".into(), 2).await.unwrap();
+    assert_eq!(v3.version, 3);
+    let err = b
+        .put_config_if(NS, "limits", "x".into(), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let fresh = b.put_config_if(NS, "fresh", "1".into(), 0).await.unwrap();
+    assert_eq!(fresh.version, 1);
+    // Deleting removes the entry, and deleting again is no error.
+    assert!(b.delete_config(NS, "fresh").await.unwrap() > 0);
+    assert_eq!(b.delete_config(NS, "fresh").await.unwrap(), 0);
+    assert!(b.get_config(NS, "fresh").await.unwrap().is_none());
+    assert_eq!(
+        b.put_config_if(NS, "fresh", "2".into(), 0)
+            .await
+            .unwrap()
+            .version,
+        1
+    );
 }
 
 async fn config_changes_are_followed<B: NamingBackend + Clone>(b: &B) {
@@ -262,7 +288,7 @@ async fn config_changes_are_followed<B: NamingBackend + Clone>(b: &B) {
             .expect("the follower runs")
     };
     match next(&mut changes).await {
-        ConfigChange::Reset(entries) => {
+        ConfigChange::Reset { entries, .. } => {
             let got: Vec<(String, Vec<u8>)> = entries
                 .into_iter()
                 .map(|e| (e.key, e.value.to_vec()))
@@ -284,6 +310,11 @@ async fn config_changes_are_followed<B: NamingBackend + Clone>(b: &B) {
             ("open/a", &b"3"[..], 2)
         ),
         other => panic!("expected open/a, got {other:?}"),
+    }
+    b.delete_config(NS, "open/b").await.unwrap();
+    match next(&mut changes).await {
+        ConfigChange::Delete { key, .. } => assert_eq!(key, "open/b"),
+        other => panic!("expected open/b deleted, got {other:?}"),
     }
     // A watch resumed after open/b's revision starts with what came after it.
     let mut resumed = b.watch_config(NS, "open/", b_put.revision).await.unwrap();

@@ -238,7 +238,9 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
             let candidates: Vec<(&String, &u32)> = pids
                 .iter()
                 .filter(|(name, _)| {
-                    name.starts_with("inventory") || name.starts_with("orders") || *name == "api"
+                    name.starts_with("inventory")
+                        || name.starts_with("orders")
+                        || name.starts_with("api")
                 })
                 .collect();
             let (victim, pid) = candidates

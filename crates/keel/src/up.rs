@@ -92,10 +92,11 @@ impl Default for LimitsSection {
     }
 }
 
-/// `[scale]`: how many inventory shards and orders instances run. Each item's stock is split
-/// over the shards; orders instance j follows shards j, j + orders, ... The counts are fixed
-/// once a data directory holds a sale (changing them would move shards' orders to another
-/// order book), and `keel up` refuses to start with other counts.
+/// `[scale]`: how many inventory shards, orders instances and APIs run. Each item's stock is
+/// split over the shards; orders instance j follows shards j, j + orders, ... The shard and
+/// orders counts are fixed once a data directory holds a sale (changing them would move
+/// shards' orders to another order book), and `keel up` refuses to start with other counts;
+/// the APIs share the catalog (in the registry) and may be as many as wanted, run to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Scale {
@@ -103,6 +104,8 @@ pub struct Scale {
     pub inventory: u32,
     /// Orders instances (1 to the number of shards).
     pub orders: u32,
+    /// API instances (1 to 8), behind the gateway's pool.
+    pub api: u32,
 }
 
 impl Default for Scale {
@@ -110,6 +113,7 @@ impl Default for Scale {
         Scale {
             inventory: 2,
             orders: 2,
+            api: 1,
         }
     }
 }
@@ -127,7 +131,8 @@ impl Scale {
             match kind {
                 "inventory" => self.inventory = n,
                 "orders" => self.orders = n,
-                _ => bail!("--scale {setting:?}: the kinds are inventory and orders"),
+                "api" => self.api = n,
+                _ => bail!("--scale {setting:?}: the kinds are inventory, orders and api"),
             }
         }
         self.check()
@@ -142,6 +147,9 @@ impl Scale {
                 "scale: orders must be 1 to the number of inventory shards ({})",
                 self.inventory
             );
+        }
+        if !(1..=8).contains(&self.api) {
+            bail!("scale: api must be 1 to 8");
         }
         Ok(())
     }
@@ -617,7 +625,7 @@ fn check_topology(data: &Path, scale: Scale) -> anyhow::Result<()> {
         Ok(text) => {
             let before: Scale = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid", file.display()))?;
-            if before != scale {
+            if (before.inventory, before.orders) != (scale.inventory, scale.orders) {
                 bail!(
                     "{} holds a sale made with {} inventory shards and {} orders instances; \
                      changing the counts would move orders between order books (use another \
@@ -764,7 +772,6 @@ async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
 /// and its port is free, and the data directory can be written.
 fn preflight(config: &UpConfig) -> anyhow::Result<()> {
     let mut addresses = vec![
-        ("api.listen", config.api.listen.clone()),
         ("gateway.listen", config.gateway.listen.clone()),
         ("gateway.admin", config.gateway.admin.clone()),
     ];
@@ -783,6 +790,9 @@ fn preflight(config: &UpConfig) -> anyhow::Result<()> {
     }
     for j in 0..config.scale.orders {
         addresses.push(("orders.listen", nth_address(&config.orders.listen, j)?));
+    }
+    for k in 0..config.scale.api {
+        addresses.push(("api.listen", nth_address(&config.api.listen, k)?));
     }
     let mut seen = std::collections::HashSet::new();
     for (field, address) in &addresses {
@@ -969,36 +979,43 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         .await?;
     }
 
-    let mut args = vec![
-        "seckill".into(),
-        "api".into(),
-        "--addr".into(),
-        config.api.listen.clone(),
-        "--data-dir".into(),
-        dir("catalog"),
-        "--registry".into(),
-        registry.clone(),
-        "--cache-ttl-ms".into(),
-        config.cache.ttl_ms.to_string(),
-    ];
-    if let Some(url) = &config.cache.redis {
-        args.extend(["--cache-redis".into(), url.clone()]);
+    // The APIs: they share the catalog in the registry, so any number serve the same sale.
+    for k in 0..config.scale.api {
+        let (name, catalog) = match k {
+            0 => ("api".to_owned(), dir("catalog")),
+            k => (format!("api-{k}"), dir(&format!("catalog-{k}"))),
+        };
+        let mut args = vec![
+            "seckill".into(),
+            "api".into(),
+            "--addr".into(),
+            nth_address(&config.api.listen, k)?,
+            "--data-dir".into(),
+            catalog,
+            "--registry".into(),
+            registry.clone(),
+            "--cache-ttl-ms".into(),
+            config.cache.ttl_ms.to_string(),
+        ];
+        if let Some(url) = &config.cache.redis {
+            args.extend(["--cache-redis".into(), url.clone()]);
+        }
+        for shard in &shards {
+            args.extend(["--inventory".into(), shard.clone()]);
+        }
+        launch(
+            Part {
+                name,
+                args,
+                env: vec![(
+                    keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
+                    config.admin_token.clone(),
+                )],
+            },
+            &mut parts,
+        )
+        .await?;
     }
-    for shard in &shards {
-        args.extend(["--inventory".into(), shard.clone()]);
-    }
-    launch(
-        Part {
-            name: "api".into(),
-            args,
-            env: vec![(
-                keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
-                config.admin_token.clone(),
-            )],
-        },
-        &mut parts,
-    )
-    .await?;
 
     // The gateway in front: the API instances (found in the registry) behind /api/, with a
     // bounded queue in front of them.
@@ -1041,7 +1058,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     // exited: the gateway and the API (no new work), the orders (which read the inventory),
     // the inventory, and the registry last (so the others can still deregister).
     let stage = |name: &str| match name {
-        "gateway" | "api" => 0,
+        n if n == "gateway" || n.starts_with("api") => 0,
         n if n.starts_with("orders") => 1,
         n if n.starts_with("inventory") => 2,
         _ => 3,
@@ -1128,7 +1145,12 @@ mod tests {
         assert_eq!((scale.inventory, scale.orders), (4, 3));
         assert!(scale.clone().apply(&["orders=5".into()]).is_err());
         assert!(scale.clone().apply(&["inventory=0".into()]).is_err());
-        assert!(scale.clone().apply(&["api=2".into()]).is_err());
+        let mut three = scale;
+        three.apply(&["api=3".into()]).unwrap();
+        assert_eq!(three.api, 3);
+        assert!(scale.clone().apply(&["api=0".into()]).is_err());
+        assert!(scale.clone().apply(&["api=9".into()]).is_err());
+        assert!(scale.clone().apply(&["chat=2".into()]).is_err());
         assert!(scale.clone().apply(&["inventory".into()]).is_err());
         assert_eq!(nth_address("127.0.0.1:7200", 3).unwrap(), "127.0.0.1:7203");
         assert_eq!(nth_address("127.0.0.1:0", 3).unwrap(), "127.0.0.1:0");

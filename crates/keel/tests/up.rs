@@ -247,3 +247,122 @@ fn a_ctrl_c_while_the_parts_start_stops_them_in_order() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The count of `outcome` buys in an API's `/metrics`.
+fn buys(api: &str, outcome: &str) -> u64 {
+    let (status, text) = call(api, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{text}");
+    let needle = format!("keel_sale_buys_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[test]
+fn several_apis_share_the_catalog_and_the_gateway_balances_over_them() {
+    let dir = common::configured(
+        "buy_per_ip_per_second = 0\nbuy_per_user_per_second = 0\n",
+        "",
+    );
+    let config = dir.path().join("keel.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[scale]\napi = 2\n");
+    std::fs::write(&config, text).unwrap();
+    let up = Up::run_in(dir);
+    let gw = up.gateway.clone();
+    let (a, b) = (up.addrs["api"].clone(), up.addrs["api-1"].clone());
+    // An item made through the gateway is known to both APIs.
+    let (status, created) = call(
+        &gw,
+        "POST",
+        "/api/admin/items",
+        r#"{"name": "Kettle", "price_cents": 2500, "stock": 10}"#,
+    );
+    assert_eq!(status, 201, "{created}");
+    for api in [&a, &b] {
+        let (status, body) = call(api, "GET", "/api/items/item-1", "");
+        assert_eq!(status, 200, "{api}: {body}");
+    }
+    // Items made on both APIs at once get distinct ids, and both list them all.
+    let makers: Vec<_> = (0..12)
+        .map(|i| {
+            let api = if i % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || {
+                let (status, body) = call(
+                    &api,
+                    "POST",
+                    "/api/admin/items",
+                    &format!(r#"{{"name": "Lamp {i}", "price_cents": 900, "stock": 4}}"#),
+                );
+                assert_eq!(status, 201, "{body}");
+                serde_json::from_str::<serde_json::Value>(&body).unwrap()["item_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+        })
+        .collect();
+    let mut ids: Vec<String> = makers.into_iter().map(|m| m.join().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 12, "{ids:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for api in [&a, &b] {
+        loop {
+            let (_, body) = call(api, "GET", "/api/items", "");
+            let listed = serde_json::from_str::<serde_json::Value>(&body).unwrap();
+            if listed.as_array().unwrap().len() == 13 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{api}: {body}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A sale through the gateway reaches both APIs, and is checked whole.
+    let summary = common::bench_with(
+        &gw,
+        &["--buyers", "400", "--stock", "100", "--concurrency", "16"],
+    );
+    assert_eq!(
+        (summary["oversold"].as_u64(), summary["lost_acks"].as_u64()),
+        (Some(0), Some(0)),
+        "{summary}"
+    );
+    assert!(summary["ok"].as_bool().unwrap(), "{summary}");
+    let (on_a, on_b) = (
+        buys(&a, "ok") + buys(&a, "sold_out"),
+        buys(&b, "ok") + buys(&b, "sold_out"),
+    );
+    assert!(on_a > 0 && on_b > 0, "buys per API: {on_a} and {on_b}");
+    // One API SIGKILLed in the middle of a sale: the other goes on, nothing is lost.
+    let sale = {
+        let gw = gw.clone();
+        std::thread::spawn(move || {
+            common::bench_with(
+                &gw,
+                &["--buyers", "2000", "--stock", "500", "--rate", "500"],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let victim = up.started["api-1"];
+    assert!(
+        Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let summary = sale.join().unwrap();
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64(),
+            summary["ok"].as_bool()
+        ),
+        (Some(500), Some(0), Some(0), Some(true)),
+        "{summary}"
+    );
+    drop(up);
+}
