@@ -21,7 +21,9 @@ use serde_json::{Value, json};
 /// Arguments of `keel bench seckill`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct SeckillBenchArgs {
-    /// The gateway (`keel up` prints it).
+    /// The gateway (`keel up` prints it): HOST:PORT. A name that resolves to several
+    /// addresses (DNS load balancing over several gateways) spreads the buyers over them, and
+    /// a buyer whose gateway stops answering moves to the next.
     #[arg(long, default_value = "127.0.0.1:8080")]
     gateway: String,
     /// The admin token. Without it, KEEL_ADMIN_TOKEN, else the `admin_token` of the
@@ -80,6 +82,72 @@ async fn call(
     ))
 }
 
+/// The gateways' addresses, as the name given resolves.
+struct Gateways(Vec<std::net::SocketAddr>);
+
+impl Gateways {
+    async fn resolve(gateway: &str) -> anyhow::Result<Gateways> {
+        use anyhow::Context as _;
+        let mut addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(gateway)
+            .await
+            .with_context(|| format!("resolving the gateway {gateway:?}"))?
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        anyhow::ensure!(
+            !addrs.is_empty(),
+            "the gateway {gateway:?} resolves to no address"
+        );
+        Ok(Gateways(addrs))
+    }
+
+    /// [`call`] through the gateways, starting with the `n`-th (so buyers spread over them)
+    /// and moving on while one cannot be connected to.
+    async fn call(
+        &self,
+        client: &HttpClient,
+        n: u64,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let count = self.0.len();
+        let mut last = None;
+        for k in 0..count {
+            let addr = self.0[(n as usize + k) % count].to_string();
+            let answer = tokio::time::timeout(
+                GATEWAY_PATIENCE,
+                call(client, &addr, method, path, headers, body.clone()),
+            )
+            .await;
+            match answer {
+                // A gateway cut off: the next one (the request, if it got there, is in doubt;
+                // sent again with its request id it gets the decision made).
+                Err(_) if k + 1 < count => {
+                    last = Some(anyhow::anyhow!(
+                        "{addr} did not answer in {GATEWAY_PATIENCE:?}"
+                    ));
+                }
+                Err(_) => anyhow::bail!("{addr} did not answer in {GATEWAY_PATIENCE:?}"),
+                Ok(Err(e)) if is_connect_error(&e) => last = Some(e),
+                Ok(other) => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no gateway address")))
+    }
+}
+
+/// How long a request waits for a gateway's answer before the next gateway is tried (with
+/// several), or it counts as unanswered.
+const GATEWAY_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whether `e` is a failure to connect (nothing was sent).
+fn is_connect_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+}
+
 #[derive(Default)]
 struct Tally {
     attempts: AtomicU64,
@@ -88,6 +156,9 @@ struct Tally {
     limited: AtomicU64,
     rate_limited: AtomicU64,
     errors: AtomicU64,
+    /// Attempts sent again with their request id after a server error (the part that had
+    /// the attempt may have died after deciding it).
+    resent: AtomicU64,
     /// Open loop: arrivals not started because too many buyers were still waiting.
     dropped: AtomicU64,
 }
@@ -95,7 +166,10 @@ struct Tally {
 /// What every buyer shares.
 struct Sale {
     client: HttpClient,
-    gateway: String,
+    gateways: Gateways,
+    /// Per shard, when its buys were answered with a unit (ms since the start).
+    sold_at: Mutex<std::collections::BTreeMap<String, Vec<u64>>>,
+    started: Instant,
     item: String,
     tally: Tally,
     orders: Mutex<Vec<(String, String)>>,
@@ -105,22 +179,48 @@ struct Sale {
 /// Open loop: buyers waiting at once, beyond which arrivals are dropped (and counted).
 const MAX_OPEN_BUYERS: usize = 20_000;
 
+/// How long a buyer keeps sending an attempt the gateway answered with a server error (an
+/// API or a shard's owner died with the attempt in hand, which may have been decided), with
+/// the same request id, as the API's contract asks of a client: the same id gets the
+/// decision that was made, from whichever API and shard owner answers by then.
+const IN_DOUBT_FOR: Duration = Duration::from_secs(15);
+
 /// Buyer `n`: two attempts with different request ids (at most one may get a unit). The
-/// first attempt's latency counts from `since` (its scheduled start in the open loop).
+/// first attempt's latency counts from `since` (its scheduled start in the open loop), and an
+/// attempt's latency includes its resends.
 async fn buyer(sale: &Sale, n: u64, since: Instant) {
     // Named after the item too, so runs against one system never share a user.
     let user = format!("{}-buyer-{n}", sale.item);
     for attempt in 0..2 {
         let t = if attempt == 0 { since } else { Instant::now() };
-        let answer = call(
-            &sale.client,
-            &sale.gateway,
-            "POST",
-            &format!("/api/items/{}/buy", sale.item),
-            &[("x-user-id", user.as_str())],
-            Some(json!({"user_id": user, "request_id": format!("r{attempt}")})),
-        )
-        .await;
+        let give_up = Instant::now() + IN_DOUBT_FOR;
+        let mut wait = Duration::from_millis(50);
+        let answer = loop {
+            let answer = sale
+                .gateways
+                .call(
+                    &sale.client,
+                    n,
+                    "POST",
+                    &format!("/api/items/{}/buy", sale.item),
+                    &[("x-user-id", user.as_str())],
+                    Some(json!({"user_id": user, "request_id": format!("r{attempt}")})),
+                )
+                .await;
+            // In doubt: a server error, or (with other gateways to move to) no answer from a
+            // gateway that had the request. With one gateway that is gone, nothing will
+            // decide it later.
+            let in_doubt = match &answer {
+                Ok((status, _)) => *status >= 500,
+                Err(_) => sale.gateways.0.len() > 1,
+            };
+            if !in_doubt || Instant::now() + wait >= give_up {
+                break answer;
+            }
+            sale.tally.resent.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+        };
         sale.latencies
             .lock()
             .saturating_record(t.elapsed().as_micros() as u64);
@@ -130,6 +230,15 @@ async fn buyer(sale: &Sale, n: u64, since: Instant) {
             Ok((200, body)) => {
                 tally.bought.fetch_add(1, Ordering::Relaxed);
                 let order = body["order_id"].as_str().unwrap_or_default().to_owned();
+                // An order id is `<shard>-<reservation id>`.
+                if let Some((shard, _)) = order.rsplit_once('-') {
+                    let at = sale.started.elapsed().as_millis() as u64;
+                    sale.sold_at
+                        .lock()
+                        .entry(shard.to_owned())
+                        .or_default()
+                        .push(at);
+                }
                 sale.orders.lock().push((order, user.clone()));
             }
             Ok((409, body)) if body["error"] == "sold_out" => {
@@ -168,13 +277,17 @@ fn admin_token(args: &SeckillBenchArgs) -> anyhow::Result<String> {
 }
 
 pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let gw = args.gateway.as_str();
+    let mut connector = HttpConnector::new();
+    // A gateway that is cut off (not refusing, just silent) is left for the next one soon.
+    connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
+    let gateways = Gateways::resolve(&args.gateway).await?;
     let bearer = format!("Bearer {}", admin_token(args)?);
     let admin = [("authorization", bearer.as_str())];
-    let (status, created) = call(
+    let (status, created) = gateways
+        .call(
         &client,
-        gw,
+        0,
         "POST",
         "/api/admin/items",
         &admin,
@@ -190,7 +303,9 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     );
     let sale = Arc::new(Sale {
         client: client.clone(),
-        gateway: args.gateway.clone(),
+        gateways,
+        sold_at: Mutex::new(std::collections::BTreeMap::new()),
+        started: Instant::now(),
         item: item.clone(),
         tally: Tally::default(),
         orders: Mutex::new(Vec::new()),
@@ -199,7 +314,7 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
         )?),
     });
     let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let started = sale.started;
     let progress = {
         let (sale, total) = (sale.clone(), args.buyers);
         tokio::spawn(async move {
@@ -319,16 +434,18 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     // What could not be checked because the system did not answer: never a breach.
     let mut unchecked: Vec<String> = Vec::new();
     loop {
-        let (status, body) = call(
-            &client,
-            gw,
-            "GET",
-            &format!("/api/admin/items/{item}/audit"),
-            &admin,
-            None,
-        )
-        .await
-        .unwrap_or((0, Value::Null));
+        let (status, body) = sale
+            .gateways
+            .call(
+                &client,
+                0,
+                "GET",
+                &format!("/api/admin/items/{item}/audit"),
+                &admin,
+                None,
+            )
+            .await
+            .unwrap_or((0, Value::Null));
         if status == 200 {
             audit = body;
             if audit["queue_backlog"] == 0 {
@@ -347,16 +464,18 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     let mut unverified = 0u64;
     for (order, user) in &orders {
         loop {
-            let (status, body) = call(
-                &client,
-                gw,
-                "GET",
-                &format!("/api/users/{user}/orders"),
-                &[],
-                None,
-            )
-            .await
-            .unwrap_or((0, Value::Null));
+            let (status, body) = sale
+                .gateways
+                .call(
+                    &client,
+                    0,
+                    "GET",
+                    &format!("/api/users/{user}/orders"),
+                    &[],
+                    None,
+                )
+                .await
+                .unwrap_or((0, Value::Null));
             if status == 0 || status >= 500 {
                 if Instant::now() < patience {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -430,8 +549,35 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     } else {
         "ok"
     };
+    // Per shard, the longest time without a unit sold between its first and last sale: how
+    // long a fault kept its buyers waiting (a shard sold out ends its sales, so what comes
+    // after its last sale is not counted).
+    let gaps: serde_json::Map<String, Value> = sale
+        .sold_at
+        .lock()
+        .iter()
+        .map(|(shard, times)| {
+            let mut times = times.clone();
+            times.sort_unstable();
+            let (longest, from) = times
+                .windows(2)
+                .map(|w| (w[1] - w[0], w[0]))
+                .max()
+                .unwrap_or((0, 0));
+            (
+                shard.clone(),
+                json!({ "longest_gap_ms": longest, "gap_from_ms": from, "sold": times.len() }),
+            )
+        })
+        .collect();
     let summary = json!({
         "buyers": args.buyers,
+        "gateways": sale.gateways.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "started_unix_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .saturating_sub(sale.started.elapsed().as_millis() as u64),
+        "shards": gaps,
         "stock": args.stock,
         "concurrency": args.concurrency,
         "rate": args.rate,
@@ -445,6 +591,7 @@ pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
         "limit_reached": tally.limited.load(Ordering::Relaxed),
         "rate_limited": rate_limited,
         "errors": tally.errors.load(Ordering::Relaxed),
+        "resent": tally.resent.load(Ordering::Relaxed),
         "p50_ms": ms(0.5),
         "p99_ms": ms(0.99),
         "oversold": bought.saturating_sub(args.stock),

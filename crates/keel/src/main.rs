@@ -5,7 +5,9 @@
 //! - `keel gateway`: the reverse proxy and load balancer.
 //! - `keel bench rpc`: the built-in load generator against a Keel echo server.
 //! - `keel bench registry`: a registry workload against Keel's registry or etcd.
-//! - `keel demo`: both at once, in one process, for a few seconds: the README's first command.
+//! - `keel demo`: both at once, in one process, for a few seconds.
+//! - `keel up`: the flash sale on this machine, as supervised processes.
+//! - `keel node`: one host's share of the flash sale across machines (`cluster.toml`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,12 +49,28 @@ enum Command {
     /// Run the flash-sale system (inventory, orders, HTTP API, gateway) as separate
     /// processes from keel.toml (written with defaults if absent) until Ctrl-C.
     Up(UpArgs),
+    /// Run one host's share of the flash sale across several machines (etcd, NATS JetStream,
+    /// PostgreSQL), as `cluster.toml` says, until Ctrl-C.
+    Node(NodeArgs),
     /// Run one process of the flash-sale system (what `keel up` starts).
     #[command(subcommand)]
     Seckill(keel_seckill::cli::Role),
     /// Run the gateway (reverse proxy and load balancer) until Ctrl-C; SIGHUP reloads its
     /// configuration file.
     Gateway(GatewayArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// The cluster's configuration (the engines and every host's parts).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Which host of the configuration this is.
+    #[arg(long)]
+    host: String,
+    /// Stop after this many seconds; 0 runs until Ctrl-C.
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -212,6 +230,15 @@ fn main() -> anyhow::Result<()> {
         Command::Registry(args) => registry(args),
         Command::Gateway(args) => gateway(args),
         Command::Seckill(role) => keel_seckill::cli::run(role),
+        Command::Node(args) => {
+            let config = keel::node::ClusterConfig::load(&args.config)?;
+            let rt = runtime(0)?;
+            rt.block_on(keel::node::run(
+                config,
+                &args.host,
+                (args.seconds > 0).then(|| std::time::Duration::from_secs(args.seconds)),
+            ))
+        }
         Command::Up(args) => {
             let mut config = match &args.config {
                 Some(path) => keel::up::UpConfig::load(path)?,

@@ -272,28 +272,13 @@ impl UpConfig {
     /// `registry`) behind `/api/` through a bounded queue, with the buy limits on
     /// `POST /api/items/...`.
     pub fn gateway_toml(&self, listen: &str, registry: &str, web: &Path) -> String {
-        let mut limits = Vec::new();
-        for (rate, key) in [
-            (self.limits.buy_per_ip_per_second, "ip"),
-            (self.limits.buy_per_user_per_second, "header:x-user-id"),
-        ] {
-            if rate > 0.0 {
-                let burst = (rate * 2.0).ceil().max(1.0) as u64;
-                limits.push(format!(
-                    "{{ per_second = {rate:?}, burst = {burst}, key = \"{key}\" }}"
-                ));
-            }
-        }
-        // Every value from keel.toml or the system goes in as a TOML string, escaped.
-        let (listen, registry) = (quoted(listen), quoted(registry));
-        format!(
-            "[server]\nlisten = {listen}\n[admin]\nlisten = {}\ntoken = {}\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = {registry}\nservice = {api_service}\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = {registry}, prefix = {opens}, path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {}\n",
-            quoted(&self.gateway.admin),
-            quoted(&self.admin_token),
-            limits.join(", "),
-            quoted(&web.to_string_lossy()),
-            api_service = quoted(keel_seckill::peers::API_SERVICE),
-            opens = quoted(keel_seckill::peers::OPENS_PREFIX),
+        gateway_toml(
+            listen,
+            &self.gateway.admin,
+            &self.admin_token,
+            &self.limits,
+            registry,
+            web,
         )
     }
 
@@ -338,6 +323,43 @@ impl UpConfig {
     }
 }
 
+/// The gateway's configuration for the sale: the API instances (found through the naming
+/// service at `registry`) behind `/api/` through a bounded queue, with the buy `limits` and
+/// the opening-time gate on `POST /api/items/...`, the storefront from `web`, and the admin
+/// port `admin` with `token`.
+pub(crate) fn gateway_toml(
+    listen: &str,
+    admin: &str,
+    token: &str,
+    limits: &LimitsSection,
+    registry: &str,
+    web: &Path,
+) -> String {
+    let mut rate_limits = Vec::new();
+    for (rate, key) in [
+        (limits.buy_per_ip_per_second, "ip"),
+        (limits.buy_per_user_per_second, "header:x-user-id"),
+    ] {
+        if rate > 0.0 {
+            let burst = (rate * 2.0).ceil().max(1.0) as u64;
+            rate_limits.push(format!(
+                "{{ per_second = {rate:?}, burst = {burst}, key = \"{key}\" }}"
+            ));
+        }
+    }
+    // Every value from the configuration or the system goes in as a TOML string, escaped.
+    let (listen, registry) = (quoted(listen), quoted(registry));
+    format!(
+        "[server]\nlisten = {listen}\n[admin]\nlisten = {}\ntoken = {}\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = {registry}\nservice = {api_service}\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = {registry}, prefix = {opens}, path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {}\n",
+        quoted(admin),
+        quoted(token),
+        rate_limits.join(", "),
+        quoted(&web.to_string_lossy()),
+        api_service = quoted(keel_seckill::peers::API_SERVICE),
+        opens = quoted(keel_seckill::peers::OPENS_PREFIX),
+    )
+}
+
 /// Writes `text` to `path` readable by its owner alone: the file holds the admin token.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -366,12 +388,12 @@ fn fresh_token() -> String {
 }
 
 /// A child process and how to start it again.
-struct Part {
-    name: String,
-    args: Vec<String>,
+pub(crate) struct Part {
+    pub(crate) name: String,
+    pub(crate) args: Vec<String>,
     /// Passed in the environment, not on the command line: values other users must not see
     /// in `ps` (the admin token).
-    env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// The process ids of the running parts, also written to `<data_dir>/pids.json` after every
@@ -595,7 +617,7 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
 }
 
 /// `host:port` with `i` added to the port, unless the port is 0 (any free port).
-fn nth_address(listen: &str, i: u32) -> anyhow::Result<String> {
+pub(crate) fn nth_address(listen: &str, i: u32) -> anyhow::Result<String> {
     let (host, port) = listen
         .rsplit_once(':')
         .with_context(|| format!("{listen:?} is not host:port"))?;
@@ -611,7 +633,10 @@ fn nth_address(listen: &str, i: u32) -> anyhow::Result<String> {
 }
 
 /// Starts `part`, fixes its address for restarts, and adds it to `parts`; returns the address.
-async fn launch(mut part: Part, parts: &mut Vec<(Part, Child)>) -> anyhow::Result<String> {
+pub(crate) async fn launch(
+    mut part: Part,
+    parts: &mut Vec<(Part, Child)>,
+) -> anyhow::Result<String> {
     let (child, address) = start(&part).await?;
     set_arg(&mut part.args, "--addr", &address);
     parts.push((part, child));
@@ -822,7 +847,7 @@ fn preflight(config: &UpConfig) -> anyhow::Result<()> {
 pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<()> {
     // Listened for from the start: a Ctrl-C while the parts start (or right after the banner)
     // stops them in order instead of killing `keel up` with the default action.
-    let mut interrupted = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    let interrupted = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("listening for Ctrl-C")?;
     let data = &config.data_dir;
     config.scale.check()?;
@@ -1019,12 +1044,35 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
 
     // The gateway in front: the API instances (found in the registry) behind /api/, with a
     // bounded queue in front of them.
+    let gateway_toml = config.gateway_toml(
+        &config.gateway.listen,
+        &registry,
+        &std::path::absolute(data.join("web"))?,
+    );
+    let gateway_addr =
+        start_gateway(data, &config.gateway.listen, &gateway_toml, &mut parts).await?;
+
+    crate::say!(
+        "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md)\n  registry    {registry}\nCtrl-C stops everything.",
+        config.admin_token
+    );
+
+    run_parts(parts, data, interrupted, run_for).await
+}
+
+/// Writes the sale's storefront pages in `data/web` and the gateway's configuration
+/// `gateway_toml` in `data/gateway.toml`, starts the gateway, and waits until it serves the
+/// API; returns its address. A gateway on port 0 keeps the port it got across restarts.
+pub(crate) async fn start_gateway(
+    data: &Path,
+    listen: &str,
+    gateway_toml: &str,
+    parts: &mut Vec<(Part, Child)>,
+) -> anyhow::Result<String> {
     let gateway_config = data.join("gateway.toml");
-    // The storefront, served by the gateway next to the API.
     let web = std::path::absolute(data.join("web"))?;
     keel_seckill::web::write(&web).with_context(|| format!("writing {}", web.display()))?;
-    let gateway_toml = config.gateway_toml(&config.gateway.listen, &registry, &web);
-    write_private(&gateway_config, &gateway_toml)
+    write_private(&gateway_config, gateway_toml)
         .with_context(|| format!("writing {}", gateway_config.display()))?;
     let gateway = Part {
         name: "gateway".into(),
@@ -1037,26 +1085,32 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     };
     let (child, gateway_addr) = start(&gateway).await?;
     // Restarted, it must come back on the same port.
-    if config.gateway.listen.ends_with(":0") {
+    if listen.ends_with(":0") {
         let fixed = std::fs::read_to_string(&gateway_config)?.replacen(
-            &format!("listen = {}", quoted(&config.gateway.listen)),
+            &format!("listen = {}", quoted(listen)),
             &format!("listen = {}", quoted(&gateway_addr)),
             1,
         );
         std::fs::write(&gateway_config, fixed)?;
     }
     parts.push((gateway, child));
-    // Up means the gateway has found the API in the registry and answers through it.
+    // Up means the gateway has found an API in the registry and answers through it.
     wait_until_served(&gateway_addr).await?;
+    Ok(gateway_addr)
+}
 
-    crate::say!(
-        "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md)\n  registry    {registry}\nCtrl-C stops everything.",
-        config.admin_token
-    );
-
-    // Stopped in the reverse order of their dependencies, each group once the one before has
-    // exited: the gateway and the API (no new work), the orders (which read the inventory),
-    // the inventory, and the registry last (so the others can still deregister).
+/// Keeps `parts` running (restarting any that dies) until Ctrl-C (`interrupted`) or
+/// `run_for`, then stops them in the reverse order of their dependencies: the gateway and the
+/// APIs (no new work), the orders (which read the inventory), the inventory, and the registry
+/// last (so the others can still deregister). Their process ids are kept in
+/// `data/pids.json`.
+pub(crate) async fn run_parts(
+    parts: Vec<(Part, Child)>,
+    data: &Path,
+    mut interrupted: tokio::signal::unix::Signal,
+    run_for: Option<Duration>,
+) -> anyhow::Result<()> {
+    // Each group stops once the one before has exited.
     let stage = |name: &str| match name {
         n if n == "gateway" || n.starts_with("api") => 0,
         n if n.starts_with("orders") => 1,
