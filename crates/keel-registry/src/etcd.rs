@@ -39,7 +39,7 @@ type Keeper = Arc<tokio::sync::Mutex<(LeaseKeeper, LeaseKeepAliveStream)>>;
 /// [`NamingBackend`] on an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdBackend {
-    client: Client,
+    members: Arc<Members>,
     prefix: String,
     /// One keep-alive stream per lease, as etcd's own clients keep.
     keepers: Arc<Mutex<HashMap<u64, Keeper>>>,
@@ -83,18 +83,101 @@ fn namespace(ns: &str) -> &str {
     if ns.is_empty() { "default" } else { ns }
 }
 
+/// The cluster's members, one client each, and the one calls go to.
+///
+/// One client per member rather than etcd-client's balanced channel over all of them: that
+/// channel keeps sending a share of the calls to a member that is down (its connection error
+/// surfaces on the call), so with one member of three dead about a third of all calls fail.
+/// Here calls go to one member that answers, and a prober moves them to another when it stops
+/// answering a linearizable read — which a member cut off from the quorum cannot serve either.
+struct Members {
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// How long a lease renewal waits for its answer.
+const KEEP_ALIVE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How often the member in use is checked, and how long it has to answer.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+const PROBE_PATIENCE: Duration = Duration::from_millis(750);
+
+/// Whether `client`'s member serves a linearizable read now.
+async fn answers(mut client: Client, key: String) -> bool {
+    tokio::time::timeout(PROBE_PATIENCE, client.get(key, None))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// Keeps `members.current` on a member that answers, until the backend is dropped.
+async fn follow_members(members: std::sync::Weak<Members>, probe_key: String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(m) = members.upgrade() else {
+            return;
+        };
+        let count = m.clients.len();
+        let now = m.current.load(Relaxed);
+        if answers(m.clients[now].clone(), probe_key.clone()).await {
+            continue;
+        }
+        for k in 1..count {
+            let next = (now + k) % count;
+            if answers(m.clients[next].clone(), probe_key.clone()).await {
+                tracing::info!(
+                    from = now,
+                    to = next,
+                    "etcd member not answering; calls move to another"
+                );
+                m.current.store(next, Relaxed);
+                break;
+            }
+        }
+    }
+}
+
 impl EtcdBackend {
-    /// Connects to etcd at `endpoints` (`http://host:port`), keeping keys under `prefix`.
+    /// Connects to etcd at `endpoints` (`http://host:port`, any number of the cluster's
+    /// members), keeping keys under `prefix`.
     pub async fn connect(
         endpoints: &[String],
         prefix: impl Into<String>,
     ) -> Result<EtcdBackend, Status> {
-        let client = Client::connect(endpoints, None).await.map_err(status)?;
+        if endpoints.is_empty() {
+            return Err(Status::invalid_argument("etcd: no endpoint given"));
+        }
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            clients.push(Client::connect([endpoint], None).await.map_err(status)?);
+        }
+        let prefix = prefix.into().trim_end_matches('/').to_owned();
+        // Processes start on different members, so no one member takes every call.
+        let first = (std::process::id() as usize) % clients.len();
+        let members = Arc::new(Members {
+            clients,
+            current: std::sync::atomic::AtomicUsize::new(first),
+        });
+        if members.clients.len() > 1 {
+            tokio::spawn(follow_members(
+                Arc::downgrade(&members),
+                format!("{prefix}/probe"),
+            ));
+        }
         Ok(EtcdBackend {
-            client,
-            prefix: prefix.into().trim_end_matches('/').to_owned(),
+            members,
+            prefix,
             keepers: Arc::default(),
         })
+    }
+
+    /// A client of the member calls go to now.
+    fn client(&self) -> Client {
+        let i = self
+            .members
+            .current
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.members.clients[i].clone()
     }
 
     fn service_prefix(&self, ns: &str, service: &str) -> String {
@@ -138,8 +221,7 @@ impl EtcdBackend {
     async fn list_config(&self, ns: &str, prefix: &str) -> Result<(Vec<ConfigEntry>, u64), Status> {
         let key_prefix = self.config_key(ns, "");
         let resp = self
-            .client
-            .clone()
+            .client()
             .get(
                 self.config_key(ns, prefix),
                 Some(GetOptions::new().with_prefix()),
@@ -181,8 +263,7 @@ impl EtcdBackend {
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_limit(1);
         let resp = self
-            .client
-            .clone()
+            .client()
             .get(format!("{}/", self.lock_name(ns, name)), Some(options))
             .await
             .map_err(status)?;
@@ -218,8 +299,7 @@ impl NamingBackend for EtcdBackend {
         // etcd counts TTLs in whole seconds.
         let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
         let resp = self
-            .client
-            .clone()
+            .client()
             .lease_grant(secs, None)
             .await
             .map_err(status)?;
@@ -232,8 +312,7 @@ impl NamingBackend for EtcdBackend {
             Some(k) => k,
             None => {
                 let pair = self
-                    .client
-                    .clone()
+                    .client()
                     .lease_keep_alive(lease as i64)
                     .await
                     .map_err(status)?;
@@ -242,12 +321,21 @@ impl NamingBackend for EtcdBackend {
                 k
             }
         };
-        let mut pair = keeper.lock().await;
-        let sent = pair.0.keep_alive().await.map_err(status);
-        let answer = match sent {
-            Ok(()) => pair.1.message().await.map_err(status),
-            Err(e) => Err(e),
-        };
+        // A member cut off leaves the stream silent: give up on it after a while, so the
+        // next renewal opens a stream to the member calls go to by then.
+        let renewed = tokio::time::timeout(KEEP_ALIVE_PATIENCE, async {
+            let mut pair = keeper.lock().await;
+            match pair.0.keep_alive().await.map_err(status) {
+                Ok(()) => pair.1.message().await.map_err(status),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        let answer = renewed.unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "etcd: no answer to renewing lease {lease} in {KEEP_ALIVE_PATIENCE:?}"
+            )))
+        });
         match answer {
             Ok(Some(resp)) if resp.ttl() > 0 => Ok(()),
             Ok(_) => {
@@ -265,8 +353,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn revoke_lease(&self, lease: u64) -> Result<(), Status> {
         self.keepers.lock().remove(&lease);
-        self.client
-            .clone()
+        self.client()
             .lease_revoke(lease as i64)
             .await
             .map_err(status)?;
@@ -294,8 +381,7 @@ impl NamingBackend for EtcdBackend {
         let options = (instance.lease_id != 0)
             .then(|| PutOptions::new().with_lease(instance.lease_id as i64));
         let resp = self
-            .client
-            .clone()
+            .client()
             .put(key, value, options)
             .await
             .map_err(status)?;
@@ -304,12 +390,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn deregister(&self, namespace: &str, service: &str, id: &str) -> Result<u64, Status> {
         let key = format!("{}{id}", self.service_prefix(namespace, service));
-        let resp = self
-            .client
-            .clone()
-            .delete(key, None)
-            .await
-            .map_err(status)?;
+        let resp = self.client().delete(key, None).await.map_err(status)?;
         if resp.deleted() == 0 {
             return Err(Status::not_found(format!(
                 "no instance {id:?} of service {service:?}"
@@ -320,8 +401,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn list(&self, namespace: &str, service: &str) -> Result<ServiceSnapshot, Status> {
         let resp = self
-            .client
-            .clone()
+            .client()
             .get(
                 self.service_prefix(namespace, service),
                 Some(GetOptions::new().with_prefix()),
@@ -372,8 +452,7 @@ impl NamingBackend for EtcdBackend {
         value: Bytes,
     ) -> Result<ConfigEntry, Status> {
         let resp = self
-            .client
-            .clone()
+            .client()
             .put(
                 self.config_key(namespace, key),
                 value.to_vec(),
@@ -405,7 +484,7 @@ impl NamingBackend for EtcdBackend {
                 expected_version as i64,
             )])
             .and_then([TxnOp::put(full.clone(), value.to_vec(), None)]);
-        let resp = self.client.clone().txn(txn).await.map_err(status)?;
+        let resp = self.client().txn(txn).await.map_err(status)?;
         if !resp.succeeded() {
             return Err(Status::new(
                 keel_rpc::Code::FailedPrecondition,
@@ -423,8 +502,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn delete_config(&self, namespace: &str, key: &str) -> Result<u64, Status> {
         let resp = self
-            .client
-            .clone()
+            .client()
             .delete(self.config_key(namespace, key), None)
             .await
             .map_err(status)?;
@@ -436,8 +514,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn get_config(&self, namespace: &str, key: &str) -> Result<Option<ConfigEntry>, Status> {
         let resp = self
-            .client
-            .clone()
+            .client()
             .get(self.config_key(namespace, key), None)
             .await
             .map_err(status)?;
@@ -457,7 +534,7 @@ impl NamingBackend for EtcdBackend {
         lease: u64,
         timeout: Option<Duration>,
     ) -> Result<LockHolder, Status> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let call = client.lock(
             self.lock_name(namespace, name),
             Some(LockOptions::new().with_lease(lease as i64)),
@@ -467,12 +544,7 @@ impl NamingBackend for EtcdBackend {
         })
         .await?
         .map_err(status)?;
-        let owned = self
-            .client
-            .clone()
-            .get(resp.key(), None)
-            .await
-            .map_err(status)?;
+        let owned = self.client().get(resp.key(), None).await.map_err(status)?;
         let token = owned
             .kvs()
             .first()
@@ -491,7 +563,7 @@ impl NamingBackend for EtcdBackend {
     async fn unlock(&self, namespace: &str, name: &str, token: u64) -> Result<(), Status> {
         match self.lock_owner(namespace, name).await? {
             Some((key, owner)) if owner == token => {
-                self.client.clone().unlock(key).await.map_err(status)?;
+                self.client().unlock(key).await.map_err(status)?;
                 Ok(())
             }
             Some((_, owner)) => Err(Status::new(
@@ -510,7 +582,7 @@ impl NamingBackend for EtcdBackend {
         value: Bytes,
         timeout: Option<Duration>,
     ) -> Result<LockHolder, Status> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let call = client.campaign(
             self.election_name(namespace, election),
             value.to_vec(),
@@ -536,8 +608,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn leader(&self, namespace: &str, election: &str) -> Result<Option<LockHolder>, Status> {
         match self
-            .client
-            .clone()
+            .client()
             .leader(self.election_name(namespace, election))
             .await
         {
@@ -557,12 +628,7 @@ impl NamingBackend for EtcdBackend {
 
     async fn resign(&self, namespace: &str, election: &str, token: u64) -> Result<(), Status> {
         let name = self.election_name(namespace, election);
-        let resp = self
-            .client
-            .clone()
-            .leader(name.clone())
-            .await
-            .map_err(status)?;
+        let resp = self.client().leader(name.clone()).await.map_err(status)?;
         let Some(kv) = resp.kv() else {
             return Err(Status::not_found(format!(
                 "election {election:?} has no leader"
@@ -582,8 +648,7 @@ impl NamingBackend for EtcdBackend {
             .with_key(kv.key().to_vec())
             .with_rev(kv.create_revision())
             .with_lease(kv.lease());
-        self.client
-            .clone()
+        self.client()
             .resign(Some(ResignOptions::new().with_leader(leader)))
             .await
             .map_err(status)?;
@@ -661,13 +726,7 @@ impl EtcdWatch {
                     .with_prefix()
                     .with_start_revision(self.next_revision);
                 let prefix = self.backend.watched_prefix(&self.namespace, &self.watched);
-                match self
-                    .backend
-                    .client
-                    .clone()
-                    .watch(prefix, Some(options))
-                    .await
-                {
+                match self.backend.client().watch(prefix, Some(options)).await {
                     Ok(stream) => self.stream = Some(stream),
                     Err(e) => return Some(Err(status(e))),
                 }

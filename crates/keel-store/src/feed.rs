@@ -20,6 +20,9 @@ use futures_util::StreamExt;
 use crate::StoreError;
 use crate::stream::{StreamOptions, connect, engine, open_stream};
 
+/// How much longer than a pull request's own expiry the client waits for its end.
+const PULL_GRACE: Duration = Duration::from_secs(2);
+
 /// One record of the stream, delivered to this follower.
 #[derive(Debug)]
 pub struct FeedRecord {
@@ -115,18 +118,27 @@ impl StreamFeed {
         };
         let mut batch = fetched.map_err(|e| engine(&self.stream, "fetching records", e))?;
         let mut records = Vec::new();
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| engine(&self.stream, "fetching records", e))?;
-            let info = message
-                .info()
-                .map_err(|e| engine(&self.stream, "reading a record's place", e))?;
-            records.push(FeedRecord {
-                index: info.stream_sequence,
-                delivered: info.delivered,
-                payload: message.payload.clone(),
-                message,
-            });
-        }
+        // A pull request whose server died is never answered: the client gives up on it a
+        // little after the server would have, keeping what came.
+        let patience = wait.unwrap_or_default() + PULL_GRACE;
+        tokio::time::timeout(patience, async {
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| engine(&self.stream, "fetching records", e))?;
+                let info = message
+                    .info()
+                    .map_err(|e| engine(&self.stream, "reading a record's place", e))?;
+                records.push(FeedRecord {
+                    index: info.stream_sequence,
+                    delivered: info.delivered,
+                    payload: message.payload.clone(),
+                    message,
+                });
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap_or(Ok(()))
+        .or_else(|e| if records.is_empty() { Err(e) } else { Ok(()) })?;
         Ok(records)
     }
 

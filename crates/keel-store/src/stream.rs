@@ -207,7 +207,7 @@ impl StreamJournal {
                 format!("the stream starts at message {first}: records before it are gone"),
             ));
         }
-        let records = replay(&stream, &name, last).await?;
+        let records = replay(&stream, &options, last).await?;
 
         let (progress_tx, progress) = watch::channel(Progress {
             acked: last,
@@ -439,23 +439,37 @@ async fn retry_api<T, E: std::fmt::Display, F: std::future::Future<Output = Resu
     }
 }
 
+/// How long one request to make the replay's consumer waits before it is sent again.
+const CONSUMER_PATIENCE: Duration = Duration::from_millis(500);
+
 /// Reads messages `1..=last` in order.
 async fn replay(
     stream: &jetstream::stream::Stream,
-    name: &str,
+    options: &StreamOptions,
     last: u64,
 ) -> Result<Vec<Record>, StoreError> {
+    let name = options.stream.as_str();
     let mut records = Vec::with_capacity(usize::try_from(last).unwrap_or(0).min(1 << 20));
     if last == 0 {
         return Ok(records);
     }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
+    // Making the reading consumer needs the cluster's metadata leader; right after a server
+    // is lost there is none for a few seconds. Asked again often, so the replay starts as soon
+    // as there is one rather than a whole request timeout later.
+    let consumer = retry_api(options, || async {
+        tokio::time::timeout(
+            CONSUMER_PATIENCE,
+            stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            }),
+        )
         .await
-        .map_err(|e| engine(name, "replaying the stream", e))?;
+        .map_err(|_| format!("no answer in {CONSUMER_PATIENCE:?}"))?
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| engine(name, "replaying the stream", e))?;
     let mut messages = consumer
         .messages()
         .await

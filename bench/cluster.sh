@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# The flash sale across machines, on this one: hosts h1, h2 and h3 (each an etcd member, a NATS
+# server with JetStream, and `keel node` with a gateway, an API, a process for every shard and
+# an orders instance), db (PostgreSQL, initdb'd here, and a DNS server naming the shop) and
+# client (the load generator), each a network namespace on a bridge this script makes, with
+# no route off the machine. Faults during `keel bench seckill` sales:
+#   host      every process of h1 SIGKILLed (etcd and NATS included)
+#   partition h1's link down for 10 s, then up
+#   engine    the etcd member and the NATS server of h2 SIGKILLed
+# Every run ends with the bench's checks through the API (oversold, lost acknowledgements, the
+# audit); the unavailability window of a run is the longest time a shard sold nothing.
+#
+#   bench/cluster.sh                          all three faults, stock 10000 and 100, and the
+#                                             no-fault figures beside keel up and the naive design
+#   CLUSTER_QUICK=1 bench/cluster.sh          one host loss, stock 1000 (what CI runs)
+#
+# Settings: BUYERS (10000), RATE (buyers/s, 1000), LEASE_MS (shard owners' lease, 3000),
+# KEEL_BIN (a built keel; else cargo builds one). Needs root (network namespaces), etcd,
+# nats-server, dnsmasq and PostgreSQL's server binaries; exits 77 when it cannot make
+# namespaces. Everything it starts it stops by PID, and it removes its namespaces, bridge and
+# veths when it ends, also on failure. The last line is one JSON object.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK="${CLUSTER_QUICK:-0}"
+BUYERS="${BUYERS:-10000}"
+RATE="${RATE:-1000}"
+LEASE_MS="${LEASE_MS:-3000}"
+if [ "$QUICK" = 1 ]; then BUYERS="${BUYERS_QUICK:-2000}"; RATE="${RATE_QUICK:-500}"; fi
+
+if [ "$(id -u)" != 0 ]; then echo "cluster.sh: needs root to make network namespaces" >&2; exit 77; fi
+for tool in ip etcd nats-server dnsmasq runuser curl; do
+  command -v "$tool" >/dev/null || { echo "cluster.sh: $tool is missing" >&2; exit 77; }
+done
+PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+[ -x "$PGBIN/initdb" ] || { echo "cluster.sh: PostgreSQL's server binaries are missing" >&2; exit 77; }
+
+if [ -n "${KEEL_BIN:-}" ]; then
+  BIN="$KEEL_BIN"
+else
+  cargo build --release -q -p keel
+  BIN="$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)/keel"
+fi
+
+TAG="kc$$"                                   # names of this run's namespaces and links
+NET="10.99.$(( $$ % 250 + 1 ))"              # the bridge's /24, reachable only from the namespaces
+declare -A IP=([h1]="$NET.11" [h2]="$NET.12" [h3]="$NET.13" [db]="$NET.20" [client]="$NET.30")
+WORK="$(mktemp -d)"
+chmod 755 "$WORK"
+TOKEN="cluster-$RANDOM$RANDOM$RANDOM"
+PIDS=()                                      # "name:pid" of every process started here
+RESULTS="$WORK/results"
+
+ns() { echo "$TAG-$1"; }
+in_ns() { local n="$1"; shift; ip netns exec "$(ns "$n")" "$@"; }
+
+stop_all() {
+  for entry in "${PIDS[@]}"; do kill -9 "${entry#*:}" 2>/dev/null || true; done
+  for n in h1 h2 h3 db client; do
+    if ip netns list | grep -q "^$(ns "$n")\b"; then
+      for p in $(ip netns pids "$(ns "$n")" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    fi
+  done
+  PIDS=()
+  sleep 0.5
+}
+
+teardown() {
+  stop_all
+  for n in h1 h2 h3 db client; do
+    ip netns del "$(ns "$n")" 2>/dev/null || true
+    ip link del "$TAG$n" 2>/dev/null || true
+    rm -rf "/etc/netns/$(ns "$n")"
+  done
+  ip link del "${TAG}br" 2>/dev/null || true
+}
+
+cleanup() {
+  teardown
+  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "cluster.sh: logs kept in $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A process in namespace $1, named $2, logging to $WORK/logs/$2.log.
+spawn() {
+  local n="$1" name="$2"; shift 2
+  ip netns exec "$(ns "$n")" "$@" > "$WORK/logs/$name.log" 2>&1 &
+  PIDS+=("$name:$!")
+  disown "$!"   # killed on purpose; no job report
+}
+
+pid_of() { for e in "${PIDS[@]}"; do [ "${e%%:*}" = "$1" ] && echo "${e#*:}"; done; }
+
+wait_for() { # what, command...
+  local what="$1"; shift
+  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "cluster.sh: $what did not come up" >&2
+  return 1
+}
+
+wait_line() { # file needle
+  for _ in $(seq 1 600); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "cluster.sh: no '$2' in $1" >&2; tail -20 "$1" >&2; return 1
+}
+
+network_up() {
+  ip link add "${TAG}br" type bridge
+  ip link set "${TAG}br" up
+  for n in h1 h2 h3 db client; do
+    ip netns add "$(ns "$n")"
+    ip link add "$TAG$n" type veth peer name eth0 netns "$(ns "$n")"
+    ip link set "$TAG$n" master "${TAG}br" up
+    ip -n "$(ns "$n")" addr add "${IP[$n]}/24" dev eth0
+    ip -n "$(ns "$n")" link set eth0 up
+    ip -n "$(ns "$n")" link set lo up
+  done
+  # The client resolves names through db's DNS server (ip netns exec mounts this file over
+  # /etc/resolv.conf).
+  mkdir -p "/etc/netns/$(ns client)"
+  echo "nameserver ${IP[db]}" > "/etc/netns/$(ns client)/resolv.conf"
+}
+
+engines_up() {
+  local cluster="h1=http://${IP[h1]}:2380,h2=http://${IP[h2]}:2380,h3=http://${IP[h3]}:2380"
+  for h in h1 h2 h3; do
+    spawn "$h" "etcd-$h" etcd --name "$h" --data-dir "$WORK/$h/etcd" \
+      --listen-client-urls "http://${IP[$h]}:2379" --advertise-client-urls "http://${IP[$h]}:2379" \
+      --listen-peer-urls "http://${IP[$h]}:2380" --initial-advertise-peer-urls "http://${IP[$h]}:2380" \
+      --initial-cluster "$cluster" --initial-cluster-state new \
+      --heartbeat-interval 100 --election-timeout 1000
+    mkdir -p "$WORK/$h/nats"
+    cat > "$WORK/$h/nats.conf" <<CONF
+server_name: $h
+listen: ${IP[$h]}:4222
+http: ${IP[$h]}:8222
+jetstream { store_dir: "$WORK/$h/nats" }
+cluster {
+  name: keel
+  listen: ${IP[$h]}:6222
+  routes: [nats://${IP[h1]}:6222, nats://${IP[h2]}:6222, nats://${IP[h3]}:6222]
+}
+CONF
+    spawn "$h" "nats-$h" nats-server -c "$WORK/$h/nats.conf"
+  done
+  # PostgreSQL in db, made here (initdb runs as the postgres user).
+  mkdir -p "$WORK/pg" "$WORK/pgsock"
+  chown postgres "$WORK/pg" "$WORK/pgsock"
+  runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=trust >/dev/null
+  echo "host all all $NET.0/24 trust" >> "$WORK/pg/pg_hba.conf"
+  spawn db postgres runuser -u postgres -- "$PGBIN/postgres" -D "$WORK/pg" \
+    -c "listen_addresses=${IP[db]}" -c "unix_socket_directories=$WORK/pgsock" -c max_connections=300
+  # The shop's name answers with the three gateways (DNS load balancing over them).
+  printf '%s shop.keel\n' "${IP[h1]}" "${IP[h2]}" "${IP[h3]}" > "$WORK/shop.hosts"
+  spawn db dnsmasq dnsmasq --no-daemon --no-resolv --no-hosts --addn-hosts="$WORK/shop.hosts" \
+    --listen-address="${IP[db]}" --bind-interfaces --port 53 --local-ttl=1 --pid-file=
+  for h in h1 h2 h3; do
+    wait_for "etcd on $h" in_ns "$h" curl -sf "http://${IP[$h]}:2379/health"
+    wait_for "NATS on $h" in_ns "$h" curl -sf "http://${IP[$h]}:8222/healthz?js-enabled-only=true"
+  done
+  wait_for "PostgreSQL" in_ns db "$PGBIN/pg_isready" -q -h "${IP[db]}"
+  in_ns db "$PGBIN/psql" -q -h "${IP[db]}" -U postgres -c "CREATE DATABASE shop" >/dev/null
+  wait_for "the DNS server" in_ns client getent hosts shop.keel
+}
+
+nodes_up() {
+  local host
+  {
+    cat <<CONF
+admin_token = "$TOKEN"
+data_dir = "$WORK/nodes"
+[engines]
+registry = "etcd://${IP[h1]}:2379,${IP[h2]}:2379,${IP[h3]}:2379"
+journal = "nats://${IP[h1]}:4222,${IP[h2]}:4222,${IP[h3]}:4222?replicas=3"
+streams = "keel-cluster"
+database = "postgres://postgres@${IP[db]}:5432/shop"
+[sale]
+shards = 2
+lease_ttl_ms = $LEASE_MS
+[limits]
+buy_per_ip_per_second = 0.0
+buy_per_user_per_second = 0.0
+CONF
+    for host in h1 h2 h3; do
+      cat <<CONF
+[[hosts]]
+name = "$host"
+gateway = "${IP[$host]}:8080"
+api = "${IP[$host]}:7400"
+inventory = "${IP[$host]}:7200"
+shards = ["inv-0", "inv-1"]
+orders = "${IP[$host]}:7300"
+CONF
+    done
+  } > "$WORK/cluster.toml"
+  # h1 first: its processes are elected the shards' owners, the others stand by.
+  for host in h1 h2 h3; do
+    spawn "$host" "node-$host" "$BIN" node --config "$WORK/cluster.toml" --host "$host"
+    wait_line "$WORK/logs/node-$host.log" "Keel node $host is up"
+  done
+}
+
+cluster_up() {
+  mkdir -p "$WORK/logs"
+  network_up
+  engines_up
+  nodes_up
+}
+
+# The fault $1, injected $2 seconds into the sale; prints the time it struck (Unix ms).
+fault() {
+  local kind="$1" after="$2"
+  sleep "$after"
+  date +%s%3N
+  case "$kind" in
+    host)
+      for p in $(ip netns pids "$(ns h1)"); do kill -9 "$p" 2>/dev/null || true; done ;;
+    partition)
+      ip link set "${TAG}h1" down; sleep 10; ip link set "${TAG}h1" up ;;
+    engine)
+      kill -9 "$(pid_of etcd-h2)" "$(pid_of nats-h2)" 2>/dev/null || true ;;
+    none) ;;
+  esac
+}
+
+# One sale of $2 units to BUYERS buyers at RATE a second through shop.keel, with fault $1
+# struck a fifth of the way in; appends {"fault", "run", "fault_at_ms"} to RESULTS.
+sale() {
+  local kind="$1" stock="$2" after
+  after=$(python3 -c "print(max(1.0, $BUYERS / $RATE / 5))")
+  fault "$kind" "$after" > "$WORK/fault-at" &
+  local fault_pid=$!
+  local line
+  line=$(in_ns client env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway shop.keel:8080 \
+    --buyers "$BUYERS" --stock "$stock" --rate "$RATE" 2>"$WORK/logs/bench-$kind-$stock.log" | tail -1) || true
+  wait "$fault_pid" || true
+  [ -n "$line" ] || { echo "cluster.sh: the $kind run printed nothing" >&2; tail -5 "$WORK/logs/bench-$kind-$stock.log" >&2; line='{}'; }
+  echo "{\"fault\": \"$kind\", \"stock\": $stock, \"fault_at_unix_ms\": $(cat "$WORK/fault-at" || echo 0), \"run\": $line}" >> "$RESULTS"
+  echo "done: $kind, stock $stock" >&2
+}
+
+# Each fault on a fresh cluster.
+run_fault() {
+  cluster_up
+  sale "$1" "$2"
+  teardown
+}
+
+: > "$RESULTS"
+if [ "$QUICK" = 1 ]; then
+  run_fault host 1000
+else
+  run_fault none 10000
+  for stock in 10000 100; do
+    for kind in host partition engine; do run_fault "$kind" "$stock"; done
+  done
+fi
+
+python3 - "$RESULTS" "$QUICK" "$LEASE_MS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+quick, lease = sys.argv[2] == "1", int(sys.argv[3])
+def window(r):
+    """The longest time a shard sold nothing, among gaps that ended after the fault struck and
+    began before it or within 2 s of it (buys already under way still end in sales); 0 if no
+    shard's sales were interrupted around it."""
+    d = r["run"]
+    start, at = d.get("started_unix_ms", 0), r["fault_at_unix_ms"] - d.get("started_unix_ms", 0)
+    best = 0
+    for shard, g in d.get("shards", {}).items():
+        f, n = g["gap_from_ms"], g["longest_gap_ms"]
+        if f <= at + 2000 and f + n >= at:
+            best = max(best, n)
+    return best
+print(f"{'fault':>10} {'stock':>6} {'buys/s':>8} {'bought':>7} {'p99 ms':>8} {'resent':>7} {'errors':>7} {'oversold':>8} {'lost':>5} {'window ms':>9} ok")
+for r in rows:
+    d = r["run"]
+    print(f"{r['fault']:>10} {r['stock']:>6} {d.get('buys_per_s', 0):>8.0f} {d.get('bought', 0):>7} {d.get('p99_ms', 0):>8.1f} "
+          f"{d.get('resent', 0):>7} {d.get('errors', 0):>7} {d.get('oversold', -1):>8} {d.get('lost_acks', -1):>5} {window(r):>9} {d.get('ok')}")
+faulted = [r for r in rows if r["fault"] != "none"]
+def worst(kind):
+    ws = [window(r) for r in faulted if r["fault"] == kind]
+    return max(ws) if ws else None
+none = [r for r in rows if r["fault"] == "none"]
+out = {
+    "quick": quick,
+    "lease_ttl_ms": lease,
+    "cluster_buys_per_s": none[0]["run"].get("buys_per_s") if none else None,
+    "oversold": sum(r["run"].get("oversold", 1) for r in rows),
+    "lost_acks": sum(r["run"].get("lost_acks", 1) for r in faulted),
+    "host_loss_window_ms": worst("host"),
+    "partition_window_ms": worst("partition"),
+    "engine_loss_window_ms": worst("engine"),
+    "all_ok": all(r["run"].get("ok") is True for r in rows),
+}
+print(json.dumps(out))
+PY
