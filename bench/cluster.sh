@@ -73,6 +73,8 @@ teardown() {
     rm -rf "/etc/netns/$(ns "$n")"
   done
   ip link del "${TAG}br" 2>/dev/null || true
+  # The next run starts from nothing: fresh engines, a fresh sale.
+  rm -rf "$WORK/h1" "$WORK/h2" "$WORK/h3" "$WORK/pg" "$WORK/pgsock" "$WORK/nodes" "$WORK/up"
 }
 
 cleanup() {
@@ -124,6 +126,17 @@ network_up() {
   echo "nameserver ${IP[db]}" > "/etc/netns/$(ns client)/resolv.conf"
 }
 
+# PostgreSQL in db, made here (initdb runs as the postgres user).
+pg_up() {
+  mkdir -p "$WORK/pg" "$WORK/pgsock"
+  chown postgres "$WORK/pg" "$WORK/pgsock"
+  runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=trust >/dev/null
+  echo "host all all $NET.0/24 trust" >> "$WORK/pg/pg_hba.conf"
+  spawn db postgres runuser -u postgres -- "$PGBIN/postgres" -D "$WORK/pg" \
+    -c "listen_addresses=${IP[db]}" -c "unix_socket_directories=$WORK/pgsock" -c max_connections=300
+  wait_for "PostgreSQL" in_ns db "$PGBIN/pg_isready" -q -h "${IP[db]}"
+}
+
 engines_up() {
   local cluster="h1=http://${IP[h1]}:2380,h2=http://${IP[h2]}:2380,h3=http://${IP[h3]}:2380"
   for h in h1 h2 h3; do
@@ -146,13 +159,7 @@ cluster {
 CONF
     spawn "$h" "nats-$h" nats-server -c "$WORK/$h/nats.conf"
   done
-  # PostgreSQL in db, made here (initdb runs as the postgres user).
-  mkdir -p "$WORK/pg" "$WORK/pgsock"
-  chown postgres "$WORK/pg" "$WORK/pgsock"
-  runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=trust >/dev/null
-  echo "host all all $NET.0/24 trust" >> "$WORK/pg/pg_hba.conf"
-  spawn db postgres runuser -u postgres -- "$PGBIN/postgres" -D "$WORK/pg" \
-    -c "listen_addresses=${IP[db]}" -c "unix_socket_directories=$WORK/pgsock" -c max_connections=300
+  pg_up
   # The shop's name answers with the three gateways (DNS load balancing over them).
   printf '%s shop.keel\n' "${IP[h1]}" "${IP[h2]}" "${IP[h3]}" > "$WORK/shop.hosts"
   spawn db dnsmasq dnsmasq --no-daemon --no-resolv --no-hosts --addn-hosts="$WORK/shop.hosts" \
@@ -161,7 +168,6 @@ CONF
     wait_for "etcd on $h" in_ns "$h" curl -sf "http://${IP[$h]}:2379/health"
     wait_for "NATS on $h" in_ns "$h" curl -sf "http://${IP[$h]}:8222/healthz?js-enabled-only=true"
   done
-  wait_for "PostgreSQL" in_ns db "$PGBIN/pg_isready" -q -h "${IP[db]}"
   in_ns db "$PGBIN/psql" -q -h "${IP[db]}" -U postgres -c "CREATE DATABASE shop" >/dev/null
   wait_for "the DNS server" in_ns client getent hosts shop.keel
 }
@@ -233,13 +239,55 @@ sale() {
   after=$(python3 -c "print(max(1.0, $BUYERS / $RATE / 5))")
   fault "$kind" "$after" > "$WORK/fault-at" &
   local fault_pid=$!
-  local line
+  local line load=(--rate "$RATE")
+  # Without a fault the sale measures capacity: a closed loop, as for the other designs.
+  [ "$kind" = none ] && load=(--concurrency 64)
   line=$(in_ns client env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway shop.keel:8080 \
-    --buyers "$BUYERS" --stock "$stock" --rate "$RATE" 2>"$WORK/logs/bench-$kind-$stock.log" | tail -1) || true
+    --buyers "$BUYERS" --stock "$stock" "${load[@]}" 2>"$WORK/logs/bench-$kind-$stock.log" | tail -1) || true
   wait "$fault_pid" || true
   [ -n "$line" ] || { echo "cluster.sh: the $kind run printed nothing" >&2; tail -5 "$WORK/logs/bench-$kind-$stock.log" >&2; line='{}'; }
   echo "{\"fault\": \"$kind\", \"stock\": $stock, \"fault_at_unix_ms\": $(cat "$WORK/fault-at" || echo 0), \"run\": $line}" >> "$RESULTS"
   echo "done: $kind, stock $stock" >&2
+}
+
+# The same sale (closed loop, 64 in flight) on the embedded `keel up` and on the naive
+# PostgreSQL design (bench/peers/src/seckill_naive.rs behind a Keel gateway), both in db on
+# its own PostgreSQL; appends {"fault": "embedded" | "naive", ...} to RESULTS.
+compare() {
+  mkdir -p "$WORK/logs" "$WORK/up"
+  network_up
+  pg_up
+  . bench/keel-config.sh
+  keel_config "$WORK/up/keel.toml" "$TOKEN" 600000
+  spawn db keel-up bash -c "cd '$WORK/up' && exec '$BIN' up"
+  wait_line "$WORK/logs/keel-up.log" "Keel is up"
+  local gw line
+  gw=$(grep -m1 "Keel is up" "$WORK/logs/keel-up.log" | sed 's#.*http://\([^/]*\)/.*#\1#')
+  line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
+    --stock 10000 --concurrency 64 2>"$WORK/logs/bench-embedded.log" | tail -1) || true
+  echo "{\"fault\": \"embedded\", \"stock\": 10000, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
+  echo "done: embedded" >&2
+  in_ns db "$PGBIN/psql" -q -h "${IP[db]}" -U postgres -c "CREATE DATABASE naive" >/dev/null
+  spawn db naive "$(dirname "$BIN")/seckill-naive" --addr 127.0.0.1:0 \
+    --database "postgres://postgres@${IP[db]}:5432/naive"
+  wait_line "$WORK/logs/naive.log" "seckill-naive on"
+  cat > "$WORK/naive-gateway.toml" <<CONF
+[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+servers = [{ address = "$(grep -m1 "seckill-naive on" "$WORK/logs/naive.log" | awk '{print $3}')" }]
+[[routes]]
+path_prefix = "/api/"
+upstream = "api"
+CONF
+  spawn db naive-gw "$BIN" gateway --config "$WORK/naive-gateway.toml"
+  wait_line "$WORK/logs/naive-gw.log" "keel gateway on"
+  gw=$(grep -m1 "keel gateway on" "$WORK/logs/naive-gw.log" | sed 's#.*http://\([^ ]*\) .*#\1#')
+  line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
+    --stock 10000 --concurrency 64 2>"$WORK/logs/bench-naive.log" | tail -1) || true
+  echo "{\"fault\": \"naive\", \"stock\": 10000, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
+  echo "done: naive" >&2
+  teardown
 }
 
 # Each fault on a fresh cluster.
@@ -257,6 +305,7 @@ else
   for stock in 10000 100; do
     for kind in host partition engine; do run_fault "$kind" "$stock"; done
   done
+  compare
 fi
 
 python3 - "$RESULTS" "$QUICK" "$LEASE_MS" <<'PY'
@@ -280,21 +329,30 @@ for r in rows:
     d = r["run"]
     print(f"{r['fault']:>10} {r['stock']:>6} {d.get('buys_per_s', 0):>8.0f} {d.get('bought', 0):>7} {d.get('p99_ms', 0):>8.1f} "
           f"{d.get('resent', 0):>7} {d.get('errors', 0):>7} {d.get('oversold', -1):>8} {d.get('lost_acks', -1):>5} {window(r):>9} {d.get('ok')}")
-faulted = [r for r in rows if r["fault"] != "none"]
+faulted = [r for r in rows if r["fault"] in ("host", "partition", "engine")]
+def figure(kind, key):
+    found = [r["run"].get(key) for r in rows if r["fault"] == kind]
+    return found[0] if found else None
 def worst(kind):
     ws = [window(r) for r in faulted if r["fault"] == kind]
     return max(ws) if ws else None
-none = [r for r in rows if r["fault"] == "none"]
 out = {
     "quick": quick,
     "lease_ttl_ms": lease,
-    "cluster_buys_per_s": none[0]["run"].get("buys_per_s") if none else None,
-    "oversold": sum(r["run"].get("oversold", 1) for r in rows),
+    "cluster_buys_per_s": figure("none", "buys_per_s"),
+    "embedded_buys_per_s": figure("embedded", "buys_per_s"),
+    "naive_buys_per_s": figure("naive", "buys_per_s"),
+    "cluster_p99_ms": figure("none", "p99_ms"),
+    "embedded_p99_ms": figure("embedded", "p99_ms"),
+    "naive_p99_ms": figure("naive", "p99_ms"),
+    "cluster_vs_naive": (round(figure("none", "buys_per_s") / max(figure("naive", "buys_per_s") or 1, 1), 2)
+                         if figure("none", "buys_per_s") and figure("naive", "buys_per_s") else None),
+    "oversold": sum(r["run"].get("oversold", 1) for r in rows if r["fault"] != "naive"),
     "lost_acks": sum(r["run"].get("lost_acks", 1) for r in faulted),
     "host_loss_window_ms": worst("host"),
     "partition_window_ms": worst("partition"),
     "engine_loss_window_ms": worst("engine"),
-    "all_ok": all(r["run"].get("ok") is True for r in rows),
+    "all_ok": all(r["run"].get("ok") is True for r in rows if r["fault"] != "naive"),
 }
 print(json.dumps(out))
 PY
