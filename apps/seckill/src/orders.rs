@@ -33,6 +33,30 @@ pub enum OrderStatus {
     Expired,
 }
 
+impl OrderStatus {
+    /// Its name in the API, the journal and the database (`pending_payment`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::PendingPayment => "pending_payment",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Shipped => "shipped",
+            OrderStatus::Expired => "expired",
+        }
+    }
+
+    /// The status named `name`, if it is one.
+    pub fn from_name(name: &str) -> Option<OrderStatus> {
+        [
+            OrderStatus::PendingPayment,
+            OrderStatus::Paid,
+            OrderStatus::Shipped,
+            OrderStatus::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+}
+
 /// An order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {

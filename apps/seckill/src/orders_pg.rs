@@ -29,27 +29,9 @@ pub struct PgOrders {
     payment_window_ms: u64,
 }
 
-fn status_text(s: OrderStatus) -> &'static str {
-    match s {
-        OrderStatus::PendingPayment => "pending_payment",
-        OrderStatus::Paid => "paid",
-        OrderStatus::Shipped => "shipped",
-        OrderStatus::Expired => "expired",
-    }
-}
-
 fn parse_status(text: &str) -> Result<OrderStatus, OrderError> {
-    Ok(match text {
-        "pending_payment" => OrderStatus::PendingPayment,
-        "paid" => OrderStatus::Paid,
-        "shipped" => OrderStatus::Shipped,
-        "expired" => OrderStatus::Expired,
-        other => {
-            return Err(OrderError::Database(format!(
-                "an order has the unknown status {other:?}"
-            )));
-        }
-    })
+    OrderStatus::from_name(text)
+        .ok_or_else(|| OrderError::Database(format!("an order has the unknown status {text:?}")))
 }
 
 const COLUMNS: &str =
@@ -201,7 +183,7 @@ impl PgOrders {
         };
         sqlx::query("UPDATE seckill_orders SET status = $2 WHERE order_id = $1")
             .bind(order_id)
-            .bind(status_text(status))
+            .bind(status.as_str())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

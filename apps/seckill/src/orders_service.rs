@@ -229,21 +229,12 @@ fn status(e: OrderError) -> Status {
     }
 }
 
-fn status_name(s: OrderStatus) -> &'static str {
-    match s {
-        OrderStatus::PendingPayment => "pending_payment",
-        OrderStatus::Paid => "paid",
-        OrderStatus::Shipped => "shipped",
-        OrderStatus::Expired => "expired",
-    }
-}
-
 fn to_proto(o: &Order) -> proto::Order {
     proto::Order {
         order_id: o.order_id.clone(),
         item_id: o.item_id.clone(),
         user_id: o.user_id.clone(),
-        status: status_name(o.status).to_owned(),
+        status: o.status.as_str().to_owned(),
         expires_at_ms: o.expires_at_ms,
     }
 }
@@ -337,7 +328,7 @@ impl proto::Orders for OrdersService {
                 .await
                 .map_err(status)?
                 .into_iter()
-                .map(|(s, n)| (status_name(s).to_owned(), n as u64))
+                .map(|(s, n)| (s.as_str().to_owned(), n as u64))
                 .collect(),
             positions: positions.into_iter().collect(),
             backlog,

@@ -18,7 +18,10 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 use tokio::process::Child;
 
-use crate::up::{LimitsSection, Part, gateway_toml, launch, nth_address, run_parts, start_gateway};
+use crate::up::{
+    LimitsSection, OnStreams, Part, api_part, gateway_toml, inventory_part, launch, nth_address,
+    orders_part, run_parts, start_gateway,
+};
 
 /// `cluster.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,99 +228,48 @@ pub async fn run(
     let shards = config.shard_names();
     let mut parts: Vec<(Part, Child)> = Vec::new();
 
+    let on_streams = OnStreams {
+        journal: &engines.journal,
+        prefix: &engines.streams,
+        lease_ttl_ms: config.sale.lease_ttl_ms,
+    };
     for (k, shard) in me.shards.iter().enumerate() {
         let base = me.inventory.as_deref().unwrap_or_default();
-        let args = vec![
-            "seckill".into(),
-            "inventory".into(),
-            "--addr".into(),
+        let part = inventory_part(
+            format!("inventory-{shard}"),
             nth_address(base, k as u32)?,
-            "--data-dir".into(),
             dir(&format!("inventory-{shard}")),
-            "--shard".into(),
-            shard.clone(),
-            "--registry".into(),
-            registry.clone(),
-            "--journal".into(),
-            engines.journal.clone(),
-            "--stream".into(),
-            format!("{}-{shard}", engines.streams),
-            "--lease-ttl-ms".into(),
-            config.sale.lease_ttl_ms.to_string(),
-        ];
-        let name = format!("inventory-{shard}");
-        launch(
-            Part {
-                name,
-                args,
-                env: Vec::new(),
-            },
-            &mut parts,
-        )
-        .await?;
+            shard,
+            &registry,
+            Some(&on_streams),
+        );
+        launch(part, &mut parts).await?;
     }
     if let Some(address) = &me.orders {
-        let mut args = vec![
-            "seckill".into(),
+        let every: Vec<&String> = shards.iter().collect();
+        let part = orders_part(
             "orders".into(),
-            "--addr".into(),
             address.clone(),
-            "--data-dir".into(),
             dir("orders"),
-            "--registry".into(),
-            registry.clone(),
-            "--payment-window-ms".into(),
-            config.sale.payment_window_ms.to_string(),
-            "--journal".into(),
-            engines.journal.clone(),
-            "--stream-prefix".into(),
-            engines.streams.clone(),
-        ];
-        for shard in &shards {
-            args.extend(["--inventory".into(), shard.clone()]);
-        }
-        launch(
-            Part {
-                name: "orders".into(),
-                args,
-                // By environment: the URL may hold a password.
-                env: vec![("KEEL_ORDERS_DATABASE".into(), engines.database.clone())],
-            },
-            &mut parts,
-        )
-        .await?;
+            &registry,
+            config.sale.payment_window_ms,
+            &every,
+            Some((&engines.database, &on_streams)),
+        );
+        launch(part, &mut parts).await?;
     }
     if let Some(address) = &me.api {
-        let mut args = vec![
-            "seckill".into(),
+        let part = api_part(
             "api".into(),
-            "--addr".into(),
             address.clone(),
-            "--data-dir".into(),
             dir("catalog"),
-            "--registry".into(),
-            registry.clone(),
-            "--cache-ttl-ms".into(),
-            config.sale.cache_ttl_ms.to_string(),
-        ];
-        if let Some(url) = &engines.redis {
-            args.extend(["--cache-redis".into(), url.clone()]);
-        }
-        for shard in &shards {
-            args.extend(["--inventory".into(), shard.clone()]);
-        }
-        launch(
-            Part {
-                name: "api".into(),
-                args,
-                env: vec![(
-                    keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
-                    config.admin_token.clone(),
-                )],
-            },
-            &mut parts,
-        )
-        .await?;
+            &registry,
+            config.sale.cache_ttl_ms,
+            engines.redis.as_deref(),
+            &shards,
+            &config.admin_token,
+        );
+        launch(part, &mut parts).await?;
     }
     let mut gateway_addr = None;
     if let Some(listen) = &me.gateway {

@@ -360,6 +360,133 @@ pub(crate) fn gateway_toml(
     )
 }
 
+/// Where a sale's shards keep their journals when they are on JetStream: the servers, the
+/// streams' name prefix (shard S's stream is `<prefix>-S`) and the owners' election lease.
+pub(crate) struct OnStreams<'a> {
+    pub(crate) journal: &'a str,
+    pub(crate) prefix: &'a str,
+    pub(crate) lease_ttl_ms: u64,
+}
+
+/// An inventory process of `shard` (its owner or a standby, as elected, on streams).
+pub(crate) fn inventory_part(
+    name: String,
+    address: String,
+    data_dir: String,
+    shard: &str,
+    registry: &str,
+    streams: Option<&OnStreams<'_>>,
+) -> Part {
+    let mut args = vec![
+        "seckill".into(),
+        "inventory".into(),
+        "--addr".into(),
+        address,
+        "--data-dir".into(),
+        data_dir,
+        "--shard".into(),
+        shard.to_owned(),
+        "--registry".into(),
+        registry.to_owned(),
+    ];
+    if let Some(on) = streams {
+        args.extend([
+            "--journal".into(),
+            on.journal.to_owned(),
+            "--stream".into(),
+            format!("{}-{shard}", on.prefix),
+            "--lease-ttl-ms".into(),
+            on.lease_ttl_ms.to_string(),
+        ]);
+    }
+    Part {
+        name,
+        args,
+        env: Vec::new(),
+    }
+}
+
+/// An orders instance following `shards`; with `database`, its book is in PostgreSQL and
+/// fed from the shards' streams (the URL goes by environment: it may hold a password).
+pub(crate) fn orders_part(
+    name: String,
+    address: String,
+    data_dir: String,
+    registry: &str,
+    payment_window_ms: u64,
+    shards: &[&String],
+    database: Option<(&str, &OnStreams<'_>)>,
+) -> Part {
+    let mut args = vec![
+        "seckill".into(),
+        "orders".into(),
+        "--addr".into(),
+        address,
+        "--data-dir".into(),
+        data_dir,
+        "--registry".into(),
+        registry.to_owned(),
+        "--payment-window-ms".into(),
+        payment_window_ms.to_string(),
+    ];
+    for shard in shards {
+        args.extend(["--inventory".into(), (*shard).clone()]);
+    }
+    let mut env = Vec::new();
+    if let Some((url, on)) = database {
+        env.push(("KEEL_ORDERS_DATABASE".to_owned(), url.to_owned()));
+        args.extend([
+            "--journal".into(),
+            on.journal.to_owned(),
+            "--stream-prefix".into(),
+            on.prefix.to_owned(),
+        ]);
+    }
+    Part { name, args, env }
+}
+
+/// An API over `shards`, its catalog in the naming service at `registry` (`catalog_dir` is
+/// locked, and a local catalog there is copied in once).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn api_part(
+    name: String,
+    address: String,
+    catalog_dir: String,
+    registry: &str,
+    cache_ttl_ms: u64,
+    redis: Option<&str>,
+    shards: &[String],
+    admin_token: &str,
+) -> Part {
+    let mut args = vec![
+        "seckill".into(),
+        "api".into(),
+        "--addr".into(),
+        address,
+        "--data-dir".into(),
+        catalog_dir,
+        "--registry".into(),
+        registry.to_owned(),
+        "--cache-ttl-ms".into(),
+        cache_ttl_ms.to_string(),
+    ];
+    if let Some(url) = redis {
+        args.extend(["--cache-redis".into(), url.to_owned()]);
+    }
+    for shard in shards {
+        args.extend(["--inventory".into(), shard.clone()]);
+    }
+    Part {
+        name,
+        args,
+        // By environment: other users of the machine see command lines.
+        env: vec![(
+            keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
+            admin_token.to_owned(),
+        )],
+    }
+}
+
 /// Writes `text` to `path` readable by its owner alone: the file holds the admin token.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -902,106 +1029,57 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     let shards: Vec<String> = (0..config.scale.inventory)
         .map(|i| format!("inv-{i}"))
         .collect();
+    let on_streams = streams.as_ref().map(|(journal, prefix)| OnStreams {
+        journal,
+        prefix,
+        lease_ttl_ms: config.inventory.lease_ttl_ms,
+    });
+    // The standbys listen on any free port of the shards' host.
+    let host = config
+        .inventory
+        .listen
+        .rsplit_once(':')
+        .map_or("127.0.0.1", |(host, _)| host);
     for (i, shard) in shards.iter().enumerate() {
         let i = i as u32;
-        let mut args = vec![
-            "seckill".into(),
-            "inventory".into(),
-            "--addr".into(),
+        let owner = inventory_part(
+            format!("inventory-{i}"),
             nth_address(&config.inventory.listen, i)?,
-            "--data-dir".into(),
             dir(&format!("inventory-{i}")),
-            "--shard".into(),
-            shard.clone(),
-            "--registry".into(),
-            registry.clone(),
-        ];
-        if let Some((address, prefix)) = &streams {
-            args.extend([
-                "--journal".into(),
-                address.clone(),
-                "--stream".into(),
-                format!("{prefix}-{shard}"),
-                "--lease-ttl-ms".into(),
-                config.inventory.lease_ttl_ms.to_string(),
-            ]);
-        }
-        // The standbys: the same shard and stream, on any free port.
-        let mut standby_args = args.clone();
-        let host = config
-            .inventory
-            .listen
-            .rsplit_once(':')
-            .map_or("127.0.0.1", |(host, _)| host);
-        set_arg(&mut standby_args, "--addr", &format!("{host}:0"));
-        launch(
-            Part {
-                name: format!("inventory-{i}"),
-                args,
-                env: Vec::new(),
-            },
-            &mut parts,
-        )
-        .await?;
+            shard,
+            &registry,
+            on_streams.as_ref(),
+        );
+        launch(owner, &mut parts).await?;
         for k in 1..=config.inventory.standbys {
-            let mut args = standby_args.clone();
-            set_arg(
-                &mut args,
-                "--data-dir",
-                &dir(&format!("inventory-{i}-standby-{k}")),
+            let standby = inventory_part(
+                format!("inventory-{i}-standby-{k}"),
+                format!("{host}:0"),
+                dir(&format!("inventory-{i}-standby-{k}")),
+                shard,
+                &registry,
+                on_streams.as_ref(),
             );
-            launch(
-                Part {
-                    name: format!("inventory-{i}-standby-{k}"),
-                    args,
-                    env: Vec::new(),
-                },
-                &mut parts,
-            )
-            .await?;
+            launch(standby, &mut parts).await?;
         }
     }
 
     for j in 0..config.scale.orders {
-        let mut args = vec![
-            "seckill".into(),
-            "orders".into(),
-            "--addr".into(),
-            nth_address(&config.orders.listen, j)?,
-            "--data-dir".into(),
-            dir(&format!("orders-{j}")),
-            "--registry".into(),
-            registry.clone(),
-            "--payment-window-ms".into(),
-            config.orders.payment_window_ms.to_string(),
-        ];
-        for shard in shards
+        let followed: Vec<&String> = shards
             .iter()
             .skip(j as usize)
             .step_by(config.scale.orders as usize)
-        {
-            args.extend(["--inventory".into(), shard.clone()]);
-        }
-        let mut env = Vec::new();
-        if let (Some(url), Some((address, prefix))) = (&database, &streams) {
-            // By environment: the URL may hold a password.
-            env.push(("KEEL_ORDERS_DATABASE".to_owned(), url.clone()));
-            args.extend([
-                "--journal".into(),
-                address.clone(),
-                "--stream-prefix".into(),
-                prefix.clone(),
-            ]);
-        }
-        launch(
-            Part {
-                name: format!("orders-{j}"),
-                args,
-                env,
-            },
-            &mut parts,
-        )
-        .await?;
+            .collect();
+        let part = orders_part(
+            format!("orders-{j}"),
+            nth_address(&config.orders.listen, j)?,
+            dir(&format!("orders-{j}")),
+            &registry,
+            config.orders.payment_window_ms,
+            &followed,
+            database.as_deref().zip(on_streams.as_ref()),
+        );
+        launch(part, &mut parts).await?;
     }
 
     // The APIs: they share the catalog in the registry, so any number serve the same sale.
@@ -1010,36 +1088,17 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
             0 => ("api".to_owned(), dir("catalog")),
             k => (format!("api-{k}"), dir(&format!("catalog-{k}"))),
         };
-        let mut args = vec![
-            "seckill".into(),
-            "api".into(),
-            "--addr".into(),
+        let part = api_part(
+            name,
             nth_address(&config.api.listen, k)?,
-            "--data-dir".into(),
             catalog,
-            "--registry".into(),
-            registry.clone(),
-            "--cache-ttl-ms".into(),
-            config.cache.ttl_ms.to_string(),
-        ];
-        if let Some(url) = &config.cache.redis {
-            args.extend(["--cache-redis".into(), url.clone()]);
-        }
-        for shard in &shards {
-            args.extend(["--inventory".into(), shard.clone()]);
-        }
-        launch(
-            Part {
-                name,
-                args,
-                env: vec![(
-                    keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
-                    config.admin_token.clone(),
-                )],
-            },
-            &mut parts,
-        )
-        .await?;
+            &registry,
+            config.cache.ttl_ms,
+            config.cache.redis.as_deref(),
+            &shards,
+            &config.admin_token,
+        );
+        launch(part, &mut parts).await?;
     }
 
     // The gateway in front: the API instances (found in the registry) behind /api/, with a

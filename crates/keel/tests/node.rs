@@ -9,12 +9,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{TOKEN, bench_with, call};
+use common::{TOKEN, call};
 use keel_store::testing::{DeleteStreams, nats_up, nats_url, unique_stream};
 
 /// A `keel node` process, stopped with SIGINT when dropped (and its parts with it).
@@ -26,20 +25,8 @@ struct Node {
 
 impl Node {
     fn start(dir: &std::path::Path, host: &str) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-            .args(["node", "--config", "cluster.toml", "--host", host])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let (child, lines) =
+            common::spawn_keel(dir, &["node", "--config", "cluster.toml", "--host", host]);
         let mut node = Node {
             child,
             lines,
@@ -127,36 +114,13 @@ fn a_host_is_lost_mid_sale_and_the_others_sell_on() {
 
     // A sale through h2's gateway; 1.5 s in, every process of h1 is SIGKILLed: the node, its
     // gateway, API, orders and both shard owners.
-    let sale = {
-        let gw = gw.clone();
-        std::thread::spawn(move || {
-            bench_with(
-                &gw,
-                &["--buyers", "2000", "--stock", "1000", "--rate", "500"],
-            )
-        })
-    };
-    std::thread::sleep(Duration::from_millis(1500));
-    let pids: BTreeMap<String, u32> = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("keel-node/h1/pids.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(pids.contains_key("inventory-inv-0"), "{pids:?}");
-    let mut victims: Vec<String> = pids.values().map(u32::to_string).collect();
-    victims.push(h1.child.id().to_string());
-    let mut kill = Command::new("kill");
-    kill.arg("-9").args(&victims);
-    assert!(kill.status().unwrap().success());
-    let summary = sale.join().unwrap();
-    assert_eq!(
-        (
-            summary["bought"].as_u64(),
-            summary["oversold"].as_u64(),
-            summary["lost_acks"].as_u64(),
-            summary["ok"].as_bool(),
-        ),
-        (Some(1000), Some(0), Some(0), Some(true)),
-        "{summary}"
-    );
+    common::sale_with_kill(&gw, (2000, 1000, 500), || {
+        let pids: BTreeMap<String, u32> = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("keel-node/h1/pids.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(pids.contains_key("inventory-inv-0"), "{pids:?}");
+        pids.values().copied().chain([h1.child.id()]).collect()
+    });
     drop(h1);
 }

@@ -335,34 +335,6 @@ fn several_apis_share_the_catalog_and_the_gateway_balances_over_them() {
     );
     assert!(on_a > 0 && on_b > 0, "buys per API: {on_a} and {on_b}");
     // One API SIGKILLed in the middle of a sale: the other goes on, nothing is lost.
-    let sale = {
-        let gw = gw.clone();
-        std::thread::spawn(move || {
-            common::bench_with(
-                &gw,
-                &["--buyers", "2000", "--stock", "500", "--rate", "500"],
-            )
-        })
-    };
-    std::thread::sleep(Duration::from_millis(1500));
-    let victim = up.started["api-1"];
-    assert!(
-        Command::new("kill")
-            .args(["-9", &victim.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let summary = sale.join().unwrap();
-    assert_eq!(
-        (
-            summary["bought"].as_u64(),
-            summary["oversold"].as_u64(),
-            summary["lost_acks"].as_u64(),
-            summary["ok"].as_bool()
-        ),
-        (Some(500), Some(0), Some(0), Some(true)),
-        "{summary}"
-    );
+    common::sale_with_kill(&gw, (2000, 500, 500), || vec![up.started["api-1"]]);
     drop(up);
 }

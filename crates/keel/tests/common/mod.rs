@@ -78,8 +78,13 @@ pub fn configured(limits: &str, inventory: &str) -> tempfile::TempDir {
 
 /// Spawns `keel up` in `dir`; the process and its stdout, line by line.
 pub fn spawn_up(dir: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
+    spawn_keel(dir, &["up"])
+}
+
+/// Spawns `keel <args>` in `dir`; the process and its stdout, line by line.
+pub fn spawn_keel(dir: &std::path::Path, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("up")
+        .args(args)
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -227,4 +232,51 @@ pub fn bench_with(gw: &str, args: &[&str]) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+/// An open-loop sale through `gw` — `buyers` arriving at `rate` a second for `stock` units —
+/// with the processes `victims` names SIGKILLed 1.5 s in; the sale's summary, checked: every
+/// unit sold, nothing oversold, no acknowledged buy without its order, the invariants whole.
+pub fn sale_with_kill(
+    gw: &str,
+    (buyers, stock, rate): (u64, u64, u64),
+    victims: impl FnOnce() -> Vec<u32>,
+) -> serde_json::Value {
+    let gw = gw.to_owned();
+    let sale = std::thread::spawn(move || {
+        bench_with(
+            &gw,
+            &[
+                "--buyers",
+                &buyers.to_string(),
+                "--stock",
+                &stock.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let pids: Vec<String> = victims().iter().map(u32::to_string).collect();
+    assert!(
+        Command::new("kill")
+            .arg("-9")
+            .args(&pids)
+            .status()
+            .unwrap()
+            .success(),
+        "killing {pids:?}"
+    );
+    let summary = sale.join().unwrap();
+    assert_eq!(
+        (
+            summary["bought"].as_u64(),
+            summary["oversold"].as_u64(),
+            summary["lost_acks"].as_u64(),
+            summary["ok"].as_bool(),
+        ),
+        (Some(stock), Some(0), Some(0), Some(true)),
+        "{summary}"
+    );
+    summary
 }
