@@ -420,12 +420,14 @@ impl Catalog {
             Store::Shared { naming, .. } => {
                 let hidden = format!("{CATALOG_PREFIX}hidden/{item_id}");
                 let item = format!("{CATALOG_PREFIX}item/{item_id}");
-                naming
-                    .delete_config(NAMESPACE, &hidden)
-                    .await
-                    .map_err(naming_error)?;
+                // The item first: if the second deletion fails, what is left is a mark on an
+                // item that is gone, never an item back in the storefront.
                 let revision = naming
                     .delete_config(NAMESPACE, &item)
+                    .await
+                    .map_err(naming_error)?;
+                naming
+                    .delete_config(NAMESPACE, &hidden)
                     .await
                     .map_err(naming_error)?;
                 self.caught_up(revision, |s| s.remove(item_id)).await;

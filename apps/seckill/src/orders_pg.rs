@@ -22,6 +22,12 @@ use crate::orders::{Order, OrderError, OrderStatus, Units, order_id};
 /// Orders expired, or released, per sweep round at most.
 const SWEEP_BATCH: i64 = 500;
 
+/// Expired orders given back per release round at most (their rows are held meanwhile).
+const RELEASE_BATCH: i64 = 50;
+
+/// How long a call to the inventory may hold an order's row (and a pooled connection).
+const UNIT_CALL_PATIENCE: Duration = Duration::from_secs(3);
+
 /// The order book in a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PgOrders {
@@ -175,7 +181,11 @@ impl PgOrders {
             }
             OrderStatus::PendingPayment => {}
         }
-        let committed = units.commit(&order).await.map_err(OrderError::Inventory)?;
+        // Bounded: the row and a pooled connection are held meanwhile.
+        let committed = tokio::time::timeout(UNIT_CALL_PATIENCE, units.commit(&order))
+            .await
+            .map_err(|_| OrderError::Inventory(format!("no answer in {UNIT_CALL_PATIENCE:?}")))?
+            .map_err(OrderError::Inventory)?;
         let status = if committed {
             OrderStatus::Paid
         } else {
@@ -246,13 +256,18 @@ impl PgOrders {
              LIMIT $1
              FOR UPDATE SKIP LOCKED"
         ))
-        .bind(SWEEP_BATCH)
+        .bind(RELEASE_BATCH)
         .fetch_all(&mut *tx)
         .await?;
         let mut released = Vec::new();
         for row in &rows {
             let order = order_of(row)?;
-            if units.release(&order).await {
+            // Bounded, as the rows are held meanwhile: unanswered is not released (the next
+            // sweep asks again).
+            if tokio::time::timeout(UNIT_CALL_PATIENCE, units.release(&order))
+                .await
+                .unwrap_or(false)
+            {
                 released.push(order);
             }
         }

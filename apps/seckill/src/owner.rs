@@ -153,7 +153,11 @@ async fn serve_term<B: NamingBackend + Clone>(
         address: ownership.address.to_string(),
         ..Default::default()
     };
-    let registration = Registration::start(backend.clone(), instance, ownership.lease_ttl).await;
+    let registration = tokio::select! {
+        () = stop.cancelled() => Err(keel_rpc::Status::cancelled("stopping")),
+        () = lost.cancelled() => Err(keel_rpc::Status::unavailable("the election lease was lost")),
+        r = Registration::start(backend.clone(), instance, ownership.lease_ttl) => r,
+    };
     let ended = match &registration {
         Err(e) => Err(anyhow::anyhow!("registering the shard's owner failed: {e}")),
         Ok(_) => {

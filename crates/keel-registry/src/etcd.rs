@@ -148,8 +148,20 @@ impl EtcdBackend {
             return Err(Status::invalid_argument("etcd: no endpoint given"));
         }
         let mut clients = Vec::with_capacity(endpoints.len());
+        // A call to a member without a leader (cut off from the quorum) fails at once instead
+        // of waiting, and a connection that stops answering is found dead within seconds (its
+        // calls and watches then fail, and are made again on the member in use by then).
+        let options = etcd_client::ConnectOptions::new()
+            .with_require_leader(true)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_connect_timeout(Duration::from_secs(2));
         for endpoint in endpoints {
-            clients.push(Client::connect([endpoint], None).await.map_err(status)?);
+            clients.push(
+                Client::connect([endpoint], Some(options.clone()))
+                    .await
+                    .map_err(status)?,
+            );
         }
         let prefix = prefix.into().trim_end_matches('/').to_owned();
         // Processes start on different members, so no one member takes every call.

@@ -21,7 +21,7 @@ pub enum NamingAddress {
     Keel(String),
     /// An etcd cluster: its endpoints (`http://HOST:PORT`) and Keel's key prefix there.
     Etcd {
-        /// The members to connect to (any one is enough).
+        /// The members to connect to (list them all: calls move between the listed ones).
         endpoints: Vec<String>,
         /// The key prefix.
         prefix: String,

@@ -748,14 +748,16 @@ pub(crate) fn nth_address(listen: &str, i: u32) -> anyhow::Result<String> {
     let (host, port) = listen
         .rsplit_once(':')
         .with_context(|| format!("{listen:?} is not host:port"))?;
-    let port: u32 = port
+    let port: u16 = port
         .parse()
-        .with_context(|| format!("{listen:?}: the port is not a number"))?;
+        .with_context(|| format!("{listen:?}: the port is not a number from 0 to 65535"))?;
     if port == 0 {
         return Ok(listen.to_owned());
     }
-    let port =
-        u16::try_from(port + i).with_context(|| format!("{listen:?} + {i}: no such port"))?;
+    let port = u16::try_from(i)
+        .ok()
+        .and_then(|i| port.checked_add(i))
+        .with_context(|| format!("{listen:?} + {i}: no such port"))?;
     Ok(format!("{host}:{port}"))
 }
 
