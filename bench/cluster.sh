@@ -15,6 +15,7 @@
 #   CLUSTER_QUICK=1 bench/cluster.sh          one host loss, stock 1000 (what CI runs)
 #
 # Settings: BUYERS (10000), RATE (buyers/s, 1000), LEASE_MS (shard owners' lease, 3000),
+# CLUSTER_FAULTS ("host partition engine"), CLUSTER_STOCKS ("10000 100"),
 # KEEL_BIN (a built keel; else cargo builds one). Needs root (network namespaces), etcd,
 # nats-server, dnsmasq and PostgreSQL's server binaries; exits 77 when it cannot make
 # namespaces. Everything it starts it stops by PID, and it removes its namespaces, bridge and
@@ -311,8 +312,8 @@ if [ "$QUICK" = 1 ]; then
   run_fault host 1000
 else
   run_fault none 10000
-  for stock in 10000 100; do
-    for kind in host partition engine; do run_fault "$kind" "$stock"; done
+  for stock in ${CLUSTER_STOCKS:-10000 100}; do
+    for kind in ${CLUSTER_FAULTS:-host partition engine}; do run_fault "$kind" "$stock"; done
   done
   if [ -x "$(dirname "$BIN")/seckill-naive" ]; then compare; else
     echo "cluster.sh: no seckill-naive next to $BIN (cargo build --release -p keel-bench-peers); comparisons skipped" >&2

@@ -150,10 +150,12 @@ impl EtcdBackend {
         let mut clients = Vec::with_capacity(endpoints.len());
         // A call to a member without a leader (cut off from the quorum) fails at once instead
         // of waiting, and a connection that stops answering is found dead within seconds (its
-        // calls and watches then fail, and are made again on the member in use by then).
+        // calls and watches then fail, and are made again on the member in use by then). The
+        // pings' patience is generous: a busy machine answers late, and a connection given up
+        // for dead takes the process's lease renewals and watches down with it.
         let options = etcd_client::ConnectOptions::new()
             .with_require_leader(true)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
             .with_connect_timeout(Duration::from_secs(2));
         for endpoint in endpoints {

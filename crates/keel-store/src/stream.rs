@@ -143,6 +143,10 @@ struct Pending {
 struct InFlight {
     pending: Pending,
     ack: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+    /// When it was published: its answer is waited for until `ack_timeout` after that, not
+    /// after the appends before it were settled (after an outage, those published during it
+    /// would otherwise each wait a whole timeout in turn).
+    sent: Instant,
 }
 
 /// How far the acknowledgements have come, and whether the journal failed.
@@ -524,7 +528,8 @@ async fn publish_loop(
         stats
             .bytes
             .fetch_add(pending.payload.len() as u64, Ordering::Relaxed);
-        if flights.send(InFlight { pending, ack }).is_err() {
+        let sent = Instant::now();
+        if flights.send(InFlight { pending, ack, sent }).is_err() {
             return;
         }
     }
@@ -573,7 +578,20 @@ impl Acker {
             }
             let index = flight.pending.index;
             let first = match flight.ack {
-                Ok(ack) => outcome(index, ack.await),
+                Ok(ack) => {
+                    let left = self
+                        .options
+                        .ack_timeout
+                        .saturating_sub(flight.sent.elapsed())
+                        .max(Duration::from_millis(50));
+                    match tokio::time::timeout(left, ack.into_future()).await {
+                        Ok(answer) => outcome(index, answer),
+                        Err(_) => Outcome::InDoubt(format!(
+                            "no acknowledgement within {:?} of publishing",
+                            self.options.ack_timeout
+                        )),
+                    }
+                }
                 Err(e) => publish_outcome(&e),
             };
             let result = match first {
