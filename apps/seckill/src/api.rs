@@ -588,12 +588,7 @@ impl Api {
                     futures_util::future::join_all(items.iter().map(|i| self.item_json(i))).await;
                 reply(StatusCode::OK, &Value::from(out))
             }
-            (Method::GET, ["api", "items", id]) => match self
-                .catalog
-                .find(id)
-                .await
-                .filter(|i| !self.catalog.is_hidden(&i.item_id))
-            {
+            (Method::GET, ["api", "items", id]) => match self.catalog.shown(id).await {
                 Some(item) => reply(StatusCode::OK, &self.item_json(&item).await),
                 None => fail(StatusCode::NOT_FOUND, "not_found", format!("no item {id}")),
             },
@@ -824,12 +819,7 @@ impl Api {
             // Without one, every request is a new purchase attempt.
             None => format!("auto-{}-{:x}", now_ms(), crate::random_u64()),
         };
-        let Some(item) = self
-            .catalog
-            .find(item_id)
-            .await
-            .filter(|i| !self.catalog.is_hidden(&i.item_id))
-        else {
+        let Some(item) = self.catalog.shown(item_id).await else {
             return fail(
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -442,9 +442,11 @@ impl Catalog {
         self.state.lock().hidden.contains(item_id)
     }
 
-    /// An item the storefront shows.
-    pub fn shown(&self, item_id: &str) -> Option<ItemDef> {
-        self.get(item_id).filter(|i| !self.is_hidden(&i.item_id))
+    /// An item the storefront shows (looked up as [`Catalog::find`] does).
+    pub async fn shown(&self, item_id: &str) -> Option<ItemDef> {
+        self.find(item_id)
+            .await
+            .filter(|i| !self.is_hidden(&i.item_id))
     }
 
     /// Transfers begun and not known to be finished.
