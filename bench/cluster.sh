@@ -230,6 +230,7 @@ cluster_up() {
 fault() {
   local kind="$1" after="$2"
   sleep "$after"
+  leaders > "$WORK/leaders" || echo '{}' > "$WORK/leaders"
   date +%s%3N
   case "$kind" in
     host)
@@ -242,10 +243,33 @@ fault() {
   esac
 }
 
+# Who leads the engines just before a fault, as h3 (struck by no fault) sees it, as JSON: the
+# etcd cluster's leader, JetStream's metadata leader and each stream's leader. Losing one
+# costs the shards more than the owners' lease: a shard whose stream leader is lost waits for
+# JetStream's Raft election (a follower campaigns 4-9 s after the last heartbeat it heard);
+# when etcd's leader is lost, the new leader extends every lease by its full TTL, the dead
+# owner's too; a replay consumer needs a metadata leader (the replay reads message by message
+# without one).
+leaders() {
+  local etcd="http://${IP[h3]}:2379"
+  python3 -c '
+import json, sys
+status, members, jsz = (json.loads(a) for a in sys.argv[1:4])
+names = {m["ID"]: m.get("name", "") for m in members.get("members", [])}
+streams = {s["name"]: s.get("cluster", {}).get("leader", "")
+           for a in jsz.get("account_details", []) for s in a.get("stream_detail", [])}
+print(json.dumps({"etcd": names.get(status.get("leader"), ""),
+                  "meta": jsz.get("meta_cluster", {}).get("leader", ""), "streams": streams}))' \
+    "$(in_ns h3 curl -sf -X POST "$etcd/v3/maintenance/status" -d '{}')" \
+    "$(in_ns h3 curl -sf -X POST "$etcd/v3/cluster/member/list" -d '{}')" \
+    "$(in_ns h3 curl -sf "http://${IP[h3]}:8222/jsz?accounts=true&streams=true")"
+}
+
 # One sale of $2 units to BUYERS buyers at RATE a second through shop.keel, with fault $1
 # struck a fifth of the way in; appends {"fault", "run", "fault_at_ms"} to RESULTS.
 sale() {
   local kind="$1" stock="$2" after
+  rm -f "$WORK/leaders"
   after=$(python3 -c "print(max(1.0, $BUYERS / $RATE / 5))")
   fault "$kind" "$after" > "$WORK/fault-at" &
   FAULT_PID=$!
@@ -257,7 +281,7 @@ sale() {
   wait "$FAULT_PID" || true
   FAULT_PID=""
   [ -n "$line" ] || { echo "cluster.sh: the $kind run printed nothing" >&2; tail -5 "$WORK/logs/bench-$kind-$stock.log" >&2; line='{}'; }
-  echo "{\"fault\": \"$kind\", \"stock\": $stock, \"fault_at_unix_ms\": $(cat "$WORK/fault-at" || echo 0), \"run\": $line}" >> "$RESULTS"
+  echo "{\"fault\": \"$kind\", \"stock\": $stock, \"fault_at_unix_ms\": $(cat "$WORK/fault-at" || echo 0), \"leaders\": $(cat "$WORK/leaders" 2>/dev/null || echo '{}'), \"run\": $line}" >> "$RESULTS"
   echo "done: $kind, stock $stock" >&2
 }
 
@@ -325,22 +349,40 @@ python3 - "$RESULTS" "$QUICK" "$LEASE_MS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 quick, lease = sys.argv[2] == "1", int(sys.argv[3])
-def window(r):
-    """The longest time a shard sold nothing from the fault on (its effects included: the
-    healing of a partition too); without a fault no gap exceeds a few tens of ms. 0 if every
-    shard's longest gap came before the fault."""
+STRUCK = {"host": "h1", "partition": "h1", "engine": "h2"}
+def shard_windows(r):
+    """Per shard, the longest time it sold nothing from the fault on (its effects included:
+    the healing of a partition too), and what the struck host held for it: "stream" (the
+    leader of the shard's JetStream stream: JetStream elects another in 4-9 s), "etcd" (the
+    etcd cluster's leader: the next leader extends the dead owner's lease by its TTL), "meta"
+    (JetStream's metadata leader, which a new owner's replay consumer waits for) or "owner"
+    (only the shard's owner, whose standby takes over after the lease). Without a fault no
+    gap exceeds a few tens of ms; a shard whose longest gap came before the fault counts 0."""
     d = r["run"]
     at = r["fault_at_unix_ms"] - d.get("started_unix_ms", 0)
-    best = 0
+    leaders, struck = r.get("leaders", {}), STRUCK.get(r["fault"])
+    out = {}
     for shard, g in d.get("shards", {}).items():
-        if g["gap_from_ms"] >= at - 1000:
-            best = max(best, g["longest_gap_ms"])
-    return best
-print(f"{'fault':>10} {'stock':>6} {'buys/s':>8} {'bought':>7} {'p99 ms':>8} {'resent':>7} {'errors':>7} {'oversold':>8} {'lost':>5} {'window ms':>9} ok")
+        if struck is None:
+            lost = "nothing"
+        elif leaders.get("streams", {}).get(f"keel-cluster-{shard}") == struck:
+            lost = "stream"
+        elif leaders.get("etcd") == struck:
+            lost = "etcd"
+        elif leaders.get("meta") == struck:
+            lost = "meta"
+        else:
+            lost = "owner"
+        out[shard] = (g["longest_gap_ms"] if g["gap_from_ms"] >= at - 1000 else 0, lost)
+    return out
+def window(r):
+    return max((w for w, _ in shard_windows(r).values()), default=0)
+print(f"{'fault':>10} {'stock':>6} {'buys/s':>8} {'bought':>7} {'p99 ms':>8} {'resent':>7} {'errors':>7} {'oversold':>8} {'lost':>5} {'window ms':>9} ok  per shard: window(what the struck host held)")
 for r in rows:
     d = r["run"]
     print(f"{r['fault']:>10} {r['stock']:>6} {d.get('buys_per_s', 0):>8.0f} {d.get('bought', 0):>7} {d.get('p99_ms', 0):>8.1f} "
-          f"{d.get('resent', 0):>7} {d.get('errors', 0):>7} {d.get('oversold', -1):>8} {d.get('lost_acks', -1):>5} {window(r):>9} {d.get('ok')}")
+          f"{d.get('resent', 0):>7} {d.get('errors', 0):>7} {d.get('oversold', -1):>8} {d.get('lost_acks', -1):>5} {window(r):>9} {d.get('ok')} "
+          + " ".join(f"{k}:{w}({lost})" for k, (w, lost) in sorted(shard_windows(r).items())))
 faulted = [r for r in rows if r["fault"] in ("host", "partition", "engine")]
 def figure(kind, key):
     found = [r["run"].get(key) for r in rows if r["fault"] == kind]
@@ -364,6 +406,9 @@ out = {
     "host_loss_window_ms": worst("host"),
     "partition_window_ms": worst("partition"),
     "engine_loss_window_ms": worst("engine"),
+    # The same, split by what the struck host held for the shard (see shard_windows).
+    "window_by_loss_ms": {lost: max((w for r in faulted for w, l in shard_windows(r).values() if l == lost), default=None)
+                          for lost in ("owner", "meta", "etcd", "stream")},
     "all_ok": all(r["run"].get("ok") is True for r in rows if r["fault"] != "naive"),
 }
 print(json.dumps(out))

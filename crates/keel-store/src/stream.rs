@@ -443,37 +443,66 @@ async fn retry_api<T, E: std::fmt::Display, F: std::future::Future<Output = Resu
     }
 }
 
-/// How long one request to make the replay's consumer waits before it is sent again.
+/// How long the replay waits for its consumer to be made before it reads message by message.
 const CONSUMER_PATIENCE: Duration = Duration::from_millis(500);
 
+/// Reads in flight at once when the replay reads message by message.
+const REPLAY_GETS_IN_FLIGHT: usize = 64;
+
 /// Reads messages `1..=last` in order.
+///
+/// The replay reads through an ordered consumer, which streams the messages in batches. Making
+/// a consumer needs JetStream's metadata leader, and right after the server that held it is
+/// lost there is none until the cluster elects another (4-9 s after the last heartbeat in
+/// nats-server's Raft). A shard's stream does not wait for that: its own leader answers
+/// message reads. So when the consumer is not made within [`CONSUMER_PATIENCE`], the replay
+/// asks the stream's leader for each message instead, [`REPLAY_GETS_IN_FLIGHT`] at a time.
 async fn replay(
     stream: &jetstream::stream::Stream,
     options: &StreamOptions,
     last: u64,
 ) -> Result<Vec<Record>, StoreError> {
+    if last == 0 {
+        return Ok(Vec::new());
+    }
+    let made = tokio::time::timeout(
+        CONSUMER_PATIENCE,
+        stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        }),
+    )
+    .await;
+    match made {
+        Ok(Ok(consumer)) => replay_by_consumer(consumer, options, last).await,
+        Ok(Err(e)) => {
+            tracing::info!(stream = %options.stream, error = %e,
+                "no replay consumer; reading the stream message by message");
+            replay_by_gets(stream, options, last).await
+        }
+        Err(_) => {
+            tracing::info!(stream = %options.stream, patience = ?CONSUMER_PATIENCE,
+                "no replay consumer in time (no metadata leader?); reading the stream message by message");
+            replay_by_gets(stream, options, last).await
+        }
+    }
+}
+
+fn replayed_out_of_order(name: &str, sequence: u64, expected: u64) -> StoreError {
+    StoreError::Corrupt {
+        file: format!("nats stream {name}").into(),
+        offset: sequence,
+        reason: format!("message {sequence} where {expected} was expected"),
+    }
+}
+
+async fn replay_by_consumer(
+    consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>,
+    options: &StreamOptions,
+    last: u64,
+) -> Result<Vec<Record>, StoreError> {
     let name = options.stream.as_str();
     let mut records = Vec::with_capacity(usize::try_from(last).unwrap_or(0).min(1 << 20));
-    if last == 0 {
-        return Ok(records);
-    }
-    // Making the reading consumer needs the cluster's metadata leader; right after a server
-    // is lost there is none for a few seconds. Asked again often, so the replay starts as soon
-    // as there is one rather than a whole request timeout later.
-    let consumer = retry_api(options, || async {
-        tokio::time::timeout(
-            CONSUMER_PATIENCE,
-            stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                ..Default::default()
-            }),
-        )
-        .await
-        .map_err(|_| format!("no answer in {CONSUMER_PATIENCE:?}"))?
-        .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| engine(name, "replaying the stream", e))?;
     let mut messages = consumer
         .messages()
         .await
@@ -490,17 +519,42 @@ async fn replay(
             .map_err(|e| engine(name, "replaying the stream", e))?
             .stream_sequence;
         if sequence != expected {
-            return Err(StoreError::Corrupt {
-                file: format!("nats stream {name}").into(),
-                offset: sequence,
-                reason: format!("message {sequence} where {expected} was expected"),
-            });
+            return Err(replayed_out_of_order(name, sequence, expected));
         }
         records.push(Record {
             index: sequence,
             payload: message.payload.clone(),
         });
         expected += 1;
+    }
+    Ok(records)
+}
+
+/// Reads `1..=last` from the stream's leader, each message asked again (see [`retry_api`])
+/// while the stream has no leader.
+async fn replay_by_gets(
+    stream: &jetstream::stream::Stream,
+    options: &StreamOptions,
+    last: u64,
+) -> Result<Vec<Record>, StoreError> {
+    let name = options.stream.as_str();
+    let mut reads = futures_util::stream::iter(1..=last)
+        .map(|sequence| async move {
+            let message = retry_api(options, || stream.get_raw_message(sequence))
+                .await
+                .map_err(|e| engine(name, "replaying the stream", e))?;
+            if message.sequence != sequence {
+                return Err(replayed_out_of_order(name, message.sequence, sequence));
+            }
+            Ok(Record {
+                index: sequence,
+                payload: message.payload,
+            })
+        })
+        .buffered(REPLAY_GETS_IN_FLIGHT);
+    let mut records = Vec::with_capacity(usize::try_from(last).unwrap_or(0).min(1 << 20));
+    while let Some(record) = reads.next().await {
+        records.push(record?);
     }
     Ok(records)
 }
@@ -729,4 +783,42 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{DeleteStreams, nats_up, nats_url, unique_stream};
+
+    /// Both ways of replaying read the same records, in order.
+    #[tokio::test]
+    async fn reading_message_by_message_replays_what_the_consumer_replays() {
+        if !nats_up("reading_message_by_message_replays_what_the_consumer_replays") {
+            return;
+        }
+        let name = unique_stream("gets");
+        let _guard = DeleteStreams::new(vec![name.clone()]);
+        let options = StreamOptions::parse(&nats_url(), &name).unwrap();
+        let (journal, _) = StreamJournal::open(options.clone()).await.unwrap();
+        let appended: Vec<_> = (0..300)
+            .map(|i| journal.append(format!("record {i}")).unwrap())
+            .collect();
+        futures_util::future::try_join_all(appended).await.unwrap();
+        journal.close().await.unwrap();
+
+        let (_client, js) = connect(&options).await.unwrap();
+        let stream = open_stream(&js, &options).await.unwrap();
+        let by_gets = replay_by_gets(&stream, &options, 300).await.unwrap();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let by_consumer = replay_by_consumer(consumer, &options, 300).await.unwrap();
+        assert_eq!(by_gets.len(), 300);
+        for (i, (a, b)) in by_gets.iter().zip(&by_consumer).enumerate() {
+            assert_eq!((a.index, &a.payload), (b.index, &b.payload));
+            assert_eq!(a.index, i as u64 + 1);
+            assert_eq!(a.payload, format!("record {i}").as_bytes());
+        }
+    }
 }
