@@ -531,7 +531,10 @@ impl Api {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| !self.admin_token.is_empty() && t == self.admin_token)
+            .is_some_and(|t| {
+                !self.admin_token.is_empty()
+                    && keel_net::constant_time_eq(t.as_bytes(), self.admin_token.as_bytes())
+            })
     }
 
     /// Serves one request.
@@ -1306,40 +1309,29 @@ pub async fn follow_stock_changes(cache: TwoLevel<u64>, registry: keel_registry:
     }
 }
 
-/// Serves `api` on `listener` until `shutdown`.
+/// Serves `api` on `listener` until `shutdown`; then requests in flight get up to 10 s to
+/// finish.
 pub async fn serve(
     api: Arc<Api>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let api = api.clone();
-        tokio::spawn(async move {
+    keel_net::AcceptLoop::new(Arc::default())
+        .max_connections(MAX_CONNECTIONS)
+        .shutdown_grace(Duration::from_secs(10))
+        .run(listener, shutdown, move |stream, _, drain| {
+            let api = api.clone();
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
-    }
+            keel_net::serve_http1(stream, service, Duration::from_secs(10), drain)
+        })
+        .await
 }
+
+/// Connections the API keeps open at once: its clients are the gateways, which pool theirs.
+const MAX_CONNECTIONS: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -16,13 +16,13 @@
 //! `Authorization: Bearer <token>`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::{Gateway, GatewayConfig};
@@ -46,41 +46,27 @@ fn fail(status: StatusCode, code: &str, detail: impl std::fmt::Display) -> Respo
     )
 }
 
+/// Connections the admin port keeps open at once; it serves operators and scrapers, not
+/// traffic.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 pub(crate) async fn serve(
     gateway: Gateway,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    let tracker = tokio_util::task::TaskTracker::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let gateway = gateway.clone();
-        tracker.spawn(async move {
+    keel_net::AcceptLoop::new(Arc::default())
+        .max_connections(ADMIN_MAX_CONNECTIONS)
+        .shutdown_grace(std::time::Duration::from_secs(5))
+        .run(listener, shutdown, move |stream, _, drain| {
+            let gateway = gateway.clone();
             let service = hyper::service::service_fn(move |req| {
                 let gateway = gateway.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&gateway, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
-    Ok(())
+            keel_net::serve_http1(stream, service, std::time::Duration::from_secs(10), drain)
+        })
+        .await
 }
 
 async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody> {
@@ -111,9 +97,9 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
                 &serde_json::json!({
                     "version": env!("CARGO_PKG_VERSION"),
                     "uptime_s": gateway.inner.started.elapsed().as_secs(),
-                    "connections_open": m.connections_open.load(Ordering::Relaxed),
-                    "connections_accepted": m.connections_accepted.load(Ordering::Relaxed),
-                    "connections_refused": m.connections_refused.load(Ordering::Relaxed),
+                    "connections_open": m.connections.open.load(Ordering::Relaxed),
+                    "connections_accepted": m.connections.accepted.load(Ordering::Relaxed),
+                    "connections_refused": m.connections.refused.load(Ordering::Relaxed),
                     "routes": shared.router.routes().len(),
                     "upstreams": shared.pools.len(),
                     "servers": shared.pools.iter().map(|p| p.servers().len()).sum::<usize>(),
@@ -130,7 +116,7 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(token.as_str()) {
+        if !presented.is_some_and(|p| keel_net::constant_time_eq(p.as_bytes(), token.as_bytes())) {
             return fail(
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",

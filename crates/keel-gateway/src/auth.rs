@@ -110,10 +110,6 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Auth {
     /// Compiles the settings; a bad key or algorithm is an error naming it.
     pub(crate) fn new(config: &AuthConfig) -> Result<Auth, String> {
@@ -192,7 +188,10 @@ impl Auth {
         headers: &(impl Lookup + ?Sized),
     ) -> Result<Vec<(&HeaderName, HeaderValue)>, String> {
         if let Some(key) = headers.value(&self.api_key_header)
-            && self.api_keys.iter().any(|k| constant_time_eq(k, key))
+            && self
+                .api_keys
+                .iter()
+                .any(|k| keel_net::constant_time_eq(k, key))
         {
             return Ok(Vec::new());
         }

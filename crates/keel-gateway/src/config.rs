@@ -41,10 +41,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-fn ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    Ok(Duration::from_millis(u64::deserialize(d)?))
-}
-
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,11 +89,17 @@ pub struct ServerSection {
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Time a client has to send a request's headers (against slowloris).
-    #[serde(deserialize_with = "ms", rename = "header_timeout_ms")]
+    #[serde(
+        deserialize_with = "keel_net::duration::ms::deserialize",
+        rename = "header_timeout_ms"
+    )]
     pub header_timeout: Duration,
     /// Close a client connection after this long with no bytes either way and no request in
     /// flight (checked every half of it).
-    #[serde(deserialize_with = "ms", rename = "idle_timeout_ms")]
+    #[serde(
+        deserialize_with = "keel_net::duration::ms::deserialize",
+        rename = "idle_timeout_ms"
+    )]
     pub idle_timeout: Duration,
     /// Longest request target (path and query) accepted; longer gets 414.
     pub max_uri_bytes: usize,
@@ -109,7 +111,10 @@ pub struct ServerSection {
     /// get 431 (hyper's buffer cannot go below 8 KiB), HTTP/2 ones a stream error.
     pub max_header_bytes: usize,
     /// At stop, time given to requests in flight before their connections are cut.
-    #[serde(deserialize_with = "ms", rename = "shutdown_grace_ms")]
+    #[serde(
+        deserialize_with = "keel_net::duration::ms::deserialize",
+        rename = "shutdown_grace_ms"
+    )]
     pub shutdown_grace: Duration,
     /// Access log: `"stdout"`, a file path, or absent for none. One JSON object per line.
     pub access_log: Option<String>,
@@ -187,21 +192,21 @@ pub struct UpstreamConfig {
     /// Longest wait in the queue before 503.
     #[serde(
         default = "default_queue_timeout",
-        deserialize_with = "ms",
+        deserialize_with = "keel_net::duration::ms::deserialize",
         rename = "queue_timeout_ms"
     )]
     pub queue_timeout: Duration,
     /// Time to connect to a server.
     #[serde(
         default = "default_connect_timeout",
-        deserialize_with = "ms",
+        deserialize_with = "keel_net::duration::ms::deserialize",
         rename = "connect_timeout_ms"
     )]
     pub connect_timeout: Duration,
     /// Time for a server to start answering.
     #[serde(
         default = "default_response_timeout",
-        deserialize_with = "ms",
+        deserialize_with = "keel_net::duration::ms::deserialize",
         rename = "response_timeout_ms"
     )]
     pub response_timeout: Duration,
@@ -241,7 +246,7 @@ pub struct RpcRouteConfig {
     /// Deadline of each call (sent to the server).
     #[serde(
         default = "default_rpc_timeout",
-        deserialize_with = "ms",
+        deserialize_with = "keel_net::duration::ms::deserialize",
         rename = "timeout_ms"
     )]
     pub timeout: Duration,
@@ -317,14 +322,14 @@ pub struct HealthConfig {
     /// Time between probes of one server.
     #[serde(
         default = "default_interval",
-        deserialize_with = "ms",
+        deserialize_with = "keel_net::duration::ms::deserialize",
         rename = "interval_ms"
     )]
     pub interval: Duration,
     /// Time a probe may take.
     #[serde(
         default = "default_probe_timeout",
-        deserialize_with = "ms",
+        deserialize_with = "keel_net::duration::ms::deserialize",
         rename = "timeout_ms"
     )]
     pub timeout: Duration,
@@ -455,7 +460,11 @@ pub struct CacheConfig {
     pub max_entry_bytes: u64,
     /// Freshness of answers that say nothing about it; 0 (default) caches only answers that
     /// allow it explicitly.
-    #[serde(default, deserialize_with = "ms", rename = "default_ttl_ms")]
+    #[serde(
+        default,
+        deserialize_with = "keel_net::duration::ms::deserialize",
+        rename = "default_ttl_ms"
+    )]
     pub default_ttl: Duration,
 }
 

@@ -140,7 +140,12 @@ pub(crate) fn start(gate: &Arc<Gate>) {
 
 async fn follow(gate: Weak<Gate>, config: GateConfig) {
     // Keel's registry is reached lazily; etcd is connected here, retried while it is away.
-    let mut backoff = Duration::from_millis(100);
+    let backoff = keel_net::Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+        ..keel_net::Backoff::default()
+    };
+    let mut attempt = 0;
     let naming = loop {
         match Naming::connect(&config.registry).await {
             Ok(naming) => break naming,
@@ -149,8 +154,8 @@ async fn follow(gate: Weak<Gate>, config: GateConfig) {
                     return;
                 }
                 tracing::warn!(registry = %config.registry, error = %e, "the gate cannot reach its registry; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
             }
         }
     };

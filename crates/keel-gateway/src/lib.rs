@@ -38,7 +38,6 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 mod access;
 mod admin;
@@ -216,7 +215,6 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let tracker = TaskTracker::new();
         let conns = Arc::new(conns::Conns::default());
         start_background(&self.inner.current.load());
         // The janitor: closes idle client connections (the timeout as configured now, checked
@@ -241,97 +239,83 @@ impl Gateway {
                 }
             })
         };
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-            };
-            let metrics = &self.inner.metrics;
-            metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
-            let shared = self.inner.current.load();
-            let open = metrics.connections_open.load(Ordering::Relaxed);
-            if open >= shared.config.server.max_connections as i64 {
-                metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                drop(stream);
-                continue;
+        // Shutdown starts with the gateway's own signals: idle keep-alive connections close
+        // now, busy ones after their response, and tunnels end; then the accept loop drains.
+        let stopping = {
+            let (conns, inner) = (conns.clone(), self.inner.clone());
+            async move {
+                shutdown.await;
+                conns.stop_all();
+                inner.stopping.cancel();
             }
-            let _ = stream.set_nodelay(true);
-            let tls = shared.tls.clone();
-            let header_timeout = shared.config.server.header_timeout;
-            drop(shared);
-            let inner = self.inner.clone();
-            let conns = conns.clone();
-            inner
-                .metrics
-                .connections_open
-                .fetch_add(1, Ordering::Relaxed);
-            tracker.spawn(async move {
-                let watched = conns.add();
-                let state = watched.state.clone();
-                match tls {
-                    None => fast::serve(inner.clone(), stream, peer, false, state).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                            // HTTP/2 goes to hyper; HTTP/1 starts on the fast path.
-                            Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                                serve_connection(
-                                    inner.clone(),
-                                    stream,
-                                    bytes::Bytes::new(),
-                                    peer,
-                                    true,
-                                    state,
-                                )
-                                .await;
-                            }
-                            Ok(Ok(stream)) => {
-                                fast::serve(inner.clone(), stream, peer, true, state).await;
-                            }
-                            Ok(Err(e)) => {
-                                inner
-                                    .metrics
-                                    .tls_handshake_failures
-                                    .fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                inner
-                                    .metrics
-                                    .tls_handshake_failures
-                                    .fetch_add(1, Ordering::Relaxed);
+        };
+        let (cap, grace) = (self.inner.clone(), self.inner.clone());
+        let inner = self.inner.clone();
+        let served = keel_net::AcceptLoop::new(self.inner.metrics.connections.clone())
+            .max_connections_from(move || cap.current.load().config.server.max_connections)
+            .shutdown_grace_from(move || grace.current.load().config.server.shutdown_grace)
+            .run(listener, stopping, move |stream, peer, drain| {
+                let (inner, conns) = (inner.clone(), conns.clone());
+                // Connections wind down through `conns`; one still busy after the grace
+                // period (a stalled upstream, a client that stopped reading) is cut.
+                let serve = async move {
+                    let (tls, header_timeout) = {
+                        let shared = inner.current.load();
+                        (shared.tls.clone(), shared.config.server.header_timeout)
+                    };
+                    let watched = conns.add();
+                    let state = watched.state.clone();
+                    match tls {
+                        None => fast::serve(inner.clone(), stream, peer, false, state).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(header_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                // HTTP/2 goes to hyper; HTTP/1 starts on the fast path.
+                                Ok(Ok(stream))
+                                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") =>
+                                {
+                                    serve_connection(
+                                        inner.clone(),
+                                        stream,
+                                        bytes::Bytes::new(),
+                                        peer,
+                                        true,
+                                        state,
+                                    )
+                                    .await;
+                                }
+                                Ok(Ok(stream)) => {
+                                    fast::serve(inner.clone(), stream, peer, true, state).await;
+                                }
+                                Ok(Err(e)) => {
+                                    inner
+                                        .metrics
+                                        .tls_handshake_failures
+                                        .fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                }
+                                Err(_) => {
+                                    inner
+                                        .metrics
+                                        .tls_handshake_failures
+                                        .fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                     }
+                    drop(watched);
+                };
+                async move {
+                    tokio::select! {
+                        () = serve => {}
+                        () = drain.forced() => {}
+                    }
                 }
-                drop(watched);
-                inner
-                    .metrics
-                    .connections_open
-                    .fetch_sub(1, Ordering::Relaxed);
-            });
-        }
-        conns.stop_all();
-        self.inner.stopping.cancel();
-        tracker.close();
-        // Requests in flight get a grace period; a response still streaming after it (a
-        // stalled upstream, a client that stopped reading) is cut.
-        let grace = self.inner.current.load().config.server.shutdown_grace;
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                "connections still busy after the grace period; closing them"
-            );
-        }
+            })
+            .await;
         janitor.abort();
-        Ok(())
+        served
     }
 }
 

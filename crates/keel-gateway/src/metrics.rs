@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -89,10 +89,9 @@ pub(crate) struct Metrics {
     routes: Mutex<BTreeMap<String, Arc<RouteMetrics>>>,
     /// Requests no route matched.
     pub(crate) unrouted: AtomicU64,
-    pub(crate) connections_open: AtomicI64,
-    pub(crate) connections_accepted: AtomicU64,
-    /// Connections closed at once because `max_connections` were open.
-    pub(crate) connections_refused: AtomicU64,
+    /// Client connections (upgraded tunnels among the open ones); refused are those closed at
+    /// once because `max_connections` were open.
+    pub(crate) connections: Arc<keel_net::ConnectionStats>,
     pub(crate) tls_handshake_failures: AtomicU64,
     pub(crate) reloads: AtomicU64,
     pub(crate) reloads_refused: AtomicU64,
@@ -190,17 +189,17 @@ impl Metrics {
             (
                 "connections_open",
                 "gauge",
-                self.connections_open.load(Relaxed),
+                self.connections.open.load(Relaxed),
             ),
             (
                 "connections_accepted_total",
                 "counter",
-                self.connections_accepted.load(Relaxed) as i64,
+                self.connections.accepted.load(Relaxed) as i64,
             ),
             (
                 "connections_refused_total",
                 "counter",
-                self.connections_refused.load(Relaxed) as i64,
+                self.connections.refused.load(Relaxed) as i64,
             ),
             (
                 "tls_handshake_failures_total",

@@ -955,7 +955,7 @@ fn tunnel(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let inner = inner.clone();
-    inner.metrics.connections_open.fetch_add(1, Relaxed);
+    inner.metrics.connections.open.fetch_add(1, Relaxed);
     let idle = inner.current.load().config.server.idle_timeout;
     tokio::spawn(async move {
         let activity = Activity::new();
@@ -978,7 +978,7 @@ fn tunnel(
             }
             () = inner.stopping.cancelled() => {}
         }
-        inner.metrics.connections_open.fetch_sub(1, Relaxed);
+        inner.metrics.connections.open.fetch_sub(1, Relaxed);
     });
 }
 

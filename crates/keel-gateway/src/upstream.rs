@@ -366,14 +366,19 @@ pub(crate) async fn connect_discovery(
 
 /// Keeps the servers of `pool` equal to the instances the registry lists.
 async fn follow_registry(pool: Weak<Pool>, config: DiscoveryConfig) {
-    let mut backoff = Duration::from_millis(100);
+    let backoff = keel_net::Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+        ..keel_net::Backoff::default()
+    };
+    let mut attempt = 0;
     let discover = loop {
         match connect_discovery(&config).await {
             Ok(d) => break d,
             Err(e) => {
                 tracing::warn!(error = %e, "discovery unavailable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
                 if pool.strong_count() == 0 {
                     return;
                 }

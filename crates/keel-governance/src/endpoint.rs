@@ -24,13 +24,13 @@ pub struct OutlierConfig {
     /// Calls needed in the window before the error rate counts.
     pub min_requests: u32,
     /// Length of the error-rate window.
-    #[serde(with = "duration_ms", rename = "window_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "window_ms")]
     pub window: Duration,
     /// First ejection time.
-    #[serde(with = "duration_ms", rename = "base_ejection_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "base_ejection_ms")]
     pub base_ejection: Duration,
     /// Longest ejection time.
-    #[serde(with = "duration_ms", rename = "max_ejection_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "max_ejection_ms")]
     pub max_ejection: Duration,
     /// Largest share of a service's endpoints ejected at once.
     pub max_ejected_share: f64,
@@ -47,16 +47,6 @@ impl Default for OutlierConfig {
             max_ejection: Duration::from_secs(120),
             max_ejected_share: 0.5,
         }
-    }
-}
-
-pub(crate) mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

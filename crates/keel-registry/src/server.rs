@@ -367,7 +367,7 @@ impl Registry {
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented {
-            Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(p) if keel_net::constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
             Some(_) => Err(Status::unauthenticated("wrong registry token")),
             None => Err(Status::unauthenticated(
                 "this registry requires a token for writes: send `authorization: Bearer <token>`",
@@ -643,10 +643,6 @@ impl Registry {
             tracing::error!(error = %e, "ending protection failed");
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn store_status(e: keel_store::StoreError) -> Status {

@@ -49,26 +49,3 @@ macro_rules! include_proto {
         include!(concat!(env!("OUT_DIR"), "/", $package, ".serde.rs"));
     };
 }
-
-/// Durations in config files, written as whole milliseconds.
-pub(crate) mod duration_ms {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
-/// Optional durations in config files: whole milliseconds, 0 meaning none.
-pub(crate) mod opt_duration_ms {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let ms = u64::deserialize(d)?;
-        Ok((ms > 0).then(|| Duration::from_millis(ms)))
-    }
-}

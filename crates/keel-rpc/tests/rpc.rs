@@ -156,7 +156,8 @@ async fn thousand_concurrent_calls_on_one_connection_pair_correctly() {
         server
             .server
             .stats()
-            .connections_open
+            .connections
+            .open
             .load(Ordering::SeqCst),
         1
     );
@@ -659,7 +660,8 @@ async fn connection_cap_refuses_extra_connections() {
         server
             .server
             .stats()
-            .connections_refused
+            .connections
+            .refused
             .load(Ordering::SeqCst),
         1
     );

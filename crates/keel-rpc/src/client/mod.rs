@@ -9,7 +9,6 @@
 //! Calls go through the [`CallTransport`] trait, which generated clients are generic over, so
 //! a governed channel (many instances, balancing, retries) slots in where a `Channel` fits.
 
-mod backoff;
 mod conn;
 
 use std::future::Future;
@@ -25,8 +24,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use backoff::Backoff;
 use conn::{ClientConn, Pending, StreamSlot};
+pub use keel_net::Backoff;
 
 use crate::protocol::{
     Codec, DEFAULT_MAX_FRAME_SIZE, Frame, FrameType, Metadata, RpcMessage, Text,
@@ -38,16 +37,16 @@ use crate::status::{Code, Status};
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelConfig {
     /// How long one connection attempt may take.
-    #[serde(with = "crate::duration_ms", rename = "connect_timeout_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "connect_timeout_ms")]
     pub connect_timeout: Duration,
     /// Deadline for calls that set none; `None` (0 in config) means no deadline.
-    #[serde(with = "crate::opt_duration_ms", rename = "default_timeout_ms")]
+    #[serde(with = "keel_net::duration::opt_ms", rename = "default_timeout_ms")]
     pub default_timeout: Option<Duration>,
     /// Send a ping after the connection has been quiet this long.
-    #[serde(with = "crate::duration_ms", rename = "keepalive_interval_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "keepalive_interval_ms")]
     pub keepalive_interval: Duration,
     /// Declare the peer dead if nothing arrives this long after a ping.
-    #[serde(with = "crate::duration_ms", rename = "keepalive_timeout_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "keepalive_timeout_ms")]
     pub keepalive_timeout: Duration,
     /// Delays between reconnect attempts.
     pub backoff: Backoff,

@@ -24,11 +24,12 @@ use tokio::time::Instant;
 use super::limit::{Permit, Refusal};
 use super::metrics::MethodStats;
 use super::service::{Context, Handler};
-use super::{Lifecycle, RouteError, Shared};
+use super::{RouteError, Shared};
 use crate::protocol::Codec;
 use crate::protocol::{Frame, FrameError, FrameType, Metadata};
 use crate::status::{Code, Status};
 use crate::transport::WriteQueue;
+use keel_net::Drain;
 
 /// State shared by the connection task and its call tasks.
 #[derive(Debug)]
@@ -97,7 +98,7 @@ pub(super) async fn serve_binary(
     stream: TcpStream,
     mut buf: BytesMut,
     peer: SocketAddr,
-    mut lifecycle: Lifecycle,
+    lifecycle: Drain,
 ) {
     let (mut reader, writer) = stream.into_split();
     let conn = Arc::new(ConnState {
@@ -116,7 +117,7 @@ pub(super) async fn serve_binary(
     };
 
     let config = &shared.config;
-    let mut draining = *lifecycle.draining.borrow();
+    let mut draining = lifecycle.is_draining();
     let mut last_id = 0u64;
     let mut last_read = Instant::now();
     let idle_timer = tokio::time::sleep(config.idle_timeout);
@@ -166,13 +167,11 @@ pub(super) async fn serve_binary(
         let congested = conn.queue.is_congested();
         tokio::select! {
             biased;
-            () = lifecycle.force.cancelled() => break,
-            changed = lifecycle.draining.changed(), if !draining => {
-                if changed.is_err() || *lifecycle.draining.borrow() {
-                    draining = true;
-                    let meta = status_meta(Code::Unavailable, "server is shutting down", None);
-                    let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);
-                }
+            () = lifecycle.forced() => break,
+            () = lifecycle.draining(), if !draining => {
+                draining = true;
+                let meta = status_meta(Code::Unavailable, "server is shutting down", None);
+                let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);
             }
             () = idle, if draining => {}
             () = conn.queue.writable(), if congested => {}
@@ -204,7 +203,7 @@ pub(super) async fn serve_binary(
     let mut writer_task = writer_task;
     tokio::select! {
         _ = &mut writer_task => {}
-        () = lifecycle.force.cancelled() => writer_task.abort(),
+        () = lifecycle.forced() => writer_task.abort(),
         () = tokio::time::sleep(config.handshake_timeout) => writer_task.abort(),
     }
 }

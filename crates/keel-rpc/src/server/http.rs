@@ -15,7 +15,6 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,106 +22,41 @@ use futures_util::{FutureExt, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame as BodyFrame, Incoming};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::conn::{panicked, run_unary};
 use super::service::{Context, Handler};
-use super::{Lifecycle, MethodEntry, RouteError, Shared};
+use super::{MethodEntry, RouteError, Shared};
 use crate::protocol::{Codec, Metadata};
 use crate::status::{Code, Status};
+use keel_net::{Drain, Rewind};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-/// A stream that first yields bytes already read while sniffing the protocol.
-struct Rewind {
-    prefix: Bytes,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let chunk = self.prefix.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 pub(super) async fn serve_http(
     shared: Arc<Shared>,
     stream: TcpStream,
     prefix: BytesMut,
     peer: SocketAddr,
-    mut lifecycle: Lifecycle,
+    lifecycle: Drain,
 ) {
-    let io = TokioIo::new(Rewind {
-        prefix: prefix.freeze(),
-        inner: stream,
-    });
     let service = {
         let shared = shared.clone();
-        let draining = lifecycle.draining.clone();
+        let drain = lifecycle.clone();
         hyper::service::service_fn(move |req| {
             let shared = shared.clone();
-            let draining = *draining.borrow();
+            let draining = drain.is_draining();
             async move { Ok::<_, Infallible>(handle(shared, req, peer, draining).await) }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
-        .serve_connection(io, service);
-    tokio::pin!(conn);
-    let mut draining = *lifecycle.draining.borrow();
-    if draining {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                }
-                return;
-            }
-            changed = lifecycle.draining.changed(), if !draining => {
-                if changed.is_err() || *lifecycle.draining.borrow() {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            () = lifecycle.force.cancelled() => return,
-        }
-    }
+    keel_net::serve_http1(
+        Rewind::new(prefix.freeze(), stream),
+        service,
+        shared.config.handshake_timeout,
+        lifecycle,
+    )
+    .await;
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
@@ -210,7 +144,7 @@ fn status_page(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": shared.started.elapsed().as_secs(),
-        "connections_open": stats.connections_open.load(Relaxed),
+        "connections_open": stats.connections.open.load(Relaxed),
         "inflight_calls": stats.inflight.load(Relaxed),
         "concurrency_limit": shared.limiter.is_active().then(|| shared.limiter.limit()),
         "limited_calls_inflight": shared.limiter.is_active().then(|| shared.limiter.inflight()),

@@ -112,12 +112,9 @@ impl MethodStats {
 /// Server-wide gauges and counters.
 #[derive(Debug, Default)]
 pub struct ServerStats {
-    /// Connections open now (binary and HTTP).
-    pub connections_open: AtomicI64,
-    /// Connections accepted since start.
-    pub connections_accepted: AtomicU64,
-    /// Connections closed at once because the connection cap was reached.
-    pub connections_refused: AtomicU64,
+    /// Connections (binary and HTTP): open now, accepted since start, and closed at once
+    /// because the connection cap was reached.
+    pub connections: Arc<keel_net::ConnectionStats>,
     /// Calls running now.
     pub inflight: AtomicI64,
     /// Connections closed because the peer broke the protocol (bad frame, oversized frame).
@@ -142,21 +139,21 @@ pub(crate) fn render(shared: &super::Shared) -> String {
         "keel_rpc_connections_open",
         "Connections open now.",
         "gauge",
-        stats.connections_open.load(Relaxed),
+        stats.connections.open.load(Relaxed),
     );
     gauge(
         &mut out,
         "keel_rpc_connections_accepted_total",
         "Connections accepted.",
         "counter",
-        stats.connections_accepted.load(Relaxed) as i64,
+        stats.connections.accepted.load(Relaxed) as i64,
     );
     gauge(
         &mut out,
         "keel_rpc_connections_refused_total",
         "Connections refused at the connection cap.",
         "counter",
-        stats.connections_refused.load(Relaxed) as i64,
+        stats.connections.refused.load(Relaxed) as i64,
     );
     gauge(
         &mut out,

@@ -26,10 +26,7 @@ use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use metrics::{Histogram, MethodStats, ServerStats};
 pub use service::{Context, IntoService, ResponseStream, ServiceDef};
@@ -48,17 +45,17 @@ pub struct ServerConfig {
     /// Largest frame accepted (header + metadata + body), in bytes.
     pub max_frame_size: u32,
     /// A connection with no call running and nothing received for this long is closed.
-    #[serde(with = "crate::duration_ms", rename = "idle_timeout_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "idle_timeout_ms")]
     pub idle_timeout: Duration,
     /// How long a new connection may take to send its first bytes (and, over HTTP, how long
     /// a request's head may take to arrive).
-    #[serde(with = "crate::duration_ms", rename = "handshake_timeout_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "handshake_timeout_ms")]
     pub handshake_timeout: Duration,
     /// Over HTTP, how long a request's body may take to arrive whole; later, it gets 408.
-    #[serde(with = "crate::duration_ms", rename = "body_timeout_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "body_timeout_ms")]
     pub body_timeout: Duration,
     /// On shutdown, how long in-flight calls may take to finish before they are cut off.
-    #[serde(with = "crate::duration_ms", rename = "shutdown_grace_ms")]
+    #[serde(with = "keel_net::duration::ms", rename = "shutdown_grace_ms")]
     pub shutdown_grace: Duration,
     /// Answer HTTP/1.1 on the same port.
     pub http: bool,
@@ -189,15 +186,6 @@ pub struct Server {
     shared: Arc<Shared>,
 }
 
-/// Signals sent from the accept loop to connections.
-#[derive(Clone, Debug)]
-pub(crate) struct Lifecycle {
-    /// Flips to `true` when shutdown starts: send goaway, stop taking calls, drain.
-    pub(crate) draining: watch::Receiver<bool>,
-    /// Fires when the grace period is over: abort what is still running and close.
-    pub(crate) force: CancellationToken,
-}
-
 impl Server {
     /// Starts building a server.
     pub fn builder() -> ServerBuilder {
@@ -236,64 +224,15 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let (drain_tx, drain_rx) = watch::channel(false);
-        let lifecycle = Lifecycle {
-            draining: drain_rx,
-            force: CancellationToken::new(),
-        };
-        let tracker = TaskTracker::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            // Out of file descriptors and similar: back off briefly rather
-                            // than spin; the listener itself stays valid.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let stats = &self.shared.stats;
-                    stats.connections_accepted.fetch_add(1, Relaxed);
-                    let open = stats.connections_open.load(Relaxed);
-                    if open >= self.shared.config.max_connections as i64 {
-                        stats.connections_refused.fetch_add(1, Relaxed);
-                        tracing::debug!(%peer, open, "connection cap reached; closing new connection");
-                        drop(stream);
-                        continue;
-                    }
-                    stats.connections_open.fetch_add(1, Relaxed);
-                    let shared = self.shared.clone();
-                    let lifecycle = lifecycle.clone();
-                    tracker.spawn(async move {
-                        // Counted down however the task ends, even by a panic.
-                        let _open = OpenConnection(shared.clone());
-                        serve_connection(shared, stream, peer, lifecycle).await;
-                    });
-                }
-            }
-        }
-        drop(listener);
-        tracing::info!(
-            connections = self.shared.stats.connections_open.load(Relaxed),
-            "shutting down: draining connections"
-        );
-        let _ = drain_tx.send(true);
-        tracker.close();
-        if tokio::time::timeout(self.shared.config.shutdown_grace, tracker.wait())
+        let config = &self.shared.config;
+        let shared = self.shared.clone();
+        keel_net::AcceptLoop::new(self.shared.stats.connections.clone())
+            .max_connections(config.max_connections)
+            .shutdown_grace(config.shutdown_grace)
+            .run(listener, shutdown, move |stream, peer, drain| {
+                serve_connection(shared.clone(), stream, peer, drain)
+            })
             .await
-            .is_err()
-        {
-            tracing::warn!("shutdown grace period over; closing remaining connections");
-            lifecycle.force.cancel();
-            tracker.wait().await;
-        }
-        Ok(())
     }
 
     /// Binds `addr` and serves until `shutdown`; see [`Server::serve`].
@@ -307,23 +246,13 @@ impl Server {
     }
 }
 
-/// Keeps `connections_open` right: decremented when the connection's task ends.
-struct OpenConnection(Arc<Shared>);
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.stats.connections_open.fetch_sub(1, Relaxed);
-    }
-}
-
 /// Reads the first bytes and hands the connection to the protocol they announce.
 async fn serve_connection(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    lifecycle: Lifecycle,
+    lifecycle: keel_net::Drain,
 ) {
-    let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let sniff = async {
         while buf.len() < MAGIC.len() {

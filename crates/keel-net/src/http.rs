@@ -1,0 +1,48 @@
+//! One HTTP/1.1 connection under the accept loop's drain.
+
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Drain;
+
+/// Serves HTTP/1.1 on `io` with `service` until the connection ends: the client closes it,
+/// sends no complete request head within `header_timeout`, or the server drains (the
+/// request in flight is answered with `Connection: close`, an idle connection closes at once)
+/// or is forced (the connection is dropped). Errors end the connection and are logged at
+/// debug level: they are the client's doing or a broken socket.
+pub async fn serve_http1<I, S>(io: I, service: S, header_timeout: Duration, drain: Drain)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = drain.is_draining();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            () = drain.draining(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = drain.forced() => return,
+        }
+    }
+}
