@@ -17,6 +17,7 @@
 //! routes to directories, caches, RPC services, h2c pools or pools with sticky sessions. A head
 //! goes over before any filter has run, so no rate-limit token is spent twice.
 
+use keel_governance::Attempts;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -785,17 +786,32 @@ impl Forward<'_> {
                 }
             },
         };
-        pool.budget.deposit();
         let servers = pool.servers();
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last_error = String::new();
-        for _ in 0..pool.max_attempts {
+        let mut attempts: Attempts<'_, usize, String> =
+            Attempts::new(&pool.budget, pool.max_attempts, None, &pool.retries);
+        loop {
             // One reading of the clock serves the balancer, the attempt's start, its deadline
             // and the idle connection's age.
             let now = Instant::now();
-            let Some(index) = pool.pick(&servers, self.peer.ip(), self.headers, &tried, now) else {
+            let Some(index) = pool.pick(
+                &servers,
+                self.peer.ip(),
+                self.headers,
+                attempts.tried(),
+                now,
+            ) else {
                 break;
             };
+            if let Err(give_up) = attempts.start() {
+                let (status, code, detail) = crate::upstream::not_retried(give_up);
+                return refuse(
+                    client,
+                    refusal(status, code, detail),
+                    keep_alive,
+                    &mut scratch.out,
+                )
+                .await;
+            }
             let server = &servers[index];
             let mut attempt = Attempt::start(pool, &servers, server, note, now);
             // A graceful stop that began meanwhile closes the connection after this answer.
@@ -859,14 +875,12 @@ impl Forward<'_> {
             };
             match failure {
                 Failure::NoAnswer(detail) | Failure::Bad(detail) if self.replayable => {
-                    tried.push(index);
-                    if !pool.budget.withdraw() {
-                        let detail = format!("{detail} (not retried: the retry budget is spent)");
-                        let refusal = refusal(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
+                    tracing::debug!(upstream = %pool.name, %detail, "no answer");
+                    if let Err(give_up) = attempts.retry(index, detail) {
+                        let (status, code, detail) = crate::upstream::not_retried(give_up);
+                        let refusal = refusal(status, code, detail);
                         return refuse(client, refusal, keep_alive, &mut scratch.out).await;
                     }
-                    tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
-                    last_error = detail;
                 }
                 Failure::TimedOut(detail) => {
                     let refusal = refusal(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
@@ -878,14 +892,13 @@ impl Forward<'_> {
                 }
             }
         }
-        let refusal = if tried.is_empty() {
-            refusal(
+        let refusal = match attempts.into_last_error() {
+            None => refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_healthy_upstream",
                 format!("no healthy server in upstream {:?}", pool.name),
-            )
-        } else {
-            refusal(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
+            ),
+            Some(last) => refusal(StatusCode::BAD_GATEWAY, "bad_gateway", last),
         };
         refuse(client, refusal, keep_alive, &mut scratch.out).await
     }

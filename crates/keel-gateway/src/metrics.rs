@@ -178,12 +178,14 @@ impl Metrics {
                 .map_or((0, 0), |q| (q.waiting(), q.rejected()));
             let _ = writeln!(
                 per_pool,
-                "keel_gateway_upstream_queue_depth{{upstream=\"{up}\"}} {waiting}\nkeel_gateway_upstream_queue_rejected_total{{upstream=\"{up}\"}} {rejected}"
+                "keel_gateway_upstream_queue_depth{{upstream=\"{up}\"}} {waiting}\nkeel_gateway_upstream_queue_rejected_total{{upstream=\"{up}\"}} {rejected}\nkeel_gateway_upstream_retries_total{{upstream=\"{up}\"}} {}\nkeel_gateway_upstream_retry_budget_exhausted_total{{upstream=\"{up}\"}} {}",
+                pool.retries.retries.load(Relaxed),
+                pool.retries.budget_exhausted.load(Relaxed)
             );
         }
         out.push_str("# TYPE keel_gateway_upstream_requests_total counter\n# TYPE keel_gateway_upstream_failures_total counter\n# TYPE keel_gateway_upstream_inflight gauge\n");
         out.push_str(&per_server);
-        out.push_str("# HELP keel_gateway_upstream_queue_depth Requests waiting for an upstream slot.\n# TYPE keel_gateway_upstream_queue_depth gauge\n# TYPE keel_gateway_upstream_queue_rejected_total counter\n");
+        out.push_str("# HELP keel_gateway_upstream_queue_depth Requests waiting for an upstream slot.\n# TYPE keel_gateway_upstream_queue_depth gauge\n# TYPE keel_gateway_upstream_queue_rejected_total counter\n# HELP keel_gateway_upstream_retries_total Requests sent again to another server after no answer.\n# TYPE keel_gateway_upstream_retries_total counter\n# HELP keel_gateway_upstream_retry_budget_exhausted_total Retries the retry budget refused.\n# TYPE keel_gateway_upstream_retry_budget_exhausted_total counter\n");
         out.push_str(&per_pool);
         for (name, kind, value) in [
             (

@@ -29,6 +29,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use keel_governance::endpoint::Outcome;
+use keel_governance::{Attempts, GiveUp};
 use tokio::time::Instant;
 
 use crate::headers::Lookup;
@@ -696,7 +697,6 @@ impl Upstream<'_> {
         };
         // Only a bodiless idempotent request can be sent again after a failed attempt.
         let replayable = is_idempotent(&parts.method) && body.is_end_stream();
-        pool.budget.deposit();
         // The client's body is watched on its way, so a failure it causes is answered as the
         // client's (400, 408, 413), not counted against the server. A body without a declared
         // length is counted as it streams (hyper holds a declared one to its length).
@@ -713,15 +713,23 @@ impl Upstream<'_> {
         };
         let mut body = Some(up_body);
         let mut on_upgrade = on_upgrade;
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last_error = String::new();
         let servers = pool.servers();
-        for _ in 0..pool.max_attempts {
+        let mut attempts: Attempts<'_, usize, String> =
+            Attempts::new(&pool.budget, pool.max_attempts, None, &pool.retries);
+        loop {
             let now = Instant::now();
-            let Some(index) = pool.pick(&servers, self.peer.ip(), &parts.headers, &tried, now)
-            else {
+            let Some(index) = pool.pick(
+                &servers,
+                self.peer.ip(),
+                &parts.headers,
+                attempts.tried(),
+                now,
+            ) else {
                 break;
             };
+            if let Err(give_up) = attempts.start() {
+                return not_retried(give_up);
+            }
             let server = &servers[index];
             let uri = match Uri::builder()
                 .scheme("http")
@@ -817,16 +825,10 @@ impl Upstream<'_> {
                     return Response::from_parts(parts_out, body.boxed());
                 }
                 Err((true, detail)) if replayable => {
-                    tried.push(index);
-                    if !pool.budget.withdraw() {
-                        return error(
-                            StatusCode::BAD_GATEWAY,
-                            "bad_gateway",
-                            format!("{detail} (not retried: the retry budget is spent)"),
-                        );
+                    tracing::debug!(upstream = %pool.name, %detail, "no answer");
+                    if let Err(give_up) = attempts.retry(index, detail) {
+                        return not_retried(give_up);
                     }
-                    tracing::debug!(upstream = %pool.name, %detail, "no answer; trying another server");
-                    last_error = detail;
                 }
                 Err((false, detail)) => {
                     return error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
@@ -836,16 +838,21 @@ impl Upstream<'_> {
                 }
             }
         }
-        if tried.is_empty() {
-            error(
+        match attempts.into_last_error() {
+            None => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_healthy_upstream",
                 format!("no healthy server in upstream {:?}", pool.name),
-            )
-        } else {
-            error(StatusCode::BAD_GATEWAY, "bad_gateway", last_error)
+            ),
+            Some(last) => error(StatusCode::BAD_GATEWAY, "bad_gateway", last),
         }
     }
+}
+
+/// The answer to a request whose attempts got no answer and that is not sent again.
+fn not_retried(give_up: GiveUp<String>) -> Response<DownBody> {
+    let (status, code, detail) = crate::upstream::not_retried(give_up);
+    error(status, code, detail)
 }
 
 /// The answer to a request whose own body made its attempt fail.

@@ -167,6 +167,8 @@ pub(crate) struct Pool {
     pub(crate) max_attempts: u32,
     /// Bounds the extra load of retries.
     pub(crate) budget: keel_governance::RetryBudget,
+    /// Retries made, and refused by the budget.
+    pub(crate) retries: keel_governance::RetryStats,
     pub(crate) outlier: OutlierConfig,
     pub(crate) health: Option<HealthConfig>,
 }
@@ -233,6 +235,7 @@ impl Pool {
                 config.retry_budget_ratio,
                 config.retry_budget_min_per_sec,
             ),
+            retries: keel_governance::RetryStats::default(),
             outlier: config.outlier.clone(),
             health: config.health.clone(),
         }
@@ -458,5 +461,26 @@ async fn probe(pool: &Pool, server: &Server, config: &HealthConfig) {
     } else if !healthy && good >= config.rise {
         server.healthy.store(true, Ordering::Relaxed);
         tracing::info!(upstream = %pool.name, server = %server.address, "health check passed; back in rotation");
+    }
+}
+
+/// Status, error code and detail of a request whose attempt got no answer and that is not
+/// sent again: 504 if the time ran out, else 502 (saying so when the retry budget is spent).
+pub(crate) fn not_retried(
+    give_up: keel_governance::GiveUp<String>,
+) -> (http::StatusCode, &'static str, String) {
+    use keel_governance::GiveUp;
+    match give_up {
+        GiveUp::Budget(detail) => (
+            http::StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!("{detail} (not retried: the retry budget is spent)"),
+        ),
+        GiveUp::Attempts(detail) => (http::StatusCode::BAD_GATEWAY, "bad_gateway", detail),
+        GiveUp::Deadline(detail) => (
+            http::StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            detail.unwrap_or_else(|| "no time left for another attempt".to_owned()),
+        ),
     }
 }

@@ -768,7 +768,7 @@ async fn a_client_trickling_the_first_bytes_is_cut_off_and_big_heads_are_refused
 #[tokio::test]
 async fn retries_stop_when_the_budget_is_spent() {
     let (dead, live) = (dead_addr(), upstream("live").await);
-    let gw = gateway(&format!(
+    let (gw, handle) = gateway_handle(&format!(
         r#"
 [upstreams.api]
 servers = [{{ address = "{dead}" }}, {{ address = "{live}" }}]
@@ -799,6 +799,20 @@ upstream = "api"
         (1..=5).contains(&spent),
         "{spent} requests found the budget spent"
     );
+    // The metrics count both: the retries made and those the budget refused.
+    let metric = |name: &str| -> u64 {
+        let line = format!("{name}{{upstream=\"api\"}} ");
+        handle
+            .render_metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str())?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    };
+    assert_eq!(
+        metric("keel_gateway_upstream_retry_budget_exhausted_total"),
+        spent
+    );
+    assert!(metric("keel_gateway_upstream_retries_total") >= 1);
 }
 
 #[tokio::test]

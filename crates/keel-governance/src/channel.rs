@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::attempts::{Attempts, GiveUp, RetryStats};
 use crate::balance::{self, Balancer, EndpointView};
 use crate::budget::{RetryBudget, RetryConfig};
 use crate::discover::{Discover, DiscoverError, Endpoints, Instance};
@@ -96,12 +97,10 @@ struct Inner {
 pub struct ServiceChannelStats {
     /// Calls made.
     pub calls: std::sync::atomic::AtomicU64,
-    /// Retries sent.
-    pub retries: std::sync::atomic::AtomicU64,
+    /// Retries sent, and retries and backup requests the budget refused.
+    pub retry: RetryStats,
     /// Backup (hedged) requests sent.
     pub hedges: std::sync::atomic::AtomicU64,
-    /// Retries refused by the budget.
-    pub budget_exhausted: std::sync::atomic::AtomicU64,
     /// Ejections.
     pub ejections: std::sync::atomic::AtomicU64,
 }
@@ -281,6 +280,7 @@ impl ServiceChannel {
         request: &RawRequest,
         after: Duration,
         key: Option<u64>,
+        attempts: &Attempts<'_, String, Status>,
     ) -> (Result<RawResponse, Status>, Arc<Endpoint>) {
         let primary = self.attempt(&first, request.clone());
         tokio::pin!(primary);
@@ -288,13 +288,11 @@ impl ServiceChannel {
             r = &mut primary => return (r, first.clone()),
             () = tokio::time::sleep(after) => {}
         }
-        let backup_endpoint = if self.inner.budget.withdraw() {
-            self.pick(key, std::slice::from_ref(&first.instance.id))
+        let backup_endpoint = if attempts.hedge() {
+            let mut exclude = attempts.tried().to_vec();
+            exclude.push(first.instance.id.clone());
+            self.pick(key, &exclude)
         } else {
-            self.inner
-                .stats
-                .budget_exhausted
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             None
         };
         let Some(second) = backup_endpoint else {
@@ -352,38 +350,61 @@ impl Drop for Attempt<'_> {
     }
 }
 
+impl ServiceChannel {
+    /// The driver of one call's attempts (the call counted in the budget now).
+    fn attempts(&self, deadline: Option<Instant>) -> Attempts<'_, String, Status> {
+        let inner = &self.inner;
+        inner
+            .stats
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Attempts::new(
+            &inner.budget,
+            inner.config.retry.max_attempts,
+            deadline,
+            &inner.stats.retry,
+        )
+    }
+
+    /// The error a call ends with when no instance is left to try: the last attempt's, or
+    /// that there is no instance at all.
+    fn none_left(&self, attempts: Attempts<'_, String, Status>) -> Status {
+        attempts.into_last_error().unwrap_or_else(|| {
+            Status::unavailable(format!(
+                "no available instance of service {:?}",
+                self.inner.service
+            ))
+        })
+    }
+}
+
+/// The error a call ends with when it is not tried again.
+fn given_up(give_up: GiveUp<Status>) -> Status {
+    give_up
+        .into_error()
+        .unwrap_or_else(|| Status::deadline_exceeded("deadline passed before the call was sent"))
+}
+
 impl CallTransport for ServiceChannel {
     async fn unary_raw(&self, request: RawRequest) -> Result<RawResponse, Status> {
-        use std::sync::atomic::Ordering::Relaxed;
         let deadline = request.options.timeout.map(|t| Instant::now() + t);
         self.wait_resolved(deadline).await?;
-        let inner = &self.inner;
-        inner.stats.calls.fetch_add(1, Relaxed);
-        inner.budget.deposit();
         let key = request.options.hash_key;
-        let mut tried: Vec<String> = Vec::new();
-        let mut last_error: Option<Status> = None;
+        let mut attempts = self.attempts(deadline);
         loop {
-            let Some(endpoint) = self.pick(key, &tried) else {
-                return Err(last_error.unwrap_or_else(|| {
-                    Status::unavailable(format!(
-                        "no available instance of service {:?}",
-                        inner.service
-                    ))
-                }));
+            let Some(endpoint) = self.pick(key, attempts.tried()) else {
+                return Err(self.none_left(attempts));
             };
+            let left = attempts.start().map_err(given_up)?;
             let mut attempt = request.clone();
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(last_error.unwrap_or_else(|| {
-                        Status::deadline_exceeded("deadline passed before the call was sent")
-                    }));
-                }
-                attempt.options.timeout = Some(left);
+            if left.is_some() {
+                attempt.options.timeout = left;
             }
-            let (result, used) = match inner.config.hedge_after {
-                Some(after) => self.attempt_hedged(endpoint, &attempt, after, key).await,
+            let (result, used) = match self.inner.config.hedge_after {
+                Some(after) => {
+                    self.attempt_hedged(endpoint, &attempt, after, key, &attempts)
+                        .await
+                }
                 None => {
                     let r = self.attempt(&endpoint, attempt).await;
                     (r, endpoint)
@@ -391,19 +412,13 @@ impl CallTransport for ServiceChannel {
             };
             match result {
                 Ok(reply) => return Ok(reply),
-                Err(e)
-                    if retryable(e.code())
-                        && (tried.len() + 1) < inner.config.retry.max_attempts as usize =>
-                {
-                    if !inner.budget.withdraw() {
-                        inner.stats.budget_exhausted.fetch_add(1, Relaxed);
-                        return Err(e);
-                    }
-                    inner.stats.retries.fetch_add(1, Relaxed);
-                    tracing::debug!(service = %inner.service, instance = %used.instance.id,
-                        error = %e, "retrying on another instance");
-                    tried.push(used.instance.id.clone());
-                    last_error = Some(e);
+                Err(e) if retryable(e.code()) => {
+                    let detail = e.to_string();
+                    attempts
+                        .retry(used.instance.id.clone(), e)
+                        .map_err(given_up)?;
+                    tracing::debug!(service = %self.inner.service, instance = %used.instance.id,
+                        error = %detail, "retrying on another instance");
                 }
                 Err(e) => return Err(e),
             }
@@ -413,23 +428,22 @@ impl CallTransport for ServiceChannel {
     async fn server_streaming_raw(&self, request: RawRequest) -> Result<RawStream, Status> {
         let deadline = request.options.timeout.map(|t| Instant::now() + t);
         self.wait_resolved(deadline).await?;
-        self.inner.budget.deposit();
         let key = request.options.hash_key;
-        let mut tried = Vec::new();
+        let mut attempts = self.attempts(deadline);
         loop {
-            let Some(endpoint) = self.pick(key, &tried) else {
-                return Err(Status::unavailable(format!(
-                    "no available instance of service {:?}",
-                    self.inner.service
-                )));
+            let Some(endpoint) = self.pick(key, attempts.tried()) else {
+                return Err(self.none_left(attempts));
             };
-            match endpoint.channel.server_streaming_raw(request.clone()).await {
-                Err(e)
-                    if retryable(e.code())
-                        && (tried.len() + 1) < self.inner.config.retry.max_attempts as usize
-                        && self.inner.budget.withdraw() =>
-                {
-                    tried.push(endpoint.instance.id.clone());
+            let left = attempts.start().map_err(given_up)?;
+            let mut attempt = request.clone();
+            if left.is_some() {
+                attempt.options.timeout = left;
+            }
+            match endpoint.channel.server_streaming_raw(attempt).await {
+                Err(e) if retryable(e.code()) => {
+                    attempts
+                        .retry(endpoint.instance.id.clone(), e)
+                        .map_err(given_up)?;
                 }
                 other => return other,
             }

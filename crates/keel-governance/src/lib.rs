@@ -8,15 +8,19 @@
 //! - [`endpoint`]: per-endpoint statistics: calls in flight, peak-EWMA latency, and outlier
 //!   ejection with half-open probes.
 //! - [`budget`]: the retry budget that bounds the extra load of retries and hedges.
+//! - [`attempts`]: [`Attempts`], the policy around one request's attempts (budget, attempt
+//!   count, deadline, endpoints already tried), shared by [`ServiceChannel`] and the gateway.
 //! - [`channel`]: [`ServiceChannel`], the `CallTransport` that puts them together: calls by
 //!   service name with zone preference, balancing, retries, hedging and ejection.
 
+pub mod attempts;
 pub mod balance;
 pub mod budget;
 pub mod channel;
 pub mod discover;
 pub mod endpoint;
 
+pub use attempts::{Attempts, GiveUp, RetryStats};
 pub use balance::Balancer;
 pub use budget::{RetryBudget, RetryConfig};
 pub use channel::{ServiceChannel, ServiceChannelConfig};

@@ -127,7 +127,7 @@ pub(crate) async fn run(args: &FailoverBenchArgs) -> anyhow::Result<serde_json::
     Ok(serde_json::json!({
         "calls": calls.load(Ordering::Relaxed),
         "failed_calls": failed.load(Ordering::Relaxed),
-        "retries": stats.retries.load(Ordering::Relaxed),
+        "retries": stats.retry.retries.load(Ordering::Relaxed),
         "ms_until_unrouted": (last_change.duration_since(killed_at).as_secs_f64() * 1e3 * 1000.0).round() / 1000.0,
         "first_error": first_error,
         "instances": args.addrs.len(),
