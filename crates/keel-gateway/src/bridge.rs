@@ -79,7 +79,7 @@ impl Bridge {
                     }
                 };
                 let mut config = ServiceChannelConfig {
-                    balancer: self.config.balancer.clone(),
+                    balancer: self.config.balancer,
                     hedge_after: self.config.hedge_after,
                     ..ServiceChannelConfig::default()
                 };

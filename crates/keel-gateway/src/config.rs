@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use keel_governance::BalancerKind;
 use serde::Deserialize;
 
 /// What is wrong with a configuration.
@@ -168,21 +169,20 @@ pub struct UpstreamConfig {
     /// how long; after the ejection a few requests probe it and it returns if they succeed.
     #[serde(default)]
     pub outlier: keel_governance::OutlierConfig,
-    /// Balancer: round_robin, weighted, random, p2c, least_conn or consistent_hash.
+    /// Balancer: round_robin (the default), weighted, random, p2c, least_conn or
+    /// consistent_hash.
     #[serde(default = "default_balancer")]
-    pub balancer: String,
-    /// What consistent_hash hashes: `"ip"` (the client address, the default),
-    /// `"header:NAME"` or `"cookie:NAME"`; a request without that header or cookie falls back
-    /// to its address.
+    pub balancer: BalancerKind,
+    /// What consistent_hash hashes (the client address by default).
     #[serde(default)]
-    pub hash_key: Option<String>,
+    pub hash_key: HashKey,
     /// Sticky sessions: the first answer sets this cookie to an opaque server id, and later
     /// requests carrying it go to the same server while it is healthy.
     #[serde(default)]
     pub sticky_cookie: Option<String>,
-    /// `"http1"` (default) or `"h2c"`: HTTP/2 without TLS to the servers, for gRPC.
-    #[serde(default = "default_protocol")]
-    pub protocol: String,
+    /// How the gateway speaks to the servers: `"http1"` (default) or `"h2c"`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
     /// Requests in flight to this upstream at most; more wait in a queue. Unlimited if absent.
     #[serde(default)]
     pub max_inflight: Option<usize>,
@@ -240,9 +240,9 @@ pub struct RpcRouteConfig {
     /// Instances from a registry (its `service` is the registered name).
     #[serde(default)]
     pub discovery: Option<DiscoveryConfig>,
-    /// Balancer over the instances.
+    /// Balancer over the instances (p2c by default).
     #[serde(default = "default_rpc_balancer")]
-    pub balancer: String,
+    pub balancer: BalancerKind,
     /// Deadline of each call (sent to the server).
     #[serde(
         default = "default_rpc_timeout",
@@ -254,12 +254,16 @@ pub struct RpcRouteConfig {
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
     /// Send a backup call when the first has had no reply for this long.
-    #[serde(default, deserialize_with = "opt_ms", rename = "hedge_after_ms")]
+    #[serde(
+        default,
+        deserialize_with = "keel_net::duration::opt_ms::deserialize",
+        rename = "hedge_after_ms"
+    )]
     pub hedge_after: Option<Duration>,
 }
 
-fn default_rpc_balancer() -> String {
-    "p2c".into()
+fn default_rpc_balancer() -> BalancerKind {
+    BalancerKind::P2c
 }
 fn default_rpc_timeout() -> Duration {
     Duration::from_secs(10)
@@ -354,11 +358,60 @@ fn default_fall() -> u32 {
     3
 }
 
-fn default_balancer() -> String {
-    "round_robin".into()
+fn default_balancer() -> BalancerKind {
+    BalancerKind::RoundRobin
 }
-fn default_protocol() -> String {
-    "http1".into()
+
+/// How the gateway speaks to an upstream's servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS ("h2c"), for gRPC servers.
+    H2c,
+}
+
+/// What an upstream's `consistent_hash` balancer hashes, written `"ip"`, `"header:NAME"` or
+/// `"cookie:NAME"`; a request without that header or cookie falls back to its address.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum HashKey {
+    /// The client's address (the default).
+    #[default]
+    Ip,
+    /// A request header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+}
+
+impl TryFrom<String> for HashKey {
+    type Error = String;
+
+    fn try_from(key: String) -> Result<HashKey, String> {
+        let bad = || format!("hash_key {key:?} is not ip, header:NAME or cookie:NAME");
+        if key == "ip" {
+            Ok(HashKey::Ip)
+        } else if let Some(name) = key.strip_prefix("header:") {
+            http::HeaderName::from_bytes(name.as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| bad())
+        } else if let Some(name) = key.strip_prefix("cookie:") {
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if token {
+                Ok(HashKey::Cookie(name.to_owned()))
+            } else {
+                Err(bad())
+            }
+        } else {
+            Err(bad())
+        }
+    }
 }
 fn default_queue_size() -> usize {
     1024
@@ -423,7 +476,11 @@ pub struct RouteConfig {
     #[serde(default)]
     pub add_prefix: Option<String>,
     /// Overrides the upstream's response timeout for this route.
-    #[serde(default, deserialize_with = "opt_ms", rename = "timeout_ms")]
+    #[serde(
+        default,
+        deserialize_with = "keel_net::duration::opt_ms::deserialize",
+        rename = "timeout_ms"
+    )]
     pub timeout: Option<Duration>,
     /// Client addresses (CIDRs or single addresses) allowed; everyone if empty.
     #[serde(default)]
@@ -495,10 +552,6 @@ fn default_limit_key() -> String {
     "ip".into()
 }
 
-fn opt_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
-}
-
 impl GatewayConfig {
     /// Parses and checks a configuration.
     pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
@@ -548,23 +601,6 @@ impl GatewayConfig {
                 }
                 None => {}
             }
-            if !matches!(up.protocol.as_str(), "http1" | "h2c") {
-                return bad(format!(
-                    "upstream {name:?}: protocol {:?} is not http1 or h2c",
-                    up.protocol
-                ));
-            }
-            if let Some(key) = &up.hash_key
-                && !(key == "ip"
-                    || key
-                        .strip_prefix("header:")
-                        .or_else(|| key.strip_prefix("cookie:"))
-                        .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok()))
-            {
-                return bad(format!(
-                    "upstream {name:?}: hash_key {key:?} is not ip, header:NAME or cookie:NAME"
-                ));
-            }
             if let Some(cookie) = &up.sticky_cookie
                 && (cookie.is_empty()
                     || !cookie
@@ -582,13 +618,6 @@ impl GatewayConfig {
             }
             if up.max_inflight == Some(0) {
                 return bad(format!("upstream {name:?}: max_inflight must be positive"));
-            }
-            if keel_governance::balance::by_name(&up.balancer).is_none() {
-                return bad(format!(
-                    "upstream {name:?}: unknown balancer {:?} (use one of {})",
-                    up.balancer,
-                    keel_governance::balance::NAMES.join(", ")
-                ));
             }
             if let Some(h) = &up.health {
                 if !h.path.starts_with('/') {
@@ -650,13 +679,6 @@ impl GatewayConfig {
                     return bad(format!(
                         "route {}: rpc needs exactly one of servers and discovery",
                         i + 1
-                    ));
-                }
-                if keel_governance::balance::by_name(&rpc.balancer).is_none() {
-                    return bad(format!(
-                        "route {}: unknown rpc balancer {:?}",
-                        i + 1,
-                        rpc.balancer
                     ));
                 }
                 if let Some(Err(e)) = rpc.discovery.as_ref().map(DiscoveryConfig::check) {
@@ -736,6 +758,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn typed_settings_read_their_names_and_zero_durations_are_off() {
+        let config = GatewayConfig::parse(
+            r#"
+[upstreams.a]
+servers = [{ address = "h:1" }]
+balancer = "chash"
+hash_key = "header:X-User"
+protocol = "h2c"
+[[routes]]
+path_prefix = "/rpc/"
+timeout_ms = 0
+rpc = { service = "a.B", servers = ["h:2"], balancer = "least_conn", hedge_after_ms = 0 }
+[[routes]]
+upstream = "a"
+timeout_ms = 250
+"#,
+        )
+        .unwrap();
+        let up = &config.upstreams["a"];
+        assert_eq!(up.balancer, BalancerKind::ConsistentHash);
+        assert_eq!(
+            up.hash_key,
+            HashKey::Header(http::HeaderName::from_static("x-user"))
+        );
+        assert_eq!(up.protocol, UpstreamProtocol::H2c);
+        let rpc = config.routes[0].rpc.as_ref().unwrap();
+        assert_eq!(rpc.balancer, BalancerKind::LeastConn);
+        // 0 in an optional duration is off, as everywhere in Keel.
+        assert_eq!(rpc.hedge_after, None);
+        assert_eq!(config.routes[0].timeout, None);
+        assert_eq!(config.routes[1].timeout, Some(Duration::from_millis(250)));
+        // The defaults.
+        let plain =
+            GatewayConfig::parse("[upstreams.b]\nservers = [{ address = \"h:1\" }]").unwrap();
+        let b = &plain.upstreams["b"];
+        assert_eq!(
+            (b.balancer, &b.hash_key, b.protocol),
+            (
+                BalancerKind::RoundRobin,
+                &HashKey::Ip,
+                UpstreamProtocol::Http1
+            )
+        );
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_reason() {
         let cases = [
             ("[server]\nlisten = 5", "invalid type"),
@@ -780,6 +848,14 @@ mod tests {
             (
                 "[upstreams.a]\nservers = [{ address = \"h:1\" }]\nbalancer = \"best\"",
                 "unknown balancer",
+            ),
+            (
+                "[[routes]]\nrpc = { service = \"a.B\", servers = [\"h:1\"], balancer = \"best\" }",
+                "unknown balancer \"best\" (use one of round_robin, weighted",
+            ),
+            (
+                "[upstreams.a]\nservers = [{ address = \"h:1\" }]\nhash_key = \"cookie:\"",
+                "hash_key \"cookie:\" is not ip",
             ),
             (
                 "[upstreams.a]\nservers = [{ address = \"h:1\" }]\n[[routes]]\nupstream = \"a\"\npath_prefix = \"api\"",

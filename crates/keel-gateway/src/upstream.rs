@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::HeaderName;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use http_body_util::BodyExt;
@@ -23,7 +22,7 @@ use arc_swap::ArcSwap;
 use keel_governance::Discover;
 use keel_registry::RegistryDiscover;
 
-use crate::config::{DiscoveryConfig, HealthConfig, UpstreamConfig};
+use crate::config::{DiscoveryConfig, HashKey, HealthConfig, UpstreamConfig};
 use crate::headers::Lookup;
 
 /// A request body on its way upstream.
@@ -56,14 +55,6 @@ impl Server {
     pub(crate) fn is_up(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && !self.stats.is_ejected()
     }
-}
-
-/// What consistent hashing hashes.
-#[derive(Debug)]
-enum HashKey {
-    Ip,
-    Header(HeaderName),
-    Cookie(String),
 }
 
 pub(crate) use crate::headers::cookie;
@@ -150,7 +141,7 @@ pub(crate) struct Pool {
     pub(crate) name: String,
     servers: ArcSwap<Vec<Arc<Server>>>,
     balancer: Box<dyn Balancer>,
-    pub(crate) balancer_name: String,
+    pub(crate) balancer_name: &'static str,
     hash_key: HashKey,
     pub(crate) sticky_cookie: Option<String>,
     /// Whether the servers speak HTTP/2 (h2c).
@@ -196,7 +187,7 @@ impl Pool {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
-        let h2 = config.protocol == "h2c";
+        let h2 = config.protocol == crate::config::UpstreamProtocol::H2c;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
@@ -210,16 +201,9 @@ impl Pool {
         Pool {
             name: name.to_owned(),
             servers: ArcSwap::from_pointee(servers),
-            balancer: balance::by_name(&config.balancer)
-                .unwrap_or_else(|| Box::new(balance::RoundRobin::default())),
-            balancer_name: config.balancer.clone(),
-            hash_key: match config.hash_key.as_deref() {
-                Some(k) if k.starts_with("header:") => {
-                    HeaderName::from_bytes(&k.as_bytes()[7..]).map_or(HashKey::Ip, HashKey::Header)
-                }
-                Some(k) if k.starts_with("cookie:") => HashKey::Cookie(k[7..].to_owned()),
-                _ => HashKey::Ip,
-            },
+            balancer: config.balancer.build(),
+            balancer_name: config.balancer.name(),
+            hash_key: config.hash_key.clone(),
             sticky_cookie: config.sticky_cookie.clone(),
             h2,
             queue: config

@@ -41,27 +41,97 @@ pub trait Balancer: Send + Sync + std::fmt::Debug {
     fn pick(&self, endpoints: &[EndpointView<'_>], key: Option<u64>) -> Option<usize>;
 }
 
-/// The names accepted by [`by_name`].
-pub const NAMES: &[&str] = &[
-    "round_robin",
-    "weighted",
-    "random",
-    "p2c",
-    "least_conn",
-    "consistent_hash",
-];
+/// A balancer as configuration names it: `round_robin`, `weighted`, `random`, `p2c`,
+/// `least_conn` or `consistent_hash` (also accepted: `rr`; `swrr` and
+/// `weighted_round_robin`; `least_loaded`; `least_connections`; `chash`). Read from config
+/// files as one of those strings; an unknown one is refused with the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum BalancerKind {
+    /// [`RoundRobin`].
+    RoundRobin,
+    /// [`SmoothWeighted`].
+    Weighted,
+    /// [`Random`].
+    Random,
+    /// [`P2c`].
+    P2c,
+    /// [`LeastConnections`].
+    LeastConn,
+    /// [`ConsistentHash`].
+    ConsistentHash,
+}
 
-/// A balancer by its configuration name.
-pub fn by_name(name: &str) -> Option<Box<dyn Balancer>> {
-    Some(match name {
-        "round_robin" | "rr" => Box::new(RoundRobin::default()),
-        "weighted" | "swrr" | "weighted_round_robin" => Box::new(SmoothWeighted::default()),
-        "random" => Box::new(Random),
-        "least_conn" | "least_connections" => Box::new(LeastConnections::default()),
-        "p2c" | "least_loaded" => Box::new(P2c),
-        "consistent_hash" | "chash" => Box::new(ConsistentHash::default()),
-        _ => return None,
-    })
+impl BalancerKind {
+    /// Every kind, in the order the docs list them.
+    pub const ALL: [BalancerKind; 6] = [
+        BalancerKind::RoundRobin,
+        BalancerKind::Weighted,
+        BalancerKind::Random,
+        BalancerKind::P2c,
+        BalancerKind::LeastConn,
+        BalancerKind::ConsistentHash,
+    ];
+
+    /// The configuration name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BalancerKind::RoundRobin => "round_robin",
+            BalancerKind::Weighted => "weighted",
+            BalancerKind::Random => "random",
+            BalancerKind::P2c => "p2c",
+            BalancerKind::LeastConn => "least_conn",
+            BalancerKind::ConsistentHash => "consistent_hash",
+        }
+    }
+
+    /// A new balancer of this kind (with its own state).
+    pub fn build(self) -> Box<dyn Balancer> {
+        match self {
+            BalancerKind::RoundRobin => Box::new(RoundRobin::default()),
+            BalancerKind::Weighted => Box::new(SmoothWeighted::default()),
+            BalancerKind::Random => Box::new(Random),
+            BalancerKind::P2c => Box::new(P2c),
+            BalancerKind::LeastConn => Box::new(LeastConnections::default()),
+            BalancerKind::ConsistentHash => Box::new(ConsistentHash::default()),
+        }
+    }
+}
+
+impl std::fmt::Display for BalancerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BalancerKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<BalancerKind, String> {
+        Ok(match name {
+            "round_robin" | "rr" => BalancerKind::RoundRobin,
+            "weighted" | "swrr" | "weighted_round_robin" => BalancerKind::Weighted,
+            "random" => BalancerKind::Random,
+            "p2c" | "least_loaded" => BalancerKind::P2c,
+            "least_conn" | "least_connections" => BalancerKind::LeastConn,
+            "consistent_hash" | "chash" => BalancerKind::ConsistentHash,
+            _ => {
+                let names: Vec<&str> = BalancerKind::ALL.iter().map(|k| k.name()).collect();
+                return Err(format!(
+                    "unknown balancer {name:?} (use one of {})",
+                    names.join(", ")
+                ));
+            }
+        })
+    }
+}
+
+impl TryFrom<String> for BalancerKind {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<BalancerKind, String> {
+        name.parse()
+    }
 }
 
 /// Each available endpoint in turn, ignoring weights.

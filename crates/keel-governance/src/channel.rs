@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::attempts::{Attempts, GiveUp, RetryStats};
-use crate::balance::{self, Balancer, EndpointView};
+use crate::balance::{Balancer, BalancerKind, EndpointView};
 use crate::budget::{RetryBudget, RetryConfig};
 use crate::discover::{Discover, DiscoverError, Endpoints, Instance};
 use crate::endpoint::{EndpointStats, Outcome, OutlierConfig};
@@ -35,8 +35,8 @@ use crate::endpoint::{EndpointStats, Outcome, OutlierConfig};
 /// Settings of a [`ServiceChannel`].
 #[derive(Debug, Clone)]
 pub struct ServiceChannelConfig {
-    /// Balancer name: round_robin, weighted, random, p2c or consistent_hash.
-    pub balancer: String,
+    /// The balancer (p2c by default).
+    pub balancer: BalancerKind,
     /// The caller's zone; instances there are preferred while any of them can take calls.
     pub zone: Option<String>,
     /// Retries and their budget.
@@ -54,7 +54,7 @@ pub struct ServiceChannelConfig {
 impl Default for ServiceChannelConfig {
     fn default() -> ServiceChannelConfig {
         ServiceChannelConfig {
-            balancer: "p2c".into(),
+            balancer: BalancerKind::P2c,
             zone: None,
             retry: RetryConfig::default(),
             hedge_after: None,
@@ -134,13 +134,7 @@ impl ServiceChannel {
         service: &str,
         config: ServiceChannelConfig,
     ) -> Result<ServiceChannel, DiscoverError> {
-        let balancer = balance::by_name(&config.balancer).ok_or_else(|| {
-            DiscoverError::InvalidName(format!(
-                "balancer {:?} (use one of {})",
-                config.balancer,
-                balance::NAMES.join(", ")
-            ))
-        })?;
+        let balancer = config.balancer.build();
         let rx = discover.subscribe(service)?;
         let stop = CancellationToken::new();
         let inner = Arc::new(Inner {

@@ -21,7 +21,7 @@ pub mod discover;
 pub mod endpoint;
 
 pub use attempts::{Attempts, GiveUp, RetryStats};
-pub use balance::Balancer;
+pub use balance::{Balancer, BalancerKind};
 pub use budget::{RetryBudget, RetryConfig};
 pub use channel::{ServiceChannel, ServiceChannelConfig};
 pub use discover::{Discover, DiscoverError, Endpoints, Instance, StaticDiscover};

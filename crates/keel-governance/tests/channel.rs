@@ -119,7 +119,7 @@ async fn who(channel: &ServiceChannel, options: CallOptions) -> Result<String, S
 
 fn config(balancer: &str) -> ServiceChannelConfig {
     ServiceChannelConfig {
-        balancer: balancer.into(),
+        balancer: balancer.parse().unwrap(),
         ..ServiceChannelConfig::default()
     }
 }
@@ -262,7 +262,7 @@ async fn a_failing_instance_is_ejected_then_probed_back() {
         &discover,
         "who",
         ServiceChannelConfig {
-            balancer: "round_robin".into(),
+            balancer: keel_governance::BalancerKind::RoundRobin,
             outlier: OutlierConfig {
                 base_ejection: Duration::from_millis(300),
                 ..OutlierConfig::default()

@@ -52,7 +52,10 @@ pub(crate) async fn run(args: &FailoverBenchArgs) -> anyhow::Result<serde_json::
         &discover,
         "echo",
         ServiceChannelConfig {
-            balancer: args.balancer.clone(),
+            balancer: args
+                .balancer
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?,
             ..ServiceChannelConfig::default()
         },
     )
