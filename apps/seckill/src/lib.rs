@@ -20,15 +20,23 @@
 //!   standbys;
 //! - [`peers`]: how the processes find each other (fixed addresses or Keel's registry);
 //! - [`web`]: the storefront and admin pages the gateway serves;
-//! - [`metrics`]: the sale's business in Prometheus text, at the API's `/metrics`.
+//! - [`metrics`]: the sale's business in Prometheus text, at the API's `/metrics`;
+//! - [`up`]: `keel up`, the sale's topology on one machine: every part its own process behind
+//!   the gateway, supervised;
+//! - [`node`]: `keel node`, one host's share of the sale across machines (`cluster.toml`);
+//! - [`bench`]: `keel bench seckill`, a sale against a running system with its invariants
+//!   checked through the API.
 //!
-//! `keel up` (in the `keel` crate) runs them as separate processes behind the gateway.
+//! The `keel` binary dispatches its `up`, `node`, `seckill <role>` and `bench seckill`
+//! commands here.
 
 pub mod api;
+pub mod bench;
 pub mod catalog;
 pub mod cli;
 pub mod inventory;
 pub mod metrics;
+pub mod node;
 pub mod orders;
 pub mod orders_pg;
 pub mod orders_service;
@@ -37,6 +45,7 @@ pub mod peers;
 pub mod service;
 #[doc(hidden)]
 pub mod testing;
+pub mod up;
 pub mod web;
 
 /// Generated from `proto/inventory.proto`.

@@ -13,6 +13,18 @@
 //! - [`Backoff`]: exponential delays with a cap and jitter, for every retry loop.
 //! - [`duration`]: durations in config files, written as whole milliseconds.
 //! - [`constant_time_eq`]: compares secrets without leaking where they differ.
+//! - [`say!`]: a line on stdout for a command's console, dropped rather than a panic when
+//!   stdout is closed (`keel up | head -3`).
+
+/// `println!` that never panics: a closed stdout (`keel up | head -3`) drops the line instead
+/// of killing the process.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
 
 pub mod accept;
 mod backoff;

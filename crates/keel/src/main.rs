@@ -20,12 +20,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench_failover;
 mod bench_overload;
 mod bench_registry;
-mod bench_seckill;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use keel::{loadgen, say};
+use keel::loadgen;
 use keel_echo::{EchoClient, EchoRequest, EchoServer, EchoService};
+use keel_net::say;
 use keel_rpc::{CallOptions, Channel, ChannelConfig, Codec, Server, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -162,7 +162,7 @@ enum BenchCommand {
     Failover(bench_failover::FailoverBenchArgs),
     /// A flash sale against a running `keel up`, then its invariants checked (non-zero exit
     /// on a breach).
-    Seckill(bench_seckill::SeckillBenchArgs),
+    Seckill(keel_seckill::bench::SeckillBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -215,7 +215,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Registry(args)) => print_json(bench_registry::run(&args)),
         Command::Bench(BenchCommand::Seckill(args)) => {
             let rt = runtime(0)?;
-            let summary = rt.block_on(bench_seckill::run(&args))?;
+            let summary = rt.block_on(keel_seckill::bench::run(&args))?;
             say!("{summary}");
             match summary["verdict"].as_str() {
                 Some("ok") => {}
@@ -231,9 +231,9 @@ fn main() -> anyhow::Result<()> {
         Command::Gateway(args) => gateway(args),
         Command::Seckill(role) => keel_seckill::cli::run(role),
         Command::Node(args) => {
-            let config = keel::node::ClusterConfig::load(&args.config)?;
+            let config = keel_seckill::node::ClusterConfig::load(&args.config)?;
             let rt = runtime(0)?;
-            rt.block_on(keel::node::run(
+            rt.block_on(keel_seckill::node::run(
                 config,
                 &args.host,
                 (args.seconds > 0).then(|| std::time::Duration::from_secs(args.seconds)),
@@ -241,12 +241,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Up(args) => {
             let mut config = match &args.config {
-                Some(path) => keel::up::UpConfig::load(path)?,
-                None => keel::up::UpConfig::load_or_create(std::path::Path::new("keel.toml"))?,
+                Some(path) => keel_seckill::up::UpConfig::load(path)?,
+                None => {
+                    keel_seckill::up::UpConfig::load_or_create(std::path::Path::new("keel.toml"))?
+                }
             };
             config.scale.apply(&args.scale)?;
             let rt = runtime(0)?;
-            rt.block_on(keel::up::run(
+            rt.block_on(keel_seckill::up::run(
                 config,
                 (args.seconds > 0).then(|| std::time::Duration::from_secs(args.seconds)),
             ))

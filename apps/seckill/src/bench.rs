@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 /// Arguments of `keel bench seckill`.
 #[derive(clap::Args, Debug, Clone)]
-pub(crate) struct SeckillBenchArgs {
+pub struct SeckillBenchArgs {
     /// The gateway (`keel up` prints it): HOST:PORT. A name that resolves to several
     /// addresses (DNS load balancing over several gateways) spreads the buyers over them, and
     /// a buyer whose gateway stops answering moves to the next.
@@ -269,14 +269,16 @@ fn admin_token(args: &SeckillBenchArgs) -> anyhow::Result<String> {
     if let Some(token) = args.token.clone().filter(|t| !t.is_empty()) {
         return Ok(token);
     }
-    let config = keel::up::UpConfig::load(&args.config).with_context(|| {
+    let config = crate::up::UpConfig::load(&args.config).with_context(|| {
         "no admin token: give --token, set KEEL_ADMIN_TOKEN, or run from keel up's directory"
             .to_owned()
     })?;
     Ok(config.admin_token)
 }
 
-pub(crate) async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
+/// Runs the sale `args` describes and checks it; the report (as `keel bench seckill` prints
+/// it as its last line), or an error when the sale could not be run at all.
+pub async fn run(args: &SeckillBenchArgs) -> anyhow::Result<Value> {
     let mut connector = HttpConnector::new();
     // A gateway that is cut off (not refusing, just silent) is left for the next one soon.
     connector.set_connect_timeout(Some(Duration::from_secs(1)));

@@ -292,7 +292,7 @@ impl UpConfig {
                 toml::to_string(&config)?
             );
             write_private(path, &text).with_context(|| format!("writing {}", path.display()))?;
-            crate::say!("wrote {} with the defaults", path.display());
+            keel_net::say!("wrote {} with the defaults", path.display());
             return Ok(config);
         }
         UpConfig::load(path)
@@ -355,8 +355,8 @@ pub(crate) fn gateway_toml(
         quoted(token),
         rate_limits.join(", "),
         quoted(&web.to_string_lossy()),
-        api_service = quoted(keel_seckill::peers::API_SERVICE),
-        opens = quoted(keel_seckill::peers::OPENS_PREFIX),
+        api_service = quoted(crate::peers::API_SERVICE),
+        opens = quoted(crate::peers::OPENS_PREFIX),
     )
 }
 
@@ -480,10 +480,7 @@ pub(crate) fn api_part(
         name,
         args,
         // By environment: other users of the machine see command lines.
-        env: vec![(
-            keel_seckill::cli::ADMIN_TOKEN_ENV.into(),
-            admin_token.to_owned(),
-        )],
+        env: vec![(crate::cli::ADMIN_TOKEN_ENV.into(), admin_token.to_owned())],
     }
 }
 
@@ -507,11 +504,7 @@ fn quoted(text: &str) -> String {
 
 /// 128 random bits as hex.
 fn fresh_token() -> String {
-    format!(
-        "{:016x}{:016x}",
-        keel_seckill::random_u64(),
-        keel_seckill::random_u64()
-    )
+    format!("{:016x}{:016x}", crate::random_u64(), crate::random_u64())
 }
 
 /// A child process and how to start it again.
@@ -570,10 +563,7 @@ async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(exe)
         .process_group(0)
         // The child stops by itself if this process dies without stopping it (SIGKILL).
-        .env(
-            keel_seckill::cli::SUPERVISOR_ENV,
-            std::process::id().to_string(),
-        )
+        .env(crate::cli::SUPERVISOR_ENV, std::process::id().to_string())
         .envs(part.env.iter().map(|(k, v)| (k, v)))
         .args(&part.args)
         .stdout(Stdio::piped())
@@ -639,10 +629,10 @@ async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
     tokio::spawn(async move {
         let name = out_name;
         while let Ok(Some(line)) = stdout.next_line().await {
-            crate::say!("[{name}] {line}");
+            keel_net::say!("[{name}] {line}");
         }
     });
-    crate::say!(
+    keel_net::say!(
         "started {name} (pid {}) on {address}",
         child.id().unwrap_or(0)
     );
@@ -703,7 +693,7 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
                 if stop.is_cancelled() {
                     return;
                 }
-                crate::say!("{} exited ({}); restarting in {backoff:?}", part.name,
+                keel_net::say!("{} exited ({}); restarting in {backoff:?}", part.name,
                     status.map_or_else(|e| e.to_string(), |s| s.to_string()));
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(100);
@@ -716,13 +706,13 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
                 loop {
                     match start(&part).await {
                         Ok((next, _)) => {
-                            crate::say!("restarted {}", part.name);
+                            keel_net::say!("restarted {}", part.name);
                             pids.set(&part.name, &next);
                             child = next;
                             break;
                         }
                         Err(e) => {
-                            crate::say!("restarting {} failed: {e:#}; again in {backoff:?}", part.name);
+                            keel_net::say!("restarting {} failed: {e:#}; again in {backoff:?}", part.name);
                             tokio::select! {
                                 () = tokio::time::sleep(backoff) => {}
                                 () = stop.cancelled() => return,
@@ -824,7 +814,7 @@ fn check_journal(data: &Path, address: Option<&str>) -> anyhow::Result<Option<(S
                     data.display()
                 );
             }
-            let prefix = format!("keel-{:016x}", keel_seckill::random_u64());
+            let prefix = format!("keel-{:016x}", crate::random_u64());
             std::fs::write(&file, format!("{prefix}\n{a}\n"))
                 .with_context(|| format!("writing {}", file.display()))?;
             Ok(Some((a.to_owned(), prefix)))
@@ -1113,7 +1103,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     let gateway_addr =
         start_gateway(data, &config.gateway.listen, &gateway_toml, &mut parts).await?;
 
-    crate::say!(
+    keel_net::say!(
         "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md)\n  registry    {registry}\nCtrl-C stops everything.",
         config.admin_token
     );
@@ -1132,7 +1122,7 @@ pub(crate) async fn start_gateway(
 ) -> anyhow::Result<String> {
     let gateway_config = data.join("gateway.toml");
     let web = std::path::absolute(data.join("web"))?;
-    keel_seckill::web::write(&web).with_context(|| format!("writing {}", web.display()))?;
+    crate::web::write(&web).with_context(|| format!("writing {}", web.display()))?;
     write_private(&gateway_config, gateway_toml)
         .with_context(|| format!("writing {}", gateway_config.display()))?;
     let gateway = Part {
@@ -1200,12 +1190,12 @@ pub(crate) async fn run_parts(
         () = run_out => {}
         _ = interrupted.recv() => {}
     }
-    crate::say!("stopping");
+    keel_net::say!("stopping");
     for (stop, supervisors) in &mut stages {
         stop.cancel();
         while supervisors.join_next().await.is_some() {}
     }
-    crate::say!("stopped");
+    keel_net::say!("stopped");
     Ok(())
 }
 

@@ -288,7 +288,7 @@ pub async fn run(
         );
         gateway_addr = Some(start_gateway(&data, listen, &text, &mut parts).await?);
     }
-    crate::say!(
+    keel_net::say!(
         "Keel node {host} is up: {} part(s){}; Ctrl-C stops them.",
         parts.len(),
         gateway_addr.map_or_else(String::new, |a| format!(", the gateway on http://{a}/"))
