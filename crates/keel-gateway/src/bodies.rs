@@ -10,7 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::proxy::BoxError;
+/// The error type of bodies sent to clients.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body on its way to the client.
+pub(crate) type DownBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// What went wrong with a client's request body on its way upstream: the client's fault,
 /// never the server's.

@@ -22,8 +22,9 @@ use keel_rpc::client::{CallTransport, RawRequest};
 use keel_rpc::protocol::Text;
 use keel_rpc::{CallOptions, Codec};
 
+use crate::bodies::DownBody;
 use crate::config::RpcRouteConfig;
-use crate::proxy::{DownBody, error};
+use crate::error::{ErrorKind, GatewayError};
 
 /// A route's way to its service; the channel is made on first use (it needs the runtime, and
 /// for etcd a connection).
@@ -129,14 +130,12 @@ impl Bridge {
         max_body: u64,
     ) -> Response<DownBody> {
         if parts.method != Method::POST {
-            let mut resp = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+            return GatewayError::new(
+                ErrorKind::MethodNotAllowed,
                 "RPC methods are called with POST and a JSON body",
-            );
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("POST"));
-            return resp;
+            )
+            .with_header(header::ALLOW, HeaderValue::from_static("POST"))
+            .into_response();
         }
         let method = method.trim_start_matches('/');
         if method.is_empty()
@@ -145,14 +144,14 @@ impl Bridge {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
+            return GatewayError::new(
+                ErrorKind::NotFound,
                 format!(
                     "call POST <route>/<Method> on {}; {method:?} is not a method name",
                     self.config.service
                 ),
-            );
+            )
+            .into_response();
         }
         let body = match Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
             .collect()
@@ -160,17 +159,13 @@ impl Bridge {
         {
             Ok(b) => b.to_bytes(),
             Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    e.to_string(),
-                );
+                return GatewayError::new(ErrorKind::BodyTooLarge, e.to_string()).into_response();
             }
         };
         let metadata = self.metadata(&parts.headers, peer);
         let channel = match self.channel().await {
             Ok(c) => c,
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+            Err(e) => return GatewayError::new(ErrorKind::Unavailable, e).into_response(),
         };
         let request = RawRequest {
             service: Text::from(self.config.service.as_str()),
@@ -192,20 +187,27 @@ impl Bridge {
                 );
                 resp
             }
-            Ok(reply) => error(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
+            Ok(reply) => GatewayError::new(
+                ErrorKind::BadGateway,
                 format!(
                     "the service replied in {} instead of JSON",
                     reply.codec.as_str()
                 ),
-            ),
-            Err(status) => error(
-                StatusCode::from_u16(status.code().http_status())
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                status.code().as_str(),
-                status.message(),
-            ),
+            )
+            .into_response(),
+            // The service's own error, relayed: its code, and the HTTP status the code maps to.
+            Err(status) => {
+                let body = crate::error::error_json(status.code().as_str(), status.message());
+                let mut resp =
+                    Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+                *resp.status_mut() = StatusCode::from_u16(status.code().http_status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
         }
     }
 }

@@ -23,8 +23,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::bodies::DownBody;
 use crate::config::CacheConfig;
-use crate::proxy::DownBody;
 
 /// A stored answer.
 #[derive(Debug)]
@@ -315,7 +315,7 @@ fn chain(chunks: Vec<Bytes>, rest: DownBody) -> DownBody {
     let head = futures_util::stream::iter(
         chunks
             .into_iter()
-            .map(|c| Ok::<_, crate::proxy::BoxError>(hyper::body::Frame::data(c))),
+            .map(|c| Ok::<_, crate::bodies::BoxError>(hyper::body::Frame::data(c))),
     );
     let tail = http_body_util::BodyStream::new(rest);
     http_body_util::StreamBody::new(futures_util::StreamExt::chain(head, tail)).boxed()

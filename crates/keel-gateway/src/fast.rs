@@ -28,16 +28,16 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderName, Method, StatusCode, header};
-use keel_governance::endpoint::Outcome;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::conns::{Busy, ConnState};
+use crate::error::{ErrorKind, GatewayError};
 use crate::framing::{Chunked, ChunkedEnd};
 use crate::headers::Lookup;
-use crate::proxy::{Attempt, Logged, Note, Refusal};
+use crate::proxy::{Attempt, Logged, Note};
 use crate::router::Target;
 use crate::upstream::{Pool, QueueError, Server};
 use crate::{Inner, Shared};
@@ -481,13 +481,11 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
             };
             match body {
                 Err(why) => {
-                    let refusal = Refusal {
-                        status: StatusCode::REQUEST_TIMEOUT,
-                        code: "request_timeout",
-                        detail: format!("the request body was not received: {why}"),
-                        header: None,
-                    };
-                    refuse(client, refusal, false, &mut scratch.out).await
+                    let error = GatewayError::new(
+                        ErrorKind::RequestTimeout,
+                        format!("the request body was not received: {why}"),
+                    );
+                    refuse(client, error, false, &mut scratch.out).await
                 }
                 Ok(body) => {
                     let forward = Forward {
@@ -675,27 +673,27 @@ struct Done {
     at: Instant,
 }
 
-/// Answers a refused request with its JSON error (the connection stays open if `keep_alive`
-/// and the answer was written whole).
+/// Answers a request with the gateway's error (the connection stays open if `keep_alive`,
+/// the error allows it, and the answer was written whole).
 async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Client<'_, I>,
-    refusal: Refusal,
+    error: GatewayError,
     keep_alive: bool,
     out: &mut Vec<u8>,
 ) -> Done {
     use std::io::Write as _;
     let at = Instant::now();
-    let keep_alive = keep_alive && !client.state.close.load(Ordering::Acquire);
-    let body = crate::proxy::error_json(refusal.code, refusal.detail);
+    let keep_alive = keep_alive && !error.closes() && !client.state.close.load(Ordering::Acquire);
+    let body = error.body();
     out.clear();
     let _ = write!(
         out,
         "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ndate: {}\r\n",
-        refusal.status,
+        error.status(),
         body.len(),
         httpdate::fmt_http_date(SystemTime::now())
     );
-    if let Some((name, value)) = &refusal.header {
+    if let Some((name, value)) = error.header() {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -708,7 +706,7 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(
     out.extend_from_slice(body.as_bytes());
     let written = client.write(out).await.is_ok();
     Done {
-        status: refusal.status,
+        status: error.status(),
         keep_alive: keep_alive && written,
         at,
     }
@@ -729,6 +727,7 @@ struct Forward<'a> {
 }
 
 /// Why an attempt got no answer.
+#[derive(Debug)]
 pub(crate) enum Failure {
     /// None at all (refused, or lost before the answer): another server may be tried.
     NoAnswer(String),
@@ -736,6 +735,16 @@ pub(crate) enum Failure {
     TimedOut(String),
     /// The answer was not HTTP/1 the gateway can relay.
     Bad(String),
+}
+
+impl From<Failure> for GatewayError {
+    fn from(failure: Failure) -> GatewayError {
+        match failure {
+            // Nothing was relayed: another server may be tried.
+            Failure::NoAnswer(detail) | Failure::Bad(detail) => GatewayError::no_answer(detail),
+            Failure::TimedOut(detail) => GatewayError::new(ErrorKind::UpstreamTimeout, detail),
+        }
+    }
 }
 
 /// How a server frames an answer's body.
@@ -781,13 +790,13 @@ impl Forward<'_> {
                             format!("upstream {:?} had no free slot within {wait:?}", pool.name)
                         }
                     };
-                    let refusal = refusal(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy", detail);
+                    let refusal = GatewayError::new(ErrorKind::UpstreamBusy, detail);
                     return refuse(client, refusal, keep_alive, &mut scratch.out).await;
                 }
             },
         };
         let servers = pool.servers();
-        let mut attempts: Attempts<'_, usize, String> =
+        let mut attempts: Attempts<'_, usize, GatewayError> =
             Attempts::new(&pool.budget, pool.max_attempts, None, &pool.retries);
         loop {
             // One reading of the clock serves the balancer, the attempt's start, its deadline
@@ -803,14 +812,8 @@ impl Forward<'_> {
                 break;
             };
             if let Err(give_up) = attempts.start() {
-                let (status, code, detail) = crate::upstream::not_retried(give_up);
-                return refuse(
-                    client,
-                    refusal(status, code, detail),
-                    keep_alive,
-                    &mut scratch.out,
-                )
-                .await;
+                let error = crate::upstream::not_retried(give_up);
+                return refuse(client, error, keep_alive, &mut scratch.out).await;
             }
             let server = &servers[index];
             let mut attempt = Attempt::start(pool, &servers, server, note, now);
@@ -836,26 +839,21 @@ impl Forward<'_> {
                     at: Instant::now(),
                 };
             };
-            let asked = asked.unwrap_or_else(|_| {
-                Err(Failure::TimedOut(format!(
-                    "{} did not answer within {:?}",
-                    server.address, self.timeout
-                )))
-            });
-            let status = match &asked {
-                Ok((answer, _)) => answer.status,
-                Err(Failure::TimedOut(_)) => StatusCode::GATEWAY_TIMEOUT,
-                Err(_) => StatusCode::BAD_GATEWAY,
-            };
+            let asked = asked
+                .unwrap_or_else(|_| {
+                    Err(Failure::TimedOut(format!(
+                        "{} did not answer within {:?}",
+                        server.address, self.timeout
+                    )))
+                })
+                .map_err(GatewayError::from);
+            let (status, outcome) =
+                crate::upstream::attempt_outcome(&asked, |(answer, _)| answer.status);
             let answered = Instant::now();
             let elapsed = answered.duration_since(attempt.started);
             pool.responses.record(status, elapsed);
             attempt.elapsed = Some(elapsed);
-            attempt.outcome = Some(if status.is_server_error() {
-                Outcome::Failure
-            } else {
-                Outcome::Success
-            });
+            attempt.outcome = Some(outcome);
             drop(attempt);
             let failure = match asked {
                 Ok((answer, stream)) => {
@@ -873,34 +871,20 @@ impl Forward<'_> {
                 }
                 Err(failure) => failure,
             };
-            match failure {
-                Failure::NoAnswer(detail) | Failure::Bad(detail) if self.replayable => {
-                    tracing::debug!(upstream = %pool.name, %detail, "no answer");
-                    if let Err(give_up) = attempts.retry(index, detail) {
-                        let (status, code, detail) = crate::upstream::not_retried(give_up);
-                        let refusal = refusal(status, code, detail);
-                        return refuse(client, refusal, keep_alive, &mut scratch.out).await;
-                    }
+            if failure.retry_safe() && self.replayable {
+                tracing::debug!(upstream = %pool.name, error = %failure, "no answer");
+                if let Err(give_up) = attempts.retry(index, failure) {
+                    let error = crate::upstream::not_retried(give_up);
+                    return refuse(client, error, keep_alive, &mut scratch.out).await;
                 }
-                Failure::TimedOut(detail) => {
-                    let refusal = refusal(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
-                    return refuse(client, refusal, keep_alive, &mut scratch.out).await;
-                }
-                Failure::NoAnswer(detail) | Failure::Bad(detail) => {
-                    let refusal = refusal(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
-                    return refuse(client, refusal, keep_alive, &mut scratch.out).await;
-                }
+            } else {
+                return refuse(client, failure, keep_alive, &mut scratch.out).await;
             }
         }
-        let refusal = match attempts.into_last_error() {
-            None => refusal(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_healthy_upstream",
-                format!("no healthy server in upstream {:?}", pool.name),
-            ),
-            Some(last) => refusal(StatusCode::BAD_GATEWAY, "bad_gateway", last),
-        };
-        refuse(client, refusal, keep_alive, &mut scratch.out).await
+        let error = attempts
+            .into_last_error()
+            .unwrap_or_else(|| crate::upstream::no_healthy_server(pool));
+        refuse(client, error, keep_alive, &mut scratch.out).await
     }
 
     /// The request's bytes for `server`: the head, `Host` if the client sent none, and the
@@ -1084,15 +1068,6 @@ async fn unless_gone<I: AsyncRead + AsyncWrite + Unpin, F: std::future::Future>(
                 Ok(_) => watching = client.buf.len() < bound,
             },
         }
-    }
-}
-
-fn refusal(status: StatusCode, code: &'static str, detail: String) -> Refusal {
-    Refusal {
-        status,
-        code,
-        detail,
-        header: None,
     }
 }
 

@@ -47,6 +47,7 @@ mod bridge;
 mod cache;
 pub mod config;
 mod conns;
+mod error;
 mod fast;
 mod filter;
 mod framing;
@@ -347,7 +348,7 @@ async fn serve_connection<I>(
             let _busy = conns::Busy::new(&requests);
             let index = requests.requests.fetch_add(1, Ordering::Relaxed);
             if index == requests.ambiguous.load(Ordering::Acquire) {
-                return Ok(proxy::ambiguous_framing());
+                return Ok(proxy::ambiguous_framing().into_response());
             }
             let resp = proxy::handle(inner, req, peer, tls).await;
             Ok::<_, std::convert::Infallible>(resp)

@@ -25,56 +25,28 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
+use keel_governance::Attempts;
 use keel_governance::endpoint::Outcome;
-use keel_governance::{Attempts, GiveUp};
 use tokio::time::Instant;
 
+use crate::bodies::{BoxError, DownBody};
+use crate::error::{ErrorKind, GatewayError};
 use crate::headers::Lookup;
 use crate::router::Target;
 use crate::upstream::{Pool, QueueError, UpBody};
 use crate::{Inner, Shared, cache};
 
-/// The error type of bodies sent to clients.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A response body on its way to the client.
-pub(crate) type DownBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
-
-/// A JSON error answer.
-pub(crate) fn error(
-    status: StatusCode,
-    code: &str,
-    detail: impl Into<String>,
-) -> Response<DownBody> {
-    let body = error_json(code, detail.into());
-    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-/// The body of a JSON error answer.
-pub(crate) fn error_json(code: &str, detail: String) -> String {
-    serde_json::json!({ "error": code, "detail": detail }).to_string()
-}
-
 /// The answer to a request with both `Content-Length` and `Transfer-Encoding` (a request
 /// smuggling attempt, or a broken client): 400, and the connection closes after it.
-pub(crate) fn ambiguous_framing() -> Response<DownBody> {
-    let mut resp = error(
-        StatusCode::BAD_REQUEST,
-        "ambiguous_framing",
+pub(crate) fn ambiguous_framing() -> GatewayError {
+    GatewayError::new(
+        ErrorKind::AmbiguousFraming,
         "the request has both Content-Length and Transfer-Encoding",
-    );
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    )
+    .closing()
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -310,14 +282,12 @@ async fn serve(
     if req.method() == Method::CONNECT {
         // A reverse proxy tunnels nowhere on request; the connection cannot go on either
         // (the client may already be sending what it meant for the tunnel).
-        let mut resp = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+        return GatewayError::new(
+            ErrorKind::MethodNotAllowed,
             "CONNECT is not served: this is a reverse proxy",
-        );
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return resp;
+        )
+        .closing()
+        .into_response();
     }
     let http1 = matches!(
         req.version(),
@@ -327,26 +297,25 @@ async fn serve(
         && let Some(why) =
             crate::headers::host_fault(req.headers(), req.version() == http::Version::HTTP_11)
     {
-        let mut resp = error(StatusCode::BAD_REQUEST, "invalid_host", why);
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return resp;
+        return GatewayError::new(ErrorKind::InvalidHost, why)
+            .closing()
+            .into_response();
     }
     let host = host_of(&req);
     let path = match normalize_path(req.uri().path()) {
         Ok(p) => p.into_owned(),
-        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_path", why),
+        Err(why) => return GatewayError::new(ErrorKind::InvalidPath, why).into_response(),
     };
     let Some((route_index, route)) =
         shared
             .router
             .find(req.method(), host.as_deref(), &path, req.headers())
     else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "no_route",
+        return GatewayError::new(
+            ErrorKind::NoRoute,
             format!("no route for {} {path}", req.method()),
-        );
+        )
+        .into_response();
     };
     note.route = Some(route_index);
     let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
@@ -517,42 +486,6 @@ async fn serve(
     downgrade_version(resp, client_version)
 }
 
-/// Why a route's filters refused a request.
-#[derive(Debug)]
-pub(crate) struct Refusal {
-    pub(crate) status: StatusCode,
-    pub(crate) code: &'static str,
-    pub(crate) detail: String,
-    /// `Retry-After` or `WWW-Authenticate`, as the refusal calls for.
-    pub(crate) header: Option<(HeaderName, HeaderValue)>,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, code: &'static str, detail: String) -> Refusal {
-        Refusal {
-            status,
-            code,
-            detail,
-            header: None,
-        }
-    }
-
-    fn retry_after(mut self, wait: Duration) -> Refusal {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        self.header = Some((header::RETRY_AFTER, HeaderValue::from(secs)));
-        self
-    }
-
-    /// The JSON error answer.
-    pub(crate) fn into_response(self) -> Response<DownBody> {
-        let mut resp = error(self.status, self.code, self.detail);
-        if let Some((name, value)) = self.header {
-            resp.headers_mut().insert(name, value);
-        }
-        resp
-    }
-}
-
 /// A route's filters, in order: the address lists, the rate limits keyed by address or
 /// route, the URI and body size limits, authentication, the rate limits keyed by a header
 /// (an API key, proven by then), and the opening-time gate. On success, the claim headers
@@ -566,19 +499,17 @@ pub(crate) fn admit<'r>(
     target_len: usize,
     content_length: Option<u64>,
     path: &str,
-) -> Result<Vec<(&'r HeaderName, HeaderValue)>, Refusal> {
+) -> Result<Vec<(&'r HeaderName, HeaderValue)>, GatewayError> {
     if !route.addresses.admits(peer.ip()) {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+        return Err(GatewayError::new(
+            ErrorKind::Forbidden,
             format!("{} may not use this route", peer.ip()),
         ));
     }
     rate_limited(route, false, peer, headers)?;
     if target_len > limits.max_uri_bytes {
-        return Err(Refusal::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
+        return Err(GatewayError::new(
+            ErrorKind::UriTooLong,
             format!(
                 "request target of {target_len} bytes; the limit is {}",
                 limits.max_uri_bytes
@@ -589,26 +520,24 @@ pub(crate) fn admit<'r>(
     if let Some(len) = content_length
         && len > max_body
     {
-        return Err(Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+        return Err(GatewayError::new(
+            ErrorKind::BodyTooLarge,
             format!("body of {len} bytes; the limit is {max_body}"),
         ));
     }
     let claims = match &route.auth {
         None => Vec::new(),
-        Some(auth) => auth.verify(headers).map_err(|why| Refusal {
-            header: Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))),
-            ..Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", why)
+        Some(auth) => auth.verify(headers).map_err(|why| {
+            GatewayError::new(ErrorKind::Unauthenticated, why)
+                .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
         })?,
     };
     rate_limited(route, true, peer, headers)?;
     if let Some(gate) = &route.gate
         && let Err(wait) = gate.check(path)
     {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "not_started",
+        return Err(GatewayError::new(
+            ErrorKind::NotStarted,
             format!("opens in {}s", wait.as_secs_f64().ceil() as u64),
         )
         .retry_after(wait));
@@ -623,16 +552,15 @@ fn rate_limited(
     after_auth: bool,
     peer: SocketAddr,
     headers: &(impl Lookup + ?Sized),
-) -> Result<(), Refusal> {
+) -> Result<(), GatewayError> {
     for limiter in route
         .rate_limits
         .iter()
         .filter(|l| l.after_auth() == after_auth)
     {
         if let Err(wait) = limiter.check(peer.ip(), headers) {
-            return Err(Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+            return Err(GatewayError::new(
+                ErrorKind::RateLimited,
                 format!(
                     "too many requests from {}; retry in {wait:?}",
                     limiter.subject(peer.ip(), headers)
@@ -677,21 +605,21 @@ impl Upstream<'_> {
             Some(queue) => match queue.enter().await {
                 Ok(permit) => Some(permit),
                 Err(QueueError::Full(size)) => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream_busy",
+                    return GatewayError::new(
+                        ErrorKind::UpstreamBusy,
                         format!(
                             "upstream {:?} is at capacity and {size} requests already wait",
                             pool.name
                         ),
-                    );
+                    )
+                    .into_response();
                 }
                 Err(QueueError::TimedOut(wait)) => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream_busy",
+                    return GatewayError::new(
+                        ErrorKind::UpstreamBusy,
                         format!("upstream {:?} had no free slot within {wait:?}", pool.name),
-                    );
+                    )
+                    .into_response();
                 }
             },
         };
@@ -714,7 +642,7 @@ impl Upstream<'_> {
         let mut body = Some(up_body);
         let mut on_upgrade = on_upgrade;
         let servers = pool.servers();
-        let mut attempts: Attempts<'_, usize, String> =
+        let mut attempts: Attempts<'_, usize, GatewayError> =
             Attempts::new(&pool.budget, pool.max_attempts, None, &pool.retries);
         loop {
             let now = Instant::now();
@@ -728,7 +656,7 @@ impl Upstream<'_> {
                 break;
             };
             if let Err(give_up) = attempts.start() {
-                return not_retried(give_up);
+                return crate::upstream::not_retried(give_up).into_response();
             }
             let server = &servers[index];
             let uri = match Uri::builder()
@@ -739,11 +667,11 @@ impl Upstream<'_> {
             {
                 Ok(uri) => uri,
                 Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
+                    return GatewayError::new(
+                        ErrorKind::InvalidRequest,
                         format!("cannot forward path {:?}: {e}", self.target),
-                    );
+                    )
+                    .into_response();
                 }
             };
             let mut up = Request::from_parts(parts.clone(), ());
@@ -765,37 +693,20 @@ impl Upstream<'_> {
                 drop(attempt);
                 return client_fault(fault, self.max_body, self.timeout);
             }
-            let (outcome, answer) = match result {
-                Ok(Ok(resp)) => {
-                    let outcome = if resp.status().is_server_error() {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    };
-                    (outcome, Ok(resp))
-                }
+            let answer = match result {
+                Ok(Ok(resp)) => Ok(resp),
                 // No answer at all (refused, or the connection lost before the response):
                 // an idempotent request without a body can go to another server.
-                Ok(Err(e)) => (
-                    Outcome::Failure,
-                    Err((true, format!("{}: {e}", server.address))),
-                ),
-                Err(_) => (
-                    Outcome::Failure,
-                    Err((
-                        false,
-                        format!(
-                            "{} did not answer within {:?}",
-                            server.address, self.timeout
-                        ),
-                    )),
-                ),
+                Ok(Err(e)) => Err(GatewayError::no_answer(format!("{}: {e}", server.address))),
+                Err(_) => Err(GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "{} did not answer within {:?}",
+                        server.address, self.timeout
+                    ),
+                )),
             };
-            let status = match &answer {
-                Ok(resp) => resp.status(),
-                Err((true, _)) => StatusCode::BAD_GATEWAY,
-                Err((false, _)) => StatusCode::GATEWAY_TIMEOUT,
-            };
+            let (status, outcome) = crate::upstream::attempt_outcome(&answer, |resp| resp.status());
             pool.responses.record(status, attempt.started.elapsed());
             attempt.outcome = Some(outcome);
             drop(attempt);
@@ -824,35 +735,20 @@ impl Upstream<'_> {
                     let body = crate::bodies::Stalled::new(body, self.timeout);
                     return Response::from_parts(parts_out, body.boxed());
                 }
-                Err((true, detail)) if replayable => {
-                    tracing::debug!(upstream = %pool.name, %detail, "no answer");
-                    if let Err(give_up) = attempts.retry(index, detail) {
-                        return not_retried(give_up);
+                Err(e) if e.retry_safe() && replayable => {
+                    tracing::debug!(upstream = %pool.name, error = %e, "no answer");
+                    if let Err(give_up) = attempts.retry(index, e) {
+                        return crate::upstream::not_retried(give_up).into_response();
                     }
                 }
-                Err((false, detail)) => {
-                    return error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", detail);
-                }
-                Err((true, detail)) => {
-                    return error(StatusCode::BAD_GATEWAY, "bad_gateway", detail);
-                }
+                Err(e) => return e.into_response(),
             }
         }
-        match attempts.into_last_error() {
-            None => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_healthy_upstream",
-                format!("no healthy server in upstream {:?}", pool.name),
-            ),
-            Some(last) => error(StatusCode::BAD_GATEWAY, "bad_gateway", last),
-        }
+        attempts
+            .into_last_error()
+            .unwrap_or_else(|| crate::upstream::no_healthy_server(pool))
+            .into_response()
     }
-}
-
-/// The answer to a request whose attempts got no answer and that is not sent again.
-fn not_retried(give_up: GiveUp<String>) -> Response<DownBody> {
-    let (status, code, detail) = crate::upstream::not_retried(give_up);
-    error(status, code, detail)
 }
 
 /// The answer to a request whose own body made its attempt fail.
@@ -862,28 +758,23 @@ fn client_fault(
     timeout: Duration,
 ) -> Response<DownBody> {
     use crate::bodies::ClientFault;
-    let mut resp = match fault {
-        ClientFault::TooLarge => error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+    let error = match fault {
+        ClientFault::TooLarge => GatewayError::new(
+            ErrorKind::BodyTooLarge,
             format!("the body is over the limit of {max_body} bytes"),
         ),
-        ClientFault::Broken => error(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
+        ClientFault::Broken => GatewayError::new(
+            ErrorKind::InvalidBody,
             "the request body was cut short or is badly framed",
         ),
-        ClientFault::Incomplete => error(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+        ClientFault::Incomplete => GatewayError::new(
+            ErrorKind::RequestTimeout,
             format!("the request body was not received whole within {timeout:?}"),
         ),
     };
     // The rest of the body is in an unknown state: the connection cannot carry another
     // request.
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    error.closing().into_response()
 }
 
 /// The bookkeeping of one attempt on one server, done also when the request is dropped

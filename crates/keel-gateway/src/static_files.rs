@@ -15,7 +15,8 @@ use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::proxy::{BoxError, DownBody, error};
+use crate::bodies::{BoxError, DownBody};
+use crate::error::{ErrorKind, GatewayError};
 
 /// A directory served by a route.
 #[derive(Debug)]
@@ -42,36 +43,29 @@ impl StaticDir {
         headers: &HeaderMap,
     ) -> Response<DownBody> {
         if method != Method::GET && method != Method::HEAD {
-            let mut resp = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+            return GatewayError::new(
+                ErrorKind::MethodNotAllowed,
                 format!("{method} is not allowed on static files"),
-            );
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return resp;
+            )
+            .with_header(header::ALLOW, HeaderValue::from_static("GET, HEAD"))
+            .into_response();
         }
         let relative = match safe_relative(path) {
             Ok(r) => r,
-            Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_path", why),
+            Err(why) => return GatewayError::new(ErrorKind::InvalidPath, why).into_response(),
         };
         let mut file_path = self.root.join(&relative);
-        let not_found = || {
-            error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no file at {path}"),
-            )
-        };
+        let not_found =
+            || GatewayError::new(ErrorKind::NotFound, format!("no file at {path}")).into_response();
         let Ok(mut real) = tokio::fs::canonicalize(&file_path).await else {
             return not_found();
         };
         if !real.starts_with(&self.root) {
-            return error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
+            return GatewayError::new(
+                ErrorKind::Forbidden,
                 format!("{path} leads outside the served directory"),
-            );
+            )
+            .into_response();
         }
         let Ok(mut meta) = tokio::fs::metadata(&real).await else {
             return not_found();
@@ -128,14 +122,12 @@ impl StaticDir {
                 (start, end - start + 1)
             }
             RangeAnswer::Unsatisfiable => {
-                let mut resp = error(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    "range_not_satisfiable",
+                return GatewayError::new(
+                    ErrorKind::RangeNotSatisfiable,
                     format!("the file has {len} bytes"),
-                );
-                resp.headers_mut()
-                    .insert(header::CONTENT_RANGE, value(&format!("bytes */{len}")));
-                return resp;
+                )
+                .with_header(header::CONTENT_RANGE, value(&format!("bytes */{len}")))
+                .into_response();
             }
         };
         resp.headers_mut()

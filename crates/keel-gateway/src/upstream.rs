@@ -26,7 +26,7 @@ use crate::config::{DiscoveryConfig, HashKey, HealthConfig, UpstreamConfig};
 use crate::headers::Lookup;
 
 /// A request body on its way upstream.
-pub(crate) type UpBody = BoxBody<bytes::Bytes, crate::proxy::BoxError>;
+pub(crate) type UpBody = BoxBody<bytes::Bytes, crate::bodies::BoxError>;
 
 /// One server of a pool.
 #[derive(Debug)]
@@ -448,23 +448,54 @@ async fn probe(pool: &Pool, server: &Server, config: &HealthConfig) {
     }
 }
 
-/// Status, error code and detail of a request whose attempt got no answer and that is not
-/// sent again: 504 if the time ran out, else 502 (saying so when the retry budget is spent).
+/// A request whose attempt got no answer and that is not sent again: 502 (saying so when the
+/// retry budget is spent), or 504 if the time ran out.
 pub(crate) fn not_retried(
-    give_up: keel_governance::GiveUp<String>,
-) -> (http::StatusCode, &'static str, String) {
+    give_up: keel_governance::GiveUp<crate::error::GatewayError>,
+) -> crate::error::GatewayError {
+    use crate::error::{ErrorKind, GatewayError};
     use keel_governance::GiveUp;
     match give_up {
-        GiveUp::Budget(detail) => (
-            http::StatusCode::BAD_GATEWAY,
-            "bad_gateway",
-            format!("{detail} (not retried: the retry budget is spent)"),
-        ),
-        GiveUp::Attempts(detail) => (http::StatusCode::BAD_GATEWAY, "bad_gateway", detail),
-        GiveUp::Deadline(detail) => (
-            http::StatusCode::GATEWAY_TIMEOUT,
-            "upstream_timeout",
-            detail.unwrap_or_else(|| "no time left for another attempt".to_owned()),
-        ),
+        GiveUp::Budget(e) => {
+            let detail = format!("{} (not retried: the retry budget is spent)", e.detail());
+            e.with_detail(detail)
+        }
+        GiveUp::Attempts(e) => e,
+        GiveUp::Deadline(e) => e.unwrap_or_else(|| {
+            GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                "no time left for another attempt",
+            )
+        }),
     }
+}
+
+/// A request for which no server of `pool` could be picked at all.
+pub(crate) fn no_healthy_server(pool: &Pool) -> crate::error::GatewayError {
+    crate::error::GatewayError::new(
+        crate::error::ErrorKind::NoHealthyUpstream,
+        format!("no healthy server in upstream {:?}", pool.name),
+    )
+}
+
+/// The status an attempt came to and what it says about the server: a failure for a 5xx
+/// answer or an error on the upstream side, a success otherwise.
+pub(crate) fn attempt_outcome<A>(
+    answer: &Result<A, crate::error::GatewayError>,
+    status_of: impl Fn(&A) -> http::StatusCode,
+) -> (http::StatusCode, keel_governance::endpoint::Outcome) {
+    let (status, failed) = match answer {
+        Ok(a) => {
+            let status = status_of(a);
+            (status, status.is_server_error())
+        }
+        Err(e) => (e.status(), e.charges_server()),
+    };
+    use keel_governance::endpoint::Outcome;
+    let outcome = if failed {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    (status, outcome)
 }
