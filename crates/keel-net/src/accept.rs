@@ -70,13 +70,15 @@ impl Drain {
 
     /// Completes once the server has begun shutting down (at once if it has): stop taking
     /// new requests on this connection, finish the ones in flight, close.
-    pub async fn draining(&self) {
-        let mut draining = self.draining.clone();
+    /// (Cheap to call in a loop: it only reads the signal.)
+    pub async fn draining(&mut self) {
         // An error means the loop is gone: as good as draining.
-        let _ = draining.wait_for(|draining| *draining).await;
+        let _ = self.draining.wait_for(|draining| *draining).await;
     }
 
-    /// Completes when the grace period is over: close now, whatever is in flight.
+    /// Completes when the grace period is over: close now, whatever is in flight. The future
+    /// owns what it waits on, so a connection's loop makes it once, outside the loop, and
+    /// waits on it beside [`Drain::draining`].
     pub fn forced(&self) -> WaitForCancellationFutureOwned {
         self.force.clone().cancelled_owned()
     }
@@ -249,7 +251,7 @@ mod tests {
     }
 
     /// Echoes until the peer closes or the server drains (then says "bye" and closes).
-    async fn echo(mut stream: TcpStream, drain: Drain) {
+    async fn echo(mut stream: TcpStream, mut drain: Drain) {
         let mut buf = [0u8; 64];
         loop {
             tokio::select! {

@@ -14,7 +14,7 @@ use crate::Drain;
 /// request in flight is answered with `Connection: close`, an idle connection closes at once)
 /// or is forced (the connection is dropped). Errors end the connection and are logged at
 /// debug level: they are the client's doing or a broken socket.
-pub async fn serve_http1<I, S>(io: I, service: S, header_timeout: Duration, drain: Drain)
+pub async fn serve_http1<I, S>(io: I, service: S, header_timeout: Duration, mut drain: Drain)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming>,
@@ -26,6 +26,8 @@ where
         .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let forced = drain.forced();
+    tokio::pin!(forced);
     let mut draining = drain.is_draining();
     if draining {
         conn.as_mut().graceful_shutdown();
@@ -42,7 +44,7 @@ where
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = drain.forced() => return,
+            () = &mut forced => return,
         }
     }
 }

@@ -98,7 +98,7 @@ pub(super) async fn serve_binary(
     stream: TcpStream,
     mut buf: BytesMut,
     peer: SocketAddr,
-    lifecycle: Drain,
+    mut lifecycle: Drain,
 ) {
     let (mut reader, writer) = stream.into_split();
     let conn = Arc::new(ConnState {
@@ -118,6 +118,8 @@ pub(super) async fn serve_binary(
 
     let config = &shared.config;
     let mut draining = lifecycle.is_draining();
+    let forced = lifecycle.forced();
+    tokio::pin!(forced);
     let mut last_id = 0u64;
     let mut last_read = Instant::now();
     let idle_timer = tokio::time::sleep(config.idle_timeout);
@@ -167,7 +169,7 @@ pub(super) async fn serve_binary(
         let congested = conn.queue.is_congested();
         tokio::select! {
             biased;
-            () = lifecycle.forced() => break,
+            () = &mut forced => break,
             () = lifecycle.draining(), if !draining => {
                 draining = true;
                 let meta = status_meta(Code::Unavailable, "server is shutting down", None);
