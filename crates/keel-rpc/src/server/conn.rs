@@ -135,7 +135,8 @@ pub(super) async fn serve_binary(
                     if frame.kind == FrameType::Request {
                         last_id = last_id.max(frame.request_id);
                     }
-                    if let Err(reason) = on_frame(&shared, &conn, frame, peer, draining) {
+                    if let Err(reason) = on_frame(&shared, &conn, frame, peer, draining, last_read)
+                    {
                         protocol_error(&shared, &conn, peer, last_id, &reason);
                         break 'conn;
                     }
@@ -233,16 +234,20 @@ fn protocol_error(shared: &Shared, conn: &ConnState, peer: SocketAddr, last_id: 
 }
 
 /// Handles one frame. An `Err` is a protocol violation that ends the connection.
+///
+/// `arrived` is when the bytes holding the frame were read (one clock reading per read, shared
+/// by the frames it brought): a call's latency counts from then.
 fn on_frame(
     shared: &Arc<Shared>,
     conn: &Arc<ConnState>,
     frame: Frame,
     peer: SocketAddr,
     draining: bool,
+    arrived: Instant,
 ) -> Result<(), String> {
     match frame.kind {
         FrameType::Request => {
-            on_request(shared, conn, frame, peer, draining);
+            on_request(shared, conn, frame, peer, draining, arrived);
             Ok(())
         }
         FrameType::Cancel => {
@@ -274,6 +279,7 @@ fn on_request(
     frame: Frame,
     peer: SocketAddr,
     draining: bool,
+    arrived: Instant,
 ) {
     let id = frame.request_id;
     let queue = &conn.queue;
@@ -302,7 +308,7 @@ fn on_request(
             return reply_status(queue, FrameType::Response, id, &Status::not_found(message));
         }
     };
-    let now = Instant::now();
+    let now = arrived;
     if frame.meta.timeout.is_some_and(|t| t.is_zero()) {
         entry
             .stats
