@@ -882,7 +882,7 @@ impl Forward<'_> {
             }
         }
         let error = attempts
-            .into_last_error()
+            .take_last_error()
             .unwrap_or_else(|| crate::upstream::no_healthy_server(pool));
         refuse(client, error, keep_alive, &mut scratch.out).await
     }

@@ -745,7 +745,7 @@ impl Upstream<'_> {
             }
         }
         attempts
-            .into_last_error()
+            .take_last_error()
             .unwrap_or_else(|| crate::upstream::no_healthy_server(pool))
             .into_response()
     }

@@ -16,7 +16,7 @@
 //!         Err(e) => return Err(e),
 //!     }
 //! }
-//! // no endpoint left to pick: attempts.into_last_error() (None if nothing was tried)
+//! // no endpoint left to pick: attempts.take_last_error() (None if nothing was tried)
 //! ```
 //!
 //! What the driver decides, the same for everyone:
@@ -157,10 +157,10 @@ impl<'a, Id: PartialEq, E> Attempts<'a, Id, E> {
         }
     }
 
-    /// When no endpoint is left to pick: the last failed attempt's error, `None` if no attempt
-    /// was made (nothing was available at all).
-    pub fn into_last_error(self) -> Option<E> {
-        self.last_error
+    /// When no endpoint is left to pick: the last failed attempt's error (taken), `None` if
+    /// no attempt was made (nothing was available at all).
+    pub fn take_last_error(&mut self) -> Option<E> {
+        self.last_error.take()
     }
 }
 
@@ -217,11 +217,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_last_error_is_kept_for_when_no_endpoint_is_left() {
         let (budget, stats) = (budget(), RetryStats::default());
-        let untouched: Attempts<'_, u32, &str> = Attempts::new(&budget, 3, None, &stats);
-        assert_eq!(untouched.into_last_error(), None);
+        let mut untouched: Attempts<'_, u32, &str> = Attempts::new(&budget, 3, None, &stats);
+        assert_eq!(untouched.take_last_error(), None);
         let mut attempts: Attempts<'_, u32, &str> = Attempts::new(&budget, 3, None, &stats);
         attempts.start().unwrap();
         attempts.retry(1, "refused").unwrap();
-        assert_eq!(attempts.into_last_error(), Some("refused"));
+        assert_eq!(attempts.take_last_error(), Some("refused"));
     }
 }

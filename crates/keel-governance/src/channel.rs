@@ -345,30 +345,45 @@ impl Drop for Attempt<'_> {
 }
 
 impl ServiceChannel {
-    /// The driver of one call's attempts (the call counted in the budget now).
-    fn attempts(&self, deadline: Option<Instant>) -> Attempts<'_, String, Status> {
+    /// A call begins: the instance list is there (waited for within the deadline), the call
+    /// is counted, and the driver of its attempts is ready.
+    async fn begin(&self, request: &RawRequest) -> Result<Attempts<'_, String, Status>, Status> {
+        let deadline = request.options.timeout.map(|t| Instant::now() + t);
+        self.wait_resolved(deadline).await?;
         let inner = &self.inner;
         inner
             .stats
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Attempts::new(
+        Ok(Attempts::new(
             &inner.budget,
             inner.config.retry.max_attempts,
             deadline,
             &inner.stats.retry,
-        )
+        ))
     }
 
-    /// The error a call ends with when no instance is left to try: the last attempt's, or
-    /// that there is no instance at all.
-    fn none_left(&self, attempts: Attempts<'_, String, Status>) -> Status {
-        attempts.into_last_error().unwrap_or_else(|| {
-            Status::unavailable(format!(
-                "no available instance of service {:?}",
-                self.inner.service
-            ))
-        })
+    /// The call's next attempt: an instance it has not failed on, and the request with the
+    /// time left; or the error the call ends with.
+    fn next_attempt(
+        &self,
+        request: &RawRequest,
+        attempts: &mut Attempts<'_, String, Status>,
+    ) -> Result<(Arc<Endpoint>, RawRequest), Status> {
+        let Some(endpoint) = self.pick(request.options.hash_key, attempts.tried()) else {
+            return Err(attempts.take_last_error().unwrap_or_else(|| {
+                Status::unavailable(format!(
+                    "no available instance of service {:?}",
+                    self.inner.service
+                ))
+            }));
+        };
+        let left = attempts.start().map_err(given_up)?;
+        let mut attempt = request.clone();
+        if left.is_some() {
+            attempt.options.timeout = left;
+        }
+        Ok((endpoint, attempt))
     }
 }
 
@@ -381,19 +396,10 @@ fn given_up(give_up: GiveUp<Status>) -> Status {
 
 impl CallTransport for ServiceChannel {
     async fn unary_raw(&self, request: RawRequest) -> Result<RawResponse, Status> {
-        let deadline = request.options.timeout.map(|t| Instant::now() + t);
-        self.wait_resolved(deadline).await?;
+        let mut attempts = self.begin(&request).await?;
         let key = request.options.hash_key;
-        let mut attempts = self.attempts(deadline);
         loop {
-            let Some(endpoint) = self.pick(key, attempts.tried()) else {
-                return Err(self.none_left(attempts));
-            };
-            let left = attempts.start().map_err(given_up)?;
-            let mut attempt = request.clone();
-            if left.is_some() {
-                attempt.options.timeout = left;
-            }
+            let (endpoint, attempt) = self.next_attempt(&request, &mut attempts)?;
             let (result, used) = match self.inner.config.hedge_after {
                 Some(after) => {
                     self.attempt_hedged(endpoint, &attempt, after, key, &attempts)
@@ -420,19 +426,9 @@ impl CallTransport for ServiceChannel {
     }
 
     async fn server_streaming_raw(&self, request: RawRequest) -> Result<RawStream, Status> {
-        let deadline = request.options.timeout.map(|t| Instant::now() + t);
-        self.wait_resolved(deadline).await?;
-        let key = request.options.hash_key;
-        let mut attempts = self.attempts(deadline);
+        let mut attempts = self.begin(&request).await?;
         loop {
-            let Some(endpoint) = self.pick(key, attempts.tried()) else {
-                return Err(self.none_left(attempts));
-            };
-            let left = attempts.start().map_err(given_up)?;
-            let mut attempt = request.clone();
-            if left.is_some() {
-                attempt.options.timeout = left;
-            }
+            let (endpoint, attempt) = self.next_attempt(&request, &mut attempts)?;
             match endpoint.channel.server_streaming_raw(attempt).await {
                 Err(e) if retryable(e.code()) => {
                     attempts
