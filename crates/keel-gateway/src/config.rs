@@ -302,7 +302,7 @@ impl DiscoveryConfig {
             return Err("discovery needs a service".into());
         }
         if let Some(address) = &self.registry {
-            keel_registry::NamingAddress::parse(address)?;
+            keel_registry::NamingAddress::parse(address).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -338,7 +338,9 @@ pub(crate) async fn connect_discovery(
     config: &DiscoveryConfig,
 ) -> Result<Arc<dyn Discover>, String> {
     let naming = match &config.registry {
-        Some(address) => keel_registry::Naming::connect(address).await?,
+        Some(address) => keel_registry::Naming::connect(address)
+            .await
+            .map_err(|e| e.to_string())?,
         None => keel_registry::Naming::Etcd(Box::new(
             keel_registry::EtcdBackend::connect(&config.etcd, config.etcd_prefix.clone())
                 .await

@@ -42,7 +42,7 @@ pub use client::{ConfigChange, Registration, RegistryDiscover, RegistryHandle, f
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdBackend;
 #[cfg(feature = "etcd")]
-pub use naming::{Naming, NamingAddress};
+pub use naming::{Naming, NamingAddress, NamingError};
 pub use server::{Registry, RegistryConfig, RegistryStats};
 
 /// What can go wrong starting or stopping a registry.

@@ -28,14 +28,39 @@ pub enum NamingAddress {
     },
 }
 
+/// Why a naming service could not be named or reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamingError {
+    /// The address is neither `HOST:PORT` nor `etcd://HOST:PORT[,HOST:PORT…][?prefix=/P]`.
+    #[error("registry address {address:?}: {reason}")]
+    BadAddress {
+        /// The address given.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No member of the etcd cluster answered.
+    #[error("cannot reach etcd at {endpoints:?}: {reason}")]
+    Unreachable {
+        /// The members tried.
+        endpoints: Vec<String>,
+        /// The client's error.
+        reason: String,
+    },
+}
+
 impl NamingAddress {
     /// Reads `HOST:PORT` (Keel's registry) or `etcd://HOST:PORT[,HOST:PORT…][?prefix=/P]`.
-    pub fn parse(address: &str) -> Result<NamingAddress, String> {
+    pub fn parse(address: &str) -> Result<NamingAddress, NamingError> {
         let address = address.trim();
+        let bad = |reason: String| NamingError::BadAddress {
+            address: address.to_owned(),
+            reason,
+        };
         let Some(rest) = address.strip_prefix("etcd://") else {
             if address.is_empty() || address.contains("://") || !address.contains(':') {
-                return Err(format!(
-                    "registry address {address:?}: use HOST:PORT (Keel's registry) or etcd://HOST:PORT[,HOST:PORT…]"
+                return Err(bad(
+                    "use HOST:PORT (Keel's registry) or etcd://HOST:PORT[,HOST:PORT…]".to_owned(),
                 ));
             }
             return Ok(NamingAddress::Keel(address.to_owned()));
@@ -48,21 +73,19 @@ impl NamingAddress {
             .map(|h| format!("http://{h}"))
             .collect();
         if endpoints.is_empty() {
-            return Err(format!("registry address {address:?} names no etcd member"));
+            return Err(bad("it names no etcd member".to_owned()));
         }
         let mut prefix = DEFAULT_ETCD_PREFIX.to_owned();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("prefix", p)) if p.starts_with('/') && p.len() > 1 => prefix = p.to_owned(),
                 Some(("prefix", p)) => {
-                    return Err(format!(
-                        "registry address {address:?}: the prefix must start with / and name something, not {p:?}"
-                    ));
+                    return Err(bad(format!(
+                        "the prefix must start with / and name something, not {p:?}"
+                    )));
                 }
                 _ => {
-                    return Err(format!(
-                        "registry address {address:?}: unknown setting {pair:?} (known: prefix)"
-                    ));
+                    return Err(bad(format!("unknown setting {pair:?} (known: prefix)")));
                 }
             }
         }
@@ -82,7 +105,7 @@ pub enum Naming {
 impl Naming {
     /// Connects to the naming service `address` names (see [`NamingAddress::parse`]). Keel's
     /// registry is reached lazily; etcd is connected here.
-    pub async fn connect(address: &str) -> Result<Naming, String> {
+    pub async fn connect(address: &str) -> Result<Naming, NamingError> {
         match NamingAddress::parse(address)? {
             NamingAddress::Keel(address) => Ok(Naming::Keel(RegistryHandle::new(
                 Channel::with_config(address, ChannelConfig::default()),
@@ -90,7 +113,10 @@ impl Naming {
             NamingAddress::Etcd { endpoints, prefix } => EtcdBackend::connect(&endpoints, prefix)
                 .await
                 .map(|b| Naming::Etcd(Box::new(b)))
-                .map_err(|e| format!("cannot reach etcd at {endpoints:?}: {}", e.message())),
+                .map_err(|e| NamingError::Unreachable {
+                    reason: e.message().to_owned(),
+                    endpoints,
+                }),
         }
     }
 }
@@ -250,7 +276,14 @@ mod tests {
             "etcd://h1:2379?ttl=3",
         ] {
             let err = NamingAddress::parse(bad).unwrap_err();
-            assert!(err.starts_with("registry address"), "{bad}: {err}");
+            assert!(
+                matches!(&err, crate::NamingError::BadAddress { address, .. } if address == bad),
+                "{bad}: {err:?}"
+            );
+            assert!(
+                err.to_string().starts_with("registry address"),
+                "{bad}: {err}"
+            );
         }
     }
 }

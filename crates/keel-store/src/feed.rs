@@ -59,8 +59,7 @@ impl StreamFeed {
         durable: &str,
         ack_wait: Duration,
     ) -> Result<StreamFeed, StoreError> {
-        crate::stream::check_stream_name(durable)
-            .map_err(|e| engine(&options.stream, "naming the consumer", e))?;
+        crate::stream::check_name("consumer name", durable)?;
         let (client, js) = connect(options).await?;
         let stream = open_stream(&js, options).await?;
         let config = jetstream::consumer::pull::Config {

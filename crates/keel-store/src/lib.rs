@@ -97,6 +97,16 @@ pub enum StoreError {
         /// The holder's process id, as it wrote it in the lock file, when readable.
         pid: Option<u32>,
     },
+    /// A setting the store was given is not valid: a journal address, a stream name.
+    #[error("{setting} {value:?}: {reason}")]
+    InvalidSetting {
+        /// Which setting: `journal address`, `stream name`.
+        setting: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A stream journal's engine (NATS JetStream) failed or could not be reached.
     #[error("nats stream {stream}: {reason}")]
     Engine {

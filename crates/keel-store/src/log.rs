@@ -32,7 +32,7 @@ impl LogTarget {
         address: Option<&str>,
         dir: impl Into<PathBuf>,
         stream: &str,
-    ) -> Result<LogTarget, String> {
+    ) -> Result<LogTarget, StoreError> {
         match address.map(str::trim).filter(|a| !a.is_empty()) {
             Some(a) => StreamOptions::parse(a, stream).map(LogTarget::Stream),
             None => Ok(LogTarget::Dir {

@@ -72,10 +72,15 @@ impl StreamOptions {
 
     /// Reads a journal address: `nats://host:port[,host:port…][?replicas=N]`. The stream name
     /// is given separately (it is the journal's, not the server's).
-    pub fn parse(address: &str, stream: impl Into<String>) -> Result<StreamOptions, String> {
+    pub fn parse(address: &str, stream: impl Into<String>) -> Result<StreamOptions, StoreError> {
+        let bad = |reason: String| StoreError::InvalidSetting {
+            setting: "journal address",
+            value: address.to_owned(),
+            reason,
+        };
         let rest = address
             .strip_prefix("nats://")
-            .ok_or_else(|| format!("journal address {address:?} does not start with nats://"))?;
+            .ok_or_else(|| bad("it does not start with nats://".to_owned()))?;
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         let servers: Vec<String> = hosts
             .split(',')
@@ -84,7 +89,7 @@ impl StreamOptions {
             .map(|h| format!("nats://{}", h.trim_start_matches("nats://")))
             .collect();
         if servers.is_empty() {
-            return Err(format!("journal address {address:?} names no server"));
+            return Err(bad("it names no server".to_owned()));
         }
         let mut options = StreamOptions::new(servers, stream);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -93,16 +98,12 @@ impl StreamOptions {
                     options.replicas = match n.parse::<usize>() {
                         Ok(r @ (1 | 3 | 5)) => r,
                         _ => {
-                            return Err(format!(
-                                "journal address {address:?}: replicas must be 1, 3 or 5, not {n:?}"
-                            ));
+                            return Err(bad(format!("replicas must be 1, 3 or 5, not {n:?}")));
                         }
                     }
                 }
                 _ => {
-                    return Err(format!(
-                        "journal address {address:?}: unknown setting {pair:?} (known: replicas)"
-                    ));
+                    return Err(bad(format!("unknown setting {pair:?} (known: replicas)")));
                 }
             }
         }
@@ -118,16 +119,24 @@ impl StreamOptions {
 
 /// A stream name JetStream accepts and Keel can put in a subject: 1 to 200 of ASCII letters,
 /// digits, `-` and `_`.
-pub fn check_stream_name(name: &str) -> Result<(), String> {
+pub fn check_stream_name(name: &str) -> Result<(), StoreError> {
+    check_name("stream name", name)
+}
+
+/// A name of `setting` (a stream's, a consumer's) JetStream accepts in a subject; see
+/// [`check_stream_name`].
+pub(crate) fn check_name(setting: &'static str, name: &str) -> Result<(), StoreError> {
     if name.is_empty()
         || name.len() > 200
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(format!(
-            "stream name {name:?} must be 1 to 200 ASCII letters, digits, '-' or '_'"
-        ));
+        return Err(StoreError::InvalidSetting {
+            setting,
+            value: name.to_owned(),
+            reason: "it must be 1 to 200 ASCII letters, digits, '-' or '_'".to_owned(),
+        });
     }
     Ok(())
 }
@@ -349,7 +358,7 @@ impl Drop for StreamJournal {
 pub(crate) async fn connect(
     options: &StreamOptions,
 ) -> Result<(async_nats::Client, jetstream::Context), StoreError> {
-    check_stream_name(&options.stream).map_err(|e| engine(&options.stream, "open", e))?;
+    check_stream_name(&options.stream)?;
     let name = &options.stream;
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()

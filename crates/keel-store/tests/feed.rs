@@ -112,5 +112,5 @@ async fn a_bad_consumer_name_is_a_clear_error() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("naming the consumer"), "{err}");
+    assert!(err.contains("consumer name \"a.b\""), "{err}");
 }
