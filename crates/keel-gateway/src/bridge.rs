@@ -196,18 +196,12 @@ impl Bridge {
             )
             .into_response(),
             // The service's own error, relayed: its code, and the HTTP status the code maps to.
-            Err(status) => {
-                let body = crate::error::error_json(status.code().as_str(), status.message());
-                let mut resp =
-                    Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
-                *resp.status_mut() = StatusCode::from_u16(status.code().http_status())
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                resp
-            }
+            Err(status) => crate::error::json_error(
+                StatusCode::from_u16(status.code().http_status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                status.code().as_str(),
+                status.message(),
+            ),
         }
     }
 }

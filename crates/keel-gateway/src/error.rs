@@ -232,17 +232,8 @@ impl GatewayError {
 
     /// The answer, for the hyper path.
     pub(crate) fn into_response(self) -> Response<DownBody> {
-        let mut resp = Response::new(
-            Full::new(Bytes::from(self.body()))
-                .map_err(|e| match e {})
-                .boxed(),
-        );
-        *resp.status_mut() = self.status();
+        let mut resp = json_error(self.status(), self.kind.code(), &self.detail);
         let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
         if let Some((name, value)) = self.header {
             headers.insert(name, value);
         }
@@ -259,10 +250,22 @@ impl std::fmt::Display for GatewayError {
     }
 }
 
-/// The body of a JSON error answer, for errors whose code is not the gateway's (the RPC
-/// bridge relays a service's status code).
-pub(crate) fn error_json(code: &str, detail: &str) -> String {
+/// The body of a JSON error answer.
+fn error_json(code: &str, detail: &str) -> String {
     serde_json::json!({ "error": code, "detail": detail }).to_string()
+}
+
+/// A JSON error answer, also for errors whose code is not the gateway's (the RPC bridge
+/// relays a service's status code).
+pub(crate) fn json_error(status: StatusCode, code: &str, detail: &str) -> Response<DownBody> {
+    let body = Full::new(Bytes::from(error_json(code, detail)));
+    let mut resp = Response::new(body.map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 #[cfg(test)]

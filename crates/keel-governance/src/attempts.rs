@@ -107,11 +107,6 @@ impl<'a, Id: PartialEq, E> Attempts<'a, Id, E> {
         &self.tried
     }
 
-    /// Attempts started so far.
-    pub fn made(&self) -> u32 {
-        self.made
-    }
-
     /// An attempt starts now: the time left before the deadline (`None` without one), or
     /// [`GiveUp::Deadline`] if it has passed.
     pub fn start(&mut self) -> Result<Option<Duration>, GiveUp<E>> {

@@ -413,12 +413,11 @@ impl CallTransport for ServiceChannel {
             match result {
                 Ok(reply) => return Ok(reply),
                 Err(e) if retryable(e.code()) => {
-                    let detail = e.to_string();
+                    tracing::debug!(service = %self.inner.service, instance = %used.instance.id,
+                        error = %e, "the call did not run; another instance may take it");
                     attempts
                         .retry(used.instance.id.clone(), e)
                         .map_err(given_up)?;
-                    tracing::debug!(service = %self.inner.service, instance = %used.instance.id,
-                        error = %detail, "retrying on another instance");
                 }
                 Err(e) => return Err(e),
             }

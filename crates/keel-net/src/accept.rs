@@ -51,9 +51,9 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// A drain that never starts (for connections served outside an accept loop, and tests),
-    /// with the handle that starts it: send `true` to drain, cancel the token to force.
-    pub fn detached() -> (Drain, watch::Sender<bool>, CancellationToken) {
+    /// A drain with the handles that start it: send `true` to drain, cancel the token to
+    /// force.
+    fn with_handles() -> (Drain, watch::Sender<bool>, CancellationToken) {
         let (tx, rx) = watch::channel(false);
         let force = CancellationToken::new();
         let drain = Drain {
@@ -81,11 +81,6 @@ impl Drain {
     /// waits on it beside [`Drain::draining`].
     pub fn forced(&self) -> WaitForCancellationFutureOwned {
         self.force.clone().cancelled_owned()
-    }
-
-    /// Whether the grace period is over.
-    pub fn is_forced(&self) -> bool {
-        self.force.is_cancelled()
     }
 }
 
@@ -169,10 +164,7 @@ impl AcceptLoop {
         H: FnMut(TcpStream, SocketAddr, Drain) -> F,
         F: Future<Output = ()> + Send + 'static,
     {
-        let (drain_tx, drain, force) = {
-            let (drain, tx, force) = Drain::detached();
-            (tx, drain, force)
-        };
+        let (drain, drain_tx, force) = Drain::with_handles();
         let tracker = TaskTracker::new();
         tokio::pin!(shutdown);
         loop {

@@ -20,11 +20,6 @@ impl<S> Rewind<S> {
     pub fn new(prefix: Bytes, inner: S) -> Rewind<S> {
         Rewind { prefix, inner }
     }
-
-    /// The underlying stream (with the prefix bytes not yet read again dropped).
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
