@@ -15,9 +15,11 @@
 //! With `[admin] token` set, everything but `/health`, `/metrics` and `/status` needs
 //! `Authorization: Bearer <token>`.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -25,6 +27,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
+use crate::access::AccessLog;
+use crate::metrics::{Metrics, escape};
+use crate::upstream::Pool;
 use crate::{Gateway, GatewayConfig};
 
 type AdminBody = Full<Bytes>;
@@ -218,4 +223,127 @@ async fn handle(gateway: &Gateway, req: Request<Incoming>) -> Response<AdminBody
             format!("no admin endpoint {path}"),
         ),
     }
+}
+
+/// Prometheus text exposition (version 0.0.4), with the pools and access log of the
+/// configuration in force.
+pub(crate) fn render(metrics: &Metrics, pools: &[Arc<Pool>], access: Option<&AccessLog>) -> String {
+    let mut out = String::with_capacity(4096);
+    let routes = metrics.routes();
+    out.push_str("# HELP keel_gateway_requests_total Requests answered, by route and status class.\n# TYPE keel_gateway_requests_total counter\n");
+    for (name, m) in &routes {
+        m.render_classes(&mut out, "keel_gateway_requests_total", "route", name);
+    }
+    let _ = writeln!(
+        out,
+        "keel_gateway_requests_total{{route=\"\",class=\"4xx\"}} {}",
+        metrics.unrouted.load(Relaxed)
+    );
+    out.push_str("# HELP keel_gateway_request_duration_seconds Time to the response head, by route.\n# TYPE keel_gateway_request_duration_seconds histogram\n");
+    for (name, m) in &routes {
+        m.render_histogram(
+            &mut out,
+            "keel_gateway_request_duration_seconds",
+            "route",
+            name,
+        );
+    }
+    out.push_str("# HELP keel_gateway_upstream_responses_total Answers from each pool's servers (502/504 for none), by status class.\n# TYPE keel_gateway_upstream_responses_total counter\n");
+    for pool in pools {
+        pool.responses.render_classes(
+            &mut out,
+            "keel_gateway_upstream_responses_total",
+            "upstream",
+            &pool.name,
+        );
+    }
+    out.push_str("# HELP keel_gateway_upstream_response_seconds Time from sending to a server to its response head, by pool.\n# TYPE keel_gateway_upstream_response_seconds histogram\n");
+    for pool in pools {
+        pool.responses.render_histogram(
+            &mut out,
+            "keel_gateway_upstream_response_seconds",
+            "upstream",
+            &pool.name,
+        );
+    }
+    out.push_str("# HELP keel_gateway_upstream_server_up 1 if the server may take traffic (healthy and not ejected).\n# TYPE keel_gateway_upstream_server_up gauge\n");
+    let mut per_server = String::new();
+    let mut per_pool = String::new();
+    for pool in pools {
+        let up = escape(&pool.name);
+        for s in pool.servers().iter() {
+            let labels = format!("upstream=\"{up}\",server=\"{}\"", escape(&s.address));
+            let _ = writeln!(
+                out,
+                "keel_gateway_upstream_server_up{{{labels}}} {}",
+                u8::from(s.is_up())
+            );
+            let _ = writeln!(
+                per_server,
+                "keel_gateway_upstream_requests_total{{{labels}}} {}\nkeel_gateway_upstream_failures_total{{{labels}}} {}\nkeel_gateway_upstream_inflight{{{labels}}} {}",
+                s.requests.load(Relaxed),
+                s.failures.load(Relaxed),
+                s.stats.inflight()
+            );
+        }
+        let (waiting, rejected) = pool
+            .queue
+            .as_ref()
+            .map_or((0, 0), |q| (q.waiting(), q.rejected()));
+        let _ = writeln!(
+            per_pool,
+            "keel_gateway_upstream_queue_depth{{upstream=\"{up}\"}} {waiting}\nkeel_gateway_upstream_queue_rejected_total{{upstream=\"{up}\"}} {rejected}\nkeel_gateway_upstream_retries_total{{upstream=\"{up}\"}} {}\nkeel_gateway_upstream_retry_budget_exhausted_total{{upstream=\"{up}\"}} {}",
+            pool.retries.retries.load(Relaxed),
+            pool.retries.budget_exhausted.load(Relaxed)
+        );
+    }
+    out.push_str("# TYPE keel_gateway_upstream_requests_total counter\n# TYPE keel_gateway_upstream_failures_total counter\n# TYPE keel_gateway_upstream_inflight gauge\n");
+    out.push_str(&per_server);
+    out.push_str("# HELP keel_gateway_upstream_queue_depth Requests waiting for an upstream slot.\n# TYPE keel_gateway_upstream_queue_depth gauge\n# TYPE keel_gateway_upstream_queue_rejected_total counter\n# HELP keel_gateway_upstream_retries_total Requests sent again to another server after no answer.\n# TYPE keel_gateway_upstream_retries_total counter\n# HELP keel_gateway_upstream_retry_budget_exhausted_total Retries the retry budget refused.\n# TYPE keel_gateway_upstream_retry_budget_exhausted_total counter\n");
+    out.push_str(&per_pool);
+    for (name, kind, value) in [
+        (
+            "connections_open",
+            "gauge",
+            metrics.connections.open.load(Relaxed),
+        ),
+        (
+            "connections_accepted_total",
+            "counter",
+            metrics.connections.accepted.load(Relaxed) as i64,
+        ),
+        (
+            "connections_refused_total",
+            "counter",
+            metrics.connections.refused.load(Relaxed) as i64,
+        ),
+        (
+            "tls_handshake_failures_total",
+            "counter",
+            metrics.tls_handshake_failures.load(Relaxed) as i64,
+        ),
+        (
+            "reloads_total",
+            "counter",
+            metrics.reloads.load(Relaxed) as i64,
+        ),
+        (
+            "reloads_refused_total",
+            "counter",
+            metrics.reloads_refused.load(Relaxed) as i64,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# TYPE keel_gateway_{name} {kind}\nkeel_gateway_{name} {value}"
+        );
+    }
+    if let Some(access) = access {
+        let _ = writeln!(
+            out,
+            "# TYPE keel_gateway_access_log_dropped_total counter\nkeel_gateway_access_log_dropped_total {}",
+            access.dropped()
+        );
+    }
+    out
 }

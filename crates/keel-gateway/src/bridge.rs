@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use keel_governance::{Discover, ServiceChannel, ServiceChannelConfig, StaticDiscover};
 use keel_rpc::client::{CallTransport, RawRequest};
 use keel_rpc::protocol::Text;
@@ -121,14 +120,18 @@ impl Bridge {
     }
 
     /// Serves one request; `method` is the path after the route's rewrite (`/<Method>`).
-    pub(crate) async fn serve(
+    pub(crate) async fn serve<B>(
         &self,
         method: &str,
         parts: http::request::Parts,
-        body: Incoming,
+        body: B,
         peer: std::net::IpAddr,
         max_body: u64,
-    ) -> Response<DownBody> {
+    ) -> Response<DownBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes>,
+        B::Error: Into<crate::bodies::BoxError>,
+    {
         if parts.method != Method::POST {
             return GatewayError::new(
                 ErrorKind::MethodNotAllowed,

@@ -121,6 +121,11 @@ pub struct ServerSection {
     pub access_log: Option<String>,
     /// TLS; plain HTTP (with h2c) if absent.
     pub tls: Option<TlsConfig>,
+    /// How requests to HTTP/1.1 pools are sent: `"raw"` (Keel's own HTTP/1.1 leg, the
+    /// default) or `"hyper"` (hyper's client). Either gives the same answers; the setting
+    /// exists to compare them and to run the test suite through both. Its default is read
+    /// from the environment variable `KEEL_GATEWAY_UPSTREAM_LEG` when that is set.
+    pub upstream_leg: UpstreamLeg,
 }
 
 impl Default for ServerSection {
@@ -136,6 +141,30 @@ impl Default for ServerSection {
             shutdown_grace: Duration::from_secs(30),
             access_log: None,
             tls: None,
+            upstream_leg: UpstreamLeg::from_env(),
+        }
+    }
+}
+
+/// The leg requests to HTTP/1.1 pools take (`server.upstream_leg`). HTTP/2 (h2c) pools, cached
+/// routes and upgrades always take hyper's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamLeg {
+    /// Keel's own HTTP/1.1 client: pooled keep-alive connections, driven by the task that
+    /// serves the client's connection.
+    #[default]
+    Raw,
+    /// hyper's client.
+    Hyper,
+}
+
+impl UpstreamLeg {
+    /// `KEEL_GATEWAY_UPSTREAM_LEG` (`raw` or `hyper`), else [`UpstreamLeg::Raw`].
+    fn from_env() -> UpstreamLeg {
+        match std::env::var("KEEL_GATEWAY_UPSTREAM_LEG").as_deref() {
+            Ok("hyper") => UpstreamLeg::Hyper,
+            _ => UpstreamLeg::Raw,
         }
     }
 }
@@ -702,7 +731,7 @@ impl GatewayConfig {
                 }
             }
             for cidr in r.allow.iter().chain(&r.deny) {
-                if crate::filter::parse_net(cidr).is_none() {
+                if parse_net(cidr).is_none() {
                     return bad(format!(
                         "route {}: {cidr:?} is not an address or CIDR",
                         i + 1
@@ -751,6 +780,15 @@ impl GatewayConfig {
         }
         Ok(())
     }
+}
+
+/// Parses `10.0.0.0/8`, `::1/128` or a single address (an address filter's entry).
+pub(crate) fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
 }
 
 #[cfg(test)]

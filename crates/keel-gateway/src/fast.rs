@@ -1,62 +1,56 @@
-//! The HTTP/1.1 fast path: Keel's own request loop for what a gateway mostly does, proxying
-//! plain HTTP/1.1 requests to HTTP/1.1 servers.
+//! Keel's HTTP/1.1 front end: the request loop of a client connection speaking plain
+//! HTTP/1.1, without hyper.
 //!
-//! One task per client connection reads a request head, routes it, applies the route's filters
-//! (the same `proxy::admit` the hyper path uses), sends the request on a pooled keep-alive
-//! connection to the chosen server, and relays the answer back, all by itself: no task per
-//! upstream connection, no channels between tasks, no header map per request (filters, routes
-//! and balancers read the parsed headers where they lie, through `headers::Lookup`). Request
-//! and response bodies are relayed as they are framed (`Content-Length`, chunked, or until the
-//! server closes), chunked bodies without re-encoding.
+//! One task per client connection reads a request head with `httparse`, has it planned
+//! (`plan`: route, filters, what serves it) on the parsed headers where they lie (no header
+//! map), and serves it: to a pool over Keel's HTTP/1.1 leg (`h1`), the answer relayed as it
+//! is framed (`Content-Length` or chunked as sent, a close-delimited body chunked), all from
+//! that task — no task per upstream connection, no channels between tasks. Whatever else the
+//! plan says (a directory, the cache, the RPC bridge, a pool reached over hyper's leg) is
+//! served by the same code the hyper path uses (`proxy::respond`), and its answer written
+//! here.
 //!
-//! Whatever the fast path does not serve goes to hyper, which then serves the rest of the
-//! connection: the bytes already read are replayed to it (`crate::serve_connection`), so the
-//! hand-over is seamless at any request boundary. That covers HTTP/2 (h2c prior knowledge), HTTP/1.0,
-//! upgrades (WebSocket), `Expect`, chunked or large request bodies, any request head that is
-//! not plain (ambiguous framing, bad syntax, too large: hyper and `framing` refuse those), and
-//! routes to directories, caches, RPC services, h2c pools or pools with sticky sessions. A head
-//! goes over before any filter has run, so no rate-limit token is spent twice.
+//! What this loop does not speak goes to hyper, which then serves the rest of the connection:
+//! the bytes already read are replayed to it (`front::serve_connection`), so the hand-over is
+//! seamless at any request boundary. That is a matter of protocol only — HTTP/2 (h2c prior
+//! knowledge), HTTP/1.0, upgrades (WebSocket), `Expect`, chunked or large request bodies
+//! (streamed by hyper), and any head that is not plain (ambiguous framing, bad syntax, too
+//! large: hyper and `framing` refuse those). A head goes over before it is planned, so no
+//! filter runs twice.
 
-use keel_governance::Attempts;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderName, Method, StatusCode, header};
-use parking_lot::Mutex;
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::bodies::DownBody;
+use crate::config::UpstreamLeg;
 use crate::conns::{Busy, ConnState};
 use crate::error::{ErrorKind, GatewayError};
+use crate::forward::{Logged, Note};
 use crate::framing::{Chunked, ChunkedEnd};
-use crate::headers::Lookup;
-use crate::proxy::{Attempt, Logged, Note};
-use crate::router::Target;
-use crate::upstream::{Pool, QueueError, Server};
-use crate::{Inner, Shared};
+use crate::h1::{Answer, Framing, H1Leg, MAX_RESPONSE_HEAD, READ_SIZE};
+use crate::plan::{Asked, Planned, Serve, has_token, plan};
+use crate::state::{Inner, Shared};
+use crate::upstream::Server;
 
-/// Headers parsed per head at most (hyper's limit too); more goes to hyper, which refuses it.
-pub(crate) const MAX_HEADERS: usize = 100;
-/// Request bodies up to this size are read whole, then sent; larger ones go to hyper, which
-/// streams them.
+pub(crate) use crate::h1::MAX_HEADERS;
+
+/// Request bodies up to this size with a declared length are read whole, then served; larger
+/// ones, and chunked ones, go to hyper, which streams them.
 pub(crate) const MAX_BUFFERED_BODY: u64 = 64 * 1024;
-/// Bytes read at a time.
-const READ_SIZE: usize = 16 * 1024;
-/// A server's answer head may be this long (about what hyper's client allows).
-const MAX_RESPONSE_HEAD: usize = 400 * 1024;
-/// Idle upstream connections kept per server, and for how long.
-const MAX_IDLE_PER_SERVER: usize = 1024;
-const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
 
 /// Serves a client connection: requests on the fast path while they qualify, then (if one
-/// does not) the rest of the connection through hyper (`crate::serve_connection`).
+/// does not) the rest of the connection through hyper (`front::serve_connection`).
 pub(crate) async fn serve<I>(
     inner: Arc<Inner>,
     io: I,
@@ -86,7 +80,6 @@ pub(crate) async fn serve<I>(
         buf: BytesMut::with_capacity(READ_SIZE),
         state: &state,
         send_timeout,
-        peer_ip: peer.ip().to_string(),
     };
     let mut scratch = Scratch::default();
     // The first head must arrive within the header timeout of the connection's start.
@@ -134,7 +127,7 @@ pub(crate) async fn serve<I>(
             all.freeze()
         }
     };
-    crate::serve_connection(inner, io, replay, peer, tls, state).await;
+    crate::front::serve_connection(inner, io, replay, peer, tls, state).await;
 }
 
 /// What to do with the connection after a request.
@@ -191,8 +184,6 @@ struct Client<'s, I> {
     /// A client that takes none of an answer's bytes for this long is cut off (nginx's
     /// `send_timeout`; the server's `idle_timeout`).
     send_timeout: Duration,
-    /// The client's address as `X-Forwarded-For` gives it.
-    peer_ip: String,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
@@ -326,15 +317,6 @@ pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// A `Content-Length` value: decimal digits only (no sign, no spaces inside), at most 19.
-fn digits(value: &[u8]) -> Option<u64> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
 /// Whether a request target is one the `http` crate takes as it is (what hyper would route
 /// on): no fragment, only the characters it allows in a path and a query, ASCII only.
 /// Others go to hyper, which refuses or cuts them.
@@ -347,45 +329,6 @@ fn plain_target(target: &str) -> bool {
         |b: &u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E);
     let in_query = |b: &u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E);
     path.as_bytes().iter().all(in_path) && query.as_bytes().iter().all(in_query)
-}
-
-/// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
-/// Headers that stay on their hop in either direction (`Transfer-Encoding` aside: an answer's
-/// is relayed with its body as it was framed).
-fn hop_by_hop(name: &str) -> bool {
-    const NAMES: [&str; 7] = [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-    ];
-    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// Request headers not copied upstream: hop-by-hop ones, and those the gateway writes itself.
-fn dropped_upstream(name: &str) -> bool {
-    const NAMES: [&str; 5] = [
-        "transfer-encoding",
-        "content-length",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    ];
-    hop_by_hop(name) || NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// Whether header `name` is among those the `Connection` headers name.
-fn named_by(connection: &[&[u8]], name: &str) -> bool {
-    connection.iter().any(|v| has_token(v, name))
 }
 
 /// The request as the fast path serves it, once it qualifies.
@@ -401,7 +344,7 @@ pub(crate) struct Request<'h> {
 
 /// Serves one request from `head`, or says it is hyper's.
 async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     shared: &Shared,
     client: &mut Client<'_, I>,
     head: &Bytes,
@@ -417,42 +360,23 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
         Some((path, query)) => (path, Some(query)),
         None => (req.target, None),
     };
-    let Ok(path) = crate::proxy::normalize_path(path) else {
-        return Next::HandOver;
-    };
-    let Some((route_index, route)) = shared
-        .router
-        .find(&req.method, req.host, &path, req.headers)
-    else {
-        return Next::HandOver;
-    };
-    let Target::Upstream(pool_index) = route.target else {
-        return Next::HandOver;
-    };
-    let pool = &shared.pools[pool_index];
-    if pool.h2 || pool.sticky_cookie.is_some() || route.cache.is_some() {
-        return Next::HandOver;
-    }
-
-    // From here on the request is the fast path's: filters count it.
     let _busy = Busy::new(client.state);
     let started = Instant::now();
     let at = shared.access.as_ref().map(|_| SystemTime::now());
-    let mut note = Note {
-        route: Some(route_index),
-        ..Note::default()
-    };
-    let keep_alive = req.keep_alive;
-    let admitted = crate::proxy::admit(
-        route,
-        &shared.config.server,
+    let mut note = Note::default();
+    let asked = Asked {
+        method: &req.method,
+        host: req.host,
+        path,
+        query,
+        headers: req.headers,
+        target_len: req.target.len(),
+        content_length: req.length,
+        bodiless: req.length.unwrap_or(0) == 0,
         peer,
-        req.headers,
-        req.target.len(),
-        req.length,
-        &path,
-    );
-    let done = match admitted {
+        tls,
+    };
+    let done = match plan(shared, &asked, &mut note.route) {
         Err(refusal) => {
             // The body goes unread: skipped if it is all here, else the connection closes
             // (its bytes would be taken for the next request).
@@ -461,46 +385,13 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
             if skipped {
                 client.buf.advance(len);
             }
-            refuse(client, refusal, keep_alive && skipped, &mut scratch.out).await
+            refuse(client, refusal, req.keep_alive && skipped, &mut scratch.out).await
         }
-        Ok(claims) => {
-            let target = route.rewrite(&path, query);
-            let has_host = upstream_head(
-                &mut scratch.up,
-                &req,
-                &target,
-                &client.peer_ip,
-                tls,
-                route.auth.as_ref(),
-                &claims,
-            );
-            let timeout = route.timeout.unwrap_or(pool.response_timeout);
-            let body = match req.length {
-                None | Some(0) => Ok(Bytes::new()),
-                Some(len) => client.read_body(len as usize, timeout).await,
-            };
-            match body {
-                Err(why) => {
-                    let error = GatewayError::new(
-                        ErrorKind::RequestTimeout,
-                        format!("the request body was not received: {why}"),
-                    );
-                    refuse(client, error, false, &mut scratch.out).await
-                }
-                Ok(body) => {
-                    let forward = Forward {
-                        pool,
-                        peer,
-                        headers: req.headers,
-                        replayable: crate::proxy::is_idempotent(&req.method) && body.is_empty(),
-                        head_request: req.method == Method::HEAD,
-                        has_host,
-                        body,
-                        timeout,
-                    };
-                    forward.run(client, scratch, keep_alive, &mut note).await
-                }
-            }
+        Ok(planned) => {
+            serve_planned(
+                inner, shared, client, &req, planned, peer, scratch, &mut note,
+            )
+            .await
         }
     };
     let logged = at.map(|at| Logged {
@@ -510,12 +401,276 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
         target: req.target,
     });
     let elapsed = done.at.saturating_duration_since(started);
-    crate::proxy::account(inner, shared, note, peer, done.status, elapsed, logged);
+    crate::forward::account(inner, shared, note, peer, done.status, elapsed, logged);
     if done.keep_alive {
         Next::KeepAlive
     } else {
         Next::Close
     }
+}
+
+/// Serves an admitted request as planned: over Keel's HTTP/1.1 leg when the plan says so,
+/// else through what the hyper path serves with ([`crate::proxy::respond`]), its answer
+/// written here.
+#[allow(clippy::too_many_arguments)]
+async fn serve_planned<I: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Arc<Inner>,
+    shared: &Shared,
+    client: &mut Client<'_, I>,
+    req: &Request<'_>,
+    planned: Planned<'_>,
+    peer: SocketAddr,
+    scratch: &mut Scratch,
+    note: &mut Note,
+) -> Done {
+    let body_timeout = match &planned.serve {
+        Serve::Forward(f) => f.timeout,
+        _ => planned
+            .route
+            .timeout
+            .unwrap_or(shared.config.server.header_timeout),
+    };
+    let body = match req.length {
+        None | Some(0) => Bytes::new(),
+        Some(len) => match client.read_body(len as usize, body_timeout).await {
+            Ok(body) => body,
+            Err(why) => {
+                let error = GatewayError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("the request body was not received: {why}"),
+                );
+                return refuse(client, error, false, &mut scratch.out).await;
+            }
+        },
+    };
+    let head_request = req.method == Method::HEAD;
+    // A graceful stop that began meanwhile closes the connection after this answer.
+    let keep_alive = req.keep_alive && !client.state.close.load(Ordering::Acquire);
+    let forward = match planned.serve {
+        Serve::Forward(f) if f.leg == UpstreamLeg::Raw => f,
+        _ => {
+            let parts = match request_parts(req) {
+                Ok(parts) => parts,
+                Err(error) => return refuse(client, error, keep_alive, &mut scratch.out).await,
+            };
+            let body = http_body_util::Full::new(body);
+            let respond =
+                crate::proxy::respond(inner, planned, parts, body, None, req.host, peer, note);
+            let Some(resp) = unless_gone(client, respond).await else {
+                return gone(peer);
+            };
+            return write_response(client, resp, keep_alive, head_request, &mut scratch.out).await;
+        }
+    };
+    let has_host = crate::h1::request_head(
+        &mut scratch.up,
+        &req.method,
+        &forward.target,
+        req.headers,
+        &forward.edits,
+        req.length,
+    );
+    let mut leg = H1Leg {
+        pool: forward.pool,
+        head: &scratch.up,
+        has_host,
+        body: &body,
+        headers: req.headers,
+        head_request,
+        keep_alive,
+        replayable: forward.replayable,
+        buf: &mut scratch.upstream,
+        out: &mut scratch.out,
+    };
+    let forwarded = crate::forward::forward(
+        forward.pool,
+        peer,
+        req.headers,
+        forward.replayable,
+        forward.timeout,
+        &mut leg,
+        note,
+    );
+    let Some(forwarded) = unless_gone(client, forwarded).await else {
+        // (The attempt, dropped unfinished, says nothing against the server.)
+        return gone(peer);
+    };
+    match forwarded {
+        Err(error) => refuse(client, error, keep_alive, &mut scratch.out).await,
+        Ok(((answer, stream), server)) => {
+            let answered = Instant::now();
+            let relayed = relay(
+                client,
+                scratch,
+                &answer,
+                stream,
+                &server,
+                answered,
+                forward.timeout,
+            )
+            .await;
+            Done {
+                status: answer.status,
+                keep_alive: keep_alive && relayed,
+                at: answered,
+            }
+        }
+    }
+}
+
+/// A request whose client went away before its answer: abandoned (status 499, nginx's
+/// "client closed request").
+fn gone(peer: SocketAddr) -> Done {
+    tracing::debug!(%peer, "client went away before the answer");
+    Done {
+        status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        keep_alive: false,
+        at: Instant::now(),
+    }
+}
+
+/// The request as `http` types, for what the hyper path serves.
+fn request_parts(req: &Request<'_>) -> Result<http::request::Parts, GatewayError> {
+    let mut builder = http::Request::builder()
+        .method(req.method.clone())
+        .uri(req.target)
+        .version(http::Version::HTTP_11);
+    if let Some(headers) = builder.headers_mut() {
+        headers.reserve(req.headers.len());
+        for h in req.headers {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) else {
+                return Err(GatewayError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("header {:?} cannot be forwarded", h.name),
+                ));
+            };
+            headers.append(name, value);
+        }
+    }
+    builder
+        .body(())
+        .map(|r| r.into_parts().0)
+        .map_err(|e| GatewayError::new(ErrorKind::InvalidRequest, e.to_string()))
+}
+
+/// Writes an answer the hyper path made (a file, a cached or bridged answer, an answer that
+/// came over hyper's leg) to the client: its head, then its body as it comes, with its length
+/// when known, else chunked (trailers included). Whether the connection stays open.
+async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<'_, I>,
+    resp: http::Response<DownBody>,
+    keep_alive: bool,
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Done {
+    use http_body_util::BodyExt;
+    use hyper::body::Body as _;
+    use std::io::Write as _;
+    let at = Instant::now();
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let keep_alive = keep_alive
+        && !parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), "close"));
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let (mut dated, mut length) = (false, false);
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        dated |= name == header::DATE;
+        length |= name == header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let exact = body.size_hint().exact();
+    let chunked = !bodiless && !length && exact.is_none();
+    if !bodiless
+        && !length
+        && let Some(n) = exact
+    {
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        crate::h1::date(|d| out.extend_from_slice(d.as_bytes()));
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let done = |keep_alive| Done {
+        status,
+        keep_alive,
+        at,
+    };
+    if bodiless {
+        let written = client.write(out).await.is_ok();
+        return done(keep_alive && written);
+    }
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => {
+                    if chunked && !data.is_empty() {
+                        let _ = write!(out, "{:x}\r\n", data.len());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    } else if !chunked {
+                        out.extend_from_slice(&data);
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "an answer broke off; the connection is cut");
+                let _ = client.write(out).await;
+                return done(false);
+            }
+        }
+        // What is there goes out before waiting for more (an answer may stream slowly).
+        if !body.is_end_stream() && !out.is_empty() {
+            if client.write(out).await.is_err() {
+                return done(false);
+            }
+            out.clear();
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.iter().flatten() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    let written = client.write(out).await.is_ok();
+    done(keep_alive && written)
 }
 
 /// Parses a request head the fast path takes: HTTP/1.1, origin-form target, no upgrade, no
@@ -555,7 +710,7 @@ pub(crate) fn parse<'h>(
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = digits(h.value);
+            let n = crate::h1::digits(h.value);
             // Twice (even alike) is hyper's to refuse, with `framing`.
             if length.is_some() || n.is_none_or(|n| n > MAX_BUFFERED_BODY) {
                 return None;
@@ -579,7 +734,7 @@ pub(crate) fn parse<'h>(
             }
             host = std::str::from_utf8(h.value)
                 .ok()
-                .map(crate::proxy::strip_port);
+                .map(crate::plan::strip_port);
         }
     }
     Some(Request {
@@ -590,76 +745,6 @@ pub(crate) fn parse<'h>(
         length,
         keep_alive,
     })
-}
-
-/// Writes the head sent upstream (without its final empty line and any `Host`, which are the
-/// attempt's: see [`Forward::request`]) into `up`.
-fn upstream_head(
-    up: &mut Vec<u8>,
-    req: &Request<'_>,
-    target: &str,
-    peer_ip: &str,
-    tls: bool,
-    auth: Option<&crate::auth::Auth>,
-    claims: &[(&HeaderName, http::HeaderValue)],
-) -> bool {
-    use std::io::Write as _;
-    up.clear();
-    up.extend_from_slice(req.method.as_str().as_bytes());
-    up.push(b' ');
-    up.extend_from_slice(target.as_bytes());
-    up.extend_from_slice(b" HTTP/1.1\r\n");
-    static CONNECTION: HeaderName = header::CONNECTION;
-    let connection: Vec<&[u8]> = req.headers.all(&CONNECTION).collect();
-    let mut forwarded_for = None;
-    let mut host = false;
-    for h in req.headers {
-        let named = named_by(&connection, h.name);
-        if dropped_upstream(h.name)
-            || named
-            || auth.is_some_and(|a| {
-                a.claim_headers()
-                    .any(|n| n.as_str().eq_ignore_ascii_case(h.name))
-            })
-        {
-            if forwarded_for.is_none() && !named && h.name.eq_ignore_ascii_case("x-forwarded-for") {
-                forwarded_for = Some(h.value);
-            }
-            continue;
-        }
-        host |= h.name.eq_ignore_ascii_case("host");
-        up.extend_from_slice(h.name.as_bytes());
-        up.extend_from_slice(b": ");
-        up.extend_from_slice(h.value);
-        up.extend_from_slice(b"\r\n");
-    }
-    up.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(prior) = forwarded_for {
-        up.extend_from_slice(prior);
-        up.extend_from_slice(b", ");
-    }
-    up.extend_from_slice(peer_ip.as_bytes());
-    up.extend_from_slice(b"\r\n");
-    up.extend_from_slice(if tls {
-        b"x-forwarded-proto: https\r\n"
-    } else {
-        b"x-forwarded-proto: http\r\n"
-    });
-    if let Some(host) = req.host {
-        up.extend_from_slice(b"x-forwarded-host: ");
-        up.extend_from_slice(host.as_bytes());
-        up.extend_from_slice(b"\r\n");
-    }
-    for (name, value) in claims {
-        up.extend_from_slice(name.as_str().as_bytes());
-        up.extend_from_slice(b": ");
-        up.extend_from_slice(value.as_bytes());
-        up.extend_from_slice(b"\r\n");
-    }
-    if let Some(len) = req.length {
-        let _ = write!(up, "content-length: {len}\r\n");
-    }
-    host
 }
 
 /// How a request ended.
@@ -688,11 +773,12 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(
     out.clear();
     let _ = write!(
         out,
-        "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ndate: {}\r\n",
+        "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ndate: ",
         error.status(),
         body.len(),
-        httpdate::fmt_http_date(SystemTime::now())
     );
+    crate::h1::date(|d| out.extend_from_slice(d.as_bytes()));
+    out.extend_from_slice(b"\r\n");
     if let Some((name, value)) = error.header() {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -712,341 +798,103 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// One request's way to the servers of a pool (what `proxy::Upstream` is to the hyper path).
-struct Forward<'a> {
-    pool: &'a Pool,
-    peer: SocketAddr,
-    headers: &'a [httparse::Header<'a>],
-    /// A bodiless idempotent request: it may be sent again after a failed attempt.
-    replayable: bool,
-    head_request: bool,
-    /// Whether the head sent upstream has a `Host` (else the server's address is sent).
-    has_host: bool,
-    body: Bytes,
+/// Relays the answer over Keel's leg whose head is in `scratch.out` and whose first body
+/// bytes are in `scratch.upstream`, a close-delimited body chunked; keeps the server
+/// connection for reuse if it is clean (its idle time counted from `answered`, when the head
+/// came, which errs on the young side). `timeout` is the longest wait for more of the
+/// answer. Whether the client's connection is still usable.
+async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<'_, I>,
+    scratch: &mut Scratch,
+    answer: &Answer,
+    mut stream: TcpStream,
+    server: &Server,
+    answered: Instant,
     timeout: Duration,
-}
-
-/// Why an attempt got no answer.
-#[derive(Debug)]
-pub(crate) enum Failure {
-    /// None at all (refused, or lost before the answer): another server may be tried.
-    NoAnswer(String),
-    /// Not within the response timeout.
-    TimedOut(String),
-    /// The answer was not HTTP/1 the gateway can relay.
-    Bad(String),
-}
-
-impl From<Failure> for GatewayError {
-    fn from(failure: Failure) -> GatewayError {
-        match failure {
-            // Nothing was relayed: another server may be tried.
-            Failure::NoAnswer(detail) | Failure::Bad(detail) => GatewayError::no_answer(detail),
-            Failure::TimedOut(detail) => GatewayError::new(ErrorKind::UpstreamTimeout, detail),
-        }
-    }
-}
-
-/// How a server frames an answer's body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
-    Length(u64),
-    Chunked,
-    /// Until the server closes the connection.
-    Close,
-}
-
-/// An answer head, relayed.
-pub(crate) struct Answer {
-    pub(crate) status: StatusCode,
-    pub(crate) framing: Framing,
-    /// Whether the server keeps the connection open after the answer.
-    pub(crate) reusable: bool,
-}
-
-impl Forward<'_> {
-    /// Waits for a slot in the pool's queue, sends the request to a server (and to others
-    /// while that is safe), and relays the answer. A client that goes away while its request
-    /// waits for an answer has it abandoned (status 499, nginx's "client closed request").
-    async fn run<I: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        client: &mut Client<'_, I>,
-        scratch: &mut Scratch,
-        keep_alive: bool,
-        note: &mut Note,
-    ) -> Done {
-        let pool = self.pool;
-        let slot = match &pool.queue {
-            None => None,
-            Some(queue) => match queue.enter().await {
-                Ok(permit) => Some(permit),
-                Err(e) => {
-                    let detail = match e {
-                        QueueError::Full(size) => format!(
-                            "upstream {:?} is at capacity and {size} requests already wait",
-                            pool.name
-                        ),
-                        QueueError::TimedOut(wait) => {
-                            format!("upstream {:?} had no free slot within {wait:?}", pool.name)
-                        }
-                    };
-                    let refusal = GatewayError::new(ErrorKind::UpstreamBusy, detail);
-                    return refuse(client, refusal, keep_alive, &mut scratch.out).await;
-                }
-            },
-        };
-        let servers = pool.servers();
-        let mut attempts: Attempts<'_, usize, GatewayError> =
-            Attempts::new(&pool.budget, pool.max_attempts, None, &pool.retries);
-        loop {
-            // One reading of the clock serves the balancer, the attempt's start, its deadline
-            // and the idle connection's age.
-            let now = Instant::now();
-            let Some(index) = pool.pick(
-                &servers,
-                self.peer.ip(),
-                self.headers,
-                attempts.tried(),
-                now,
-            ) else {
-                break;
-            };
-            if let Err(give_up) = attempts.start() {
-                let error = crate::upstream::not_retried(give_up);
-                return refuse(client, error, keep_alive, &mut scratch.out).await;
+) -> bool {
+    use std::io::Write as _;
+    let Scratch {
+        out, upstream: buf, ..
+    } = scratch;
+    let mut chunked = Chunked::new(MAX_RESPONSE_HEAD);
+    let mut left = match answer.framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    // Bytes past the end of the answer: the connection is not clean.
+    let mut surplus = false;
+    loop {
+        // Move what the server sent (up to the end of the answer) to `out`.
+        let take = match answer.framing {
+            Framing::Length(_) => {
+                let n = left.min(buf.len() as u64) as usize;
+                left -= n as u64;
+                n
             }
-            let server = &servers[index];
-            let mut attempt = Attempt::start(pool, &servers, server, note, now);
-            // A graceful stop that began meanwhile closes the connection after this answer.
-            let keep_alive = keep_alive && !client.state.close.load(Ordering::Acquire);
-            let asked = tokio::time::timeout_at(
-                now + self.timeout,
-                self.ask(
-                    server,
-                    &scratch.up,
-                    &mut scratch.upstream,
-                    &mut scratch.out,
-                    keep_alive,
-                    now,
-                ),
-            );
-            let Some(asked) = unless_gone(client, asked).await else {
-                // (The attempt, dropped unfinished, says nothing against the server.)
-                tracing::debug!(peer = %self.peer, "client went away before the answer");
-                return Done {
-                    status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-                    keep_alive: false,
-                    at: Instant::now(),
-                };
-            };
-            let asked = asked
-                .unwrap_or_else(|_| {
-                    Err(Failure::TimedOut(format!(
-                        "{} did not answer within {:?}",
-                        server.address, self.timeout
-                    )))
-                })
-                .map_err(GatewayError::from);
-            let (status, outcome) =
-                crate::upstream::attempt_outcome(&asked, |(answer, _)| answer.status);
-            let answered = Instant::now();
-            let elapsed = answered.duration_since(attempt.started);
-            pool.responses.record(status, elapsed);
-            attempt.elapsed = Some(elapsed);
-            attempt.outcome = Some(outcome);
-            drop(attempt);
-            let failure = match asked {
-                Ok((answer, stream)) => {
-                    // Counted until the answer's head is in, as on the hyper path.
-                    drop(slot);
-                    let kept = keep_alive && answer.framing != Framing::Close;
-                    let relayed = self
-                        .relay(client, scratch, &answer, stream, server, answered)
-                        .await;
-                    return Done {
-                        status: answer.status,
-                        keep_alive: kept && relayed,
-                        at: answered,
-                    };
-                }
-                Err(failure) => failure,
-            };
-            if failure.retry_safe() && self.replayable {
-                tracing::debug!(upstream = %pool.name, error = %failure, "no answer");
-                if let Err(give_up) = attempts.retry(index, failure) {
-                    let error = crate::upstream::not_retried(give_up);
-                    return refuse(client, error, keep_alive, &mut scratch.out).await;
-                }
-            } else {
-                return refuse(client, failure, keep_alive, &mut scratch.out).await;
-            }
-        }
-        let error = attempts
-            .take_last_error()
-            .unwrap_or_else(|| crate::upstream::no_healthy_server(pool));
-        refuse(client, error, keep_alive, &mut scratch.out).await
-    }
-
-    /// The request's bytes for `server`: the head, `Host` if the client sent none, and the
-    /// body.
-    fn request(&self, head: &[u8], server: &Server, out: &mut Vec<u8>) {
-        out.clear();
-        out.extend_from_slice(head);
-        if !self.has_host {
-            out.extend_from_slice(b"host: ");
-            out.extend_from_slice(server.address.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&self.body);
-    }
-
-    /// Sends the request to `server` (on an idle connection, or a new one) and reads the
-    /// answer's head; `out` then holds the head for the client. A reused connection the
-    /// server had closed is replaced by a new one when the request can be sent again.
-    async fn ask(
-        &self,
-        server: &Server,
-        head: &[u8],
-        buf: &mut BytesMut,
-        out: &mut Vec<u8>,
-        keep_alive: bool,
-        now: Instant,
-    ) -> Result<(Answer, TcpStream), Failure> {
-        self.request(head, server, out);
-        loop {
-            let (mut stream, reused) = match server.idle.take(now) {
-                Some(stream) => (stream, true),
-                None => (self.connect(server).await?, false),
-            };
-            buf.clear();
-            let lost = |e: &dyn std::fmt::Display| {
-                Failure::NoAnswer(format!(
-                    "{}: connection lost before the answer: {e}",
-                    server.address
-                ))
-            };
-            if let Err(e) = stream.write_all(out).await {
-                if reused && self.replayable {
-                    continue;
-                }
-                return Err(lost(&e));
-            }
-            match read_answer(&mut stream, buf, self.head_request, keep_alive, out).await {
-                Ok(answer) => return Ok((answer, stream)),
-                Err(Failure::NoAnswer(_)) if reused && self.replayable && buf.is_empty() => {
-                    // The server had closed this idle connection: a new one.
-                    self.request(head, server, out);
-                }
-                Err(Failure::NoAnswer(e)) => return Err(lost(&e)),
-                Err(other) => return Err(other),
-            }
-        }
-    }
-
-    async fn connect(&self, server: &Server) -> Result<TcpStream, Failure> {
-        let connect_timeout = self.pool.config.connect_timeout;
-        match tokio::time::timeout(connect_timeout, TcpStream::connect(server.address.as_str()))
-            .await
-        {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                Ok(stream)
-            }
-            Ok(Err(e)) => Err(Failure::NoAnswer(format!("{}: {e}", server.address))),
-            Err(_) => Err(Failure::NoAnswer(format!(
-                "{}: no connection within {connect_timeout:?}",
-                server.address
-            ))),
-        }
-    }
-
-    /// Relays the answer whose head is in `scratch.out` and whose first body bytes are in
-    /// `scratch.upstream`; keeps the server connection for reuse if it is clean (its idle time
-    /// counted from `answered`, when the head came, which errs on the young side). Whether the
-    /// client's connection is still usable.
-    async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        client: &mut Client<'_, I>,
-        scratch: &mut Scratch,
-        answer: &Answer,
-        mut stream: TcpStream,
-        server: &Server,
-        answered: Instant,
-    ) -> bool {
-        let Scratch {
-            out, upstream: buf, ..
-        } = scratch;
-        let mut chunked = Chunked::new(MAX_RESPONSE_HEAD);
-        let mut left = match answer.framing {
-            Framing::Length(n) => n,
-            _ => u64::MAX,
-        };
-        // Bytes past the end of the answer: the connection is not clean.
-        let mut surplus = false;
-        loop {
-            // Move what the server sent (up to the end of the answer) to `out`.
-            let take = match answer.framing {
-                Framing::Length(_) => {
-                    let n = left.min(buf.len() as u64) as usize;
-                    left -= n as u64;
+            Framing::Chunked => match chunked.feed(buf) {
+                ChunkedEnd::No => buf.len(),
+                ChunkedEnd::At(n) => {
+                    left = 0;
                     n
                 }
-                Framing::Chunked => match chunked.feed(buf) {
-                    ChunkedEnd::No => buf.len(),
-                    ChunkedEnd::At(n) => {
-                        left = 0;
-                        n
-                    }
-                    ChunkedEnd::Invalid => {
-                        tracing::debug!(server = %server.address, "answer with a bad chunked body; cut");
-                        let _ = client.write(out).await;
-                        return false;
-                    }
-                },
-                Framing::Close => buf.len(),
-            };
+                ChunkedEnd::Invalid => {
+                    tracing::debug!(server = %server.address, "answer with a bad chunked body; cut");
+                    let _ = client.write(out).await;
+                    return false;
+                }
+            },
+            Framing::Close => buf.len(),
+        };
+        if answer.framing == Framing::Close {
+            if take > 0 {
+                let _ = write!(out, "{take:x}\r\n");
+                out.extend_from_slice(&buf[..take]);
+                out.extend_from_slice(b"\r\n");
+            }
+        } else {
             out.extend_from_slice(&buf[..take]);
-            buf.advance(take);
-            surplus |= left == 0 && !buf.is_empty();
-            if !out.is_empty() {
-                if client.write(out).await.is_err() {
-                    return false;
-                }
-                out.clear();
+        }
+        buf.advance(take);
+        surplus |= left == 0 && !buf.is_empty();
+        if !out.is_empty() {
+            if client.write(out).await.is_err() {
+                return false;
             }
-            if left == 0 {
-                break;
-            }
-            buf.clear();
-            if buf.capacity() < READ_SIZE {
-                buf.reserve(READ_SIZE);
-            }
-            let read = tokio::time::timeout(self.timeout, async {
-                std::future::poll_fn(|cx| {
-                    tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut *buf)
-                })
-                .await
+            out.clear();
+        }
+        if left == 0 {
+            break;
+        }
+        buf.clear();
+        if buf.capacity() < READ_SIZE {
+            buf.reserve(READ_SIZE);
+        }
+        let read = tokio::time::timeout(timeout, async {
+            std::future::poll_fn(|cx| {
+                tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut *buf)
             })
-            .await;
-            match read {
-                Ok(Ok(0)) if answer.framing == Framing::Close => return true,
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    tracing::debug!(server = %server.address, "server broke off its answer");
-                    return false;
-                }
-                Err(_) => {
-                    tracing::debug!(server = %server.address, timeout = ?self.timeout, "server stalled in its answer; cut");
-                    return false;
-                }
-                Ok(Ok(_)) => {}
+            .await
+        })
+        .await;
+        match read {
+            Ok(Ok(0)) if answer.framing == Framing::Close => {
+                return client.write(b"0\r\n\r\n").await.is_ok();
             }
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                tracing::debug!(server = %server.address, "server broke off its answer");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!(server = %server.address, ?timeout, "server stalled in its answer; cut");
+                return false;
+            }
+            Ok(Ok(_)) => {}
         }
-        if answer.reusable && !surplus {
-            server.idle.put(stream, answered);
-        }
-        true
     }
+    if answer.reusable && !surplus {
+        server.idle.put(stream, answered);
+    }
+    true
 }
 
 /// Runs `work` while watching the client: if it closes its connection (or it fails) first,
@@ -1067,228 +915,6 @@ async fn unless_gone<I: AsyncRead + AsyncWrite + Unpin, F: std::future::Future>(
                 Ok(0) | Err(_) => return None,
                 Ok(_) => watching = client.buf.len() < bound,
             },
-        }
-    }
-}
-
-/// Reads an answer head from `stream` into `buf` (1xx interim answers are skipped), and
-/// writes the head for the client into `out`; the body's first bytes stay in `buf`.
-async fn read_answer(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    head_request: bool,
-    keep_alive: bool,
-    out: &mut Vec<u8>,
-) -> Result<Answer, Failure> {
-    loop {
-        if let Some(answer) = parse_answer(buf, head_request, keep_alive, out)? {
-            return Ok(answer);
-        }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_SIZE);
-        }
-        let n = std::future::poll_fn(|cx| {
-            tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf)
-        })
-        .await
-        .map_err(|e| Failure::NoAnswer(e.to_string()))?;
-        if n == 0 {
-            return Err(Failure::NoAnswer("closed".into()));
-        }
-    }
-}
-
-/// The answer head at the start of `buf`, once it is all there (`None` until then): 1xx
-/// interim answers are dropped from `buf` on the way, the head's bytes are taken out of it
-/// (the body's first bytes stay), and the head for the client is written into `out`.
-pub(crate) fn parse_answer(
-    buf: &mut BytesMut,
-    head_request: bool,
-    keep_alive: bool,
-    out: &mut Vec<u8>,
-) -> Result<Option<Answer>, Failure> {
-    loop {
-        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut parsed);
-        match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let code = resp.code.unwrap_or(0);
-                if (100..200).contains(&code) && code != 101 {
-                    buf.advance(n);
-                    continue;
-                }
-                let answer = answer_head(&resp, head_request, keep_alive, out)?;
-                buf.advance(n);
-                return Ok(Some(answer));
-            }
-            Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
-                return Err(Failure::Bad("the answer's head is too large".into()));
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(Failure::Bad(format!("the answer is not HTTP/1: {e}"))),
-        }
-    }
-}
-
-/// The client's copy of an answer head (hop-by-hop headers dropped) into `out`, and how its
-/// body is framed (RFC 9112 §6.3).
-fn answer_head(
-    resp: &httparse::Response<'_, '_>,
-    head_request: bool,
-    keep_alive: bool,
-    out: &mut Vec<u8>,
-) -> Result<Answer, Failure> {
-    use std::io::Write as _;
-    let code = resp.code.unwrap_or(0);
-    let status = StatusCode::from_u16(code)
-        .ok()
-        .filter(|_| code != 101)
-        .ok_or_else(|| Failure::Bad(format!("unexpected status {code}")))?;
-    let headers: &[httparse::Header<'_>] = resp.headers;
-    static CONNECTION: HeaderName = header::CONNECTION;
-    let connection: Vec<&[u8]> = headers.all(&CONNECTION).collect();
-    let mut length: Option<u64> = None;
-    // Whether the answer has `Transfer-Encoding`, and its last coding over all its headers
-    // (a list may be split across headers, and empty elements count for nothing).
-    let mut encoding: Option<&[u8]> = None;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = digits(h.value);
-            match (length, n) {
-                (_, None) => return Err(Failure::Bad("a bad Content-Length".into())),
-                (Some(a), Some(b)) if a != b => {
-                    return Err(Failure::Bad("two different Content-Lengths".into()));
-                }
-                (_, n) => length = n,
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h
-                .value
-                .split(|b| *b == b',')
-                .map(<[u8]>::trim_ascii)
-                .rfind(|coding| !coding.is_empty());
-            encoding = last.or(encoding).or(Some(b""));
-        }
-    }
-    let bodiless = head_request || code == 204 || code == 304;
-    let framing = if bodiless {
-        Framing::Length(0)
-    } else {
-        match (encoding, length) {
-            (Some(last), _) => {
-                if last.eq_ignore_ascii_case(b"chunked") {
-                    Framing::Chunked
-                } else {
-                    Framing::Close
-                }
-            }
-            (None, Some(n)) => Framing::Length(n),
-            (None, None) => Framing::Close,
-        }
-    };
-    let reusable = resp.version == Some(1)
-        && !connection.iter().any(|v| has_token(v, "close"))
-        && framing != Framing::Close;
-    out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        code,
-        resp.reason
-            .filter(|r| !r.is_empty())
-            .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
-    );
-    for h in headers {
-        let framing_header = h.name.eq_ignore_ascii_case("content-length")
-            || h.name.eq_ignore_ascii_case("transfer-encoding");
-        // The length is written below, as the gateway read it; `Connection` cannot take
-        // away the headers the body is framed by.
-        // `Trailer` announces the trailers a chunked body brings, relayed with it.
-        let announces_trailers =
-            framing == Framing::Chunked && h.name.eq_ignore_ascii_case("trailer");
-        if (hop_by_hop(h.name) && !announces_trailers)
-            || (named_by(&connection, h.name) && !framing_header)
-            || h.name.eq_ignore_ascii_case("content-length")
-        {
-            continue;
-        }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
-    }
-    if let (Some(n), None) = (length, encoding) {
-        let _ = write!(out, "content-length: {n}\r\n");
-    }
-    if !keep_alive || framing == Framing::Close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(Answer {
-        status,
-        framing,
-        reusable,
-    })
-}
-
-/// A server's idle keep-alive connections, newest last.
-#[derive(Debug, Default)]
-pub(crate) struct IdleConns {
-    conns: Mutex<std::collections::VecDeque<(TcpStream, Instant)>>,
-}
-
-impl IdleConns {
-    /// The most recently used idle connection that is still open. Those idle for too long
-    /// are closed on the way.
-    fn take(&self, now: Instant) -> Option<TcpStream> {
-        let mut conns = self.conns.lock();
-        while conns
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_UPSTREAM)
-        {
-            conns.pop_front();
-        }
-        while let Some((stream, _)) = conns.pop_back() {
-            if still_open(&stream) {
-                return Some(stream);
-            }
-        }
-        None
-    }
-
-    /// Keeps `stream` (idle from about `since`).
-    fn put(&self, stream: TcpStream, since: Instant) {
-        let mut conns = self.conns.lock();
-        if conns.len() < MAX_IDLE_PER_SERVER {
-            conns.push_back((stream, since));
-        }
-    }
-
-    /// Closes the connections idle for too long and those the server has closed (so they
-    /// do not linger half-closed while the server gets no requests).
-    pub(crate) fn sweep(&self) {
-        let now = Instant::now();
-        self.conns.lock().retain(|(stream, since)| {
-            now.duration_since(*since) <= IDLE_UPSTREAM && still_open(stream)
-        });
-    }
-
-    /// Connections kept now.
-    pub(crate) fn len(&self) -> usize {
-        self.conns.lock().len()
-    }
-}
-
-/// Whether an idle connection is still open: the server neither closed it nor sent anything
-/// (which would be out of turn). Without a syscall unless the socket was reported readable.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut byte = [0u8; 1];
-            matches!(stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
     }
 }
@@ -1349,101 +975,5 @@ mod tests {
         .unwrap();
         assert_eq!(req.host, Some("Shop.example"));
         assert!(!req.keep_alive);
-    }
-
-    #[test]
-    fn answer_heads_lose_hop_by_hop_headers_and_say_how_the_body_ends() {
-        let frame = |head: &[u8], head_request: bool| {
-            let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut parsed);
-            resp.parse(head).unwrap();
-            let mut out = Vec::new();
-            let answer = answer_head(&resp, head_request, true, &mut out)
-                .ok()
-                .unwrap();
-            (
-                answer.framing,
-                answer.reusable,
-                String::from_utf8(out).unwrap(),
-            )
-        };
-        let (framing, reusable, out) = frame(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\n\r\n",
-            false,
-        );
-        assert_eq!((framing, reusable), (Framing::Length(5), true));
-        assert_eq!(
-            out,
-            "HTTP/1.1 200 OK\r\nX-Kept: 2\r\ncontent-length: 5\r\n\r\n"
-        );
-        // `Connection` cannot take the framing away; a length is written as it was read.
-        let (framing, _, out) = frame(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 05\r\nConnection: content-length\r\n\r\n",
-            false,
-        );
-        assert_eq!(framing, Framing::Length(5));
-        assert!(out.contains("content-length: 5\r\n"), "{out}");
-        let (framing, _, out) = frame(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n",
-            false,
-        );
-        assert_eq!(framing, Framing::Chunked);
-        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
-        // The codings of all `Transfer-Encoding` headers make one list, as the client reads
-        // it: an empty header or element does not hide a `chunked` before it.
-        for (head, expected) in [
-            (
-                &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: \r\n\r\n"[..],
-                Framing::Chunked,
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked ,\r\n\r\n",
-                Framing::Chunked,
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
-                Framing::Close,
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\n",
-                Framing::Close,
-            ),
-        ] {
-            let (framing, _, out) = frame(head, false);
-            assert_eq!(framing, expected, "{out}");
-            assert!(!out.contains("content-length"), "{out}");
-        }
-        let (framing, _, out) = frame(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-            false,
-        );
-        assert_eq!(framing, Framing::Chunked);
-        assert!(!out.contains("Content-Length"), "{out}");
-        let (framing, reusable, out) = frame(b"HTTP/1.0 200 OK\r\n\r\n", false);
-        assert_eq!((framing, reusable), (Framing::Close, false));
-        assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
-        let (framing, _, _) = frame(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
-        assert_eq!(framing, Framing::Length(0));
-        let (framing, _, _) = frame(
-            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
-            false,
-        );
-        assert_eq!(framing, Framing::Length(0));
-        for bad in [
-            &b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-        ] {
-            let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut parsed);
-            resp.parse(bad).unwrap();
-            assert!(answer_head(&resp, false, true, &mut Vec::new()).is_err());
-        }
-        let (_, reusable, _) = frame(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            false,
-        );
-        assert!(!reusable);
     }
 }

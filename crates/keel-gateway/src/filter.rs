@@ -12,14 +12,8 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::config::RateLimitConfig;
+use crate::config::parse_net;
 use crate::headers::Lookup;
-
-/// Parses `10.0.0.0/8`, `::1/128` or a single address.
-pub(crate) fn parse_net(text: &str) -> Option<IpNet> {
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
-}
 
 /// Allow and deny lists.
 #[derive(Debug, Default)]

@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 
-use crate::{fast, framing};
+use crate::{fast, framing, h1};
 
 /// Headers parsed per request or answer head on the fast path (more hands the head to hyper).
 pub const MAX_HEADERS: usize = fast::MAX_HEADERS;
@@ -77,28 +77,30 @@ pub struct AnswerHead {
 /// Reads the answer head at the start of `buf` with the fast path's `parse_answer` (what
 /// `read_answer` calls after each read from the server): `Ok(None)` while it is incomplete;
 /// else 1xx interim answers and the head are taken out of `buf`, whose rest is the body's
-/// first bytes, and `out` holds the head the client gets. `Err` holds why the answer is
-/// refused (the client gets a 502).
+/// first bytes, and `out` holds the head the client gets (without the `Date` and sticky
+/// cookie the gateway may add). A body that ends when the server closes (`Close`) is relayed
+/// chunked. `Err` holds why the answer is refused (the client gets a 502).
 pub fn parse_answer(
     buf: &mut BytesMut,
     head_request: bool,
     keep_alive: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<AnswerHead>, String> {
-    match fast::parse_answer(buf, head_request, keep_alive, out) {
+    match h1::parse_answer(buf, head_request, keep_alive, out) {
         Ok(None) => Ok(None),
-        Ok(Some(answer)) => Ok(Some(AnswerHead {
-            status: answer.status.as_u16(),
-            framing: match answer.framing {
-                fast::Framing::Length(n) => AnswerFraming::Length(n),
-                fast::Framing::Chunked => AnswerFraming::Chunked,
-                fast::Framing::Close => AnswerFraming::Close,
-            },
-            reusable: answer.reusable,
+        Ok(Some(answer)) => Ok(Some({
+            out.extend_from_slice(b"\r\n");
+            AnswerHead {
+                status: answer.status.as_u16(),
+                framing: match answer.framing {
+                    h1::Framing::Length(n) => AnswerFraming::Length(n),
+                    h1::Framing::Chunked => AnswerFraming::Chunked,
+                    h1::Framing::Close => AnswerFraming::Close,
+                },
+                reusable: answer.reusable,
+            }
         })),
-        Err(
-            fast::Failure::NoAnswer(why) | fast::Failure::TimedOut(why) | fast::Failure::Bad(why),
-        ) => Err(why),
+        Err(h1::Failure::NoAnswer(why) | h1::Failure::Bad(why)) => Err(why),
     }
 }
 

@@ -8,19 +8,23 @@
 //!   passive health, a bounded wait queue, and a pooled keep-alive client (HTTP/1.1 or h2c).
 //! - `auth`: per-route API keys and JWTs (HS256, RS256), forwarding chosen claims.
 //! - `filter`: per-route client address allow/deny lists and token-bucket rate limits.
-//! - `proxy`: forwarding, hop-by-hop header handling, `X-Forwarded-*`, retries of requests
-//!   that got no answer when that is safe, WebSocket upgrades, JSON errors.
+//! - One path for every request. `fast` (Keel's HTTP/1.1 loop, `httparse` heads) and `front`
+//!   (hyper, for HTTP/2, upgrades and streamed bodies; `fast` hands a connection over to it
+//!   mid-stream) read requests; `plan` decides, once, what serves each one (route, filters,
+//!   header edits, replayability, timeout, leg); `proxy::respond` serves directories, the
+//!   cache, the RPC bridge and hyper's leg; `forward` is the one attempt loop (queue,
+//!   balancer, retries, statistics) over a `forward::Leg`: Keel's HTTP/1.1 leg (`h1`) or
+//!   hyper's client (`proxy`). `headers` reads either kind of head; `state` holds the
+//!   configuration in force.
 //! - `bridge`: routes to Keel RPC services (JSON in, JSON out) through governed channels.
 //! - `cache`: per-route response cache with miss coalescing; `static_files`: files with
 //!   conditional and range requests.
 //! - `framing`: follows the framing of HTTP/1 requests to refuse ambiguous ones (request
-//!   smuggling) with 400, and of chunked bodies (`Chunked`, also for the fast path's relay);
-//!   `conns`: the janitor of idle connections; `bodies`: body limits and stall timeouts.
+//!   smuggling) with 400, and of chunked bodies (`Chunked`, also for relaying answers);
+//!   `conns`: the janitor of idle connections; `bodies`: body limits and stall timeouts;
+//!   `error`: the gateway's errors, each with its side, status and code.
 //! - `admin`: Prometheus metrics, routes and upstream states as JSON, and reload, on their own
 //!   port; `access`: the access log.
-//! - `fast`: the HTTP/1.1 fast path, Keel's own request loop for plain proxying to HTTP/1.1
-//!   pools, which hands anything else to hyper mid-connection; `headers`: header lookups that
-//!   serve both the parsed heads of the fast path and hyper's `HeaderMap`.
 //!
 //! HTTP/1.1 and HTTP/2 downstream (h2c, or TLS with ALPN). A [`Gateway`] can be reloaded with a
 //! new configuration while it serves: requests already routed finish on the old one, open
@@ -33,9 +37,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -50,15 +51,20 @@ mod conns;
 mod error;
 mod fast;
 mod filter;
+mod forward;
 mod framing;
+mod front;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
+mod h1;
 mod headers;
 mod metrics;
+mod plan;
 mod proxy;
 mod router;
+mod state;
 mod static_files;
 mod tls;
 mod upstream;
@@ -67,39 +73,7 @@ pub use auth::{AuthConfig, JwtConfig};
 pub use config::{ConfigError, GatewayConfig};
 pub use gate::GateConfig;
 
-/// One configuration, compiled: what a request is served with.
-struct Shared {
-    config: GatewayConfig,
-    router: router::Router,
-    pools: Vec<Arc<upstream::Pool>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    access: Option<Arc<access::AccessLog>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("router", &self.router)
-            .field("pools", &self.pools)
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What lives as long as the gateway, across reloads.
-#[derive(Debug)]
-struct Inner {
-    current: ArcSwap<Shared>,
-    /// The file the configuration came from, re-read by [`Gateway::reload_file`].
-    path: Option<PathBuf>,
-    metrics: metrics::Metrics,
-    /// Serialises reloads.
-    reloading: tokio::sync::Mutex<()>,
-    /// Cancelled when `serve` stops: ends WebSocket tunnels (which live outside connections).
-    stopping: CancellationToken,
-    /// When the gateway was built, for `/status`.
-    started: std::time::Instant,
-}
+use state::{Inner, Shared};
 
 /// A configured gateway. Cheap to clone; clones share state and reloads.
 #[derive(Debug, Clone)]
@@ -197,7 +171,8 @@ impl Gateway {
 
     /// Prometheus text of the gateway's metrics (what the admin port serves at `/metrics`).
     pub fn render_metrics(&self) -> String {
-        self.inner.metrics.render(&self.inner.current.load())
+        let shared = self.inner.current.load();
+        admin::render(&self.inner.metrics, &shared.pools, shared.access.as_deref())
     }
 
     /// Serves the admin API (see the `admin` module docs) on `listener` until `shutdown`.
@@ -276,7 +251,7 @@ impl Gateway {
                                 Ok(Ok(stream))
                                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") =>
                                 {
-                                    serve_connection(
+                                    front::serve_connection(
                                         inner.clone(),
                                         stream,
                                         bytes::Bytes::new(),
@@ -317,169 +292,6 @@ impl Gateway {
             .await;
         janitor.abort();
         served
-    }
-}
-
-/// Serves one client connection (HTTP/1.1 or HTTP/2, with upgrades) until it ends or the
-/// janitor asks it to wind down (idle for too long, or the gateway stopping). `replay` holds
-/// bytes already read from `io` (by the fast path, which hands the connection over), read
-/// again first.
-async fn serve_connection<I>(
-    inner: Arc<Inner>,
-    io: I,
-    replay: bytes::Bytes,
-    peer: std::net::SocketAddr,
-    tls: bool,
-    state: Arc<conns::ConnState>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (header_timeout, max_header_bytes) = {
-        let shared = inner.current.load();
-        let server = &shared.config.server;
-        (server.header_timeout, server.max_header_bytes)
-    };
-    let requests = state.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let inner = inner.clone();
-        let requests = requests.clone();
-        async move {
-            // Counted down also when hyper drops the request midway (an HTTP/2 reset).
-            let _busy = conns::Busy::new(&requests);
-            let index = requests.requests.fetch_add(1, Ordering::Relaxed);
-            if index == requests.ambiguous.load(Ordering::Acquire) {
-                return Ok(proxy::ambiguous_framing().into_response());
-            }
-            let resp = proxy::handle(inner, req, peer, tls).await;
-            Ok::<_, std::convert::Infallible>(resp)
-        }
-    });
-    let io = Activity {
-        io,
-        replay,
-        state: state.clone(),
-        framing: Some(framing::Framing::new(max_header_bytes)),
-    };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(max_header_bytes);
-    builder
-        .http2()
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let mut conn = std::pin::pin!(conn);
-    // Until a first request arrives the connection is on the header deadline: hyper's own
-    // header timeout starts only once it has told HTTP/1 from HTTP/2, so a client trickling
-    // the first bytes would otherwise hold the connection.
-    let mut first_request_by = std::pin::pin!(tokio::time::sleep(header_timeout));
-    let (mut registered, mut winding_down) = (false, false);
-    let result = std::future::poll_fn(|cx| {
-        if !registered {
-            // A task's waker stays valid for the task's life: one registration will do.
-            state.waker.register(cx.waker());
-            registered = true;
-        }
-        if !winding_down && state.close.load(Ordering::Acquire) {
-            conn.as_mut().graceful_shutdown();
-            winding_down = true;
-        }
-        if !state.started.load(Ordering::Relaxed) && first_request_by.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(None);
-        }
-        conn.as_mut().poll(cx).map(Some)
-    })
-    .await;
-    match result {
-        None => tracing::debug!(%peer, "no request within the header timeout; closed"),
-        Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
-        Some(Ok(())) => {}
-    }
-}
-
-/// Counts reads and writes that moved bytes, so an idle connection can be told apart, and
-/// follows the framing of the requests read (see `framing`); serves `replay` before reading
-/// from `io`.
-struct Activity<I> {
-    io: I,
-    replay: bytes::Bytes,
-    state: Arc<conns::ConnState>,
-    framing: Option<framing::Framing>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Activity<I> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let poll = if this.replay.is_empty() {
-            std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
-        } else {
-            let n = this.replay.len().min(buf.remaining());
-            buf.put_slice(&this.replay.split_to(n));
-            std::task::Poll::Ready(Ok(()))
-        };
-        if buf.filled().len() > before {
-            this.state.activity.fetch_add(1, Ordering::Relaxed);
-            if let Some(framing) = &mut this.framing {
-                if let Some(index) = framing.feed(&buf.filled()[before..]).ambiguous {
-                    this.state.ambiguous.store(index, Ordering::Release);
-                }
-                if !framing.is_on() {
-                    this.framing = None;
-                }
-            }
-        }
-        poll
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Activity<I> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.state.activity.fetch_add(1, Ordering::Relaxed);
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.state.activity.fetch_add(1, Ordering::Relaxed);
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

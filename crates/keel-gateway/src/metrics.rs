@@ -1,4 +1,4 @@
-//! Monitoring points, rendered as Prometheus text on the admin port.
+//! Monitoring points, which the admin port renders as Prometheus text (`admin::render`).
 //!
 //! A route's counters are resolved when the route is compiled (and kept, by route name, across
 //! reloads), so a request touches only atomics. Upstream figures are read from the pools at
@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-
-use crate::Shared;
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).
 const BOUNDS_US: [u64; 14] = [
@@ -49,7 +47,7 @@ impl RouteMetrics {
     }
 
     /// `metric{label="value",class="Nxx"} count` lines.
-    fn render_classes(&self, out: &mut String, metric: &str, label: &str, value: &str) {
+    pub(crate) fn render_classes(&self, out: &mut String, metric: &str, label: &str, value: &str) {
         let value = escape(value);
         for (i, c) in self.by_class.iter().enumerate() {
             let _ = writeln!(
@@ -62,7 +60,13 @@ impl RouteMetrics {
     }
 
     /// The latency histogram's `_bucket`, `_sum` and `_count` lines.
-    fn render_histogram(&self, out: &mut String, metric: &str, label: &str, value: &str) {
+    pub(crate) fn render_histogram(
+        &self,
+        out: &mut String,
+        metric: &str,
+        label: &str,
+        value: &str,
+    ) {
         let value = escape(value);
         let mut cumulative = 0;
         for (i, b) in self.buckets.iter().enumerate() {
@@ -107,136 +111,18 @@ impl Metrics {
             .clone()
     }
 
-    /// Prometheus text exposition (version 0.0.4).
-    pub(crate) fn render(&self, shared: &Shared) -> String {
-        let mut out = String::with_capacity(4096);
-        let routes: Vec<(String, Arc<RouteMetrics>)> = self
-            .routes
+    /// The counters of every route by name.
+    pub(crate) fn routes(&self) -> Vec<(String, Arc<RouteMetrics>)> {
+        self.routes
             .lock()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        out.push_str("# HELP keel_gateway_requests_total Requests answered, by route and status class.\n# TYPE keel_gateway_requests_total counter\n");
-        for (name, m) in &routes {
-            m.render_classes(&mut out, "keel_gateway_requests_total", "route", name);
-        }
-        let _ = writeln!(
-            out,
-            "keel_gateway_requests_total{{route=\"\",class=\"4xx\"}} {}",
-            self.unrouted.load(Relaxed)
-        );
-        out.push_str("# HELP keel_gateway_request_duration_seconds Time to the response head, by route.\n# TYPE keel_gateway_request_duration_seconds histogram\n");
-        for (name, m) in &routes {
-            m.render_histogram(
-                &mut out,
-                "keel_gateway_request_duration_seconds",
-                "route",
-                name,
-            );
-        }
-        out.push_str("# HELP keel_gateway_upstream_responses_total Answers from each pool's servers (502/504 for none), by status class.\n# TYPE keel_gateway_upstream_responses_total counter\n");
-        for pool in &shared.pools {
-            pool.responses.render_classes(
-                &mut out,
-                "keel_gateway_upstream_responses_total",
-                "upstream",
-                &pool.name,
-            );
-        }
-        out.push_str("# HELP keel_gateway_upstream_response_seconds Time from sending to a server to its response head, by pool.\n# TYPE keel_gateway_upstream_response_seconds histogram\n");
-        for pool in &shared.pools {
-            pool.responses.render_histogram(
-                &mut out,
-                "keel_gateway_upstream_response_seconds",
-                "upstream",
-                &pool.name,
-            );
-        }
-        out.push_str("# HELP keel_gateway_upstream_server_up 1 if the server may take traffic (healthy and not ejected).\n# TYPE keel_gateway_upstream_server_up gauge\n");
-        let mut per_server = String::new();
-        let mut per_pool = String::new();
-        for pool in &shared.pools {
-            let up = escape(&pool.name);
-            for s in pool.servers().iter() {
-                let labels = format!("upstream=\"{up}\",server=\"{}\"", escape(&s.address));
-                let _ = writeln!(
-                    out,
-                    "keel_gateway_upstream_server_up{{{labels}}} {}",
-                    u8::from(s.is_up())
-                );
-                let _ = writeln!(
-                    per_server,
-                    "keel_gateway_upstream_requests_total{{{labels}}} {}\nkeel_gateway_upstream_failures_total{{{labels}}} {}\nkeel_gateway_upstream_inflight{{{labels}}} {}",
-                    s.requests.load(Relaxed),
-                    s.failures.load(Relaxed),
-                    s.stats.inflight()
-                );
-            }
-            let (waiting, rejected) = pool
-                .queue
-                .as_ref()
-                .map_or((0, 0), |q| (q.waiting(), q.rejected()));
-            let _ = writeln!(
-                per_pool,
-                "keel_gateway_upstream_queue_depth{{upstream=\"{up}\"}} {waiting}\nkeel_gateway_upstream_queue_rejected_total{{upstream=\"{up}\"}} {rejected}\nkeel_gateway_upstream_retries_total{{upstream=\"{up}\"}} {}\nkeel_gateway_upstream_retry_budget_exhausted_total{{upstream=\"{up}\"}} {}",
-                pool.retries.retries.load(Relaxed),
-                pool.retries.budget_exhausted.load(Relaxed)
-            );
-        }
-        out.push_str("# TYPE keel_gateway_upstream_requests_total counter\n# TYPE keel_gateway_upstream_failures_total counter\n# TYPE keel_gateway_upstream_inflight gauge\n");
-        out.push_str(&per_server);
-        out.push_str("# HELP keel_gateway_upstream_queue_depth Requests waiting for an upstream slot.\n# TYPE keel_gateway_upstream_queue_depth gauge\n# TYPE keel_gateway_upstream_queue_rejected_total counter\n# HELP keel_gateway_upstream_retries_total Requests sent again to another server after no answer.\n# TYPE keel_gateway_upstream_retries_total counter\n# HELP keel_gateway_upstream_retry_budget_exhausted_total Retries the retry budget refused.\n# TYPE keel_gateway_upstream_retry_budget_exhausted_total counter\n");
-        out.push_str(&per_pool);
-        for (name, kind, value) in [
-            (
-                "connections_open",
-                "gauge",
-                self.connections.open.load(Relaxed),
-            ),
-            (
-                "connections_accepted_total",
-                "counter",
-                self.connections.accepted.load(Relaxed) as i64,
-            ),
-            (
-                "connections_refused_total",
-                "counter",
-                self.connections.refused.load(Relaxed) as i64,
-            ),
-            (
-                "tls_handshake_failures_total",
-                "counter",
-                self.tls_handshake_failures.load(Relaxed) as i64,
-            ),
-            (
-                "reloads_total",
-                "counter",
-                self.reloads.load(Relaxed) as i64,
-            ),
-            (
-                "reloads_refused_total",
-                "counter",
-                self.reloads_refused.load(Relaxed) as i64,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# TYPE keel_gateway_{name} {kind}\nkeel_gateway_{name} {value}"
-            );
-        }
-        if let Some(access) = &shared.access {
-            let _ = writeln!(
-                out,
-                "# TYPE keel_gateway_access_log_dropped_total counter\nkeel_gateway_access_log_dropped_total {}",
-                access.dropped()
-            );
-        }
-        out
+            .collect()
     }
 }
 
 /// Escapes a label value.
-fn escape(v: &str) -> String {
+pub(crate) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

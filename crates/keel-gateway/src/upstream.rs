@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use http_body_util::BodyExt;
@@ -47,7 +49,7 @@ pub(crate) struct Server {
     /// The opaque id a sticky-session cookie carries.
     pub(crate) sticky_id: String,
     /// Its idle keep-alive connections for the HTTP/1 fast path (`fast`).
-    pub(crate) idle: crate::fast::IdleConns,
+    pub(crate) idle: IdleConns,
 }
 
 impl Server {
@@ -177,7 +179,7 @@ impl Server {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sticky_id: format!("{:016x}", balance::hash_key(address.as_bytes())),
-            idle: crate::fast::IdleConns::default(),
+            idle: IdleConns::default(),
         })
     }
 }
@@ -500,4 +502,83 @@ pub(crate) fn attempt_outcome<A>(
         Outcome::Success
     };
     (status, outcome)
+}
+
+/// Idle upstream connections kept per server, and for how long.
+const MAX_IDLE_PER_SERVER: usize = 1024;
+const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
+
+/// A server's idle keep-alive connections, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct IdleConns {
+    conns: Mutex<std::collections::VecDeque<(TcpStream, Instant)>>,
+}
+
+impl IdleConns {
+    /// The most recently used idle connection that is still open. Those idle for too long
+    /// are closed on the way.
+    pub(crate) fn take(&self, now: Instant) -> Option<TcpStream> {
+        let mut conns = self.conns.lock();
+        while conns
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_UPSTREAM)
+        {
+            conns.pop_front();
+        }
+        while let Some((stream, _)) = conns.pop_back() {
+            if still_open(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps `stream` (idle from about `since`).
+    pub(crate) fn put(&self, stream: TcpStream, since: Instant) {
+        let mut conns = self.conns.lock();
+        if conns.len() < MAX_IDLE_PER_SERVER {
+            conns.push_back((stream, since));
+        }
+    }
+
+    /// Closes the connections idle for too long and those the server has closed (so they
+    /// do not linger half-closed while the server gets no requests).
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        self.conns.lock().retain(|(stream, since)| {
+            now.duration_since(*since) <= IDLE_UPSTREAM && still_open(stream)
+        });
+    }
+
+    /// Connections kept now.
+    pub(crate) fn len(&self) -> usize {
+        self.conns.lock().len()
+    }
+}
+
+/// The `Set-Cookie` value an answer from `server` carries in a pool with sticky sessions,
+/// when the request did not already name that server.
+pub(crate) fn sticky_cookie<H: Lookup + ?Sized>(
+    pool: &Pool,
+    server: &Server,
+    headers: &H,
+) -> Option<String> {
+    let name = pool.sticky_cookie.as_ref()?;
+    (cookie(headers, name) != Some(server.sticky_id.as_str()))
+        .then(|| format!("{name}={}; Path=/; HttpOnly", server.sticky_id))
+}
+
+/// Whether an idle connection is still open: the server neither closed it nor sent anything
+/// (which would be out of turn). Without a syscall unless the socket was reported readable.
+fn still_open(stream: &TcpStream) -> bool {
+    use std::task::{Context, Poll};
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut byte = [0u8; 1];
+            matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
 }
