@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Gateway: Keel vs nginx vs HAProxy proxying to the same upstream, in one run; and Keel with
-# JWT auth and rate limiting on (keel_auth).
+# JWT auth and rate limiting on (keel_auth), and Keel over hyper's client leg (keel_hyper).
 #
 #   bench/gateway.sh [seconds]      (default 10; medians of 3 interleaved runs)
+#   BASELINE_BIN=/path/to/old/keel bench/gateway.sh   (adds keel_baseline: another build of
+#                                                      keel, same configuration, same run)
 #
 # The upstream is an nginx answering a fixed "hello" body. Each proxy runs alone on core 1
 # (nginx: 1 worker; HAProxy: 1 thread; Keel: 1 runtime thread) with keep-alive on both legs;
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 SECS="${1:-10}"
 REPS="${REPS:-3}"
-UP=7341; KEEL=7342; NGINX=7343; HAPROXY=7344; KEEL_AUTH=7345
+UP=7341; KEEL=7342; NGINX=7343; HAPROXY=7344; KEEL_AUTH=7345; KEEL_HYPER=7346; KEEL_BASE=7347
 
 for pkg in nginx haproxy wrk; do
   if ! command -v "$pkg" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$pkg" ]; then
@@ -83,13 +85,14 @@ HAPROXY_PID=$!
 
 # Keel's gateway, with every filter configured but none triggered: address allow/deny lists,
 # a per-IP rate limit far above the load, the size limits, a bounded upstream queue.
-keel_conf() { # port extra-route-lines
+keel_conf() { # port extra-route-lines [extra-server-lines]
   cat <<CONF
 [server]
 listen = "127.0.0.1:$1"
 max_uri_bytes = 8192
 max_body_bytes = 1048576
 max_connections = 10000
+${3:-}
 [upstreams.hello]
 servers = [{ address = "127.0.0.1:$UP" }]
 max_inflight = 4096
@@ -105,6 +108,18 @@ CONF
 keel_conf $KEEL 'rate_limit = { per_second = 100000000.0, burst = 100000000 }' > "$WORK/gateway.toml"
 taskset -c 1 "$BIN/keel" gateway --config "$WORK/gateway.toml" --threads 1 >/dev/null 2>&1 & PIDS+=($!)
 KEEL_PID=$!
+# The same over hyper's client leg instead of Keel's own (keel_hyper): what Keel's HTTP/1.1 leg
+# is worth.
+keel_conf $KEEL_HYPER 'rate_limit = { per_second = 100000000.0, burst = 100000000 }' 'upstream_leg = "hyper"' > "$WORK/gateway-hyper.toml"
+taskset -c 1 "$BIN/keel" gateway --config "$WORK/gateway-hyper.toml" --threads 1 >/dev/null 2>&1 & PIDS+=($!)
+KEEL_HYPER_PID=$!
+PORTS="$UP $KEEL $NGINX $HAPROXY $KEEL_AUTH $KEEL_HYPER"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  keel_conf $KEEL_BASE 'rate_limit = { per_second = 100000000.0, burst = 100000000 }' > "$WORK/gateway-base.toml"
+  taskset -c 1 "$BASELINE_BIN" gateway --config "$WORK/gateway-base.toml" --threads 1 >/dev/null 2>&1 & PIDS+=($!)
+  KEEL_BASE_PID=$!
+  PORTS="$PORTS $KEEL_BASE"
+fi
 
 # The second figure: the same with a rate limit that is checked on every request and JWT
 # (HS256) auth with a claim forwarded upstream; wrk sends a valid token.
@@ -127,7 +142,7 @@ print((head + b"." + body + b"." + sig).decode())
 PY
 )
 
-for port in $UP $KEEL $NGINX $HAPROXY $KEEL_AUTH; do
+for port in $PORTS; do
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
     sleep 0.1
@@ -180,6 +195,8 @@ for rep in $(seq 1 "$REPS"); do
   run nginx $NGINX $NGINX_PID
   run haproxy $HAPROXY $HAPROXY_PID
   run keel_auth $KEEL_AUTH $KEEL_AUTH_PID "Authorization: Bearer $TOKEN"
+  run keel_hyper $KEEL_HYPER $KEEL_HYPER_PID
+  if [ -n "${BASELINE_BIN:-}" ]; then run keel_baseline $KEEL_BASE $KEEL_BASE_PID; fi
   echo "done: run $rep" >&2
 done
 
@@ -192,7 +209,9 @@ if bad:
     sys.exit(f"non-2xx answers in a run, so its figures would not be proxied requests: {bad}")
 print(f"{'proxy':>9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU s':>7} {'CPU us/req':>10} {'RSS MiB':>8}")
 t = {}
-for p in ("keel", "nginx", "haproxy", "keel_auth"):
+for p in ("keel", "nginx", "haproxy", "keel_auth", "keel_hyper", "keel_baseline"):
+    if not any(r["proxy"] == p for r in rows):
+        continue
     t[p] = {k: med(p, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_s", "rss_kib", "non_2xx", "cpu_us_per_req")}
     print(f"{p:>9} {t[p]['rps']:>10.0f} {t[p]['p50_ms']:>8.3f} {t[p]['p99_ms']:>8.3f} {t[p]['cpu_s']:>7.2f} {t[p]['cpu_us_per_req']:>10.2f} {t[p]['rss_kib']/1024:>8.1f}")
 print(json.dumps({
@@ -204,6 +223,12 @@ print(json.dumps({
     "keel_auth_vs_nginx": round(t["keel_auth"]["rps"] / t["nginx"]["rps"], 2),
     "keel_cpu_us_per_req": t["keel"]["cpu_us_per_req"], "nginx_cpu_us_per_req": t["nginx"]["cpu_us_per_req"],
     "haproxy_cpu_us_per_req": t["haproxy"]["cpu_us_per_req"],
+    "keel_cpu_vs_nginx": round(t["keel"]["cpu_us_per_req"] / t["nginx"]["cpu_us_per_req"], 2),
+    "keel_hyper_leg_rps": t["keel_hyper"]["rps"],
+    "keel_hyper_leg_cpu_us_per_req": t["keel_hyper"]["cpu_us_per_req"],
+    **({"keel_vs_baseline_rps": round(t["keel"]["rps"] / t["keel_baseline"]["rps"], 2),
+        "keel_vs_baseline_cpu": round(t["keel"]["cpu_us_per_req"] / t["keel_baseline"]["cpu_us_per_req"], 2)}
+       if "keel_baseline" in t else {}),
     "all": t,
 }))
 PY

@@ -36,7 +36,7 @@ use crate::bodies::DownBody;
 use crate::config::UpstreamLeg;
 use crate::conns::{Busy, ConnState};
 use crate::error::{ErrorKind, GatewayError};
-use crate::forward::{Logged, Note};
+use crate::forward::{Forwarded, Logged, Note};
 use crate::framing::{Chunked, ChunkedEnd};
 use crate::h1::{Answer, Framing, H1Leg, MAX_RESPONSE_HEAD, READ_SIZE};
 use crate::plan::{Asked, Planned, Serve, has_token, plan};
@@ -80,6 +80,7 @@ pub(crate) async fn serve<I>(
         buf: BytesMut::with_capacity(READ_SIZE),
         state: &state,
         send_timeout,
+        peer_ip: peer.ip().to_string(),
     };
     let mut scratch = Scratch::default();
     // The first head must arrive within the header timeout of the connection's start.
@@ -184,6 +185,8 @@ struct Client<'s, I> {
     /// A client that takes none of an answer's bytes for this long is cut off (nginx's
     /// `send_timeout`; the server's `idle_timeout`).
     send_timeout: Duration,
+    /// The client's address as `X-Forwarded-For` gives it.
+    peer_ip: String,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
@@ -454,8 +457,11 @@ async fn serve_planned<I: AsyncRead + AsyncWrite + Unpin>(
                 Err(error) => return refuse(client, error, keep_alive, &mut scratch.out).await,
             };
             let body = http_body_util::Full::new(body);
-            let respond =
-                crate::proxy::respond(inner, planned, parts, body, None, req.host, peer, note);
+            // Boxed: this future is large (the cache, the bridge, hyper's client), and inline
+            // it would make every connection's task as large.
+            let respond = Box::pin(crate::proxy::respond(
+                inner, planned, parts, body, None, req.host, peer, note,
+            ));
             let Some(resp) = unless_gone(client, respond).await else {
                 return gone(peer);
             };
@@ -467,6 +473,8 @@ async fn serve_planned<I: AsyncRead + AsyncWrite + Unpin>(
         &req.method,
         &forward.target,
         req.headers,
+        req.host,
+        &client.peer_ip,
         &forward.edits,
         req.length,
     );
@@ -497,8 +505,11 @@ async fn serve_planned<I: AsyncRead + AsyncWrite + Unpin>(
     };
     match forwarded {
         Err(error) => refuse(client, error, keep_alive, &mut scratch.out).await,
-        Ok(((answer, stream), server)) => {
-            let answered = Instant::now();
+        Ok(Forwarded {
+            answer: (answer, stream),
+            server,
+            answered,
+        }) => {
             let relayed = relay(
                 client,
                 scratch,

@@ -46,8 +46,18 @@ pub(crate) trait Leg {
     }
 }
 
-/// Sends a request to a server of `pool` over `leg`: the answer (its head in) and the server
-/// that gave it, or the error the client gets. `replayable` says whether the request may be
+/// An answer a server gave.
+pub(crate) struct Forwarded<A> {
+    /// The answer, its head in.
+    pub(crate) answer: A,
+    /// The server that gave it.
+    pub(crate) server: Arc<Server>,
+    /// When its head was in.
+    pub(crate) answered: Instant,
+}
+
+/// Sends a request to a server of `pool` over `leg`: the answer, or the error the client
+/// gets. `replayable` says whether the request may be
 /// sent again after an attempt that got no answer; `timeout` bounds each attempt's wait for
 /// the answer's head.
 pub(crate) async fn forward<L: Leg, H: Lookup + ?Sized>(
@@ -58,7 +68,7 @@ pub(crate) async fn forward<L: Leg, H: Lookup + ?Sized>(
     timeout: Duration,
     leg: &mut L,
     note: &mut Note,
-) -> Result<(L::Answer, Arc<Server>), GatewayError> {
+) -> Result<Forwarded<L::Answer>, GatewayError> {
     // The slot is held until the answer's head is in.
     let _slot = match &pool.queue {
         None => None,
@@ -106,13 +116,20 @@ pub(crate) async fn forward<L: Leg, H: Lookup + ?Sized>(
             ))
         });
         let (status, outcome) = crate::upstream::attempt_outcome(&answer, L::status);
-        let elapsed = attempt.started.elapsed();
+        let answered = Instant::now();
+        let elapsed = answered.duration_since(attempt.started);
         pool.responses.record(status, elapsed);
         attempt.elapsed = Some(elapsed);
         attempt.outcome = Some(outcome);
         drop(attempt);
         match answer {
-            Ok(answer) => return Ok((answer, server.clone())),
+            Ok(answer) => {
+                return Ok(Forwarded {
+                    answer,
+                    server: server.clone(),
+                    answered,
+                });
+            }
             Err(e) if e.retry_safe() && replayable => {
                 tracing::debug!(upstream = %pool.name, error = %e, "no answer");
                 attempts

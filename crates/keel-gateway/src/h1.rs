@@ -197,13 +197,17 @@ async fn connect(server: &Server, timeout: Duration) -> Result<TcpStream, Gatewa
 
 /// Writes the head sent upstream into `up` (without its final empty line and any `Host`,
 /// which are the attempt's: see [`H1Leg`]): the client's request line with the plan's
-/// target, the client's headers as the plan's [`Edits`] leave them, and the body's length.
-/// Whether the client sent a `Host`.
+/// target, the client's headers as the plan's [`Edits`] leave them (`asked_host` and
+/// `peer_ip` for the `X-Forwarded-*` it adds), and the body's length. Whether the client sent
+/// a `Host`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn request_head(
     up: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &[httparse::Header<'_>],
+    asked_host: Option<&str>,
+    peer_ip: &str,
     edits: &Edits<'_>,
     length: Option<u64>,
 ) -> bool {
@@ -225,10 +229,25 @@ pub(crate) fn request_head(
         up.extend_from_slice(h.value);
         up.extend_from_slice(b"\r\n");
     }
-    for (name, value) in edits.added() {
-        up.extend_from_slice(name.as_bytes());
+    let added = edits.added(headers, asked_host, peer_ip);
+    up.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prior) = added.prior_forwarded_for {
+        up.extend_from_slice(prior);
+        up.extend_from_slice(b", ");
+    }
+    up.extend_from_slice(added.peer_ip.as_bytes());
+    up.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    up.extend_from_slice(added.proto);
+    up.extend_from_slice(b"\r\n");
+    if let Some(host) = added.host {
+        up.extend_from_slice(b"x-forwarded-host: ");
+        up.extend_from_slice(host.as_bytes());
+        up.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in added.claims {
+        up.extend_from_slice(name.as_str().as_bytes());
         up.extend_from_slice(b": ");
-        up.extend_from_slice(value);
+        up.extend_from_slice(value.as_bytes());
         up.extend_from_slice(b"\r\n");
     }
     if let Some(len) = length {

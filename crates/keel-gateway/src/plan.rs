@@ -56,11 +56,19 @@ pub(crate) struct Planned<'s> {
 pub(crate) enum Serve<'s> {
     /// A file of a directory (the path after the route's rewrite).
     Static { dir: &'s StaticDir, file: String },
-    /// A Keel RPC method through the bridge.
-    Rpc { bridge: &'s Bridge, method: String },
+    /// A Keel RPC method through the bridge, with the claims authentication vouches for
+    /// (their headers travel as call metadata).
+    Rpc {
+        bridge: &'s Bridge,
+        method: String,
+        claims: Claims<'s>,
+    },
     /// A server of a pool.
     Forward(Forward<'s>),
 }
+
+/// The claim headers authentication forwards, with their values.
+pub(crate) type Claims<'s> = Vec<(&'s HeaderName, HeaderValue)>;
 
 /// A request on its way to a pool.
 pub(crate) struct Forward<'s> {
@@ -117,6 +125,7 @@ pub(crate) fn plan<'s, H: Lookup + ?Sized>(
         Target::Rpc(bridge) => Serve::Rpc {
             bridge,
             method: route.rewrite(&path, None),
+            claims,
         },
         Target::Upstream(i) => {
             let pool = &shared.pools[*i];
@@ -138,7 +147,7 @@ pub(crate) fn plan<'s, H: Lookup + ?Sized>(
                 cache,
                 replayable: is_idempotent(asked.method) && asked.bodiless,
                 leg,
-                edits: Edits::new(asked, route.auth.as_ref(), claims),
+                edits: Edits::new(asked.tls, route.auth.as_ref(), claims),
             })
         }
     };
@@ -152,38 +161,19 @@ pub(crate) fn plan<'s, H: Lookup + ?Sized>(
 /// The header edits on a request's way upstream, the same on either leg: hop-by-hop headers
 /// (and those `Connection` names) stay on their hop, the client's own copies of the claim
 /// headers authentication forwards are dropped, and `X-Forwarded-For` (appended to),
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` are set ([`Edits::added`]).
 pub(crate) struct Edits<'s> {
     auth: Option<&'s Auth>,
-    claims: Vec<(&'s HeaderName, HeaderValue)>,
-    forwarded_for: Vec<u8>,
+    claims: Claims<'s>,
     proto: &'static [u8],
-    forwarded_host: Option<Vec<u8>>,
 }
 
 impl<'s> Edits<'s> {
-    fn new<H: Lookup + ?Sized>(
-        asked: &Asked<'_, H>,
-        auth: Option<&'s Auth>,
-        claims: Vec<(&'s HeaderName, HeaderValue)>,
-    ) -> Edits<'s> {
-        static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-        let connection = connection_names(asked.headers);
-        let prior = asked
-            .headers
-            .value(&FORWARDED_FOR)
-            .filter(|_| !named_by(&connection, "x-forwarded-for"));
-        let ip = asked.peer.ip().to_string();
-        let forwarded_for = match prior {
-            Some(prior) => [prior, b", ", ip.as_bytes()].concat(),
-            None => ip.into_bytes(),
-        };
+    fn new(tls: bool, auth: Option<&'s Auth>, claims: Claims<'s>) -> Edits<'s> {
         Edits {
             auth,
             claims,
-            forwarded_for,
-            proto: if asked.tls { b"https" } else { b"http" },
-            forwarded_host: asked.host.map(|h| h.as_bytes().to_vec()),
+            proto: if tls { b"https" } else { b"http" },
         }
     }
 
@@ -202,22 +192,70 @@ impl<'s> Edits<'s> {
             })
     }
 
-    /// The headers the gateway adds, after the client's.
-    pub(crate) fn added(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        [
-            Some(("x-forwarded-for", self.forwarded_for.as_slice())),
-            Some(("x-forwarded-proto", self.proto)),
-            self.forwarded_host
-                .as_deref()
-                .map(|h| ("x-forwarded-host", h)),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(
+    /// The headers the gateway adds after the client's, for a request with `headers` from
+    /// `peer_ip` asking for `host`.
+    pub(crate) fn added<'a, H: Lookup + ?Sized>(
+        &'a self,
+        headers: &'a H,
+        host: Option<&'a str>,
+        peer_ip: &'a str,
+    ) -> Added<'a> {
+        static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+        let prior = headers.value(&FORWARDED_FOR).filter(|_| {
+            let connection = connection_names(headers);
+            !named_by(&connection, "x-forwarded-for")
+        });
+        Added {
+            prior_forwarded_for: prior,
+            peer_ip,
+            proto: self.proto,
+            host,
+            claims: &self.claims,
+        }
+    }
+}
+
+/// What the gateway adds to a request on its way upstream (see [`Edits::added`]): each leg
+/// writes these in its own form.
+pub(crate) struct Added<'a> {
+    /// `X-Forwarded-For` is the client's own value (unless its `Connection` names it), then
+    /// `, `, then the client's address.
+    pub(crate) prior_forwarded_for: Option<&'a [u8]>,
+    pub(crate) peer_ip: &'a str,
+    /// `X-Forwarded-Proto`: `http` or `https`.
+    pub(crate) proto: &'static [u8],
+    /// `X-Forwarded-Host`: the host the client asked for.
+    pub(crate) host: Option<&'a str>,
+    /// The claims authentication forwards.
+    pub(crate) claims: &'a [(&'a HeaderName, HeaderValue)],
+}
+
+impl Added<'_> {
+    /// The headers as names and values.
+    pub(crate) fn headers(&self) -> Vec<(HeaderName, Vec<u8>)> {
+        let forwarded_for = match self.prior_forwarded_for {
+            Some(prior) => [prior, b", ", self.peer_ip.as_bytes()].concat(),
+            None => self.peer_ip.as_bytes().to_vec(),
+        };
+        let mut out = vec![
+            (HeaderName::from_static("x-forwarded-for"), forwarded_for),
+            (
+                HeaderName::from_static("x-forwarded-proto"),
+                self.proto.to_vec(),
+            ),
+        ];
+        if let Some(host) = self.host {
+            out.push((
+                HeaderName::from_static("x-forwarded-host"),
+                host.as_bytes().to_vec(),
+            ));
+        }
+        out.extend(
             self.claims
                 .iter()
-                .map(|(name, value)| (name.as_str(), value.as_bytes())),
-        )
+                .map(|(name, value)| ((*name).clone(), value.as_bytes().to_vec())),
+        );
+        out
     }
 }
 

@@ -213,7 +213,21 @@ where
         Serve::Static { dir, file } => {
             return dir.serve(&parts.method, &file, &parts.headers).await;
         }
-        Serve::Rpc { bridge, method } => {
+        Serve::Rpc {
+            bridge,
+            method,
+            claims,
+        } => {
+            // The client's own headers of the claims' names go; the verified claims take
+            // their place.
+            if let Some(auth) = &planned.route.auth {
+                for name in auth.claim_headers() {
+                    parts.headers.remove(name);
+                }
+            }
+            for (name, value) in claims {
+                parts.headers.insert(name.clone(), value);
+            }
             return bridge
                 .serve(&method, parts, body, peer.ip(), planned.max_body)
                 .await;
@@ -225,7 +239,7 @@ where
         .as_ref()
         .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
     let te_trailers = pool.h2 && header_has(&parts.headers, &header::TE, "trailers");
-    edit_headers(&mut parts.headers, &forward);
+    edit_headers(&mut parts.headers, &forward, host, peer);
     if let Some(protocol) = upgrade {
         parts.headers.insert(header::UPGRADE, protocol);
         parts
@@ -324,7 +338,20 @@ where
 }
 
 /// Applies the plan's header edits (the same Keel's leg applies) to a request's headers.
-fn edit_headers(headers: &mut HeaderMap, forward: &Forward<'_>) {
+fn edit_headers(
+    headers: &mut HeaderMap,
+    forward: &Forward<'_>,
+    host: Option<&str>,
+    peer: SocketAddr,
+) {
+    let peer_ip = peer.ip().to_string();
+    let added: Vec<(HeaderName, HeaderValue)> = forward
+        .edits
+        .added(&*headers, host, &peer_ip)
+        .headers()
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, HeaderValue::from_bytes(&value).ok()?)))
+        .collect();
     let dropped: Vec<HeaderName> = {
         let connection = connection_names(headers);
         headers
@@ -336,13 +363,8 @@ fn edit_headers(headers: &mut HeaderMap, forward: &Forward<'_>) {
     for name in &dropped {
         headers.remove(name);
     }
-    for (name, value) in forward.edits.added() {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
-            headers.insert(name, value);
-        }
+    for (name, value) in added {
+        headers.insert(name, value);
     }
 }
 
@@ -394,7 +416,7 @@ impl Upstream<'_> {
         )
         .await;
         let (mut resp, server) = match forwarded {
-            Ok(answer) => answer,
+            Ok(forwarded) => (forwarded.answer, forwarded.server),
             Err(error) => return error.into_response(),
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS

@@ -73,6 +73,95 @@ rpc = {{ service = "keel.echo.v1.Echo", servers = ["{one}", "{two}"], timeout_ms
     }
 }
 
+/// An echo service that answers with the call's `x-user-id` metadata as its message.
+#[derive(Clone, Copy)]
+struct WhoCalls;
+
+impl keel_echo::proto::Echo for WhoCalls {
+    async fn echo(
+        &self,
+        ctx: keel_rpc::Context,
+        _request: keel_echo::EchoRequest,
+    ) -> Result<keel_echo::EchoReply, keel_rpc::Status> {
+        let user = ctx
+            .metadata()
+            .get("x-user-id")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        Ok(keel_echo::EchoReply {
+            message: user,
+            payload: Default::default(),
+        })
+    }
+
+    async fn count(
+        &self,
+        _ctx: keel_rpc::Context,
+        _request: keel_echo::CountRequest,
+    ) -> Result<keel_rpc::ResponseStream<keel_echo::CountReply>, keel_rpc::Status> {
+        Err(keel_rpc::Status::unimplemented("count"))
+    }
+}
+
+#[tokio::test]
+async fn jwt_claims_reach_the_service_as_metadata_and_cannot_be_forged() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder()
+        .add_service(EchoServer::new(WhoCalls))
+        .build();
+    tokio::spawn(server.serve(listener, std::future::pending::<()>()));
+    let gw = gateway(&format!(
+        r#"
+[[routes]]
+path_prefix = "/rpc/who/"
+strip_prefix = "/rpc/who"
+rpc = {{ service = "keel.echo.v1.Echo", servers = ["{addr}"], timeout_ms = 2000 }}
+[routes.auth.jwt]
+algorithm = "HS256"
+secret = "s3cret"
+forward_claims = {{ sub = "x-user-id" }}
+"#
+    ))
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "user-7", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
+    )
+    .unwrap();
+    let bearer = format!("Bearer {token}");
+    // A header and a metadata header of the claim's name, both forged: the claim wins.
+    let r = send(
+        gw,
+        "POST",
+        "/rpc/who/Echo",
+        &[
+            ("authorization", &bearer),
+            ("x-user-id", "forged"),
+            ("keel-meta-x-user-id", "forged"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["message"], "user-7");
+    let r = send(
+        gw,
+        "POST",
+        "/rpc/who/Echo",
+        &[("x-user-id", "forged")],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
+}
+
 #[tokio::test]
 async fn the_bridge_finds_instances_in_the_registry() {
     let registry = Registry::open(RegistryConfig::default()).await.unwrap();
