@@ -99,7 +99,21 @@ pub(crate) async fn serve<I>(
             Read::Other => break None,
         };
         let shared = inner.current.load_full();
-        match exchange(&inner, &shared, &mut client, &head, peer, tls, &mut scratch).await {
+        // Pinned where it is made: a request's future is large, and awaiting it by value
+        // would copy it once per request.
+        let exchanged = {
+            let exchanging = std::pin::pin!(exchange(
+                &inner,
+                &shared,
+                &mut client,
+                &head,
+                peer,
+                tls,
+                &mut scratch
+            ));
+            exchanging.await
+        };
+        match exchanged {
             Next::KeepAlive => {
                 // A large request or answer may have grown the buffers: an idle connection
                 // keeps no more than a small one's.
@@ -391,10 +405,10 @@ async fn exchange<I: AsyncRead + AsyncWrite + Unpin>(
             refuse(client, refusal, req.keep_alive && skipped, &mut scratch.out).await
         }
         Ok(planned) => {
-            serve_planned(
+            let serving = std::pin::pin!(serve_planned(
                 inner, shared, client, &req, planned, peer, scratch, &mut note,
-            )
-            .await
+            ));
+            serving.await
         }
     };
     let logged = at.map(|at| Logged {
@@ -490,16 +504,21 @@ async fn serve_planned<I: AsyncRead + AsyncWrite + Unpin>(
         buf: &mut scratch.upstream,
         out: &mut scratch.out,
     };
-    let forwarded = crate::forward::forward(
-        forward.pool,
-        peer,
-        req.headers,
-        forward.replayable,
-        forward.timeout,
-        &mut leg,
-        note,
-    );
-    let Some(forwarded) = unless_gone(client, forwarded).await else {
+    // Pinned where it is made: the future is large, and handing it over by value would
+    // copy it.
+    let forwarded = {
+        let forwarding = std::pin::pin!(crate::forward::forward(
+            forward.pool,
+            peer,
+            req.headers,
+            forward.replayable,
+            forward.timeout,
+            &mut leg,
+            note,
+        ));
+        unless_gone(client, forwarding).await
+    };
+    let Some(forwarded) = forwarded else {
         // (The attempt, dropped unfinished, says nothing against the server.)
         return gone(peer);
     };

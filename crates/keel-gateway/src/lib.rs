@@ -230,10 +230,11 @@ impl Gateway {
         let served = keel_net::AcceptLoop::new(self.inner.metrics.connections.clone())
             .max_connections_from(move || cap.current.load().config.server.max_connections)
             .shutdown_grace_from(move || grace.current.load().config.server.shutdown_grace)
-            .run(listener, stopping, move |stream, peer, drain| {
+            .run(listener, stopping, move |stream, peer, _drain| {
                 let (inner, conns) = (inner.clone(), conns.clone());
                 // Connections wind down through `conns`; one still busy after the grace
-                // period (a stalled upstream, a client that stopped reading) is cut.
+                // period (a stalled upstream, a client that stopped reading) is cut by the
+                // accept loop.
                 let serve = async move {
                     let (tls, header_timeout) = {
                         let shared = inner.current.load();
@@ -282,12 +283,8 @@ impl Gateway {
                     }
                     drop(watched);
                 };
-                async move {
-                    tokio::select! {
-                        () = serve => {}
-                        () = drain.forced() => {}
-                    }
-                }
+                // (One still open after the grace period is aborted by the accept loop.)
+                serve
             })
             .await;
         janitor.abort();

@@ -13,8 +13,9 @@
 //! - **Shutdown in two steps.** When the `shutdown` future completes the listener is closed
 //!   and every connection's [`Drain`] turns to draining: protocols say goodbye their own way
 //!   (RPC's goaway, HTTP's `Connection: close`) and finish what is in flight. After the
-//!   grace period, [`Drain::forced`] fires for the connections still open and the loop waits
-//!   for their tasks to end.
+//!   grace period, [`Drain::forced`] fires for the connections still open; the tasks of those
+//!   not ended [`FORCED_EXIT`] later are aborted (so a handler need not watch for it, and
+//!   polls nothing per request for it), and the loop waits for them to end.
 //! - **Counts** (accepted, open, refused) in [`ConnectionStats`], shared with the server's
 //!   metrics; `open` is counted down however a connection's task ends, a panic included.
 
@@ -26,8 +27,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tokio_util::task::TaskTracker;
 
 /// How long the loop pauses after a failed accept.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -85,6 +86,10 @@ impl Drain {
 }
 
 type Setting<T> = Box<dyn Fn() -> T + Send + Sync>;
+
+/// After the grace period, how long handlers have to end by themselves once [`Drain::forced`]
+/// fired, before their tasks are aborted.
+pub const FORCED_EXIT: Duration = Duration::from_millis(250);
 
 /// The accept loop of one listener; see the [module docs](self).
 pub struct AcceptLoop {
@@ -153,7 +158,7 @@ impl AcceptLoop {
 
     /// Serves `listener` until `shutdown` completes, each connection by `handle` in a task of
     /// its own; returns once every connection's task has ended (after the grace period at the
-    /// latest, plus the time a forced handler takes to return).
+    /// latest, when the tasks left are aborted).
     pub async fn run<H, F>(
         self,
         listener: TcpListener,
@@ -165,7 +170,7 @@ impl AcceptLoop {
         F: Future<Output = ()> + Send + 'static,
     {
         let (drain, drain_tx, force) = Drain::with_handles();
-        let tracker = TaskTracker::new();
+        let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -195,10 +200,12 @@ impl AcceptLoop {
             stats.open.fetch_add(1, Relaxed);
             let open = Open(stats.clone());
             let served = handle(stream, peer, drain.clone());
-            tracker.spawn(async move {
+            tasks.spawn(async move {
                 let _open = open;
                 served.await;
             });
+            // Ended connections' tasks are reaped as new ones come.
+            while tasks.try_join_next().is_some() {}
         }
         drop(listener);
         tracing::info!(
@@ -206,16 +213,24 @@ impl AcceptLoop {
             "shutting down: draining connections"
         );
         let _ = drain_tx.send(true);
-        tracker.close();
         let grace = (self.shutdown_grace)();
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
             tracing::warn!(
                 ?grace,
                 connections = self.stats.open.load(Relaxed),
                 "connections still open after the grace period; closing them"
             );
+            // Handlers that watch for it end their own way first (RPC stops its calls);
+            // what is left is aborted.
             force.cancel();
-            tracker.wait().await;
+            let _ = tokio::time::timeout(FORCED_EXIT, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
         Ok(())
     }
