@@ -249,9 +249,9 @@ impl Api {
 
     /// Runs a journaled transfer to its end (both steps are idempotent in the inventories,
     /// so running it again after a crash moves nothing twice); returns the units moved.
-    pub async fn finish_transfer(&self, t: &Transfer) -> Result<u64, String> {
+    pub async fn finish_transfer(&self, t: &Transfer) -> Result<u64, TransferError> {
         let (Some(from), Some(to)) = (self.shard(&t.from), self.shard(&t.to)) else {
-            return Err(format!("transfer {}: a shard is not configured", t.id));
+            return Err(TransferError::UnknownShard(t.id.clone()));
         };
         let out = tokio::time::timeout(
             TRANSFER_CALL_TIMEOUT,
@@ -262,10 +262,10 @@ impl Api {
             }),
         )
         .await
-        .map_err(|_| format!("{} did not answer in time", t.from))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| TransferError::Timeout(t.from.clone()))?
+        .map_err(|e| TransferError::Call(t.from.clone(), e))?;
         if !out.found {
-            return Err(format!("{} does not hold {}", t.from, t.item_id));
+            return Err(TransferError::NotHeld(t.from.clone(), t.item_id.clone()));
         }
         let taken = out.units;
         if taken > 0 {
@@ -278,21 +278,18 @@ impl Api {
                 }),
             )
             .await
-            .map_err(|_| format!("{} did not answer in time", t.to))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| TransferError::Timeout(t.to.clone()))?
+            .map_err(|e| TransferError::Call(t.to.clone(), e))?;
             if !added.found {
                 // Taken and put nowhere: the transfer stays pending (and retried) rather than
                 // the units being lost.
-                return Err(format!("{} does not hold {}", t.to, t.item_id));
+                return Err(TransferError::NotHeld(t.to.clone(), t.item_id.clone()));
             }
             self.sold_out
                 .lock()
                 .remove(&(t.item_id.clone(), t.to.clone()));
         }
-        self.catalog
-            .end_transfer(&t.id)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.catalog.end_transfer(&t.id).await?;
         self.stock_cache.invalidate(&t.item_id).await;
         Ok(taken)
     }
@@ -308,6 +305,27 @@ impl Api {
             }
         }
     }
+}
+
+/// Why a transfer of units between shards is not finished yet. Every step is idempotent, so
+/// the transfer stays pending in the catalog and is run again later.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The transfer names a shard this API is not configured with.
+    #[error("transfer {0}: a shard is not configured")]
+    UnknownShard(String),
+    /// A shard did not answer within the transfer's call timeout.
+    #[error("{0} did not answer in time")]
+    Timeout(String),
+    /// A shard answered the call with an error.
+    #[error("{0}: {1}")]
+    Call(String, keel_rpc::Status),
+    /// A shard does not hold the item.
+    #[error("{0} does not hold {1}")]
+    NotHeld(String, String),
+    /// The catalog could not record the transfer's end.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
 }
 
 /// The shard that serves `user_id` for an item held by `shards`: the same one every time

@@ -853,12 +853,12 @@ fn add_units(item: &mut Item, added: &[(u32, u64)]) -> Result<(), u32> {
 
 /// The reservation a journal record of an inventory holds, if it is one (other records, such
 /// as releases or an owner's claim, give `None`): how a follower of the journal itself (the
-/// orders, in the scale-out profile) reads it.
-pub fn reservation_in(record: &[u8]) -> Result<Option<Reservation>, String> {
-    match serde_json::from_slice::<Op>(record) {
-        Ok(Op::Reserve(reservation)) => Ok(Some(reservation)),
-        Ok(_) => Ok(None),
-        Err(e) => Err(format!("not an inventory journal record: {e}")),
+/// orders, in the scale-out profile) reads it. An error means the record is not an inventory
+/// journal record at all.
+pub fn reservation_in(record: &[u8]) -> Result<Option<Reservation>, serde_json::Error> {
+    match serde_json::from_slice::<Op>(record)? {
+        Op::Reserve(reservation) => Ok(Some(reservation)),
+        _ => Ok(None),
     }
 }
 

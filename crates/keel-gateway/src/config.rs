@@ -416,11 +416,16 @@ pub enum HashKey {
     Cookie(String),
 }
 
-impl TryFrom<String> for HashKey {
-    type Error = String;
+/// A `hash_key` that is not `ip`, `header:NAME` or `cookie:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hash_key {0:?} is not ip, header:NAME or cookie:NAME")]
+pub struct BadHashKey(pub String);
 
-    fn try_from(key: String) -> Result<HashKey, String> {
-        let bad = || format!("hash_key {key:?} is not ip, header:NAME or cookie:NAME");
+impl TryFrom<String> for HashKey {
+    type Error = BadHashKey;
+
+    fn try_from(key: String) -> Result<HashKey, BadHashKey> {
+        let bad = || BadHashKey(key.clone());
         if key == "ip" {
             Ok(HashKey::Ip)
         } else if let Some(name) = key.strip_prefix("header:") {

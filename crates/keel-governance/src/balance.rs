@@ -105,9 +105,9 @@ impl std::fmt::Display for BalancerKind {
 }
 
 impl std::str::FromStr for BalancerKind {
-    type Err = String;
+    type Err = UnknownBalancer;
 
-    fn from_str(name: &str) -> Result<BalancerKind, String> {
+    fn from_str(name: &str) -> Result<BalancerKind, UnknownBalancer> {
         Ok(match name {
             "round_robin" | "rr" => BalancerKind::RoundRobin,
             "weighted" | "swrr" | "weighted_round_robin" => BalancerKind::Weighted,
@@ -115,24 +115,36 @@ impl std::str::FromStr for BalancerKind {
             "p2c" | "least_loaded" => BalancerKind::P2c,
             "least_conn" | "least_connections" => BalancerKind::LeastConn,
             "consistent_hash" | "chash" => BalancerKind::ConsistentHash,
-            _ => {
-                let names: Vec<&str> = BalancerKind::ALL.iter().map(|k| k.name()).collect();
-                return Err(format!(
-                    "unknown balancer {name:?} (use one of {})",
-                    names.join(", ")
-                ));
-            }
+            _ => return Err(UnknownBalancer(name.to_owned())),
         })
     }
 }
 
 impl TryFrom<String> for BalancerKind {
-    type Error = String;
+    type Error = UnknownBalancer;
 
-    fn try_from(name: String) -> Result<BalancerKind, String> {
+    fn try_from(name: String) -> Result<BalancerKind, UnknownBalancer> {
         name.parse()
     }
 }
+
+/// A balancer name that is none of [`BalancerKind`]'s; its message lists the known names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownBalancer(pub String);
+
+impl std::fmt::Display for UnknownBalancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = BalancerKind::ALL.iter().map(|k| k.name()).collect();
+        write!(
+            f,
+            "unknown balancer {:?} (use one of {})",
+            self.0,
+            names.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownBalancer {}
 
 /// Each available endpoint in turn, ignoring weights.
 #[derive(Debug, Default)]

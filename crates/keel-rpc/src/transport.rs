@@ -34,6 +34,15 @@ pub(crate) struct WriteQueue {
     urgent: AtomicBool,
 }
 
+/// Why [`WriteQueue::push_with`] queued nothing.
+#[derive(Debug)]
+pub(crate) enum Unsent<E> {
+    /// The frame would be over the size limit (or its metadata is).
+    Frame(FrameError),
+    /// The body could not be encoded.
+    Body(E),
+}
+
 /// The connection's writer has stopped; nothing more can be sent on it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Closed;
@@ -98,7 +107,29 @@ impl WriteQueue {
         body: &[u8],
         close: bool,
     ) -> Result<Result<(), FrameError>, Closed> {
+        let pushed = self.push_with(kind, request_id, meta, close, |dst| {
+            dst.extend_from_slice(body);
+            Ok::<(), std::convert::Infallible>(())
+        })?;
+        Ok(pushed.map_err(|unsent| match unsent {
+            Unsent::Frame(e) => e,
+            Unsent::Body(never) => match never {},
+        }))
+    }
+
+    /// Appends a frame whose body `write_body` encodes straight into the queue, so a message
+    /// is encoded once, into the bytes that go on the wire. When `write_body` fails, or the
+    /// frame is over the size limit, nothing is queued.
+    pub(crate) fn push_with<E>(
+        &self,
+        kind: FrameType,
+        request_id: u64,
+        meta: &Metadata,
+        close: bool,
+        write_body: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<Result<(), Unsent<E>>, Closed> {
         let was_empty;
+        let mut body_error = None;
         let result;
         {
             let mut buf = self.buf.lock();
@@ -107,15 +138,27 @@ impl WriteQueue {
                 return Err(Closed);
             }
             was_empty = buf.is_empty();
-            result = encode_with(
+            let start = buf.len();
+            let framed = encode_with(
                 &mut buf,
                 kind,
                 0,
                 request_id,
                 meta,
                 self.max_frame_size,
-                |dst| dst.extend_from_slice(body),
+                |dst| {
+                    if let Err(e) = write_body(dst) {
+                        body_error = Some(e);
+                    }
+                },
             );
+            result = match body_error {
+                Some(e) => {
+                    buf.truncate(start);
+                    Err(Unsent::Body(e))
+                }
+                None => framed.map_err(Unsent::Frame),
+            };
             if close {
                 self.closed.store(true, Ordering::Release);
             }

@@ -52,10 +52,7 @@ pub(crate) async fn run(args: &FailoverBenchArgs) -> anyhow::Result<serde_json::
         &discover,
         "echo",
         ServiceChannelConfig {
-            balancer: args
-                .balancer
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!(e))?,
+            balancer: args.balancer.parse()?,
             ..ServiceChannelConfig::default()
         },
     )

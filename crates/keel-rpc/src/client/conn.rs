@@ -1,8 +1,14 @@
 //! One client connection: a table of pending calls keyed by request id, a reader task that
 //! routes replies to them, and a writer task draining the shared [`WriteQueue`].
+//!
+//! A unary call's reply is delivered into its entry in the table, and the caller's task is
+//! woken from there: no channel is allocated per call.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -10,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +27,10 @@ use crate::transport::WriteQueue;
 /// Where the reply to a pending call goes.
 #[derive(Debug)]
 pub(crate) enum Pending {
-    Unary(oneshot::Sender<Result<Frame, Status>>),
+    /// A unary call waiting for its reply; the waker of the task awaiting it, once polled.
+    Unary(Option<Waker>),
+    /// A unary call's reply (or the error that ended it), not yet taken by its caller.
+    Done(Result<Frame, Status>),
     Stream(StreamSlot),
 }
 
@@ -130,9 +139,36 @@ impl ClientConn {
         Ok(id)
     }
 
-    /// Forgets a call; returns whether it was still pending.
+    /// Forgets a call; returns whether it was still waiting for its reply.
     pub(crate) fn forget(&self, id: u64) -> bool {
-        self.pending.lock().remove(&id).is_some()
+        !matches!(
+            self.pending.lock().remove(&id),
+            None | Some(Pending::Done(_))
+        )
+    }
+
+    /// Takes a unary call's reply if it has come, or leaves `cx`'s waker to be woken when it
+    /// does.
+    fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Frame, Status>> {
+        let mut pending = self.pending.lock();
+        match pending.get_mut(&id) {
+            Some(Pending::Unary(waker)) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Some(Pending::Done(_)) => match pending.remove(&id) {
+                Some(Pending::Done(result)) => Poll::Ready(result),
+                _ => unreachable!("the entry was just seen done"),
+            },
+            // Not a unary call of this connection's: nothing will ever answer it.
+            Some(Pending::Stream(_)) | None => {
+                drop(pending);
+                Poll::Ready(Err(self.unavailable()))
+            }
+        }
     }
 
     /// Forgets a call and tells the server to stop it.
@@ -156,30 +192,41 @@ impl ClientConn {
 
     /// Closes the connection and fails every pending call with `unavailable`.
     pub(crate) fn close(&self, reason: &str) {
-        let drained: Vec<Pending> = {
+        let mut wake = Vec::new();
+        let mut streams = Vec::new();
+        {
             let mut pending = self.pending.lock();
             if self.closed_flag.load(Ordering::Relaxed) {
                 return;
             }
             self.closed_flag.store(true, Ordering::Relaxed);
-            self.close_reason
-                .lock()
-                .get_or_insert_with(|| reason.to_owned());
+            let status = {
+                let mut why = self.close_reason.lock();
+                let why = why.get_or_insert_with(|| reason.to_owned());
+                Status::unavailable(format!("connection to {} lost: {why}", self.peer))
+            };
             self.closed.cancel();
-            pending.drain().map(|(_, p)| p).collect()
-        };
+            // Unary callers take their error from the table; streams get it on their channel.
+            pending.retain(|_, p| match p {
+                Pending::Unary(waker) => {
+                    wake.extend(waker.take());
+                    *p = Pending::Done(Err(status.clone()));
+                    true
+                }
+                Pending::Done(_) => true,
+                Pending::Stream(slot) => {
+                    streams.push(slot.tx.clone());
+                    false
+                }
+            });
+            for tx in streams.drain(..) {
+                let _ = tx.send(Err(status.clone()));
+            }
+        }
         self.start_draining();
         self.queue.close();
-        let status = self.unavailable();
-        for p in drained {
-            match p {
-                Pending::Unary(tx) => {
-                    let _ = tx.send(Err(status.clone()));
-                }
-                Pending::Stream(slot) => {
-                    let _ = slot.tx.send(Err(status.clone()));
-                }
-            }
+        for waker in wake {
+            waker.wake();
         }
     }
 
@@ -215,16 +262,28 @@ impl ClientConn {
     fn on_frame(&self, frame: Frame) {
         match frame.kind {
             FrameType::Response | FrameType::StreamEnd => {
-                let slot = self.pending.lock().remove(&frame.request_id);
-                match slot {
-                    Some(Pending::Unary(tx)) => {
-                        let _ = tx.send(Ok(frame));
+                let mut pending = self.pending.lock();
+                match pending.get_mut(&frame.request_id) {
+                    Some(entry @ Pending::Unary(_)) => {
+                        let Pending::Unary(waker) =
+                            std::mem::replace(entry, Pending::Done(Ok(frame)))
+                        else {
+                            unreachable!("the entry was just matched as waiting")
+                        };
+                        drop(pending);
+                        if let Some(waker) = waker {
+                            waker.wake();
+                        }
                     }
-                    Some(Pending::Stream(slot)) => {
-                        let _ = slot.tx.send(Ok(frame));
+                    Some(Pending::Stream(_)) => {
+                        if let Some(Pending::Stream(slot)) = pending.remove(&frame.request_id) {
+                            drop(pending);
+                            let _ = slot.tx.send(Ok(frame));
+                        }
                     }
-                    // A reply to a call the caller has given up on.
-                    None => {}
+                    // A reply to a call the caller has given up on, or a second final frame
+                    // (a server bug) for a reply not yet taken: the first one stands.
+                    Some(Pending::Done(_)) | None => {}
                 }
             }
             FrameType::StreamItem => {
@@ -281,6 +340,47 @@ impl ClientConn {
                 tracing::warn!(peer = %self.peer, kind = ?frame.kind, "server sent a client-only frame");
                 self.close("protocol error: server sent a client-only frame");
             }
+        }
+    }
+}
+
+/// The reply to a unary call: resolves when it arrives, or with `unavailable` when the
+/// connection closes first. Dropping it before then forgets the call and cancels it on the
+/// server.
+#[derive(Debug)]
+pub(crate) struct Reply<'a> {
+    conn: &'a ClientConn,
+    id: u64,
+    finished: bool,
+}
+
+impl<'a> Reply<'a> {
+    /// The reply to the call `id`, registered on `conn` as `Pending::Unary`.
+    pub(crate) fn new(conn: &'a ClientConn, id: u64) -> Reply<'a> {
+        Reply {
+            conn,
+            id,
+            finished: false,
+        }
+    }
+}
+
+impl Future for Reply<'_> {
+    type Output = Result<Frame, Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let polled = self.conn.poll_reply(self.id, cx);
+        if polled.is_ready() {
+            self.finished = true;
+        }
+        polled
+    }
+}
+
+impl Drop for Reply<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.cancel(self.id);
         }
     }
 }

@@ -20,17 +20,18 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use conn::{ClientConn, Pending, StreamSlot};
+use conn::{ClientConn, Pending, Reply, StreamSlot};
 pub use keel_net::Backoff;
 
 use crate::protocol::{
     Codec, DEFAULT_MAX_FRAME_SIZE, Frame, FrameType, Metadata, RpcMessage, Text,
 };
 use crate::status::{Code, Status};
+use crate::transport::Unsent;
 
 /// Client settings. Every field has a default.
 #[derive(Clone, Debug, Deserialize)]
@@ -168,6 +169,33 @@ pub trait CallTransport: Clone + Send + Sync + 'static {
         &self,
         request: RawRequest,
     ) -> impl Future<Output = Result<RawResponse, Status>> + Send;
+
+    /// Makes a unary call with a message still to encode (what generated clients call).
+    ///
+    /// By default the message is encoded once into a buffer of its own and sent with
+    /// [`unary_raw`](CallTransport::unary_raw), which a transport that may send it more than
+    /// once (a retry, a hedge) needs. A [`Channel`] sends a call once, so it encodes the
+    /// message straight into its connection's write buffer instead.
+    fn unary_message<Req: RpcMessage>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        request: &Req,
+        options: CallOptions,
+    ) -> impl Future<Output = Result<RawResponse, Status>> + Send {
+        let mut body = bytes::BytesMut::new();
+        let encoded = options.codec.encode(request, &mut body);
+        async move {
+            encoded?;
+            self.unary_raw(RawRequest {
+                service: Text::from_static(service),
+                method: Text::from_static(method),
+                body: body.freeze(),
+                options,
+            })
+            .await
+        }
+    }
     /// Starts a server-streaming call.
     fn server_streaming_raw(
         &self,
@@ -183,15 +211,8 @@ pub async fn unary<T: CallTransport, Req: RpcMessage, Resp: RpcMessage>(
     request: &Req,
     options: CallOptions,
 ) -> Result<Resp, Status> {
-    let mut body = bytes::BytesMut::new();
-    options.codec.encode(request, &mut body)?;
     let reply = transport
-        .unary_raw(RawRequest {
-            service: Text::from_static(service),
-            method: Text::from_static(method),
-            body: body.freeze(),
-            options,
-        })
+        .unary_message(service, method, request, options)
         .await?;
     reply.codec.decode(reply.body)
 }
@@ -442,56 +463,63 @@ impl Channel {
             .map(|t| Instant::now() + t)
     }
 
-    /// Registers the call, writes its request frame, and returns the guard that cancels it.
+    /// Registers the call in `slot`, queues its request frame with the body `write_body`
+    /// encodes, and returns its request id. Nothing stays registered when it fails.
     fn send(
         &self,
-        conn: &Arc<ClientConn>,
-        request: &RawRequest,
+        conn: &ClientConn,
+        target: (&Text, &Text),
+        options: &CallOptions,
         deadline: Option<Instant>,
         slot: Pending,
-    ) -> Result<CancelOnDrop, Status> {
+        write_body: impl FnOnce(&mut bytes::BytesMut) -> Result<(), Status>,
+    ) -> Result<u64, Status> {
         let meta = Metadata {
-            service: Some(request.service.clone()),
-            method: Some(request.method.clone()),
+            service: Some(target.0.clone()),
+            method: Some(target.1.clone()),
             timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
-            codec: (request.options.codec != Codec::Protobuf).then_some(request.options.codec),
-            entries: request.options.metadata.clone(),
+            codec: (options.codec != Codec::Protobuf).then_some(options.codec),
+            entries: options.metadata.clone(),
             ..Metadata::default()
         };
         let id = conn.register(slot)?;
-        match conn
+        let unsent = match conn
             .queue
-            .push(FrameType::Request, id, &meta, &request.body)
+            .push_with(FrameType::Request, id, &meta, false, write_body)
         {
-            Ok(Ok(())) => Ok(CancelOnDrop {
-                conn: conn.clone(),
-                id,
-                armed: true,
-            }),
-            Ok(Err(e)) => {
-                conn.forget(id);
-                Err(Status::invalid_argument(format!(
-                    "cannot send request: {e}"
-                )))
+            Ok(Ok(())) => return Ok(id),
+            Ok(Err(Unsent::Frame(e))) => {
+                Status::invalid_argument(format!("cannot send request: {e}"))
             }
-            Err(_closed) => {
-                conn.forget(id);
-                Err(conn.unavailable())
-            }
-        }
+            Ok(Err(Unsent::Body(status))) => status,
+            Err(_closed) => conn.unavailable(),
+        };
+        conn.forget(id);
+        Err(unsent)
     }
-}
 
-impl CallTransport for Channel {
-    async fn unary_raw(&self, request: RawRequest) -> Result<RawResponse, Status> {
-        let deadline = self.deadline(&request.options);
+    /// A unary call whose request body `write_body` encodes.
+    async fn unary_with(
+        &self,
+        target: (&Text, &Text),
+        options: &CallOptions,
+        write_body: impl FnOnce(&mut bytes::BytesMut) -> Result<(), Status>,
+    ) -> Result<RawResponse, Status> {
+        let deadline = self.deadline(options);
         let conn = self.ready(deadline).await?;
-        let (tx, rx) = oneshot::channel();
-        let mut guard = self.send(&conn, &request, deadline, Pending::Unary(tx))?;
-        let received = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, rx).await {
+        let id = self.send(
+            &conn,
+            target,
+            options,
+            deadline,
+            Pending::Unary(None),
+            write_body,
+        )?;
+        let reply = Reply::new(&conn, id);
+        let frame = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, reply).await {
                 Ok(r) => r,
-                // The guard sends the cancel as it drops.
+                // The reply cancels the call as it drops.
                 Err(_) => {
                     return Err(Status::deadline_exceeded(format!(
                         "no reply from {} within the deadline",
@@ -499,10 +527,8 @@ impl CallTransport for Channel {
                     )));
                 }
             },
-            None => rx.await,
-        };
-        guard.armed = false;
-        let frame = received.map_err(|_| conn.unavailable())??;
+            None => reply.await,
+        }?;
         match frame.meta.status {
             None | Some(Code::Ok) => Ok(RawResponse {
                 body: frame.body,
@@ -511,6 +537,30 @@ impl CallTransport for Channel {
             }),
             Some(code) => Err(status_of(&frame, code)),
         }
+    }
+}
+
+impl CallTransport for Channel {
+    async fn unary_raw(&self, request: RawRequest) -> Result<RawResponse, Status> {
+        let target = (&request.service, &request.method);
+        self.unary_with(target, &request.options, |dst| {
+            dst.extend_from_slice(&request.body);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unary_message<Req: RpcMessage>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<RawResponse, Status> {
+        let target = (&Text::from_static(service), &Text::from_static(method));
+        let codec = options.codec;
+        self.unary_with(target, &options, |dst| codec.encode(request, dst))
+            .await
     }
 
     async fn server_streaming_raw(&self, request: RawRequest) -> Result<RawStream, Status> {
@@ -522,7 +572,23 @@ impl CallTransport for Channel {
             tx,
             queued: queued.clone(),
         };
-        let guard = self.send(&conn, &request, deadline, Pending::Stream(slot))?;
+        let target = (&request.service, &request.method);
+        let id = self.send(
+            &conn,
+            target,
+            &request.options,
+            deadline,
+            Pending::Stream(slot),
+            |dst| {
+                dst.extend_from_slice(&request.body);
+                Ok(())
+            },
+        )?;
+        let guard = CancelOnDrop {
+            conn: conn.clone(),
+            id,
+            armed: true,
+        };
         Ok(RawStream {
             rx,
             queued,

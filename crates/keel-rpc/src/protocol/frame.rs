@@ -153,6 +153,11 @@ impl Text {
         Ok(Text(bytes))
     }
 
+    /// The text's UTF-8 bytes (without the check [`as_str`](Text::as_str) makes).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         // Validated when the value was built, so this cannot fail; an empty string would be

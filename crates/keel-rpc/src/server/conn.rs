@@ -23,12 +23,12 @@ use tokio::time::Instant;
 
 use super::limit::{Permit, Refusal};
 use super::metrics::MethodStats;
-use super::service::{Context, Handler};
-use super::{RouteError, Shared};
+use super::service::{Context, Handler, Reply};
+use super::{Route, RouteError, Shared};
 use crate::protocol::Codec;
 use crate::protocol::{Frame, FrameError, FrameType, Metadata};
 use crate::status::{Code, Status};
-use crate::transport::WriteQueue;
+use crate::transport::{Unsent, WriteQueue};
 use keel_net::Drain;
 
 /// State shared by the connection task and its call tasks.
@@ -93,6 +93,18 @@ fn reply_status(queue: &WriteQueue, kind: FrameType, id: u64, status: &Status) {
     let _ = queue.push(kind, id, &meta, &[]);
 }
 
+/// What the connection's reader carries from one frame to the next.
+#[derive(Default)]
+struct Dispatch<'s> {
+    /// The last route taken, by its names' bytes: consecutive calls to one method (the common
+    /// case) compare two short byte strings instead of hashing and looking up both names.
+    route: Option<Route<'s>>,
+    /// Calls finished inline since the last read, with their outcomes. Their latency is taken
+    /// once when the read's frames are all dispatched (their replies leave together then):
+    /// one clock reading per read instead of one per call.
+    finished: Vec<(&'s MethodStats, Code)>,
+}
+
 pub(super) async fn serve_binary(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -117,6 +129,7 @@ pub(super) async fn serve_binary(
     };
 
     let config = &shared.config;
+    let mut dispatch = Dispatch::default();
     let mut draining = lifecycle.is_draining();
     let forced = lifecycle.forced();
     tokio::pin!(forced);
@@ -135,8 +148,17 @@ pub(super) async fn serve_binary(
                     if frame.kind == FrameType::Request {
                         last_id = last_id.max(frame.request_id);
                     }
-                    if let Err(reason) = on_frame(&shared, &conn, frame, peer, draining, last_read)
-                    {
+                    let arrived = last_read;
+                    let frame_result = on_frame(
+                        &shared,
+                        &conn,
+                        frame,
+                        peer,
+                        draining,
+                        arrived,
+                        &mut dispatch,
+                    );
+                    if let Err(reason) = frame_result {
                         protocol_error(&shared, &conn, peer, last_id, &reason);
                         break 'conn;
                     }
@@ -151,6 +173,12 @@ pub(super) async fn serve_binary(
         if dispatched {
             // The replies of handlers that finished inline are all queued: send them now.
             conn.queue.flush();
+            if !dispatch.finished.is_empty() {
+                let elapsed = last_read.elapsed();
+                for (stats, code) in dispatch.finished.drain(..) {
+                    stats.record(code, elapsed);
+                }
+            }
         }
         if conn.queue.is_closed() {
             break;
@@ -237,17 +265,18 @@ fn protocol_error(shared: &Shared, conn: &ConnState, peer: SocketAddr, last_id: 
 ///
 /// `arrived` is when the bytes holding the frame were read (one clock reading per read, shared
 /// by the frames it brought): a call's latency counts from then.
-fn on_frame(
-    shared: &Arc<Shared>,
+fn on_frame<'s>(
+    shared: &'s Arc<Shared>,
     conn: &Arc<ConnState>,
     frame: Frame,
     peer: SocketAddr,
     draining: bool,
     arrived: Instant,
+    dispatch: &mut Dispatch<'s>,
 ) -> Result<(), String> {
     match frame.kind {
         FrameType::Request => {
-            on_request(shared, conn, frame, peer, draining, arrived);
+            on_request(shared, conn, frame, peer, draining, arrived, dispatch);
             Ok(())
         }
         FrameType::Cancel => {
@@ -273,13 +302,14 @@ fn on_frame(
     }
 }
 
-fn on_request(
-    shared: &Arc<Shared>,
+fn on_request<'s>(
+    shared: &'s Arc<Shared>,
     conn: &Arc<ConnState>,
     frame: Frame,
     peer: SocketAddr,
     draining: bool,
     arrived: Instant,
+    dispatch: &mut Dispatch<'s>,
 ) {
     let id = frame.request_id;
     let queue = &conn.queue;
@@ -291,8 +321,18 @@ fn on_request(
         let status = Status::invalid_argument("request without service or method");
         return reply_status(queue, FrameType::Response, id, &status);
     };
-    let entry = match shared.route(service, method) {
-        Ok(entry) => entry.clone(),
+    let (service_bytes, method_bytes) = (service.as_bytes(), method.as_bytes());
+    let routed = match dispatch.route {
+        Some(last) if last.service == service_bytes && last.method == method_bytes => {
+            Ok(last.entry)
+        }
+        _ => shared.route_keys(service_bytes, method_bytes).map(|route| {
+            dispatch.route = Some(route);
+            route.entry
+        }),
+    };
+    let entry = match routed {
+        Ok(entry) => entry,
         Err(e) => {
             shared.stats.unknown_method_calls.fetch_add(1, Relaxed);
             let message = match e {
@@ -361,9 +401,8 @@ fn on_request(
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             match std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut cx))) {
                 Ok(std::task::Poll::Ready(result)) => {
-                    finish_unary(queue, id, codec, &result);
-                    let code = result.err().map_or(Code::Ok, |s| s.code());
-                    entry.stats.record(code, now.elapsed());
+                    let code = finish_unary(queue, id, result);
+                    dispatch.finished.push((&entry.stats, code));
                     if code == Code::Ok
                         && let Some(p) = &mut permit
                     {
@@ -374,7 +413,7 @@ fn on_request(
                 Err(panic) => {
                     let status = panicked(&*panic);
                     reply_status(queue, FrameType::Response, id, &status);
-                    entry.stats.record(Code::Internal, now.elapsed());
+                    dispatch.finished.push((&entry.stats, Code::Internal));
                     return;
                 }
                 Ok(std::task::Poll::Pending) => Work::Unary(call),
@@ -421,23 +460,31 @@ pub(super) fn admit(
 /// A call that could not finish inline.
 enum Work {
     /// A unary handler's future, already polled once.
-    Unary(BoxFuture<'static, Result<Bytes, Status>>),
+    Unary(BoxFuture<'static, Result<Reply, Status>>),
     /// A server-streaming handler's future, not yet polled.
     Stream(BoxFuture<'static, Result<BoxStream<'static, Result<Bytes, Status>>, Status>>),
 }
 
-/// Queues a unary call's reply. A reply too large for one frame fails that call alone
-/// (`internal`) rather than making the peer drop the whole connection.
-fn finish_unary(queue: &WriteQueue, id: u64, codec: Codec, result: &Result<Bytes, Status>) {
-    match result {
+/// Queues a unary call's reply, encoded straight into the write buffer, and returns the
+/// call's outcome. A reply too large for one frame fails that call alone (`internal`) rather
+/// than making the peer drop the whole connection.
+fn finish_unary(queue: &WriteQueue, id: u64, result: Result<Reply, Status>) -> Code {
+    let status = match result {
         Ok(reply) => {
-            let meta = status_meta(Code::Ok, "", Some(codec));
-            if let Ok(Err(e)) = queue.push(FrameType::Response, id, &meta, reply) {
-                reply_status(queue, FrameType::Response, id, &reply_too_large(&e));
+            let meta = status_meta(Code::Ok, "", Some(reply.codec()));
+            match queue.push_with(FrameType::Response, id, &meta, false, |dst| {
+                reply.encode(dst)
+            }) {
+                Ok(Err(Unsent::Frame(e))) => reply_too_large(&e),
+                Ok(Err(Unsent::Body(status))) => status,
+                // Sent, or the connection is going away and there is no one left to tell.
+                Ok(Ok(())) | Err(_) => return Code::Ok,
             }
         }
-        Err(status) => reply_status(queue, FrameType::Response, id, status),
-    }
+        Err(status) => status,
+    };
+    reply_status(queue, FrameType::Response, id, &status);
+    status.code()
 }
 
 fn reply_too_large(e: &FrameError) -> Status {
@@ -447,9 +494,9 @@ fn reply_too_large(e: &FrameError) -> Status {
 /// Runs a unary handler's future to its end: under the call's deadline, with a panic turned
 /// into `internal`. Shared by the binary and the HTTP paths.
 pub(super) async fn run_unary(
-    call: BoxFuture<'static, Result<Bytes, Status>>,
+    call: BoxFuture<'static, Result<Reply, Status>>,
     deadline: Option<Instant>,
-) -> Result<Bytes, Status> {
+) -> Result<Reply, Status> {
     match with_deadline(deadline, AssertUnwindSafe(call).catch_unwind()).await {
         Some(Ok(result)) => result,
         Some(Err(panic)) => Err(panicked(&*panic)),
@@ -469,11 +516,10 @@ async fn run_call(
 ) {
     let id = guard.id;
     let outcome = match work {
-        Work::Unary(call) => {
-            let result = run_unary(call, deadline).await;
-            finish_unary(&conn.queue, id, codec, &result);
-            result.map(drop)
-        }
+        Work::Unary(call) => match finish_unary(&conn.queue, id, run_unary(call, deadline).await) {
+            Code::Ok => Ok(()),
+            code => Err(Status::new(code, "")),
+        },
         Work::Stream(start) => {
             let run = async {
                 let mut stream = AssertUnwindSafe(start)

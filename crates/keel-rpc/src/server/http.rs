@@ -239,7 +239,9 @@ async fn call(
     };
     let start = match &entry.handler {
         Handler::Unary(handler) => {
-            let result = run_unary(handler(ctx, body), deadline).await;
+            let result = run_unary(handler(ctx, body), deadline)
+                .await
+                .and_then(|reply| reply.into_bytes());
             record.outcome = Some(result.as_ref().err().map_or(Code::Ok, |s| s.code()));
             return result.map(|reply| full(StatusCode::OK, "application/json", reply));
         }

@@ -96,11 +96,24 @@ pub(crate) struct MethodEntry {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
-    routes: FxHashMap<Box<str>, FxHashMap<Box<str>, Arc<MethodEntry>>>,
+    /// Keyed by the names' bytes, so a request routes on what it carried, without a UTF-8 check.
+    routes: Routes,
     pub(crate) method_list: Vec<(Arc<str>, Arc<str>, Arc<MethodStats>)>,
     pub(crate) stats: ServerStats,
     pub(crate) started: Instant,
     pub(crate) limiter: Arc<limit::Limiter>,
+}
+
+/// Services by name, each with its methods by name.
+type Routes = FxHashMap<Box<[u8]>, FxHashMap<Box<[u8]>, Arc<MethodEntry>>>;
+
+/// A method found in the routing table, with the table's own copies of its names (which
+/// live as long as the server).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Route<'a> {
+    pub(crate) service: &'a [u8],
+    pub(crate) method: &'a [u8],
+    pub(crate) entry: &'a Arc<MethodEntry>,
 }
 
 /// Why a call could not be routed.
@@ -112,11 +125,29 @@ pub(crate) enum RouteError {
 impl Shared {
     pub(crate) fn route(
         &self,
-        service: &str,
-        method: &str,
+        service: impl AsRef<[u8]>,
+        method: impl AsRef<[u8]>,
     ) -> Result<&Arc<MethodEntry>, RouteError> {
-        let methods = self.routes.get(service).ok_or(RouteError::NoService)?;
-        methods.get(method).ok_or(RouteError::NoMethod)
+        self.route_keys(service.as_ref(), method.as_ref())
+            .map(|route| route.entry)
+    }
+
+    /// Routes a call by the bytes of its names.
+    pub(crate) fn route_keys(
+        &self,
+        service: &[u8],
+        method: &[u8],
+    ) -> Result<Route<'_>, RouteError> {
+        let (service, methods) = self
+            .routes
+            .get_key_value(service)
+            .ok_or(RouteError::NoService)?;
+        let (method, entry) = methods.get_key_value(method).ok_or(RouteError::NoMethod)?;
+        Ok(Route {
+            service,
+            method,
+            entry,
+        })
     }
 }
 
@@ -142,25 +173,23 @@ impl ServerBuilder {
 
     /// Freezes the routing table.
     pub fn build(self) -> Server {
-        let mut routes: FxHashMap<Box<str>, FxHashMap<Box<str>, Arc<MethodEntry>>> =
-            FxHashMap::default();
+        let mut routes = Routes::default();
         for def in self.services {
-            let methods = routes.entry(def.name.clone().into()).or_default();
+            let methods = routes.entry(def.name.into_bytes().into()).or_default();
             methods.clear();
             for (name, handler) in def.methods {
                 let entry = Arc::new(MethodEntry {
                     handler,
                     stats: Arc::default(),
                 });
-                methods.insert(name.into(), entry);
+                methods.insert(name.into_bytes().into(), entry);
             }
         }
+        // The keys came from `String`s, so they are UTF-8.
+        let text = |bytes: &[u8]| Arc::from(String::from_utf8_lossy(bytes));
         let mut method_list: Vec<_> = routes
             .iter()
-            .flat_map(|(s, ms)| {
-                ms.iter()
-                    .map(|(m, e)| (Arc::from(&**s), Arc::from(&**m), e.stats.clone()))
-            })
+            .flat_map(|(s, ms)| ms.iter().map(|(m, e)| (text(s), text(m), e.stats.clone())))
             .collect();
         method_list.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let limiter = Arc::new(limit::Limiter::new(

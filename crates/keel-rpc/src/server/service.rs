@@ -66,8 +66,51 @@ impl Context {
 /// A stream of replies returned by a server-streaming handler.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// A unary handler's reply, not yet encoded: the binary protocol encodes it straight into the
+/// connection's write buffer, the HTTP/JSON path into a body of its own.
+pub(crate) struct Reply {
+    message: Box<dyn EncodeMessage>,
+    codec: Codec,
+}
+
+impl Reply {
+    /// The codec the reply is encoded with (the call's).
+    pub(crate) fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Appends the encoded reply to `dst`.
+    pub(crate) fn encode(&self, dst: &mut BytesMut) -> Result<(), Status> {
+        self.message.encode(self.codec, dst)
+    }
+
+    /// The encoded reply as a body of its own.
+    pub(crate) fn into_bytes(self) -> Result<Bytes, Status> {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf)?;
+        Ok(buf.freeze())
+    }
+}
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reply").field("codec", &self.codec).finish()
+    }
+}
+
+/// A reply message of any type, behind one vtable.
+trait EncodeMessage: Send {
+    fn encode(&self, codec: Codec, dst: &mut BytesMut) -> Result<(), Status>;
+}
+
+impl<M: RpcMessage> EncodeMessage for M {
+    fn encode(&self, codec: Codec, dst: &mut BytesMut) -> Result<(), Status> {
+        codec.encode(self, dst)
+    }
+}
+
 pub(crate) type UnaryFn =
-    dyn Fn(Context, Bytes) -> BoxFuture<'static, Result<Bytes, Status>> + Send + Sync;
+    dyn Fn(Context, Bytes) -> BoxFuture<'static, Result<Reply, Status>> + Send + Sync;
 pub(crate) type StreamFn = dyn Fn(
         Context,
         Bytes,
@@ -151,13 +194,16 @@ impl ServiceDef {
     {
         let handler = Arc::new(handler);
         let erased =
-            move |ctx: Context, body: Bytes| -> BoxFuture<'static, Result<Bytes, Status>> {
+            move |ctx: Context, body: Bytes| -> BoxFuture<'static, Result<Reply, Status>> {
                 let handler = handler.clone();
                 Box::pin(async move {
                     let codec = ctx.codec;
                     let req: Req = codec.decode(body)?;
                     let reply = handler(ctx, req).await?;
-                    encode_reply(codec, &reply)
+                    Ok(Reply {
+                        message: Box::new(reply),
+                        codec,
+                    })
                 })
             };
         self.methods
