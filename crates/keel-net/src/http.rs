@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Drain;
 
 /// Serves HTTP/1.1 on `io` with `service` until the connection ends: the client closes it,
+/// the service accepts an upgrade (a WebSocket) and the socket is handed over,
 /// sends no complete request head within `header_timeout`, or the server drains (the
 /// request in flight is answered with `Connection: close`, an idle connection closes at once)
 /// or is forced (the connection is dropped). Errors end the connection and are logged at
@@ -24,7 +25,10 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(io), service)
+        // A service may accept an upgrade (`hyper::upgrade::on`); the connection then ends
+        // here and the socket goes to whoever awaits the upgrade.
+        .with_upgrades();
     tokio::pin!(conn);
     let forced = drain.forced();
     tokio::pin!(forced);

@@ -55,6 +55,8 @@ enum Command {
     /// Run one process of the flash-sale system (what `keel up` starts).
     #[command(subcommand)]
     Seckill(keel_seckill::cli::Role),
+    /// Run one chat instance (rooms over WebSocket, durable history) until Ctrl-C.
+    Chat(keel_chat::cli::ChatArgs),
     /// Run the gateway (reverse proxy and load balancer) until Ctrl-C; SIGHUP reloads its
     /// configuration file.
     Gateway(GatewayArgs),
@@ -229,6 +231,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo(args),
         Command::Registry(args) => registry(args),
         Command::Gateway(args) => gateway(args),
+        Command::Chat(args) => keel_chat::cli::run(args),
         Command::Seckill(role) => keel_seckill::cli::run(role),
         Command::Node(args) => {
             let config = keel_seckill::node::ClusterConfig::load(&args.config)?;

@@ -1,0 +1,122 @@
+//! A chat instance's settings: `[chat]` in a TOML file, every field with a default.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Settings of one chat instance. Durations are whole milliseconds (`*_ms`) in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Directory of the rooms' journal.
+    pub data_dir: String,
+    /// This instance's name, told to clients in `joined`.
+    pub instance: String,
+    /// Key that signs and checks login tokens (HS256). Instances behind one gateway share it.
+    /// Empty: a random key for this process (tokens then die with it).
+    pub secret: String,
+    /// How long a login token holds.
+    #[serde(with = "keel_net::duration::ms", rename = "token_ttl_ms")]
+    pub token_ttl: Duration,
+    /// Origins allowed to open a WebSocket (the `Origin` header, e.g. `https://chat.example`);
+    /// empty allows any. Clients that send no `Origin` (not browsers) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Messages kept per room.
+    pub history: usize,
+    /// Messages journaled between two snapshots of the rooms (after one, the journal drops
+    /// the records it covers).
+    pub snapshot_every: u64,
+    /// Largest WebSocket message accepted, in bytes (larger: close 1009).
+    pub max_message_bytes: usize,
+    /// Longest text of a message, in characters (longer: error `too_long`).
+    pub max_text_chars: usize,
+    /// Frames queued for one connection before it is cut with 4009.
+    pub send_queue: usize,
+    /// Messages a connection may send per second, on average.
+    pub sends_per_second: f64,
+    /// Messages a connection may send at once.
+    pub send_burst: f64,
+    /// Sends refused by the rate limit in a row before the connection is closed with 4008.
+    pub abuse_after: u32,
+    /// Rooms one connection may be in.
+    pub max_rooms_per_connection: usize,
+    /// Users one room may hold.
+    pub max_members_per_room: usize,
+    /// A connection is pinged this often.
+    #[serde(with = "keel_net::duration::ms", rename = "ping_interval_ms")]
+    pub ping_interval: Duration,
+    /// A connection from which nothing (not even a pong) arrives for this long is dropped.
+    #[serde(with = "keel_net::duration::ms", rename = "pong_timeout_ms")]
+    pub pong_timeout: Duration,
+    /// A write that makes no progress for this long drops the connection.
+    #[serde(with = "keel_net::duration::ms", rename = "write_timeout_ms")]
+    pub write_timeout: Duration,
+    /// Logins per second from one address, on average.
+    pub logins_per_second: f64,
+    /// Logins from one address at once.
+    pub login_burst: f64,
+    /// Connections open at once (beyond it new ones are closed at once).
+    pub max_connections: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> ChatConfig {
+        ChatConfig {
+            listen: "127.0.0.1:7600".into(),
+            data_dir: "keel-data/chat-0".into(),
+            instance: "chat-0".into(),
+            secret: String::new(),
+            token_ttl: Duration::from_secs(24 * 3600),
+            allowed_origins: Vec::new(),
+            history: 1000,
+            snapshot_every: 100_000,
+            max_message_bytes: 16 * 1024,
+            max_text_chars: 4000,
+            send_queue: 1024,
+            sends_per_second: 20.0,
+            send_burst: 40.0,
+            abuse_after: 100,
+            max_rooms_per_connection: 100,
+            max_members_per_room: 100_000,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            logins_per_second: 20.0,
+            login_burst: 200.0,
+            max_connections: 200_000,
+        }
+    }
+}
+
+impl ChatConfig {
+    /// Checks what serde cannot: a clear error instead of a server that misbehaves.
+    pub fn check(&self) -> Result<(), String> {
+        if self.history == 0
+            || self.send_queue == 0
+            || self.snapshot_every == 0
+            || self.max_message_bytes < 128
+        {
+            return Err(
+                "history, send_queue and snapshot_every must be positive, max_message_bytes at least 128"
+                    .into(),
+            );
+        }
+        if !(self.sends_per_second > 0.0 && self.send_burst >= 1.0) {
+            return Err("sends_per_second must be positive and send_burst at least 1".into());
+        }
+        if !(self.logins_per_second > 0.0 && self.login_burst >= 1.0) {
+            return Err("logins_per_second must be positive and login_burst at least 1".into());
+        }
+        if self.ping_interval.is_zero() || self.pong_timeout <= self.ping_interval {
+            return Err(
+                "pong_timeout_ms must be longer than ping_interval_ms (both positive)".into(),
+            );
+        }
+        if self.write_timeout.is_zero() || self.token_ttl.is_zero() {
+            return Err("write_timeout_ms and token_ttl_ms must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,704 @@
+//! Rooms: their members, their order of messages, and their durable history.
+//!
+//! Each room numbers its messages 1, 2, 3… A send takes the next number under the room's
+//! lock and appends the message to the journal in that same step, so numbers and journal
+//! order agree. The message is delivered — to every member, the sender included, and as an
+//! `ack` to the sender — only once the journal has it on disk, and strictly in number order:
+//! a message whose append finished early waits for the ones before it. Members therefore
+//! see every message of a room in one order, without gaps, and an acknowledged message
+//! survives a crash.
+//!
+//! On start the journal (after its newest snapshot) is replayed into each room's history;
+//! every `snapshot_every` appends a snapshot of all rooms' histories lets the journal drop
+//! what it no longer needs.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::protocol::{self, Message, code, frame_list, to_frame};
+
+/// Settings of the rooms.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// This instance's name, given to clients in `joined`.
+    pub instance: String,
+    /// Messages kept per room (for `history` and `join` with `since`).
+    pub history: usize,
+    /// Users per room.
+    pub max_members: usize,
+    /// Most messages one `history` request returns.
+    pub max_page: usize,
+    /// Appends between two snapshots of the rooms.
+    pub snapshot_every: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> HubConfig {
+        HubConfig {
+            instance: "chat-0".into(),
+            history: 1000,
+            max_members: 100_000,
+            max_page: 200,
+            snapshot_every: 100_000,
+        }
+    }
+}
+
+/// What went wrong opening the rooms' journal.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The journal could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] keel_store::StoreError),
+    /// The task opening the journal in `0` did not finish.
+    #[error("opening the journal in {0} stopped: {1}")]
+    Interrupted(String, tokio::task::JoinError),
+    /// A record or snapshot is not one this server wrote.
+    #[error("journal record {index} is not a chat message: {error}")]
+    Record {
+        /// The record's index (0 for the snapshot).
+        index: u64,
+        /// Why it could not be read.
+        error: serde_json::Error,
+    },
+}
+
+/// One connection, as the rooms see it: who it is and its bounded queue of frames to send.
+#[derive(Debug)]
+pub struct Peer {
+    /// Unique per connection within the process.
+    pub id: u64,
+    /// The signed-in user.
+    pub user: Arc<str>,
+    queue: mpsc::Sender<Arc<str>>,
+    /// Set when a frame found the queue full: the connection is cut with 4009.
+    behind: AtomicBool,
+}
+
+impl Peer {
+    /// A peer and the receiving end of its queue of `capacity` frames.
+    pub fn new(id: u64, user: Arc<str>, capacity: usize) -> (Arc<Peer>, mpsc::Receiver<Arc<str>>) {
+        let (queue, rx) = mpsc::channel(capacity.max(1));
+        let peer = Peer {
+            id,
+            user,
+            queue,
+            behind: AtomicBool::new(false),
+        };
+        (Arc::new(peer), rx)
+    }
+
+    /// Queues a frame. A full queue marks the connection as fallen behind (it will be closed
+    /// with 4009); nothing waits and nothing grows.
+    pub fn send(&self, frame: Arc<str>) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(frame) {
+            self.behind.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a frame for this connection was dropped because its queue was full.
+    pub fn is_behind(&self) -> bool {
+        self.behind.load(Ordering::Acquire)
+    }
+}
+
+/// A delivered message with its frame, serialised once.
+#[derive(Debug, Clone)]
+struct Stored {
+    msg: Message,
+    frame: Arc<str>,
+}
+
+/// A message numbered and handed to the journal, not yet delivered.
+#[derive(Debug)]
+struct Pending {
+    msg: Message,
+    durable: bool,
+    /// Who gets an `ack` when it is delivered: the sender, and anyone who resent it meanwhile.
+    ackers: Vec<(Arc<Peer>, String)>,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    /// Users in the room, with their number of connections in it.
+    members: FxHashMap<Arc<str>, u32>,
+    subscribers: FxHashMap<u64, Arc<Peer>>,
+    /// The newest delivered messages, oldest first.
+    history: VecDeque<Stored>,
+    /// The number the next message gets.
+    next_id: u64,
+    /// The last delivered message's number.
+    delivered: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// `(user, client_msg_id)` of the messages kept, to answer a resend with the first number.
+    sent: FxHashMap<(Arc<str>, String), u64>,
+}
+
+impl Room {
+    fn new() -> Room {
+        Room {
+            next_id: 1,
+            ..Room::default()
+        }
+    }
+
+    fn broadcast(&self, frame: &Arc<str>, except: Option<u64>) {
+        for (id, peer) in &self.subscribers {
+            if Some(*id) != except {
+                peer.send(frame.clone());
+            }
+        }
+    }
+
+    fn keep(&mut self, stored: Stored, limit: usize) {
+        self.history.push_back(stored);
+        while self.history.len() > limit {
+            if let Some(old) = self.history.pop_front() {
+                self.sent
+                    .remove(&(Arc::from(old.msg.user.as_str()), old.msg.client_msg_id));
+            }
+        }
+    }
+
+    fn member_list(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.members.keys().map(|u| &**u).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// The journal's records.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotData {
+    rooms: Vec<RoomSnapshot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RoomSnapshot {
+    room: String,
+    messages: Vec<Message>,
+}
+
+/// All rooms of one chat instance.
+#[derive(Debug)]
+pub struct Hub {
+    config: HubConfig,
+    journal: keel_store::Journal,
+    rooms: Mutex<FxHashMap<String, Arc<Mutex<Room>>>>,
+    /// Each user's connections, for direct messages.
+    users: Mutex<FxHashMap<Arc<str>, Vec<Arc<Peer>>>>,
+    appends: AtomicU64,
+    snapshotting: AtomicBool,
+    /// Set when an append failed: the journal is unusable and sends are refused.
+    failed: AtomicBool,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefused {
+    /// The room has `max_members` users.
+    Full,
+}
+
+impl Hub {
+    /// Opens (or creates) the rooms' journal in `dir` and replays it.
+    pub async fn open(dir: impl Into<PathBuf>, config: HubConfig) -> Result<Arc<Hub>, HubError> {
+        let dir = dir.into();
+        let path = dir.display().to_string();
+        let (journal, recovered) = tokio::task::spawn_blocking(move || {
+            keel_store::Journal::open(dir, keel_store::JournalOptions::default())
+        })
+        .await
+        .map_err(|e| HubError::Interrupted(path, e))??;
+        let hub = Hub {
+            config,
+            journal,
+            rooms: Mutex::default(),
+            users: Mutex::default(),
+            appends: AtomicU64::new(0),
+            snapshotting: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        };
+        if let Some(snapshot) = recovered.snapshot {
+            let data: SnapshotData = serde_json::from_slice(&snapshot.data)
+                .map_err(|error| HubError::Record { index: 0, error })?;
+            for room in data.rooms {
+                for msg in room.messages {
+                    hub.restore(msg);
+                }
+            }
+        }
+        for record in recovered.records {
+            let msg: Message =
+                serde_json::from_slice(&record.payload).map_err(|error| HubError::Record {
+                    index: record.index,
+                    error,
+                })?;
+            hub.restore(msg);
+        }
+        Ok(Arc::new(hub))
+    }
+
+    /// Applies a recovered message (a snapshot and the records after it may both hold it).
+    fn restore(&self, msg: Message) {
+        let room = self.room(&msg.room);
+        let mut room = room.lock();
+        if msg.msg_id < room.next_id {
+            return;
+        }
+        room.next_id = msg.msg_id + 1;
+        room.delivered = msg.msg_id;
+        room.sent.insert(
+            (Arc::from(msg.user.as_str()), msg.client_msg_id.clone()),
+            msg.msg_id,
+        );
+        let frame = msg.frame();
+        room.keep(Stored { msg, frame }, self.config.history);
+    }
+
+    fn room(&self, name: &str) -> Arc<Mutex<Room>> {
+        let mut rooms = self.rooms.lock();
+        match rooms.get(name) {
+            Some(room) => room.clone(),
+            None => {
+                let room = Arc::new(Mutex::new(Room::new()));
+                rooms.insert(name.to_owned(), room.clone());
+                room
+            }
+        }
+    }
+
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.config.instance
+    }
+
+    /// Registers a connection for direct messages to its user.
+    pub fn connect(&self, peer: &Arc<Peer>) {
+        self.users
+            .lock()
+            .entry(peer.user.clone())
+            .or_default()
+            .push(peer.clone());
+    }
+
+    /// Removes a connection from every room in `rooms` and from its user's connections.
+    pub fn disconnect(&self, peer: &Peer, rooms: &[String]) {
+        for room in rooms {
+            self.leave(peer, room);
+        }
+        let mut users = self.users.lock();
+        if let Some(peers) = users.get_mut(&peer.user) {
+            peers.retain(|p| p.id != peer.id);
+            if peers.is_empty() {
+                users.remove(&peer.user);
+            }
+        }
+    }
+
+    /// Adds a connection to a room and queues its `joined` frame (with what it missed after
+    /// `since`), before any message of the room that follows.
+    pub fn join(
+        &self,
+        peer: &Arc<Peer>,
+        name: &str,
+        since: Option<u64>,
+    ) -> Result<(), JoinRefused> {
+        let room = self.room(name);
+        let mut room = room.lock();
+        let count = room.members.get(&peer.user).copied().unwrap_or(0);
+        // A second join of the same connection only answers again (with what it missed).
+        let again = room.subscribers.contains_key(&peer.id);
+        if count == 0 && room.members.len() >= self.config.max_members {
+            return Err(JoinRefused::Full);
+        }
+        if !again {
+            room.members.insert(peer.user.clone(), count + 1);
+            room.subscribers.insert(peer.id, peer.clone());
+        }
+        if count == 0 {
+            let joined = member_change("member_joined", name, &peer.user);
+            room.broadcast(&joined, Some(peer.id));
+        }
+        #[derive(Serialize)]
+        struct Joined<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            room: &'a str,
+            members: Vec<&'a str>,
+            last_msg_id: u64,
+            instance: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            recovered: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            missed: Option<Box<serde_json::value::RawValue>>,
+        }
+        let (recovered, missed) = match since {
+            None => (None, None),
+            Some(since) => {
+                let first_kept = room
+                    .history
+                    .front()
+                    .map_or(room.delivered + 1, |s| s.msg.msg_id);
+                // Whole when nothing after `since` has been dropped from the history.
+                let whole = since >= room.delivered || since + 1 >= first_kept;
+                let frames: Vec<Arc<str>> = room
+                    .history
+                    .iter()
+                    .filter(|s| !whole || s.msg.msg_id > since)
+                    .map(|s| s.frame.clone())
+                    .collect();
+                (Some(whole), Some(frame_list(&frames)))
+            }
+        };
+        let frame = to_frame(&Joined {
+            kind: "joined",
+            room: name,
+            members: room.member_list(),
+            last_msg_id: room.delivered,
+            instance: &self.config.instance,
+            recovered,
+            missed,
+        });
+        peer.send(frame);
+        Ok(())
+    }
+
+    /// Removes a connection from a room; its user leaves when it was their last connection
+    /// there. Whether the connection was in the room.
+    pub fn leave(&self, peer: &Peer, name: &str) -> bool {
+        let Some(room) = self.rooms.lock().get(name).cloned() else {
+            return false;
+        };
+        let mut room = room.lock();
+        if room.subscribers.remove(&peer.id).is_none() {
+            return false;
+        }
+        let count = room.members.get(&peer.user).copied().unwrap_or(1);
+        if count <= 1 {
+            room.members.remove(&peer.user);
+            room.broadcast(&member_change("member_left", name, &peer.user), None);
+        } else {
+            room.members.insert(peer.user.clone(), count - 1);
+        }
+        true
+    }
+
+    /// Queues a `presence` frame with the room's members.
+    pub fn presence(&self, peer: &Peer, name: &str) {
+        #[derive(Serialize)]
+        struct Presence<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            room: &'a str,
+            members: Vec<&'a str>,
+        }
+        let room = self.rooms.lock().get(name).cloned();
+        let frame = match room {
+            Some(room) => {
+                let room = room.lock();
+                to_frame(&Presence {
+                    kind: "presence",
+                    room: name,
+                    members: room.member_list(),
+                })
+            }
+            None => to_frame(&Presence {
+                kind: "presence",
+                room: name,
+                members: Vec::new(),
+            }),
+        };
+        peer.send(frame);
+    }
+
+    /// Queues a `history` frame: the newest `limit` messages below `before`, oldest first.
+    pub fn history(&self, peer: &Peer, name: &str, before: Option<u64>, limit: Option<usize>) {
+        #[derive(Serialize)]
+        struct History<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            room: &'a str,
+            messages: Box<serde_json::value::RawValue>,
+        }
+        let limit = limit.unwrap_or(50).min(self.config.max_page);
+        let before = before.unwrap_or(u64::MAX);
+        let frames: Vec<Arc<str>> = match self.rooms.lock().get(name).cloned() {
+            Some(room) => {
+                let room = room.lock();
+                let below: Vec<&Stored> = room
+                    .history
+                    .iter()
+                    .rev()
+                    .filter(|s| s.msg.msg_id < before)
+                    .take(limit)
+                    .collect();
+                below.iter().rev().map(|s| s.frame.clone()).collect()
+            }
+            None => Vec::new(),
+        };
+        peer.send(to_frame(&History {
+            kind: "history",
+            room: name,
+            messages: frame_list(&frames),
+        }));
+    }
+
+    /// Sends a message to a room (or, with `to`, to a user): numbered, journaled, then
+    /// delivered and acknowledged. A resend of a `client_msg_id` the room still holds is
+    /// acknowledged with the first number and not delivered again.
+    ///
+    /// The message is numbered and handed to the journal now, so a connection's messages keep
+    /// the order it sent them in; the returned future (`None` when nothing is left to do)
+    /// waits for the journal and delivers. It can run in a task of its own.
+    pub fn send(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        room_name: &str,
+        to: Option<&str>,
+        text: String,
+        client_msg_id: String,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if self.failed.load(Ordering::Acquire) {
+            peer.send(protocol::error(
+                code::UNAVAILABLE,
+                "the message store has failed; messages cannot be accepted",
+                Some(&client_msg_id),
+            ));
+            return None;
+        }
+        let room = self.room(room_name);
+        let (id, appended) = {
+            let mut r = room.lock();
+            let key = (peer.user.clone(), client_msg_id);
+            if let Some(&id) = r.sent.get(&key) {
+                let (_, client_msg_id) = key;
+                if id <= r.delivered {
+                    let ts = r
+                        .history
+                        .iter()
+                        .find(|s| s.msg.msg_id == id)
+                        .map_or(0, |s| s.msg.ts);
+                    peer.send(ack(&client_msg_id, id, ts));
+                } else if let Some(p) = r.pending.get_mut(&id) {
+                    p.ackers.push((peer.clone(), client_msg_id));
+                }
+                return None;
+            }
+            let (_, client_msg_id) = key;
+            let msg = Message {
+                room: room_name.to_owned(),
+                msg_id: r.next_id,
+                user: peer.user.to_string(),
+                to: to.map(str::to_owned),
+                text,
+                ts: now_ms(),
+                client_msg_id,
+            };
+            let record = Bytes::from(serde_json::to_vec(&msg).unwrap_or_default());
+            let appended = match self.journal.append(record) {
+                Ok(appended) => appended,
+                Err(e) => {
+                    peer.send(protocol::error(
+                        code::UNAVAILABLE,
+                        &format!("the message was not stored: {e}"),
+                        Some(&msg.client_msg_id),
+                    ));
+                    return None;
+                }
+            };
+            let id = msg.msg_id;
+            r.next_id += 1;
+            r.sent
+                .insert((peer.user.clone(), msg.client_msg_id.clone()), id);
+            let ackers = vec![(peer.clone(), msg.client_msg_id.clone())];
+            r.pending.insert(
+                id,
+                Pending {
+                    msg,
+                    durable: false,
+                    ackers,
+                },
+            );
+            (id, appended)
+        };
+        let hub = self.clone();
+        Some(async move { hub.complete(room, id, appended).await })
+    }
+
+    /// Waits for a message's append, then delivers what is ready in the room.
+    async fn complete(
+        self: Arc<Self>,
+        room: Arc<Mutex<Room>>,
+        id: u64,
+        appended: keel_store::Appended,
+    ) {
+        match appended.await {
+            Ok(_) => {
+                let mut r = room.lock();
+                if let Some(p) = r.pending.get_mut(&id) {
+                    p.durable = true;
+                }
+                self.deliver(&mut r);
+            }
+            Err(e) => {
+                // The journal is broken: later appends fail as well, so no later message of
+                // the room can be delivered past this one's gap.
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "a chat message could not be journaled; refusing sends");
+                let mut r = room.lock();
+                if let Some(p) = r.pending.remove(&id) {
+                    for (acker, client_msg_id) in p.ackers {
+                        acker.send(protocol::error(
+                            code::UNAVAILABLE,
+                            &format!("the message was not stored: {e}"),
+                            Some(&client_msg_id),
+                        ));
+                    }
+                }
+            }
+        }
+        let appends = self.appends.fetch_add(1, Ordering::Relaxed) + 1;
+        if appends.is_multiple_of(self.config.snapshot_every.max(1)) {
+            self.clone().snapshot_soon();
+        }
+    }
+
+    /// Delivers the room's pending messages that are durable, in number order, stopping at
+    /// the first that is not.
+    fn deliver(&self, room: &mut Room) {
+        while let Some(entry) = room.pending.first_entry() {
+            if *entry.key() != room.delivered + 1 || !entry.get().durable {
+                break;
+            }
+            let p = entry.remove();
+            let frame = p.msg.frame();
+            match &p.msg.to {
+                None => room.broadcast(&frame, None),
+                Some(to) => {
+                    let users = self.users.lock();
+                    let sender = users.get(p.msg.user.as_str()).into_iter().flatten();
+                    let recipient = users
+                        .get(to.as_str())
+                        .filter(|_| to != &p.msg.user)
+                        .into_iter()
+                        .flatten();
+                    for peer in sender.chain(recipient) {
+                        peer.send(frame.clone());
+                    }
+                }
+            }
+            for (acker, client_msg_id) in &p.ackers {
+                acker.send(ack(client_msg_id, p.msg.msg_id, p.msg.ts));
+            }
+            room.delivered = p.msg.msg_id;
+            room.keep(Stored { msg: p.msg, frame }, self.config.history);
+        }
+    }
+
+    /// Writes a snapshot of every room in the background (one at a time), so the journal can
+    /// drop the records it covers.
+    fn snapshot_soon(self: Arc<Self>) {
+        if self.snapshotting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            if let Err(e) = self.snapshot().await {
+                tracing::warn!(error = %e, "chat snapshot failed; the journal keeps its records");
+            }
+            self.snapshotting.store(false, Ordering::Release);
+        });
+    }
+
+    /// Writes a snapshot now.
+    pub async fn snapshot(&self) -> Result<(), keel_store::StoreError> {
+        // Everything appended up to `index` is on disk once the sync returns; the rooms are
+        // read after it, so the snapshot holds at least every record up to `index` (it may
+        // hold later ones too, which replay skips by number).
+        let index = self.journal.next_index() - 1;
+        if index == 0 {
+            return Ok(());
+        }
+        self.journal.sync().await?;
+        let rooms: Vec<(String, Arc<Mutex<Room>>)> = self
+            .rooms
+            .lock()
+            .iter()
+            .map(|(name, room)| (name.clone(), room.clone()))
+            .collect();
+        let mut data = SnapshotData { rooms: Vec::new() };
+        for (name, room) in rooms {
+            let room = room.lock();
+            let messages: Vec<Message> = room
+                .history
+                .iter()
+                .map(|s| s.msg.clone())
+                .chain(room.pending.values().map(|p| p.msg.clone()))
+                .collect();
+            if !messages.is_empty() {
+                data.rooms.push(RoomSnapshot {
+                    room: name,
+                    messages,
+                });
+            }
+        }
+        let bytes = Bytes::from(serde_json::to_vec(&data).unwrap_or_default());
+        self.journal.snapshot(index, bytes).await
+    }
+
+    /// Waits for every append so far, then stops the journal.
+    pub async fn close(&self) -> Result<(), keel_store::StoreError> {
+        self.journal.close().await
+    }
+}
+
+/// The internal room of a conversation between two users.
+pub fn dm_room(a: &str, b: &str) -> String {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    // A newline cannot be part of a user name (names are checked), so pairs cannot collide.
+    format!("dm\n{x}\n{y}")
+}
+
+fn member_change(kind: &'static str, room: &str, user: &str) -> Arc<str> {
+    #[derive(Serialize)]
+    struct Change<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        room: &'a str,
+        user: &'a str,
+    }
+    to_frame(&Change { kind, room, user })
+}
+
+fn ack(client_msg_id: &str, msg_id: u64, ts: u64) -> Arc<str> {
+    #[derive(Serialize)]
+    struct Ack<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        client_msg_id: &'a str,
+        msg_id: u64,
+        ts: u64,
+    }
+    to_frame(&Ack {
+        kind: "ack",
+        client_msg_id,
+        msg_id,
+        ts,
+    })
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

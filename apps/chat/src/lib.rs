@@ -1,0 +1,27 @@
+//! Keel's chat service: rooms over WebSocket, as a browser chat needs them.
+//!
+//! A client signs in (`POST /chat/api/login`, a demo login that hands out an HS256 token),
+//! opens `GET /chat/ws?token=…` as a WebSocket and speaks JSON text frames: join and leave
+//! rooms, send to a room or to one user, ask for members and for history. The protocol and
+//! its guarantees are in `docs/chat.md`.
+//!
+//! - [`ws`]: WebSocket framing on `tungstenite`'s frame headers, over buffers each
+//!   connection holds only while it reads or writes.
+//! - [`protocol`]: the JSON messages.
+//! - [`hub`]: rooms — members, numbering, the journal (keel-store) that makes a message
+//!   durable before anyone sees it, delivery in order, history and recovery after `since`.
+//! - [`conn`]: one connection — its bounded queue (a consumer that falls behind is closed
+//!   with 4009, it never slows the room), pings, token expiry, rate limits.
+//! - [`server`]: login, the upgrade, and keel-net's accept loop.
+//! - [`config`]: the settings, each with a default; [`cli`]: `keel chat`.
+
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod hub;
+pub mod protocol;
+pub mod server;
+pub mod ws;
+
+pub use config::ChatConfig;
+pub use server::Chat;

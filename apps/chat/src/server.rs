@@ -1,0 +1,405 @@
+//! The chat instance's HTTP side: demo login, the WebSocket upgrade, and the accept loop
+//! (keel-net's, like every Keel server) that runs each connection in one task from its first
+//! request to its close frame.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::ChatConfig;
+use crate::conn::{self, Session, check_name};
+use crate::hub::{Hub, now_ms};
+use crate::ws;
+
+/// Largest login request body.
+const MAX_LOGIN_BODY: usize = 4096;
+
+/// Addresses whose login buckets are remembered; beyond it, full buckets are forgotten.
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    iat: u64,
+}
+
+/// One chat instance: its rooms and what its HTTP side needs.
+pub struct Chat {
+    hub: Arc<Hub>,
+    config: Arc<ChatConfig>,
+    encoding: jsonwebtoken::EncodingKey,
+    decoding: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+    logins: Mutex<HashMap<IpAddr, (f64, std::time::Instant)>>,
+    next_peer: AtomicU64,
+    stats: Arc<keel_net::ConnectionStats>,
+}
+
+impl std::fmt::Debug for Chat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chat")
+            .field("instance", &self.hub.instance())
+            .field("connections", &self.stats.open.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A WebSocket accepted by the HTTP side, to be served once hyper hands the socket over.
+struct Accepted {
+    upgrade: hyper::upgrade::OnUpgrade,
+    session: Session,
+}
+
+type Slot = Arc<Mutex<Option<Accepted>>>;
+
+impl Chat {
+    /// An instance with its rooms opened from `config.data_dir`.
+    pub async fn open(config: ChatConfig) -> anyhow::Result<Arc<Chat>> {
+        config.check().map_err(anyhow::Error::msg)?;
+        let hub = Hub::open(
+            &config.data_dir,
+            crate::hub::HubConfig {
+                instance: config.instance.clone(),
+                history: config.history,
+                max_members: config.max_members_per_room,
+                snapshot_every: config.snapshot_every,
+                ..crate::hub::HubConfig::default()
+            },
+        )
+        .await?;
+        let secret = if config.secret.is_empty() {
+            rand::random::<[u8; 32]>().to_vec()
+        } else {
+            config.secret.as_bytes().to_vec()
+        };
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(Arc::new(Chat {
+            hub,
+            encoding: jsonwebtoken::EncodingKey::from_secret(&secret),
+            decoding: jsonwebtoken::DecodingKey::from_secret(&secret),
+            validation,
+            config: Arc::new(config),
+            logins: Mutex::default(),
+            next_peer: AtomicU64::new(1),
+            stats: Arc::default(),
+        }))
+    }
+
+    /// The rooms.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Connections open now, accepted and refused.
+    pub fn connection_stats(&self) -> &keel_net::ConnectionStats {
+        &self.stats
+    }
+
+    /// Serves `listener` until `shutdown` completes; open WebSockets are then closed with
+    /// 1001, and the journal is closed after them.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let chat = self.clone();
+        let result = keel_net::AcceptLoop::new(self.stats.clone())
+            .max_connections(self.config.max_connections)
+            .shutdown_grace(std::time::Duration::from_secs(5))
+            .run(listener, shutdown, move |stream, peer, drain| {
+                chat.clone().connection(stream, peer, drain)
+            })
+            .await;
+        if let Err(e) = self.hub.close().await {
+            tracing::warn!(error = %e, "closing the chat journal failed");
+        }
+        result
+    }
+
+    /// One TCP connection: HTTP requests until one upgrades, then the WebSocket.
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        drain: keel_net::Drain,
+    ) {
+        let slot: Slot = Arc::default();
+        let service = {
+            let chat = self.clone();
+            let slot = slot.clone();
+            hyper::service::service_fn(move |req| {
+                let chat = chat.clone();
+                let slot = slot.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(chat.handle(req, peer.ip(), &slot).await)
+                }
+            })
+        };
+        keel_net::serve_http1(
+            stream,
+            service,
+            std::time::Duration::from_secs(10),
+            drain.clone(),
+        )
+        .await;
+        let Some(accepted) = slot.lock().take() else {
+            return;
+        };
+        let upgraded = match accepted.upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "the WebSocket upgrade did not complete");
+                return;
+            }
+        };
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            tracing::warn!(%peer, "upgraded connection of an unexpected type");
+            return;
+        };
+        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        conn::run(
+            self.hub.clone(),
+            self.config.clone(),
+            parts.io.into_inner(),
+            parts.read_buf,
+            accepted.session,
+            id,
+            drain,
+        )
+        .await;
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        ip: IpAddr,
+        slot: &Slot,
+    ) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::POST, "/chat/api/login") => self.login(req, ip).await,
+            (&Method::GET, "/chat/ws") => self.upgrade(req, slot),
+            (&Method::GET, "/chat/api/health") => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "instance": self.hub.instance(),
+                    "connections": self.stats.open.load(Ordering::Relaxed),
+                }),
+            ),
+            (_, "/chat/api/login" | "/chat/ws" | "/chat/api/health") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "wrong method for this path",
+            ),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+        }
+    }
+
+    async fn login(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Full<Bytes>> {
+        if !self.login_allowed(ip) {
+            let mut answer = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!(
+                    "at most {} logins per second from one address",
+                    self.config.logins_per_second
+                ),
+            );
+            answer
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return answer;
+        }
+        let body = match Limited::new(req.into_body(), MAX_LOGIN_BODY)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    &format!("a login body is at most {MAX_LOGIN_BODY} bytes"),
+                );
+            }
+        };
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Login {
+            user: String,
+        }
+        let login: Login = match serde_json::from_slice(&body) {
+            Ok(login) => login,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("send {{\"user\": NAME}}: {e}"),
+                );
+            }
+        };
+        if let Err(detail) = check_name(&login.user, "user") {
+            return error(StatusCode::BAD_REQUEST, "bad_name", &detail);
+        }
+        let iat = now_ms() / 1000;
+        let claims = Claims {
+            sub: login.user,
+            exp: iat + self.config.token_ttl.as_secs().max(1),
+            iat,
+        };
+        match jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.encoding) {
+            Ok(token) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "token": token, "expires": claims.exp }),
+            ),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            ),
+        }
+    }
+
+    fn login_allowed(&self, ip: IpAddr) -> bool {
+        let (rate, burst) = (self.config.logins_per_second, self.config.login_burst);
+        let now = std::time::Instant::now();
+        let mut logins = self.logins.lock();
+        if logins.len() >= MAX_TRACKED_ADDRESSES {
+            logins.retain(|_, (tokens, at)| *tokens + (now - *at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = logins.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + (now - *at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn upgrade(&self, mut req: Request<Incoming>, slot: &Slot) -> Response<Full<Bytes>> {
+        let headers = req.headers();
+        let has = |name: header::HeaderName, token: &str| {
+            headers.get_all(name).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            })
+        };
+        if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+            return error(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "connect with a WebSocket upgrade",
+            );
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(HeaderValue::as_bytes)
+            != Some(b"13")
+        {
+            let mut answer = error(
+                StatusCode::UPGRADE_REQUIRED,
+                "bad_version",
+                "WebSocket version 13 only",
+            );
+            answer.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return answer;
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "no Sec-WebSocket-Key",
+            );
+        };
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let allowed = &self.config.allowed_origins;
+            if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "bad_origin",
+                    "this origin may not connect",
+                );
+            }
+        }
+        let token = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        let Some(token) = token else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "connect with ?token= from /chat/api/login",
+            );
+        };
+        let claims = match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
+            Ok(data) => data.claims,
+            Err(e) => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    &format!("token refused: {e}"),
+                );
+            }
+        };
+        if check_name(&claims.sub, "user").is_err() {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "token names no valid user",
+            );
+        }
+        let accept = ws::accept_key(key.as_bytes());
+        *slot.lock() = Some(Accepted {
+            upgrade: hyper::upgrade::on(&mut req),
+            session: Session {
+                user: Arc::from(claims.sub),
+                expires: claims.exp,
+            },
+        });
+        let mut answer = Response::new(Full::new(Bytes::new()));
+        *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = answer.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(accept) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        answer
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut answer = Response::new(Full::new(Bytes::from(value.to_string())));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    answer
+}
+
+fn error(status: StatusCode, code: &str, detail: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &serde_json::json!({ "error": code, "detail": detail }),
+    )
+}
