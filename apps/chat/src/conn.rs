@@ -77,7 +77,7 @@ pub async fn run(
     id: u64,
     mut drain: keel_net::Drain,
 ) {
-    let (peer, mut queue) = Peer::new(id, session.user.clone(), config.send_queue);
+    let peer = Peer::new(id, session.user.clone(), config.send_queue);
     hub.connect(&peer);
     let mut conn = Conn {
         hub: &hub,
@@ -96,6 +96,9 @@ pub async fn run(
     };
     let mut decoder = Decoder::new(config.max_message_bytes);
     let mut input = BytesMut::from(&leftover[..]);
+    // The leftover may be a slice of hyper's whole read buffer: let it go now, not with the
+    // connection.
+    drop(leftover);
     let mut output = BytesMut::new();
     let expires = Instant::now()
         + Duration::from_secs(session.expires.saturating_sub(crate::hub::now_ms() / 1000));
@@ -166,15 +169,8 @@ pub async fn run(
                     Err(_) => break None,
                 }
             }
-            frame = queue.recv() => {
-                let Some(frame) = frame else { break None };
-                ws::encode_text(&frame, &mut output);
-                while output.len() < WRITE_BATCH {
-                    match queue.try_recv() {
-                        Ok(frame) => ws::encode_text(&frame, &mut output),
-                        Err(_) => break,
-                    }
-                }
+            () = peer.wait() => {
+                peer.take(&mut output, WRITE_BATCH, ws::encode_text);
             }
             () = &mut tick => {
                 let now = Instant::now();
@@ -200,7 +196,6 @@ pub async fn run(
         }
     }
     drop(conn);
-    drop(queue);
 }
 
 fn slow_reason(config: &ChatConfig) -> String {

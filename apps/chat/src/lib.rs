@@ -13,8 +13,10 @@
 //! - [`conn`]: one connection — its bounded queue (a consumer that falls behind is closed
 //!   with 4009, it never slows the room), pings, token expiry, rate limits.
 //! - [`server`]: login, the upgrade, and keel-net's accept loop.
-//! - [`config`]: the settings, each with a default; [`cli`]: `keel chat`.
+//! - [`config`]: the settings, each with a default; [`cli`]: `keel chat`; [`bench`]:
+//!   `keel bench chat`.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod conn;

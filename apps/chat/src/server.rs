@@ -31,6 +31,8 @@ const MAX_TRACKED_ADDRESSES: usize = 100_000;
 struct Claims {
     sub: String,
     exp: u64,
+    /// Not required: a token signed elsewhere with the shared key may leave it out.
+    #[serde(default)]
     iat: u64,
 }
 
@@ -148,12 +150,14 @@ impl Chat {
                 }
             })
         };
-        keel_net::serve_http1(
+        // Boxed, so hyper's connection state is freed when the upgrade hands the socket over
+        // rather than staying in this task's memory for the WebSocket's whole life.
+        Box::pin(keel_net::serve_http1(
             stream,
             service,
             std::time::Duration::from_secs(10),
             drain.clone(),
-        )
+        ))
         .await;
         let Some(accepted) = slot.lock().take() else {
             return;

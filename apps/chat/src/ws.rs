@@ -82,22 +82,34 @@ impl WsError {
     }
 }
 
-/// Reads client frames and reassembles fragmented messages.
+/// Reads frames and reassembles fragmented messages: a client's (masked) on the server, or
+/// a server's (unmasked) in a client such as `keel bench chat`.
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
     /// A fragmented text message so far (empty when none is under way).
     partial: Vec<u8>,
     fragmented: bool,
+    /// Whether frames must be masked (a server reading its clients) or must not be.
+    masked: bool,
 }
 
 impl Decoder {
-    /// A decoder refusing messages over `max_message` bytes.
+    /// A server's decoder of client frames, refusing messages over `max_message` bytes.
     pub fn new(max_message: usize) -> Decoder {
         Decoder {
             max_message,
             partial: Vec::new(),
             fragmented: false,
+            masked: true,
+        }
+    }
+
+    /// A client's decoder of server frames (which are not masked).
+    pub fn for_client(max_message: usize) -> Decoder {
+        Decoder {
+            masked: false,
+            ..Decoder::new(max_message)
         }
     }
 
@@ -115,8 +127,11 @@ impl Decoder {
             if header.rsv1 || header.rsv2 || header.rsv3 {
                 return Err(WsError::Protocol("reserved bits set"));
             }
-            let Some(mask) = header.mask else {
-                return Err(WsError::Protocol("client frames must be masked"));
+            let mask = match (header.mask, self.masked) {
+                (Some(mask), true) => Some(mask),
+                (None, false) => None,
+                (None, true) => return Err(WsError::Protocol("client frames must be masked")),
+                (Some(_), false) => return Err(WsError::Protocol("server frames are not masked")),
             };
             let is_control = matches!(header.opcode, OpCode::Control(_));
             if is_control && (len > 125 || !header.is_final) {
@@ -133,7 +148,9 @@ impl Decoder {
             }
             buf.advance(header_len);
             let mut payload = buf.split_to(len);
-            unmask(&mut payload, mask);
+            if let Some(mask) = mask {
+                unmask(&mut payload, mask);
+            }
             match header.opcode {
                 OpCode::Control(Control::Ping) => {
                     return Ok(Some(Incoming::Ping(payload.freeze())));
@@ -208,6 +225,33 @@ fn header(opcode: OpCode, len: usize, dst: &mut BytesMut) {
 pub fn encode_text(text: &str, dst: &mut BytesMut) {
     header(OpCode::Data(Data::Text), text.len(), dst);
     dst.put_slice(text.as_bytes());
+}
+
+/// Appends a client text frame, masked with `mask` (RFC 6455 asks clients for a fresh
+/// unpredictable mask per frame; a load generator may reuse one).
+pub fn encode_text_masked(text: &str, mask: [u8; 4], dst: &mut BytesMut) {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        mask: Some(mask),
+        ..FrameHeader::default()
+    };
+    let _ = header.format(text.len() as u64, &mut dst.writer());
+    let start = dst.len();
+    dst.put_slice(text.as_bytes());
+    unmask(&mut dst[start..], mask);
+}
+
+/// Appends a masked pong (a client answering a server's ping).
+pub fn encode_pong_masked(payload: &[u8], mask: [u8; 4], dst: &mut BytesMut) {
+    let header = FrameHeader {
+        opcode: OpCode::Control(Control::Pong),
+        mask: Some(mask),
+        ..FrameHeader::default()
+    };
+    let _ = header.format(payload.len() as u64, &mut dst.writer());
+    let start = dst.len();
+    dst.put_slice(payload);
+    unmask(&mut dst[start..], mask);
 }
 
 /// Appends a ping.
@@ -336,6 +380,34 @@ mod tests {
         assert!(decode_all(&stray, 64)[0].is_err());
         let long_ping = client_frame(0x89, &[0; 126]);
         assert!(decode_all(&long_ping, 1024)[0].is_err());
+    }
+
+    #[test]
+    fn a_client_decoder_reads_server_frames_and_the_server_reads_masked_ones() {
+        let mut server_out = BytesMut::new();
+        encode_text("hello", &mut server_out);
+        encode_ping(b"", &mut server_out);
+        let mut client = Decoder::for_client(64);
+        assert_eq!(
+            client.decode(&mut server_out),
+            Ok(Some(Incoming::Text("hello".into())))
+        );
+        assert_eq!(
+            client.decode(&mut server_out),
+            Ok(Some(Incoming::Ping(Bytes::new())))
+        );
+        let mut client_out = BytesMut::new();
+        encode_text_masked("hé", [9, 8, 7, 6], &mut client_out);
+        encode_pong_masked(b"x", [1, 1, 1, 1], &mut client_out);
+        let mut server = Decoder::new(64);
+        assert_eq!(
+            server.decode(&mut client_out.clone()),
+            Ok(Some(Incoming::Text("hé".into())))
+        );
+        assert!(
+            client.decode(&mut client_out).is_err(),
+            "a client refuses masked frames"
+        );
     }
 
     #[test]

@@ -746,3 +746,44 @@ async fn shutdown_closes_websockets_with_1001() {
     assert_eq!(close_code(&mut ann).await, 1001);
     stopping.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_counts_every_delivery_with_tokens_it_signs_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let summary = keel_chat::bench::run(&keel_chat::bench::ChatBenchArgs {
+        addrs: vec![server.addr],
+        secret_file: Some(secret),
+        connections: 60,
+        room_size: 20,
+        rate: 60.0,
+        per_connection_rate: 10.0,
+        seconds: 1.0,
+        sources: 2,
+        pids: vec![std::process::id()],
+    })
+    .await
+    .unwrap();
+    assert_eq!(summary["connections"], 60, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent > 20, "{summary}");
+    assert_eq!(
+        summary["delivered"].as_u64().unwrap(),
+        sent * 20,
+        "{summary}"
+    );
+    assert_eq!(
+        (
+            summary["lost"].clone(),
+            summary["gaps"].clone(),
+            summary["errors"].clone()
+        ),
+        (json!(0), json!(0), json!(0)),
+        "{summary}"
+    );
+    assert!(summary["kb_per_conn"].is_number(), "{summary}");
+    server.stop().await;
+}

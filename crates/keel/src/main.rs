@@ -162,6 +162,9 @@ enum BenchCommand {
     Work(bench_overload::WorkBenchArgs),
     /// Load on several echo instances through a service channel, one killed midway.
     Failover(bench_failover::FailoverBenchArgs),
+    /// Many WebSocket connections against running chat instances: memory per connection,
+    /// fan-out deliveries per second, delivery delay, messages lost.
+    Chat(keel_chat::bench::ChatBenchArgs),
     /// A flash sale against a running `keel up`, then its invariants checked (non-zero exit
     /// on a breach).
     Seckill(keel_seckill::bench::SeckillBenchArgs),
@@ -215,6 +218,12 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Failover(args)) => print_json(bench_failover::run(&args)),
         Command::Bench(BenchCommand::Work(args)) => print_json(bench_overload::run(&args)),
         Command::Bench(BenchCommand::Registry(args)) => print_json(bench_registry::run(&args)),
+        Command::Bench(BenchCommand::Chat(args)) => {
+            let rt = runtime(0)?;
+            let summary = rt.block_on(keel_chat::bench::run(&args))?;
+            say!("{summary}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Seckill(args)) => {
             let rt = runtime(0)?;
             let summary = rt.block_on(keel_seckill::bench::run(&args))?;
