@@ -29,9 +29,23 @@ use tokio::net::TcpStream;
 
 use crate::ws::{self, Decoder, Incoming};
 
+/// What the servers speak.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Keel's chat protocol (docs/chat.md).
+    Keel,
+    /// socket.io 4 over its WebSocket transport (Engine.IO 4): events `join` (a room name,
+    /// answered by `joined`) and `send` (`{room, text}`, broadcast to the room as `msg`), as
+    /// `bench/chat/server.js` serves them.
+    Socketio,
+}
+
 /// `keel bench chat` arguments.
 #[derive(Args, Debug, Clone)]
 pub struct ChatBenchArgs {
+    /// The servers' protocol.
+    #[arg(long, value_enum, default_value = "keel")]
+    pub protocol: Protocol,
     /// A chat instance (`HOST:PORT`); repeat to spread the connections over several.
     #[arg(long = "addr", required = true)]
     pub addrs: Vec<SocketAddr>,
@@ -86,12 +100,13 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
         "connections and room size must be positive"
     );
     anyhow::ensure!(args.sources > 0, "--sources counts from 1");
-    let secret = match &args.secret_file {
-        Some(path) => std::fs::read_to_string(path)
+    let secret = match (&args.secret_file, args.protocol) {
+        (Some(path), _) => std::fs::read_to_string(path)
             .with_context(|| format!("reading {}", path.display()))?
             .trim()
             .to_owned(),
-        None => std::env::var("KEEL_CHAT_SECRET")
+        (None, Protocol::Socketio) => String::new(),
+        (None, Protocol::Keel) => std::env::var("KEEL_CHAT_SECRET")
             .context("set KEEL_CHAT_SECRET or --secret-file: the instances' token key")?,
     };
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
@@ -148,20 +163,21 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
             .then(|| Duration::from_secs_f64(1.0 / each_rate));
         let shared = shared.clone();
         let opening = opening.clone();
+        let protocol = args.protocol;
         tasks.spawn(async move {
             let permit = opening.acquire_owned().await;
-            if let Err(e) = member(
-                i,
+            let path = match protocol {
+                Protocol::Keel => format!("/chat/ws?token={token}"),
+                Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_owned(),
+            };
+            let target = Target {
+                protocol,
                 addr,
                 source,
-                &token,
-                &room,
-                publish,
-                &shared,
-                permit.ok(),
-            )
-            .await
-            {
+                path: &path,
+                room: &room,
+            };
+            if let Err(e) = member(i, target, publish, &shared, permit.ok()).await {
                 shared.failed.fetch_add(1, Relaxed);
                 tracing::debug!(connection = i, error = %e, "connection failed");
             }
@@ -271,24 +287,83 @@ struct Frame<'a> {
     text: Option<&'a str>,
 }
 
-/// One member: connects, joins, reads until stopped, and publishes when it is a publisher.
-#[allow(clippy::too_many_arguments)]
-async fn member(
-    i: usize,
+/// Where a member connects and what it says there.
+struct Target<'a> {
+    protocol: Protocol,
     addr: SocketAddr,
     source: IpAddr,
-    token: &str,
-    room: &str,
+    path: &'a str,
+    room: &'a str,
+}
+
+/// A socket.io event frame (`42["name", body]`), as far as the bench reads it.
+#[derive(Deserialize)]
+struct SioEvent<'a>(&'a str, #[serde(borrow)] SioBody<'a>);
+
+#[derive(Deserialize)]
+struct SioBody<'a> {
+    #[serde(default, borrow)]
+    text: Option<&'a str>,
+}
+
+/// What a text frame told the member.
+enum Heard<'a> {
+    Joined(Option<u64>),
+    Msg(Option<u64>, Option<&'a str>),
+    Error,
+    /// Protocol chatter to answer with this text (socket.io's handshake, pings and join).
+    Reply(String),
+    Other,
+}
+
+fn hear<'a>(protocol: Protocol, text: &'a str, room: &str) -> Heard<'a> {
+    match protocol {
+        Protocol::Keel => match serde_json::from_str::<Frame<'_>>(text) {
+            Ok(frame) => match frame.kind {
+                "msg" => Heard::Msg(frame.msg_id, frame.text),
+                "joined" => Heard::Joined(frame.last_msg_id),
+                "error" => Heard::Error,
+                _ => Heard::Other,
+            },
+            Err(_) => Heard::Other,
+        },
+        // Engine.IO: 0 open (connect to the default namespace), 2 ping (pong), 40 connected
+        // (join the room), 42 an event.
+        Protocol::Socketio => match text.as_bytes() {
+            [b'0', ..] => Heard::Reply("40".into()),
+            [b'2', ..] => Heard::Reply("3".into()),
+            [b'4', b'0', ..] => Heard::Reply(format!(r#"42["join","{room}"]"#)),
+            [b'4', b'2', ..] => match serde_json::from_str::<SioEvent<'_>>(&text[2..]) {
+                Ok(SioEvent("msg", body)) => Heard::Msg(None, body.text),
+                Ok(SioEvent("joined", _)) => Heard::Joined(None),
+                _ => Heard::Other,
+            },
+            _ => Heard::Other,
+        },
+    }
+}
+
+/// One member: connects, joins, reads until stopped, and publishes when it is a publisher.
+async fn member(
+    i: usize,
+    target: Target<'_>,
     publish: Option<Duration>,
     shared: &Shared,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
+    let Target {
+        protocol,
+        addr,
+        source,
+        path,
+        room,
+    } = target;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let mut stream: TcpStream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     let request = format!(
-        "GET /chat/ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2VlbC1iZW5jaC1jaGF0\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2VlbC1iZW5jaC1jaGF0IQ==\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut input = BytesMut::with_capacity(1024);
@@ -309,13 +384,12 @@ async fn member(
     let _ = input.split_to(head_end);
     let mask = (i as u32).to_le_bytes();
     let mut out = BytesMut::new();
-    ws::encode_text_masked(
-        &format!(r#"{{"type":"join","room":"{room}"}}"#),
-        mask,
-        &mut out,
-    );
-    stream.write_all(&out).await?;
-    out.clear();
+    if protocol == Protocol::Keel {
+        let join = format!(r#"{{"type":"join","room":"{room}"}}"#);
+        ws::encode_text_masked(&join, mask, &mut out);
+        stream.write_all(&out).await?;
+        out.clear();
+    }
     let mut decoder = Decoder::for_client(1 << 20);
     let mut last_id: Option<u64> = None;
     let mut permit = permit;
@@ -334,37 +408,33 @@ async fn member(
                 Err(e) => anyhow::bail!("bad frame from the server: {e}"),
             };
             match incoming {
-                Incoming::Text(text) => {
-                    let Ok(frame) = serde_json::from_str::<Frame<'_>>(&text) else {
-                        continue;
-                    };
-                    match frame.kind {
-                        "msg" => {
-                            let now = shared.epoch.elapsed().as_micros() as u64;
-                            if let Some(sent_at) = frame.text.and_then(|t| t.parse::<u64>().ok()) {
-                                shared.latency[i % SHARDS]
-                                    .lock()
-                                    .saturating_record(now.saturating_sub(sent_at).max(1));
-                            }
-                            shared.delivered.fetch_add(1, Relaxed);
-                            if let (Some(id), Some(last)) = (frame.msg_id, last_id)
-                                && id > last + 1
-                            {
-                                shared.gaps.fetch_add(id - last - 1, Relaxed);
-                            }
-                            last_id = frame.msg_id.or(last_id);
+                Incoming::Text(text) => match hear(protocol, &text, room) {
+                    Heard::Msg(msg_id, body) => {
+                        let now = shared.epoch.elapsed().as_micros() as u64;
+                        if let Some(sent_at) = body.and_then(|t| t.parse::<u64>().ok()) {
+                            shared.latency[i % SHARDS]
+                                .lock()
+                                .saturating_record(now.saturating_sub(sent_at).max(1));
                         }
-                        "joined" => {
-                            last_id = frame.last_msg_id;
-                            shared.joined.fetch_add(1, Relaxed);
-                            permit.take();
+                        shared.delivered.fetch_add(1, Relaxed);
+                        if let (Some(id), Some(last)) = (msg_id, last_id)
+                            && id > last + 1
+                        {
+                            shared.gaps.fetch_add(id - last - 1, Relaxed);
                         }
-                        "error" => {
-                            shared.errors.fetch_add(1, Relaxed);
-                        }
-                        _ => {}
+                        last_id = msg_id.or(last_id);
                     }
-                }
+                    Heard::Joined(last) => {
+                        last_id = last;
+                        shared.joined.fetch_add(1, Relaxed);
+                        permit.take();
+                    }
+                    Heard::Error => {
+                        shared.errors.fetch_add(1, Relaxed);
+                    }
+                    Heard::Reply(reply) => ws::encode_text_masked(&reply, mask, &mut out),
+                    Heard::Other => {}
+                },
                 Incoming::Ping(payload) => ws::encode_pong_masked(&payload, mask, &mut out),
                 Incoming::Pong => {}
                 Incoming::Close(code) => anyhow::bail!("closed by the server: {code:?}"),
@@ -393,7 +463,14 @@ async fn member(
                 if shared.publishing.load(Relaxed) {
                     sequence += 1;
                     let sent_at = shared.epoch.elapsed().as_micros();
-                    let send = format!(r#"{{"type":"send","room":"{room}","text":"{sent_at}","client_msg_id":"{sequence}"}}"#);
+                    let send = match protocol {
+                        Protocol::Keel => format!(
+                            r#"{{"type":"send","room":"{room}","text":"{sent_at}","client_msg_id":"{sequence}"}}"#
+                        ),
+                        Protocol::Socketio => {
+                            format!(r#"42["send",{{"room":"{room}","text":"{sent_at}"}}]"#)
+                        }
+                    };
                     ws::encode_text_masked(&send, mask, &mut out);
                     shared.sent.fetch_add(1, Relaxed);
                 }

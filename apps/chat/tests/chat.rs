@@ -754,6 +754,7 @@ async fn the_bench_counts_every_delivery_with_tokens_it_signs_itself() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
     let summary = keel_chat::bench::run(&keel_chat::bench::ChatBenchArgs {
+        protocol: keel_chat::bench::Protocol::Keel,
         addrs: vec![server.addr],
         secret_file: Some(secret),
         connections: 60,
