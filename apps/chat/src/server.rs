@@ -21,6 +21,10 @@ use crate::conn::{self, Session, check_name};
 use crate::hub::{Hub, now_ms};
 use crate::ws;
 
+/// The chat page: sign in, rooms, members, messages; reconnects by itself and resumes with
+/// `since`.
+const PAGE: &str = include_str!("page.html");
+
 /// Largest login request body.
 const MAX_LOGIN_BODY: usize = 4096;
 
@@ -194,6 +198,24 @@ impl Chat {
     ) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         match (req.method(), path) {
+            (&Method::GET, "/chat/") => {
+                let mut answer = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+                let h = answer.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                answer
+            }
+            (&Method::GET, "/chat") => {
+                let mut answer = Response::new(Full::new(Bytes::new()));
+                *answer.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                answer
+                    .headers_mut()
+                    .insert(header::LOCATION, HeaderValue::from_static("/chat/"));
+                answer
+            }
             (&Method::POST, "/chat/api/login") => self.login(req, ip).await,
             (&Method::GET, "/chat/ws") => self.upgrade(req, slot),
             (&Method::GET, "/chat/api/health") => json(
