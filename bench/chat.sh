@@ -8,9 +8,12 @@
 # (a) 19,000 idle connections in rooms of 10: memory per connection of the server process.
 # (b) one room of 1,000 members: publish rates up a ladder; the highest whose p99 (publish to
 #     receipt) stays under 200 ms with nothing lost, as deliveries per second.
-# (c) 10,000 connections in 1,000 rooms of 10 at 1,000 messages/s (10,000 deliveries/s): p99.
+# (c) 10,000 connections in 1,000 rooms of 10 at 1,000 messages/s (10,000 deliveries/s): p99;
+#     meanwhile 100 more connections a second come, join a room and go (churn).
 # (d) Keel alone: 100,000 connections over six chat processes (a process may open 20,000 files
 #     here), held 60 s with pings, and their memory per connection.
+# Beside them: 9,500 connections through one `keel gateway` (its WebSocket tunnels) to a chat
+# instance, with 100 messages/s in their rooms, and the gateway's memory per connection.
 # Keel journals every message (fsync, group commit) before delivering it; socket.io keeps
 # nothing. The last line is one JSON object.
 set -euo pipefail
@@ -94,10 +97,34 @@ for sys in keel sio; do
 
   PORT=$((PORT + 1))
   start "$sys" "$PORT"
-  record "${sys}_small" "$(bench "$sys" "$PORT" --connections 10000 --room-size 10 --rate 1000 --per-connection-rate 1 --seconds "$SECS" --sources 2 --pids "$SERVER_PID")"
+  record "${sys}_small" "$(bench "$sys" "$PORT" --connections 10000 --room-size 10 --rate 1000 --per-connection-rate 1 --churn 100 --seconds "$SECS" --sources 2 --pids "$SERVER_PID")"
   stop "$SERVER_PID"
   echo "done: $sys small rooms" >&2
 done
+
+# The gateway's WebSocket tunnelling: connections held through one gateway process to one chat
+# instance (each takes two of the gateway's 20,000 files), and the gateway's memory per connection.
+PORT=$((PORT + 1))
+start keel "$PORT"
+CHAT_PID=$SERVER_PID
+GW_PORT=$((PORT + 1))
+cat > "$WORK/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW_PORT"
+[upstreams.chat]
+servers = [{ address = "127.0.0.1:$PORT" }]
+[[routes]]
+path_prefix = "/chat/"
+upstream = "chat"
+TOML
+taskset -c 1 "$BIN" gateway --config "$WORK/gateway.toml" >/dev/null 2>"$WORK/gateway.log" &
+GW_PID=$!
+PIDS+=("$GW_PID")
+wait_port "$GW_PORT"
+record "keel_gateway" "$(bench keel "$GW_PORT" --connections 9500 --room-size 10 --rate 100 --seconds 3 --sources 4 --pids "$GW_PID")"
+stop "$GW_PID"
+stop "$CHAT_PID"
+echo "done: keel through the gateway" >&2
 
 # (d) 100,000 connections over six Keel processes, six load processes.
 BIG_PIDS=()
@@ -149,12 +176,17 @@ summary = {
     "sio_fanout_1k_p99_ms": sf["p99_ms"],
     "keel_small_rooms_p99_ms": runs["keel_small"]["p99_ms"],
     "sio_small_rooms_p99_ms": runs["sio_small"]["p99_ms"],
+    "keel_churn_per_s": runs["keel_small"].get("churn_per_s"),
+    "sio_churn_per_s": runs["sio_small"].get("churn_per_s"),
     "keel_max_conns": held,
     "keel_100k_kb_per_conn": round(big_kb, 2),
     # Messages lost in the runs reported above (a rung of the ladder past the goal overloads
     # the server on purpose: members that fall behind are cut with 4009 there).
-    "lost": sum(r["lost"] for r in [runs["keel_idle"], kf, runs["keel_small"]] + big if "lost" in r),
+    "lost": sum(r["lost"] for r in [runs["keel_idle"], kf, runs["keel_small"], runs["keel_gateway"]] + big if "lost" in r),
     "keel_vs_sio_fanout": round(kf["deliveries_per_s"] / max(sf["deliveries_per_s"], 1), 2),
+    "gateway_tunnel_conns": runs["keel_gateway"]["connections"],
+    "gateway_kb_per_conn": runs["keel_gateway"]["kb_per_conn"],
+    "gateway_tunnel_p99_ms": runs["keel_gateway"]["p99_ms"],
 }
 print(json.dumps(summary))
 PY

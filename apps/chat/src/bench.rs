@@ -71,6 +71,10 @@ pub struct ChatBenchArgs {
     /// Source addresses 127.0.0.1 up to 127.0.0.N, each with its own range of ports.
     #[arg(long, default_value_t = 1)]
     pub sources: u8,
+    /// Connections per second that connect, join a room and go away during the window, on
+    /// top of those held (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
     /// Chat process ids whose memory is measured (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub pids: Vec<u32>,
@@ -88,6 +92,9 @@ struct Shared {
     delivered: AtomicU64,
     gaps: AtomicU64,
     errors: AtomicU64,
+    /// Connections that came, joined and went during the window.
+    churned: AtomicU64,
+    churn_failed: AtomicU64,
     latency: Vec<Mutex<Histogram<u64>>>,
 }
 
@@ -126,6 +133,8 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
         delivered: AtomicU64::new(0),
         gaps: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        churned: AtomicU64::new(0),
+        churn_failed: AtomicU64::new(0),
         latency,
     });
     let rss_before = rss_kb(&args.pids);
@@ -176,6 +185,7 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
                 source,
                 path: &path,
                 room: &room,
+                churn: false,
             };
             if let Err(e) = member(i, target, publish, &shared, permit.ok()).await {
                 shared.failed.fetch_add(1, Relaxed);
@@ -210,8 +220,15 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
     let window = Duration::from_secs_f64(args.seconds);
     let window_start = Instant::now();
     shared.publishing.store(args.rate > 0.0, Relaxed);
+    let churn = (args.churn > 0.0).then(|| {
+        let (args, key, shared) = (args.clone(), key.clone(), shared.clone());
+        tokio::spawn(async move { churn(&args, &key, &shared, rooms, window).await })
+    });
     tokio::time::sleep(window).await;
     shared.publishing.store(false, Relaxed);
+    if let Some(churn) = churn {
+        let _ = churn.await;
+    }
     let sent = shared.sent.load(Relaxed);
     // What was published has a few seconds to arrive.
     let expected = sent * args.room_size.min(args.connections) as u64;
@@ -257,7 +274,63 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
         "lost": expected.saturating_sub(delivered),
         "gaps": shared.gaps.load(Relaxed),
         "errors": shared.errors.load(Relaxed),
+        "churn_per_s": (shared.churned.load(Relaxed) as f64 / window.as_secs_f64()).round(),
+        "churn_failed": shared.churn_failed.load(Relaxed),
     }))
+}
+
+/// Connections that connect, join and leave at `args.churn` per second for `window`, each
+/// as a user of its own.
+async fn churn(
+    args: &ChatBenchArgs,
+    key: &jsonwebtoken::EncodingKey,
+    shared: &Arc<Shared>,
+    rooms: usize,
+    window: Duration,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.churn));
+    let until = Instant::now() + window;
+    let mut cycles = tokio::task::JoinSet::new();
+    let expiry = crate::hub::now_ms() / 1000 + 3600;
+    let mut k = 0usize;
+    while Instant::now() < until {
+        tick.tick().await;
+        let i = args.connections + k;
+        k += 1;
+        let claims = serde_json::json!({ "sub": format!("u{i}"), "exp": expiry });
+        let Ok(token) = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, key) else {
+            shared.churn_failed.fetch_add(1, Relaxed);
+            continue;
+        };
+        let (protocol, shared) = (args.protocol, shared.clone());
+        let addr = args.addrs[i % args.addrs.len()];
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % usize::from(args.sources)) as u8,
+        ));
+        let room = format!("bench-{}", k % rooms.max(1));
+        cycles.spawn(async move {
+            let path = match protocol {
+                Protocol::Keel => format!("/chat/ws?token={token}"),
+                Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_owned(),
+            };
+            let target = Target {
+                protocol,
+                addr,
+                source,
+                path: &path,
+                room: &room,
+                churn: true,
+            };
+            if member(i, target, None, &shared, None).await.is_err() {
+                shared.churn_failed.fetch_add(1, Relaxed);
+            }
+        });
+        while cycles.try_join_next().is_some() {}
+    }
+    while cycles.join_next().await.is_some() {}
 }
 
 /// Resident memory of `pids` together, in KiB; `None` without pids.
@@ -294,6 +367,8 @@ struct Target<'a> {
     source: IpAddr,
     path: &'a str,
     room: &'a str,
+    /// Leave as soon as the room is joined (a connection of the churn).
+    churn: bool,
 }
 
 /// A socket.io event frame (`42["name", body]`), as far as the bench reads it.
@@ -357,6 +432,7 @@ async fn member(
         source,
         path,
         room,
+        churn,
     } = target;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
@@ -423,6 +499,10 @@ async fn member(
                             shared.gaps.fetch_add(id - last - 1, Relaxed);
                         }
                         last_id = msg_id.or(last_id);
+                    }
+                    Heard::Joined(_) if churn => {
+                        shared.churned.fetch_add(1, Relaxed);
+                        return Ok(());
                     }
                     Heard::Joined(last) => {
                         last_id = last;

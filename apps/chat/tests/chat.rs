@@ -763,6 +763,7 @@ async fn the_bench_counts_every_delivery_with_tokens_it_signs_itself() {
         per_connection_rate: 10.0,
         seconds: 1.0,
         sources: 2,
+        churn: 20.0,
         pids: vec![std::process::id()],
     })
     .await
@@ -786,5 +787,10 @@ async fn the_bench_counts_every_delivery_with_tokens_it_signs_itself() {
         "{summary}"
     );
     assert!(summary["kb_per_conn"].is_number(), "{summary}");
+    assert!(
+        summary["churn_per_s"].as_f64().unwrap() >= 10.0,
+        "{summary}"
+    );
+    assert_eq!(summary["churn_failed"], 0, "{summary}");
     server.stop().await;
 }
