@@ -34,6 +34,8 @@ pub struct ChatConfig {
     pub max_text_chars: usize,
     /// Frames queued for one connection before it is cut with 4009.
     pub send_queue: usize,
+    /// Bytes of frames queued for one connection before it is cut with 4009.
+    pub send_queue_bytes: usize,
     /// Messages a connection may send per second, on average.
     pub sends_per_second: f64,
     /// Messages a connection may send at once.
@@ -75,6 +77,7 @@ impl Default for ChatConfig {
             max_message_bytes: 16 * 1024,
             max_text_chars: 4000,
             send_queue: 1024,
+            send_queue_bytes: 8 << 20,
             sends_per_second: 20.0,
             send_burst: 40.0,
             abuse_after: 100,
@@ -95,11 +98,12 @@ impl ChatConfig {
     pub fn check(&self) -> Result<(), String> {
         if self.history == 0
             || self.send_queue == 0
+            || self.send_queue_bytes < (2 << 20)
             || self.snapshot_every == 0
             || self.max_message_bytes < 128
         {
             return Err(
-                "history, send_queue and snapshot_every must be positive, max_message_bytes at least 128"
+                "history, send_queue and snapshot_every must be positive, send_queue_bytes at least 2097152 (two whole history frames), max_message_bytes at least 128"
                     .into(),
             );
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -77,7 +77,12 @@ pub async fn run(
     id: u64,
     mut drain: keel_net::Drain,
 ) {
-    let peer = Peer::new(id, session.user.clone(), config.send_queue);
+    let peer = Peer::new(
+        id,
+        session.user.clone(),
+        config.send_queue,
+        config.send_queue_bytes,
+    );
     hub.connect(&peer);
     let mut conn = Conn {
         hub: &hub,
@@ -100,14 +105,16 @@ pub async fn run(
     // connection.
     drop(leftover);
     let mut output = BytesMut::new();
-    let expires = Instant::now()
-        + Duration::from_secs(session.expires.saturating_sub(crate::hub::now_ms() / 1000));
+    // A token good for more than a year is checked again in a year (no overflow).
+    let lifetime = session.expires.saturating_sub(crate::hub::now_ms() / 1000);
+    let expires = Instant::now() + Duration::from_secs(lifetime.min(365 * 24 * 3600));
     let mut last_heard = Instant::now();
-    let tick = tokio::time::sleep(
-        config
-            .ping_interval
-            .min(expires.saturating_duration_since(Instant::now())),
-    );
+    let mut next_ping = last_heard + config.ping_interval;
+    // Wakes for the next ping, the pong deadline or the token's expiry, whichever is first.
+    let due = |last_heard: Instant, next_ping: Instant| {
+        next_ping.min(last_heard + config.pong_timeout).min(expires)
+    };
+    let tick = tokio::time::sleep_until(due(last_heard, next_ping));
     tokio::pin!(tick);
 
     let ending: Ending = 'conn: loop {
@@ -127,8 +134,13 @@ pub async fn run(
                         }
                         Incoming::Pong => {}
                         Incoming::Close(code) => {
-                            // Answer with the client's code, as RFC 6455 asks.
-                            let code = code.map_or(close::NORMAL, |(c, _)| c);
+                            // Answer with the client's code, as RFC 6455 asks, unless it is
+                            // one no endpoint may send.
+                            let code = match code.map(|(c, _)| c) {
+                                None => close::NORMAL,
+                                Some(c) if ws::is_valid_close_code(c) => c,
+                                Some(_) => close::PROTOCOL,
+                            };
                             break 'conn Some((code, String::new()));
                         }
                     }
@@ -153,6 +165,7 @@ pub async fn run(
             }
             output = BytesMut::new();
         }
+        tick.as_mut().reset(due(last_heard, next_ping));
         // Unbiased: a busy room must not starve reading the client (its pongs), nor the
         // reverse.
         tokio::select! {
@@ -181,18 +194,32 @@ pub async fn run(
                     // Nothing heard, not even a pong, for the whole timeout: the peer is gone.
                     break None;
                 }
-                ws::encode_ping(b"", &mut output);
-                tick.as_mut()
-                    .reset(now + config.ping_interval.min(expires.saturating_duration_since(now)));
+                if now >= next_ping {
+                    ws::encode_ping(b"", &mut output);
+                    next_ping = now + config.ping_interval;
+                }
             }
         }
     };
     if let Some((code, reason)) = ending {
-        let mut out = BytesMut::new();
+        // Frames already taken from the queue (a batch being written) go first; what is still
+        // queued is not sent.
+        let mut out = if code == close::SLOW {
+            output
+        } else {
+            BytesMut::new()
+        };
         ws::encode_close(code, &reason, &mut out);
-        // What is queued before the cut is not sent: the close frame goes now.
         if write(&mut stream, &out, config.write_timeout).await.is_ok() {
             let _ = stream.shutdown().await;
+            // Read what the client still sends (its close frame) until it closes, briefly:
+            // closing with unread bytes would reset the connection, and the client could lose
+            // the close frame and its code.
+            let mut sink = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
         }
     }
     drop(conn);
@@ -239,13 +266,36 @@ impl Conn<'_> {
             }
         };
         let config = self.config;
+        // Room names are checked for every request that names one (the conversations of
+        // direct messages live in rooms no valid name reaches).
+        let (room_name, client_msg_id) = match &msg {
+            ClientMsg::Join { room, .. }
+            | ClientMsg::Presence { room }
+            | ClientMsg::History { room, .. }
+            | ClientMsg::Leave { room } => (Some(room.as_str()), None),
+            ClientMsg::Send {
+                room,
+                client_msg_id,
+                ..
+            } => (Some(room.as_str()), Some(client_msg_id.as_str())),
+            ClientMsg::Dm { client_msg_id, .. } => (None, Some(client_msg_id.as_str())),
+            ClientMsg::Ping => (None, None),
+        };
+        if let Some(name) = room_name
+            && let Err(detail) = check_name(name, "room")
+        {
+            self.peer
+                .send(protocol::error(code::BAD_NAME, &detail, client_msg_id));
+            return None;
+        }
+        // Every request but `leave` and `ping` costs a token of the connection's rate.
+        if !matches!(msg, ClientMsg::Leave { .. } | ClientMsg::Ping)
+            && let Err(end) = self.admit(client_msg_id)
+        {
+            return end;
+        }
         match msg {
             ClientMsg::Join { room, since } => {
-                if let Err(detail) = check_name(&room, "room") {
-                    self.peer
-                        .send(protocol::error(code::BAD_NAME, &detail, None));
-                    return None;
-                }
                 let rooms = &mut self.cleanup.rooms;
                 let joined = rooms.contains(&room);
                 if !joined && rooms.len() >= config.max_rooms_per_connection {
@@ -315,6 +365,35 @@ impl Conn<'_> {
         None
     }
 
+    /// Takes a token of the connection's rate for a request. Refused: an error (`None`) or,
+    /// far over the limit, the close (4008) that ends the connection.
+    fn admit(&mut self, client_msg_id: Option<&str>) -> Result<(), Option<(u16, String)>> {
+        let config = self.config;
+        if self.bucket.take(config.sends_per_second, config.send_burst) {
+            self.refused_in_a_row = 0;
+            return Ok(());
+        }
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row > config.abuse_after {
+            return Err(Some((
+                close::ABUSE,
+                format!(
+                    "{} requests over the rate limit in a row",
+                    self.refused_in_a_row
+                ),
+            )));
+        }
+        self.peer.send(protocol::error(
+            code::RATE_LIMITED,
+            &format!(
+                "at most {} requests per second (bursts of {})",
+                config.sends_per_second, config.send_burst
+            ),
+            client_msg_id,
+        ));
+        Err(None)
+    }
+
     fn send(
         &mut self,
         room: &str,
@@ -331,28 +410,6 @@ impl Conn<'_> {
             ));
             return None;
         }
-        if !self.bucket.take(config.sends_per_second, config.send_burst) {
-            self.refused_in_a_row += 1;
-            if self.refused_in_a_row > config.abuse_after {
-                return Some((
-                    close::ABUSE,
-                    format!(
-                        "{} sends over the rate limit in a row",
-                        self.refused_in_a_row
-                    ),
-                ));
-            }
-            self.peer.send(protocol::error(
-                code::RATE_LIMITED,
-                &format!(
-                    "at most {} messages per second (bursts of {})",
-                    config.sends_per_second, config.send_burst
-                ),
-                Some(&client_msg_id),
-            ));
-            return None;
-        }
-        self.refused_in_a_row = 0;
         if text.chars().count() > config.max_text_chars {
             self.peer.send(protocol::error(
                 code::TOO_LONG,

@@ -82,21 +82,30 @@ pub struct Peer {
     /// The signed-in user.
     pub user: Arc<str>,
     capacity: usize,
-    queue: Mutex<VecDeque<Arc<str>>>,
+    max_bytes: usize,
+    queue: Mutex<Queue>,
     /// Wakes the connection's task; a wake-up sent while it is busy is kept for its next wait.
     ready: tokio::sync::Notify,
     /// Set when a frame found the queue full: the connection is cut with 4009.
     behind: AtomicBool,
 }
 
+/// A connection's frames waiting to be written, and their size.
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Arc<str>>,
+    bytes: usize,
+}
+
 impl Peer {
-    /// A peer whose queue holds at most `capacity` frames.
-    pub fn new(id: u64, user: Arc<str>, capacity: usize) -> Arc<Peer> {
+    /// A peer whose queue holds at most `capacity` frames and `max_bytes` bytes of them.
+    pub fn new(id: u64, user: Arc<str>, capacity: usize, max_bytes: usize) -> Arc<Peer> {
         Arc::new(Peer {
             id,
             user,
             capacity: capacity.max(1),
-            queue: Mutex::new(VecDeque::new()),
+            max_bytes,
+            queue: Mutex::new(Queue::default()),
             ready: tokio::sync::Notify::new(),
             behind: AtomicBool::new(false),
         })
@@ -106,14 +115,15 @@ impl Peer {
     /// with 4009); nothing waits and nothing grows.
     pub fn send(&self, frame: Arc<str>) {
         let mut queue = self.queue.lock();
-        if queue.len() >= self.capacity {
+        if queue.frames.len() >= self.capacity || queue.bytes + frame.len() > self.max_bytes {
             drop(queue);
             self.behind.store(true, Ordering::Release);
             self.ready.notify_one();
             return;
         }
-        queue.push_back(frame);
-        let first = queue.len() == 1;
+        queue.bytes += frame.len();
+        queue.frames.push_back(frame);
+        let first = queue.frames.len() == 1;
         drop(queue);
         if first {
             self.ready.notify_one();
@@ -129,19 +139,22 @@ impl Peer {
         encode: impl Fn(&str, &mut bytes::BytesMut),
     ) -> bool {
         let mut queue = self.queue.lock();
-        let any = !queue.is_empty();
+        let any = !queue.frames.is_empty();
         while out.len() < max_bytes {
-            match queue.pop_front() {
-                Some(frame) => encode(&frame, out),
+            match queue.frames.pop_front() {
+                Some(frame) => {
+                    queue.bytes -= frame.len();
+                    encode(&frame, out);
+                }
                 None => break,
             }
         }
-        if !queue.is_empty() {
+        if !queue.frames.is_empty() {
             // More than one batch: the next wait returns at once for the rest.
             self.ready.notify_one();
-        } else if queue.capacity() > 16 {
+        } else if queue.frames.capacity() > 16 {
             // A burst is over: give its memory back.
-            *queue = VecDeque::new();
+            queue.frames = VecDeque::new();
         }
         any
     }
@@ -220,6 +233,29 @@ impl Room {
         names.sort_unstable();
         names
     }
+}
+
+/// Most bytes of messages one `joined` (its `missed`) or `history` frame carries.
+pub const MAX_LIST_BYTES: usize = 1 << 20;
+
+/// The newest of `stored` (oldest first) that fit in [`MAX_LIST_BYTES`], oldest first, and
+/// whether all of them did.
+fn newest_within_budget<'a>(
+    stored: impl DoubleEndedIterator<Item = &'a Stored>,
+) -> (Vec<Arc<str>>, bool) {
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    let mut all = true;
+    for s in stored.rev() {
+        bytes += s.frame.len() + 1;
+        if bytes > MAX_LIST_BYTES {
+            all = false;
+            break;
+        }
+        frames.push(s.frame.clone());
+    }
+    frames.reverse();
+    (frames, all)
 }
 
 /// The journal's records.
@@ -323,6 +359,11 @@ impl Hub {
         }
     }
 
+    /// Rooms held in memory (those with messages, members or messages on their way).
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().len()
+    }
+
     /// The instance's name.
     pub fn instance(&self) -> &str {
         &self.config.instance
@@ -359,8 +400,15 @@ impl Hub {
         name: &str,
         since: Option<u64>,
     ) -> Result<(), JoinRefused> {
-        let room = self.room(name);
+        // The room is locked before the map is let go, so `leave` cannot forget it between
+        // the two (it checks for subscribers under the map's lock).
+        let mut rooms = self.rooms.lock();
+        let room = rooms
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(Room::new())))
+            .clone();
         let mut room = room.lock();
+        drop(rooms);
         let count = room.members.get(&peer.user).copied().unwrap_or(0);
         // A second join of the same connection only answers again (with what it missed).
         let again = room.subscribers.contains_key(&peer.id);
@@ -395,15 +443,16 @@ impl Hub {
                     .history
                     .front()
                     .map_or(room.delivered + 1, |s| s.msg.msg_id);
-                // Whole when nothing after `since` has been dropped from the history.
-                let whole = since >= room.delivered || since + 1 >= first_kept;
-                let frames: Vec<Arc<str>> = room
-                    .history
-                    .iter()
-                    .filter(|s| !whole || s.msg.msg_id > since)
-                    .map(|s| s.frame.clone())
-                    .collect();
-                (Some(whole), Some(frame_list(&frames)))
+                // Whole when nothing after `since` has left the history. A `since` past the
+                // room's last message is not: the client saw numbers this room does not have.
+                let reaches =
+                    since == room.delivered || (since < room.delivered && since + 1 >= first_kept);
+                let (frames, fits) = if reaches {
+                    newest_within_budget(room.history.iter().filter(|s| s.msg.msg_id > since))
+                } else {
+                    newest_within_budget(room.history.iter())
+                };
+                (Some(reaches && fits), Some(frame_list(&frames)))
             }
         };
         let frame = to_frame(&Joined {
@@ -435,6 +484,18 @@ impl Hub {
             room.broadcast(&member_change("member_left", name, &peer.user), None);
         } else {
             room.members.insert(peer.user.clone(), count - 1);
+        }
+        let forgettable =
+            |r: &Room| r.subscribers.is_empty() && r.history.is_empty() && r.pending.is_empty();
+        if forgettable(&room) {
+            drop(room);
+            // A room that never had a message and has no one left keeps nothing: joining and
+            // leaving made-up rooms must not grow the map. Checked again under the map's lock,
+            // taken first as everywhere.
+            let mut rooms = self.rooms.lock();
+            if rooms.get(name).is_some_and(|r| forgettable(&r.lock())) {
+                rooms.remove(name);
+            }
         }
         true
     }
@@ -481,14 +542,15 @@ impl Hub {
         let frames: Vec<Arc<str>> = match self.rooms.lock().get(name).cloned() {
             Some(room) => {
                 let room = room.lock();
-                let below: Vec<&Stored> = room
+                let mut below: Vec<&Stored> = room
                     .history
                     .iter()
                     .rev()
                     .filter(|s| s.msg.msg_id < before)
                     .take(limit)
                     .collect();
-                below.iter().rev().map(|s| s.frame.clone()).collect()
+                below.reverse();
+                newest_within_budget(below.into_iter()).0
             }
             None => Vec::new(),
         };
@@ -747,4 +809,76 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(id: u64, text_len: usize) -> Stored {
+        let msg = Message {
+            room: "r".into(),
+            msg_id: id,
+            user: "u".into(),
+            to: None,
+            text: "x".repeat(text_len),
+            ts: 0,
+            client_msg_id: id.to_string(),
+        };
+        Stored {
+            frame: msg.frame(),
+            msg,
+        }
+    }
+
+    #[test]
+    fn a_list_of_messages_keeps_the_newest_that_fit_in_one_frame() {
+        let history: Vec<Stored> = (1..=400).map(|id| stored(id, 4000)).collect();
+        let (frames, all) = newest_within_budget(history.iter());
+        assert!(!all);
+        let bytes: usize = frames.iter().map(|f| f.len() + 1).sum();
+        assert!(
+            bytes <= MAX_LIST_BYTES && bytes + 4100 > MAX_LIST_BYTES,
+            "{bytes}"
+        );
+        let first: serde_json::Value = serde_json::from_str(&frames[0]).unwrap();
+        let last: serde_json::Value = serde_json::from_str(frames.last().unwrap()).unwrap();
+        assert_eq!(last["msg_id"], 400, "the newest are kept");
+        assert_eq!(
+            first["msg_id"].as_u64().unwrap() + frames.len() as u64 - 1,
+            400,
+            "without a hole"
+        );
+        let small: Vec<Stored> = (1..=10).map(|id| stored(id, 10)).collect();
+        assert_eq!(
+            newest_within_budget(small.iter()),
+            (small.iter().map(|s| s.frame.clone()).collect(), true)
+        );
+    }
+
+    #[tokio::test]
+    async fn rooms_without_messages_or_members_are_forgotten_and_a_queue_is_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path(), HubConfig::default()).await.unwrap();
+        let peer = Peer::new(1, Arc::from("ann"), 10_000, 64 * 1024);
+        for i in 0..100 {
+            let name = format!("made-up-{i}");
+            hub.join(&peer, &name, None).unwrap();
+            assert!(hub.leave(&peer, &name));
+        }
+        assert_eq!(
+            hub.room_count(),
+            0,
+            "joining and leaving leaves nothing behind"
+        );
+        hub.join(&peer, "kept", None).unwrap();
+        assert_eq!(hub.room_count(), 1);
+        assert!(!peer.is_behind());
+        // 64 KiB of frames at most, whatever their number.
+        for _ in 0..20 {
+            peer.send(Arc::from("y".repeat(4096)));
+        }
+        assert!(peer.is_behind(), "the byte bound cut it");
+        hub.close().await.unwrap();
+    }
 }

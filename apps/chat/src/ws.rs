@@ -35,6 +35,12 @@ pub mod close {
     pub const SLOW: u16 = 4009;
 }
 
+/// Whether an endpoint may send close code `code` (RFC 6455 section 7.4: 1005, 1006 and 1015
+/// are reserved for reporting, and codes below 3000 are the protocol's own).
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+}
+
 /// The handshake's `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key`.
 pub fn accept_key(key: &[u8]) -> String {
     tungstenite::handshake::derive_accept_key(key)

@@ -361,6 +361,10 @@ async fn recovery_past_the_kept_history_says_so_and_never_has_a_hole() {
     let joined = join(&mut bob, "r", Some(9)).await;
     assert_eq!(joined["recovered"], true);
     assert_eq!(joined["missed"].as_array().unwrap().len(), 3);
+    // Numbers past the room's last message: not recovered, never a silent success.
+    let joined = join(&mut bob, "r", Some(40)).await;
+    assert_eq!(joined["recovered"], false);
+    assert_eq!(joined["missed"].as_array().unwrap().len(), 5);
     server.stop().await;
 }
 
@@ -428,6 +432,52 @@ async fn a_direct_message_reaches_every_connection_of_both_users() {
 }
 
 #[tokio::test]
+async fn direct_conversations_are_out_of_reach_of_room_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut ann = connect(server.addr, "ann").await;
+    send(
+        &mut ann,
+        json!({"type":"dm","to":"bob","text":"secret","client_msg_id":"d1"}),
+    )
+    .await;
+    next_of(&mut ann, "ack").await;
+    let mut eve = connect(server.addr, "eve").await;
+    for request in [
+        json!({"type":"history","room":"dm\nann\nbob"}),
+        json!({"type":"presence","room":"dm\nann\nbob"}),
+        json!({"type":"join","room":"dm\nann\nbob","since":0}),
+    ] {
+        send(&mut eve, request).await;
+        let answer = next(&mut eve).await;
+        assert_eq!(answer["code"], "bad_name", "{answer}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_close_code_no_endpoint_may_send_is_answered_with_1002() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut raw = raw_client(server.addr, "ann", None).await;
+    // A masked close frame (mask 0) with code 1005.
+    raw.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xed])
+        .await
+        .unwrap();
+    assert_eq!(raw_close_code(&mut raw).await, Some(1002));
+    let mut raw = raw_client(server.addr, "bob", None).await;
+    raw.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x0f, 0xa0])
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_close_code(&mut raw).await,
+        Some(4000),
+        "a valid code is echoed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_tokens_are_refused_before_the_upgrade_and_expired_ones_closed_with_4001() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(ChatConfig {
@@ -471,8 +521,8 @@ async fn limits_answer_with_errors_or_close_codes() {
         max_text_chars: 10,
         max_message_bytes: 1024,
         max_rooms_per_connection: 2,
-        sends_per_second: 1.0,
-        send_burst: 2.0,
+        sends_per_second: 0.1,
+        send_burst: 6.0,
         abuse_after: 5,
         ..config(dir.path())
     })
@@ -500,8 +550,8 @@ async fn limits_answer_with_errors_or_close_codes() {
     )
     .await;
     assert_eq!(next(&mut ann).await["code"], "too_long");
-    // The burst of 2 was spent by the two refused sends above? No: refusals for length come
-    // after the rate check, so one token is left; then the limit answers.
+    // Every request but leave and ping takes a token: five so far, one left, then the limit
+    // answers.
     send(
         &mut ann,
         json!({"type":"send","room":"r1","text":"ok","client_msg_id":"3"}),
