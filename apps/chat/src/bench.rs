@@ -40,6 +40,26 @@ pub enum Protocol {
     Socketio,
 }
 
+impl Protocol {
+    /// The request target of the WebSocket upgrade.
+    fn path(self, token: &str) -> String {
+        match self {
+            Protocol::Keel => format!("/chat/ws?token={token}"),
+            Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_owned(),
+        }
+    }
+}
+
+/// The source address of connection `i`: 127.0.0.1 up to 127.0.0.`sources`, in turn.
+fn source(i: usize, sources: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (i % usize::from(sources)) as u8,
+    ))
+}
+
 /// `keel bench chat` arguments.
 #[derive(Args, Debug, Clone)]
 pub struct ChatBenchArgs {
@@ -161,12 +181,7 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
             &key,
         )?;
         let addr = args.addrs[i % args.addrs.len()];
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % usize::from(args.sources)) as u8,
-        ));
+        let source = source(i, args.sources);
         let room = format!("bench-{}", i / args.room_size);
         let publish = (i % args.room_size < publishers_per_room)
             .then(|| Duration::from_secs_f64(1.0 / each_rate));
@@ -175,10 +190,7 @@ pub async fn run(args: &ChatBenchArgs) -> anyhow::Result<serde_json::Value> {
         let protocol = args.protocol;
         tasks.spawn(async move {
             let permit = opening.acquire_owned().await;
-            let path = match protocol {
-                Protocol::Keel => format!("/chat/ws?token={token}"),
-                Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_owned(),
-            };
+            let path = protocol.path(&token);
             let target = Target {
                 protocol,
                 addr,
@@ -304,18 +316,10 @@ async fn churn(
         };
         let (protocol, shared) = (args.protocol, shared.clone());
         let addr = args.addrs[i % args.addrs.len()];
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % usize::from(args.sources)) as u8,
-        ));
+        let source = source(i, args.sources);
         let room = format!("bench-{}", k % rooms.max(1));
         cycles.spawn(async move {
-            let path = match protocol {
-                Protocol::Keel => format!("/chat/ws?token={token}"),
-                Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_owned(),
-            };
+            let path = protocol.path(&token);
             let target = Target {
                 protocol,
                 addr,

@@ -11,6 +11,20 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub(crate) const CHROMIUM: &str = "/usr/bin/chromium";
 
+/// Whether Chromium is here to run a browser test; without it the test is skipped with a
+/// message, or fails under `KEEL_REQUIRE_SERVICES=1`.
+pub(crate) fn available() -> bool {
+    if std::path::Path::new(CHROMIUM).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("KEEL_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "{CHROMIUM} is missing and KEEL_REQUIRE_SERVICES=1 (apt-get install chromium)"
+    );
+    eprintln!("skipped: {CHROMIUM} is not installed (apt-get install chromium)");
+    false
+}
+
 pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
