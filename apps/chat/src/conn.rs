@@ -43,27 +43,6 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-/// A token bucket: `rate` per second, up to `burst` at once.
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn take(&mut self, rate: f64, burst: f64) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * rate).min(burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Why the loop ended: a close frame to send (code, reason), or none.
 type Ending = Option<(u16, String)>;
 
@@ -93,10 +72,7 @@ pub async fn run(
             peer: &peer,
             rooms: Vec::new(),
         },
-        bucket: Bucket {
-            tokens: config.send_burst,
-            at: Instant::now(),
-        },
+        bucket: keel_net::TokenBucket::full(config.send_burst, Instant::now()),
         refused_in_a_row: 0,
     };
     let mut decoder = Decoder::new(config.max_message_bytes);
@@ -165,7 +141,6 @@ pub async fn run(
             }
             output = BytesMut::new();
         }
-        tick.as_mut().reset(due(last_heard, next_ping));
         // Unbiased: a busy room must not starve reading the client (its pongs), nor the
         // reverse.
         tokio::select! {
@@ -198,6 +173,9 @@ pub async fn run(
                     ws::encode_ping(b"", &mut output);
                     next_ping = now + config.ping_interval;
                 }
+                // The deadline only moves later (reads push the pong deadline, pings the next
+                // ping), so the timer is set here, when it fires, not after every read.
+                tick.as_mut().reset(due(last_heard, next_ping));
             }
         }
     };
@@ -215,7 +193,8 @@ pub async fn run(
             // Read what the client still sends (its close frame) until it closes, briefly:
             // closing with unread bytes would reset the connection, and the client could lose
             // the close frame and its code.
-            let mut sink = [0u8; 512];
+            // On the heap: a buffer here would be part of every connection's task.
+            let mut sink = vec![0u8; 512];
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
             })
@@ -246,7 +225,7 @@ struct Conn<'a> {
     peer: &'a Arc<Peer>,
     /// Holds the rooms joined, to leave them when the connection ends.
     cleanup: Cleanup<'a>,
-    bucket: Bucket,
+    bucket: keel_net::TokenBucket,
     /// Sends refused by the rate limit since the last one accepted.
     refused_in_a_row: u32,
 }
@@ -369,7 +348,12 @@ impl Conn<'_> {
     /// far over the limit, the close (4008) that ends the connection.
     fn admit(&mut self, client_msg_id: Option<&str>) -> Result<(), Option<(u16, String)>> {
         let config = self.config;
-        if self.bucket.take(config.sends_per_second, config.send_burst) {
+        let now = Instant::now();
+        if self
+            .bucket
+            .take(config.sends_per_second, config.send_burst, now)
+            .is_ok()
+        {
             self.refused_in_a_row = 0;
             return Ok(());
         }

@@ -47,7 +47,7 @@ pub struct Chat {
     encoding: jsonwebtoken::EncodingKey,
     decoding: jsonwebtoken::DecodingKey,
     validation: jsonwebtoken::Validation,
-    logins: Mutex<HashMap<IpAddr, (f64, std::time::Instant)>>,
+    logins: Mutex<HashMap<IpAddr, keel_net::TokenBucket>>,
     next_peer: AtomicU64,
     stats: Arc<keel_net::ConnectionStats>,
 }
@@ -301,20 +301,16 @@ impl Chat {
 
     fn login_allowed(&self, ip: IpAddr) -> bool {
         let (rate, burst) = (self.config.logins_per_second, self.config.login_burst);
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut logins = self.logins.lock();
         if logins.len() >= MAX_TRACKED_ADDRESSES {
-            logins.retain(|_, (tokens, at)| *tokens + (now - *at).as_secs_f64() * rate < burst);
+            logins.retain(|_, bucket| !bucket.is_full(rate, burst, now));
         }
-        let (tokens, at) = logins.entry(ip).or_insert((burst, now));
-        *tokens = (*tokens + (now - *at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        logins
+            .entry(ip)
+            .or_insert(keel_net::TokenBucket::full(burst, now))
+            .take(rate, burst, now)
+            .is_ok()
     }
 
     fn upgrade(&self, mut req: Request<Incoming>, slot: &Slot) -> Response<Full<Bytes>> {

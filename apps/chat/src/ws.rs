@@ -218,58 +218,46 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-fn header(opcode: OpCode, len: usize, dst: &mut BytesMut) {
+/// Appends a frame; a client's (`mask`) is masked as RFC 6455 asks, a server's is not.
+fn frame(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, dst: &mut BytesMut) {
     let header = FrameHeader {
         opcode,
+        mask,
         ..FrameHeader::default()
     };
     // Writing into a growable buffer cannot fail.
-    let _ = header.format(len as u64, &mut dst.writer());
+    let _ = header.format(payload.len() as u64, &mut dst.writer());
+    let start = dst.len();
+    dst.put_slice(payload);
+    if let Some(mask) = mask {
+        unmask(&mut dst[start..], mask);
+    }
 }
 
 /// Appends a server text frame (servers do not mask).
 pub fn encode_text(text: &str, dst: &mut BytesMut) {
-    header(OpCode::Data(Data::Text), text.len(), dst);
-    dst.put_slice(text.as_bytes());
+    frame(OpCode::Data(Data::Text), text.as_bytes(), None, dst);
 }
 
 /// Appends a client text frame, masked with `mask` (RFC 6455 asks clients for a fresh
 /// unpredictable mask per frame; a load generator may reuse one).
 pub fn encode_text_masked(text: &str, mask: [u8; 4], dst: &mut BytesMut) {
-    let header = FrameHeader {
-        opcode: OpCode::Data(Data::Text),
-        mask: Some(mask),
-        ..FrameHeader::default()
-    };
-    let _ = header.format(text.len() as u64, &mut dst.writer());
-    let start = dst.len();
-    dst.put_slice(text.as_bytes());
-    unmask(&mut dst[start..], mask);
+    frame(OpCode::Data(Data::Text), text.as_bytes(), Some(mask), dst);
 }
 
 /// Appends a masked pong (a client answering a server's ping).
 pub fn encode_pong_masked(payload: &[u8], mask: [u8; 4], dst: &mut BytesMut) {
-    let header = FrameHeader {
-        opcode: OpCode::Control(Control::Pong),
-        mask: Some(mask),
-        ..FrameHeader::default()
-    };
-    let _ = header.format(payload.len() as u64, &mut dst.writer());
-    let start = dst.len();
-    dst.put_slice(payload);
-    unmask(&mut dst[start..], mask);
+    frame(OpCode::Control(Control::Pong), payload, Some(mask), dst);
 }
 
 /// Appends a ping.
 pub fn encode_ping(payload: &[u8], dst: &mut BytesMut) {
-    header(OpCode::Control(Control::Ping), payload.len(), dst);
-    dst.put_slice(payload);
+    frame(OpCode::Control(Control::Ping), payload, None, dst);
 }
 
 /// Appends a pong answering a ping's payload.
 pub fn encode_pong(payload: &[u8], dst: &mut BytesMut) {
-    header(OpCode::Control(Control::Pong), payload.len(), dst);
-    dst.put_slice(payload);
+    frame(OpCode::Control(Control::Pong), payload, None, dst);
 }
 
 /// Appends a close frame with `code` and `reason` (cut to fit the 125-byte control limit).
@@ -278,10 +266,10 @@ pub fn encode_close(code: u16, reason: &str, dst: &mut BytesMut) {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    let reason = &reason[..end];
-    header(OpCode::Control(Control::Close), 2 + reason.len(), dst);
-    dst.put_u16(code);
-    dst.put_slice(reason.as_bytes());
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    frame(OpCode::Control(Control::Close), &payload, None, dst);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::HeaderName;
 use ipnet::IpNet;
 use keel_governance::balance::hash_key;
+use keel_net::TokenBucket;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -44,12 +45,6 @@ impl AddressFilter {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// What a rate limit keeps a bucket for.
 #[derive(Debug)]
 enum LimitKey {
@@ -63,7 +58,7 @@ const MAX_BUCKETS: usize = 100_000;
 
 #[derive(Debug)]
 struct Buckets {
-    map: HashMap<u64, Bucket>,
+    map: HashMap<u64, TokenBucket>,
     swept: Instant,
 }
 
@@ -160,29 +155,15 @@ impl RateLimiter {
         if map.len() >= MAX_BUCKETS && !map.contains_key(&key) {
             if now.duration_since(*swept) >= Duration::from_secs(1) {
                 *swept = now;
-                let full_after = Duration::from_secs_f64(self.burst / self.per_second);
-                map.retain(|_, b| now.duration_since(b.at) < full_after);
+                map.retain(|_, b| !b.is_full(self.per_second, self.burst, now));
             }
             if map.len() >= MAX_BUCKETS {
                 key = u64::MAX;
             }
         }
-        let buckets = map;
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let refill = now.duration_since(bucket.at).as_secs_f64() * self.per_second;
-        bucket.tokens = (bucket.tokens + refill).min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.per_second,
-            ))
-        }
+        map.entry(key)
+            .or_insert(TokenBucket::full(self.burst, now))
+            .take(self.per_second, self.burst, now)
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`Rewind`]: a stream that yields bytes already read (to sniff the protocol) before the
 //!   rest, so the connection can be handed to whichever protocol the bytes announce.
 //! - [`Backoff`]: exponential delays with a cap and jitter, for every retry loop.
+//! - [`TokenBucket`]: the rate-limit policy, for every limiter.
 //! - [`duration`]: durations in config files, written as whole milliseconds.
 //! - [`constant_time_eq`]: compares secrets without leaking where they differ.
 //! - [`say!`]: a line on stdout for a command's console, dropped rather than a panic when
@@ -28,12 +29,14 @@ macro_rules! say {
 
 pub mod accept;
 mod backoff;
+mod bucket;
 pub mod duration;
 mod http;
 mod rewind;
 
 pub use accept::{AcceptLoop, ConnectionStats, Drain};
 pub use backoff::Backoff;
+pub use bucket::TokenBucket;
 pub use http::serve_http1;
 pub use rewind::Rewind;
 
