@@ -442,26 +442,7 @@ async fn member(
     socket.bind(SocketAddr::new(source, 0))?;
     let mut stream: TcpStream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2VlbC1iZW5jaC1jaGF0IQ==\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut input = BytesMut::with_capacity(1024);
-    let head_end = loop {
-        if stream.read_buf(&mut input).await? == 0 {
-            anyhow::bail!("closed during the upgrade");
-        }
-        if let Some(at) = input.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        anyhow::ensure!(input.len() < 8192, "no end of the upgrade answer");
-    };
-    anyhow::ensure!(
-        input.starts_with(b"HTTP/1.1 101"),
-        "upgrade refused: {}",
-        String::from_utf8_lossy(&input[..head_end.min(200)])
-    );
-    let _ = input.split_to(head_end);
+    let mut input = ws::client_handshake(&mut stream, &addr.to_string(), path).await?;
     let mask = (i as u32).to_le_bytes();
     let mut out = BytesMut::new();
     if protocol == Protocol::Keel {

@@ -26,6 +26,16 @@ pub struct ChatArgs {
     /// A file holding the token-signing key (else KEEL_CHAT_SECRET, else a random key).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Every instance of the chat, this one included (`NAME` or `NAME=HOST:PORT`, comma
+    /// separated).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// The naming service to register in and find the peers through.
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// A NATS server to reach the peers through.
+    #[arg(long)]
+    pub nats: Option<String>,
     /// Runtime worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -49,6 +59,15 @@ pub fn config(args: &ChatArgs) -> anyhow::Result<ChatConfig> {
     }
     if let Some(instance) = &args.instance {
         config.instance = instance.clone();
+    }
+    if !args.peers.is_empty() {
+        config.peers = args.peers.clone();
+    }
+    if let Some(registry) = &args.registry {
+        config.registry = registry.clone();
+    }
+    if let Some(nats) = &args.nats {
+        config.nats = nats.clone();
     }
     match &args.secret_file {
         Some(path) => {

@@ -61,6 +61,23 @@ pub struct ChatConfig {
     pub login_burst: f64,
     /// Connections open at once (beyond it new ones are closed at once).
     pub max_connections: usize,
+    /// Every instance of this chat, this one included, each `NAME` or `NAME=HOST:PORT`:
+    /// rooms are spread over them, and members on any of them see every message. Empty:
+    /// this instance alone.
+    pub peers: Vec<String>,
+    /// The naming service where instances register (service `chat`) and find each other:
+    /// Keel's registry (`HOST:PORT`) or etcd (`etcd://HOST:PORT,…`). Empty: none.
+    pub registry: String,
+    /// A NATS server (`nats://HOST:PORT`): instances reach each other over NATS subjects
+    /// instead of direct WebSockets. Empty: direct.
+    pub nats: String,
+    /// Another instance unheard this long counts as down: its members leave its rooms.
+    #[serde(with = "keel_net::duration::ms", rename = "peer_timeout_ms")]
+    pub peer_timeout: Duration,
+    /// A request forwarded to the instance holding a room and unanswered this long is
+    /// answered with `unavailable`.
+    #[serde(with = "keel_net::duration::ms", rename = "request_timeout_ms")]
+    pub request_timeout: Duration,
 }
 
 impl Default for ChatConfig {
@@ -89,11 +106,31 @@ impl Default for ChatConfig {
             logins_per_second: 20.0,
             login_burst: 200.0,
             max_connections: 200_000,
+            peers: Vec::new(),
+            registry: String::new(),
+            nats: String::new(),
+            peer_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
         }
     }
 }
 
 impl ChatConfig {
+    /// The peers' names and fixed addresses.
+    pub fn peer_list(&self) -> Result<Vec<(String, Option<String>)>, String> {
+        let mut list = Vec::new();
+        for peer in &self.peers {
+            let (name, address) = match peer.split_once('=') {
+                Some((name, address)) if !address.is_empty() => (name, Some(address.to_owned())),
+                Some(_) => return Err(format!("peer {peer:?}: the address after '=' is empty")),
+                None => (peer.as_str(), None),
+            };
+            crate::cluster::check_instance_name(name).map_err(|e| e.to_string())?;
+            list.push((name.to_owned(), address));
+        }
+        Ok(list)
+    }
+
     /// Checks what serde cannot: a clear error instead of a server that misbehaves.
     pub fn check(&self) -> Result<(), String> {
         if self.history == 0
@@ -120,6 +157,27 @@ impl ChatConfig {
         }
         if self.write_timeout.is_zero() || self.token_ttl.is_zero() {
             return Err("write_timeout_ms and token_ttl_ms must be positive".into());
+        }
+        if !self.peers.is_empty() {
+            if self.secret.is_empty() {
+                return Err("instances with peers must share a secret (the links between them are signed with it)".into());
+            }
+            if self.peer_timeout < 2 * crate::transport::HEARTBEAT || self.request_timeout.is_zero()
+            {
+                return Err("peer_timeout_ms must be at least 2000 (two greetings) and request_timeout_ms positive".into());
+            }
+            let peers = self.peer_list()?;
+            for (name, address) in &peers {
+                if address.is_none()
+                    && self.registry.is_empty()
+                    && self.nats.is_empty()
+                    && *name != self.instance
+                {
+                    return Err(format!(
+                        "peer {name} has no address (NAME=HOST:PORT) and there is neither a registry nor NATS to find it"
+                    ));
+                }
+            }
         }
         Ok(())
     }

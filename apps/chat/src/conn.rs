@@ -132,6 +132,9 @@ pub async fn run(
         if peer.is_behind() {
             break Some((close::SLOW, slow_reason(&config)));
         }
+        if let Some(code) = peer.cut_requested() {
+            break Some((code, cut_reason(code).into()));
+        }
         if !output.is_empty() {
             if write(&mut stream, &output, config.write_timeout)
                 .await
@@ -209,6 +212,16 @@ fn slow_reason(config: &ChatConfig) -> String {
         "fell {} frames behind; reconnect and join with since to catch up",
         config.send_queue
     )
+}
+
+/// The reason sent with a close the rooms asked for.
+fn cut_reason(code: u16) -> &'static str {
+    match code {
+        close::RESYNC => {
+            "messages of a room could not be recovered after a fault; reconnect and join with since"
+        }
+        _ => "closed by the server",
+    }
 }
 
 async fn write(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> Result<(), ()> {

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{Links, Relay};
 use crate::protocol::{self, Message, code, frame_list, to_frame};
 
 /// Settings of the rooms.
@@ -88,6 +89,8 @@ pub struct Peer {
     ready: tokio::sync::Notify,
     /// Set when a frame found the queue full: the connection is cut with 4009.
     behind: AtomicBool,
+    /// A close code the server decided on (0: none).
+    cut: std::sync::atomic::AtomicU16,
 }
 
 /// A connection's frames waiting to be written, and their size.
@@ -108,6 +111,7 @@ impl Peer {
             queue: Mutex::new(Queue::default()),
             ready: tokio::sync::Notify::new(),
             behind: AtomicBool::new(false),
+            cut: std::sync::atomic::AtomicU16::new(0),
         })
     }
 
@@ -136,7 +140,7 @@ impl Peer {
         &self,
         out: &mut bytes::BytesMut,
         max_bytes: usize,
-        encode: impl Fn(&str, &mut bytes::BytesMut),
+        mut encode: impl FnMut(&str, &mut bytes::BytesMut),
     ) -> bool {
         let mut queue = self.queue.lock();
         let any = !queue.frames.is_empty();
@@ -168,6 +172,29 @@ impl Peer {
     pub fn is_behind(&self) -> bool {
         self.behind.load(Ordering::Acquire)
     }
+
+    /// Asks the connection to close with `code` (the first such request wins).
+    pub fn cut(&self, code: u16) {
+        let _ = self
+            .cut
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.ready.notify_one();
+    }
+
+    /// The close code the server asked for with [`cut`](Peer::cut), if any.
+    pub fn cut_requested(&self) -> Option<u16> {
+        match self.cut.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
+    /// Empties the queue and forgets that it overflowed; whether it had.
+    pub(crate) fn reset(&self) -> bool {
+        let mut queue = self.queue.lock();
+        *queue = Queue::default();
+        self.behind.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// A delivered message with its frame, serialised once.
@@ -177,20 +204,53 @@ struct Stored {
     frame: Arc<str>,
 }
 
+/// Where the answer to a request goes: a connection of this instance, or a connection of
+/// another instance (through the link to it, naming the request it answers).
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A connection here.
+    Local(Arc<Peer>),
+    /// Connection `conn` of `instance`, which asked with request `req`.
+    Remote {
+        instance: Arc<str>,
+        conn: u64,
+        req: u64,
+    },
+}
+
+/// Who joins an owned room: a connection here, or a user of another instance (`again` when
+/// that connection is in the room already, so it only gets its answer again).
+pub(crate) enum Who<'a> {
+    Local(&'a Arc<Peer>),
+    Remote {
+        instance: &'a Arc<str>,
+        user: &'a Arc<str>,
+        again: bool,
+    },
+}
+
+/// Where a connection that leaves an owned room is: here (its id) or on another instance.
+pub(crate) enum Place<'a> {
+    Here(u64),
+    There(&'a Arc<str>),
+}
+
 /// A message numbered and handed to the journal, not yet delivered.
 #[derive(Debug)]
 struct Pending {
     msg: Message,
     durable: bool,
     /// Who gets an `ack` when it is delivered: the sender, and anyone who resent it meanwhile.
-    ackers: Vec<(Arc<Peer>, String)>,
+    ackers: Vec<(Target, String)>,
 }
 
 #[derive(Debug, Default)]
 struct Room {
-    /// Users in the room, with their number of connections in it.
+    /// Users in the room, with their number of connections in it (here and elsewhere).
     members: FxHashMap<Arc<str>, u32>,
     subscribers: FxHashMap<u64, Arc<Peer>>,
+    /// The other instances with connections in the room: their users and connections each.
+    remote: FxHashMap<Arc<str>, FxHashMap<Arc<str>, u32>>,
     /// The newest delivered messages, oldest first.
     history: VecDeque<Stored>,
     /// The number the next message gets.
@@ -210,14 +270,6 @@ impl Room {
         }
     }
 
-    fn broadcast(&self, frame: &Arc<str>, except: Option<u64>) {
-        for (id, peer) in &self.subscribers {
-            if Some(*id) != except {
-                peer.send(frame.clone());
-            }
-        }
-    }
-
     fn keep(&mut self, stored: Stored, limit: usize) {
         self.history.push_back(stored);
         while self.history.len() > limit {
@@ -233,29 +285,80 @@ impl Room {
         names.sort_unstable();
         names
     }
+
+    /// Nothing to keep: no message, no one in it here or elsewhere.
+    fn forgettable(&self) -> bool {
+        self.subscribers.is_empty()
+            && self.remote.is_empty()
+            && self.history.is_empty()
+            && self.pending.is_empty()
+    }
+
+    /// The messages after `since` that fit in `budget` bytes, and whether they are all of
+    /// them; when history no longer reaches back to `since`, the newest that fit instead.
+    fn after(&self, since: u64, budget: usize) -> (Vec<&Stored>, bool) {
+        let first_kept = self
+            .history
+            .front()
+            .map_or(self.delivered + 1, |s| s.msg.msg_id);
+        // Whole when nothing after `since` has left the history. A `since` past the room's
+        // last message is not: the client saw numbers this room does not have.
+        let reaches =
+            since == self.delivered || (since < self.delivered && since + 1 >= first_kept);
+        let (kept, fits) = if reaches {
+            newest_within_budget(self.history.iter().filter(|s| s.msg.msg_id > since), budget)
+        } else {
+            newest_within_budget(self.history.iter(), budget)
+        };
+        (kept, reaches && fits)
+    }
+
+    /// Adds `delta` connections of `user`; a user who arrives or goes is announced.
+    fn count(&mut self, user: &Arc<str>, delta: i64) -> Option<&'static str> {
+        let before = self.members.get(user).copied().unwrap_or(0);
+        let after = (i64::from(before) + delta).clamp(0, i64::from(u32::MAX)) as u32;
+        if after == 0 {
+            self.members.remove(user);
+        } else {
+            self.members.insert(user.clone(), after);
+        }
+        match (before, after) {
+            (0, 1..) => Some("member_joined"),
+            (1.., 0) => Some("member_left"),
+            _ => None,
+        }
+    }
 }
 
 /// Most bytes of messages one `joined` (its `missed`) or `history` frame carries.
 pub const MAX_LIST_BYTES: usize = 1 << 20;
 
-/// The newest of `stored` (oldest first) that fit in [`MAX_LIST_BYTES`], oldest first, and
-/// whether all of them did.
+/// Most bytes of messages one answer between instances carries (a NATS message holds 1 MiB).
+const RELAY_LIST_BYTES: usize = 512 << 10;
+
+/// The newest of `stored` (oldest first) whose frames fit in `budget` bytes, oldest first,
+/// and whether all of them did.
 fn newest_within_budget<'a>(
     stored: impl DoubleEndedIterator<Item = &'a Stored>,
-) -> (Vec<Arc<str>>, bool) {
-    let mut frames = Vec::new();
+    budget: usize,
+) -> (Vec<&'a Stored>, bool) {
+    let mut kept = Vec::new();
     let mut bytes = 0;
     let mut all = true;
     for s in stored.rev() {
         bytes += s.frame.len() + 1;
-        if bytes > MAX_LIST_BYTES {
+        if bytes > budget {
             all = false;
             break;
         }
-        frames.push(s.frame.clone());
+        kept.push(s);
     }
-    frames.reverse();
-    (frames, all)
+    kept.reverse();
+    (kept, all)
+}
+
+fn frames_of(stored: &[&Stored]) -> Vec<Arc<str>> {
+    stored.iter().map(|s| s.frame.clone()).collect()
 }
 
 /// The journal's records.
@@ -270,7 +373,8 @@ struct RoomSnapshot {
     messages: Vec<Message>,
 }
 
-/// All rooms of one chat instance.
+/// All rooms of one chat instance: those it owns (all of them when it runs alone), and,
+/// through [`Links`], the connections it serves in rooms other instances own.
 #[derive(Debug)]
 pub struct Hub {
     config: HubConfig,
@@ -282,6 +386,8 @@ pub struct Hub {
     snapshotting: AtomicBool,
     /// Set when an append failed: the journal is unusable and sends are refused.
     failed: AtomicBool,
+    /// The other instances, when there are any.
+    links: Option<Links>,
 }
 
 /// Why a join was refused.
@@ -292,8 +398,13 @@ pub enum JoinRefused {
 }
 
 impl Hub {
-    /// Opens (or creates) the rooms' journal in `dir` and replays it.
-    pub async fn open(dir: impl Into<PathBuf>, config: HubConfig) -> Result<Arc<Hub>, HubError> {
+    /// Opens (or creates) the rooms' journal in `dir` and replays it; `links` to the other
+    /// instances when it is one of several.
+    pub async fn open(
+        dir: impl Into<PathBuf>,
+        config: HubConfig,
+        links: Option<Links>,
+    ) -> Result<Arc<Hub>, HubError> {
         let dir = dir.into();
         let path = dir.display().to_string();
         let (journal, recovered) = tokio::task::spawn_blocking(move || {
@@ -309,6 +420,7 @@ impl Hub {
             appends: AtomicU64::new(0),
             snapshotting: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            links,
         };
         if let Some(snapshot) = recovered.snapshot {
             let data: SnapshotData = serde_json::from_slice(&snapshot.data)
@@ -392,14 +504,115 @@ impl Hub {
         }
     }
 
+    /// The other instances, when this one has any.
+    pub(crate) fn links(&self) -> Option<&Links> {
+        self.links.as_ref()
+    }
+
+    /// The links, when another instance owns room `name`.
+    fn elsewhere(&self, name: &str) -> Option<(&Links, Arc<str>)> {
+        let links = self.links.as_ref()?;
+        let owner = links.owner(name);
+        (*owner != *links.me()).then(|| (links, owner.clone()))
+    }
+
+    /// Queues `frame` for the room's connections here (but `except`) and sends it to the
+    /// instances with connections in it; `msg_id` for a message, which they check for gaps.
+    fn fan_out(
+        &self,
+        name: &str,
+        room: &Room,
+        frame: &Arc<str>,
+        except: Option<u64>,
+        msg_id: Option<u64>,
+    ) {
+        for (id, peer) in &room.subscribers {
+            if Some(*id) != except {
+                peer.send(frame.clone());
+            }
+        }
+        if let Some(links) = &self.links
+            && !room.remote.is_empty()
+        {
+            let relay = match msg_id {
+                Some(msg_id) => Relay::Msg {
+                    room: name.to_owned(),
+                    msg_id,
+                    frame: frame.to_string(),
+                },
+                None => Relay::Member {
+                    room: name.to_owned(),
+                    frame: frame.to_string(),
+                },
+            };
+            let line = relay.line();
+            for instance in room.remote.keys() {
+                links.post(instance, line.clone());
+            }
+        }
+    }
+
+    /// Queues `frame` for the connection `target` names, here or on another instance.
+    pub(crate) fn answer(&self, target: &Target, frame: Arc<str>) {
+        match target {
+            Target::Local(peer) => peer.send(frame),
+            Target::Remote {
+                instance,
+                conn,
+                req,
+            } => {
+                if let Some(links) = &self.links {
+                    let relay = Relay::Conn {
+                        req: *req,
+                        conn: *conn,
+                        frame: frame.to_string(),
+                    };
+                    links.post(instance, relay.line());
+                }
+            }
+        }
+    }
+
+    /// Queues `frame` for every connection here of the users in `users`.
+    pub(crate) fn to_users(&self, users: &[&str], frame: &Arc<str>) {
+        let map = self.users.lock();
+        let mut seen: Vec<&str> = Vec::with_capacity(users.len());
+        for user in users {
+            if seen.contains(user) {
+                continue;
+            }
+            seen.push(user);
+            for peer in map.get(*user).into_iter().flatten() {
+                peer.send(frame.clone());
+            }
+        }
+    }
+
     /// Adds a connection to a room and queues its `joined` frame (with what it missed after
-    /// `since`), before any message of the room that follows.
+    /// `since`), before any message of the room that follows. A room another instance owns
+    /// is joined there: the answer comes through the link.
     pub fn join(
         &self,
         peer: &Arc<Peer>,
         name: &str,
         since: Option<u64>,
     ) -> Result<(), JoinRefused> {
+        if let Some((links, owner)) = self.elsewhere(name) {
+            links.join(peer, name, since, &owner);
+            return Ok(());
+        }
+        let (frame, _) = self.join_owned(Who::Local(peer), name, since)?;
+        peer.send(frame);
+        Ok(())
+    }
+
+    /// Joins a room this instance owns; the `joined` frame and the room's last number.
+    pub(crate) fn join_owned(
+        &self,
+        who: Who<'_>,
+        name: &str,
+        since: Option<u64>,
+    ) -> Result<(Arc<str>, u64), JoinRefused> {
         // The room is locked before the map is let go, so `leave` cannot forget it between
         // the two (it checks for subscribers under the map's lock).
         let mut rooms = self.rooms.lock();
@@ -409,19 +622,36 @@ impl Hub {
             .clone();
         let mut room = room.lock();
         drop(rooms);
-        let count = room.members.get(&peer.user).copied().unwrap_or(0);
+        let user = match &who {
+            Who::Local(peer) => peer.user.clone(),
+            Who::Remote { user, .. } => (*user).clone(),
+        };
+        let count = room.members.get(&user).copied().unwrap_or(0);
         // A second join of the same connection only answers again (with what it missed).
-        let again = room.subscribers.contains_key(&peer.id);
+        let (again, except) = match &who {
+            Who::Local(peer) => (room.subscribers.contains_key(&peer.id), Some(peer.id)),
+            Who::Remote { again, .. } => (*again, None),
+        };
         if count == 0 && room.members.len() >= self.config.max_members {
             return Err(JoinRefused::Full);
         }
         if !again {
-            room.members.insert(peer.user.clone(), count + 1);
-            room.subscribers.insert(peer.id, peer.clone());
-        }
-        if count == 0 {
-            let joined = member_change("member_joined", name, &peer.user);
-            room.broadcast(&joined, Some(peer.id));
+            match &who {
+                Who::Local(peer) => {
+                    room.subscribers.insert(peer.id, (*peer).clone());
+                }
+                Who::Remote { instance, .. } => {
+                    *room
+                        .remote
+                        .entry((*instance).clone())
+                        .or_default()
+                        .entry(user.clone())
+                        .or_insert(0) += 1;
+                }
+            }
+            if let Some(kind) = room.count(&user, 1) {
+                self.fan_out(name, &room, &member_change(kind, name, &user), except, None);
+            }
         }
         #[derive(Serialize)]
         struct Joined<'a> {
@@ -439,69 +669,168 @@ impl Hub {
         let (recovered, missed) = match since {
             None => (None, None),
             Some(since) => {
-                let first_kept = room
-                    .history
-                    .front()
-                    .map_or(room.delivered + 1, |s| s.msg.msg_id);
-                // Whole when nothing after `since` has left the history. A `since` past the
-                // room's last message is not: the client saw numbers this room does not have.
-                let reaches =
-                    since == room.delivered || (since < room.delivered && since + 1 >= first_kept);
-                let (frames, fits) = if reaches {
-                    newest_within_budget(room.history.iter().filter(|s| s.msg.msg_id > since))
-                } else {
-                    newest_within_budget(room.history.iter())
-                };
-                (Some(reaches && fits), Some(frame_list(&frames)))
+                let (kept, whole) = room.after(since, MAX_LIST_BYTES);
+                (Some(whole), Some(frame_list(&frames_of(&kept))))
             }
+        };
+        // The instance serving the connection, which is not the room's when it is elsewhere.
+        let serving = match &who {
+            Who::Local(_) => &*self.config.instance,
+            Who::Remote { instance, .. } => &***instance,
         };
         let frame = to_frame(&Joined {
             kind: "joined",
             room: name,
             members: room.member_list(),
             last_msg_id: room.delivered,
-            instance: &self.config.instance,
+            instance: serving,
             recovered,
             missed,
         });
-        peer.send(frame);
-        Ok(())
+        Ok((frame, room.delivered))
     }
 
     /// Removes a connection from a room; its user leaves when it was their last connection
-    /// there. Whether the connection was in the room.
+    /// there. Whether the connection was in the room (or on its way in).
     pub fn leave(&self, peer: &Peer, name: &str) -> bool {
+        if let Some((links, owner)) = self.elsewhere(name) {
+            return links.leave(peer, name, &owner);
+        }
+        self.leave_owned(name, &peer.user, Place::Here(peer.id))
+    }
+
+    /// Removes a connection of `user` from a room this instance owns.
+    pub(crate) fn leave_owned(&self, name: &str, user: &Arc<str>, place: Place<'_>) -> bool {
         let Some(room) = self.rooms.lock().get(name).cloned() else {
             return false;
         };
         let mut room = room.lock();
-        if room.subscribers.remove(&peer.id).is_none() {
-            return false;
-        }
-        let count = room.members.get(&peer.user).copied().unwrap_or(1);
-        if count <= 1 {
-            room.members.remove(&peer.user);
-            room.broadcast(&member_change("member_left", name, &peer.user), None);
-        } else {
-            room.members.insert(peer.user.clone(), count - 1);
-        }
-        let forgettable =
-            |r: &Room| r.subscribers.is_empty() && r.history.is_empty() && r.pending.is_empty();
-        if forgettable(&room) {
-            drop(room);
-            // A room that never had a message and has no one left keeps nothing: joining and
-            // leaving made-up rooms must not grow the map. Checked again under the map's lock,
-            // taken first as everywhere.
-            let mut rooms = self.rooms.lock();
-            if rooms.get(name).is_some_and(|r| forgettable(&r.lock())) {
-                rooms.remove(name);
+        match place {
+            Place::Here(id) => {
+                if room.subscribers.remove(&id).is_none() {
+                    return false;
+                }
             }
+            Place::There(instance) => {
+                let Some(users) = room.remote.get_mut(instance) else {
+                    return false;
+                };
+                let Some(count) = users.get_mut(user) else {
+                    return false;
+                };
+                *count -= 1;
+                if *count == 0 {
+                    users.remove(user);
+                }
+                if users.is_empty() {
+                    room.remote.remove(instance);
+                }
+            }
+        }
+        if let Some(kind) = room.count(user, -1) {
+            self.fan_out(name, &room, &member_change(kind, name, user), None, None);
+        }
+        if room.forgettable() {
+            drop(room);
+            self.forget_if_empty(name);
         }
         true
     }
 
+    /// Drops a room that holds nothing: joining and leaving made-up rooms must not grow the
+    /// map. Checked again under the map's lock, taken first as everywhere.
+    fn forget_if_empty(&self, name: &str) {
+        let mut rooms = self.rooms.lock();
+        if rooms.get(name).is_some_and(|r| r.lock().forgettable()) {
+            rooms.remove(name);
+        }
+    }
+
+    /// Sets the connections `instance` has in room `name` (owned here) to `users`, and
+    /// answers with the messages after `since` (the instance lost some, or this one
+    /// restarted).
+    pub(crate) fn sync_owned(
+        &self,
+        instance: &Arc<str>,
+        name: &str,
+        users: &[(String, u32)],
+        since: u64,
+    ) -> Relay {
+        let room = self.room(name);
+        let mut room = room.lock();
+        let old = room.remote.remove(instance).unwrap_or_default();
+        let new: FxHashMap<Arc<str>, u32> = users
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(u, n)| (Arc::from(u.as_str()), *n))
+            .collect();
+        let mut changes = Vec::new();
+        for user in old
+            .keys()
+            .chain(new.keys().filter(|u| !old.contains_key(*u)))
+        {
+            let delta = i64::from(new.get(user).copied().unwrap_or(0))
+                - i64::from(old.get(user).copied().unwrap_or(0));
+            if delta != 0
+                && let Some(kind) = room.count(user, delta)
+            {
+                changes.push((kind, user.clone()));
+            }
+        }
+        if !new.is_empty() {
+            room.remote.insert(instance.clone(), new);
+        }
+        for (kind, user) in changes {
+            self.fan_out(name, &room, &member_change(kind, name, &user), None, None);
+        }
+        let (kept, whole) = room.after(since, RELAY_LIST_BYTES);
+        Relay::Synced {
+            room: name.to_owned(),
+            last_msg_id: room.delivered,
+            recovered: whole,
+            missed: kept
+                .iter()
+                .map(|s| (s.msg.msg_id, s.frame.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Forgets every connection `instance` had in the rooms owned here (it restarted, or
+    /// has not been heard from): its users leave where it was their last connection.
+    pub(crate) fn forget_instance(&self, instance: &str) {
+        let rooms: Vec<(String, Arc<Mutex<Room>>)> = self
+            .rooms
+            .lock()
+            .iter()
+            .map(|(name, room)| (name.clone(), room.clone()))
+            .collect();
+        for (name, room) in rooms {
+            let mut room = room.lock();
+            let Some(users) = room.remote.remove(instance) else {
+                continue;
+            };
+            for (user, n) in users {
+                if let Some(kind) = room.count(&user, -i64::from(n)) {
+                    self.fan_out(&name, &room, &member_change(kind, &name, &user), None, None);
+                }
+            }
+            if room.forgettable() {
+                drop(room);
+                self.forget_if_empty(&name);
+            }
+        }
+    }
+
     /// Queues a `presence` frame with the room's members.
-    pub fn presence(&self, peer: &Peer, name: &str) {
+    pub fn presence(&self, peer: &Arc<Peer>, name: &str) {
+        match self.elsewhere(name) {
+            Some((links, owner)) => links.presence(peer, name, &owner),
+            None => peer.send(self.presence_frame(name)),
+        }
+    }
+
+    /// The `presence` frame of a room owned here.
+    pub(crate) fn presence_frame(&self, name: &str) -> Arc<str> {
         #[derive(Serialize)]
         struct Presence<'a> {
             #[serde(rename = "type")]
@@ -510,7 +839,7 @@ impl Hub {
             members: Vec<&'a str>,
         }
         let room = self.rooms.lock().get(name).cloned();
-        let frame = match room {
+        match room {
             Some(room) => {
                 let room = room.lock();
                 to_frame(&Presence {
@@ -524,12 +853,24 @@ impl Hub {
                 room: name,
                 members: Vec::new(),
             }),
-        };
-        peer.send(frame);
+        }
     }
 
     /// Queues a `history` frame: the newest `limit` messages below `before`, oldest first.
-    pub fn history(&self, peer: &Peer, name: &str, before: Option<u64>, limit: Option<usize>) {
+    pub fn history(&self, peer: &Arc<Peer>, name: &str, before: Option<u64>, limit: Option<usize>) {
+        match self.elsewhere(name) {
+            Some((links, owner)) => links.history(peer, name, before, limit, &owner),
+            None => peer.send(self.history_frame(name, before, limit)),
+        }
+    }
+
+    /// The `history` frame of a room owned here.
+    pub(crate) fn history_frame(
+        &self,
+        name: &str,
+        before: Option<u64>,
+        limit: Option<usize>,
+    ) -> Arc<str> {
         #[derive(Serialize)]
         struct History<'a> {
             #[serde(rename = "type")]
@@ -550,15 +891,15 @@ impl Hub {
                     .take(limit)
                     .collect();
                 below.reverse();
-                newest_within_budget(below.into_iter()).0
+                frames_of(&newest_within_budget(below.into_iter(), MAX_LIST_BYTES).0)
             }
             None => Vec::new(),
         };
-        peer.send(to_frame(&History {
+        to_frame(&History {
             kind: "history",
             room: name,
             messages: frame_list(&frames),
-        }));
+        })
     }
 
     /// Sends a message to a room (or, with `to`, to a user): numbered, journaled, then
@@ -567,7 +908,8 @@ impl Hub {
     ///
     /// The message is numbered and handed to the journal now, so a connection's messages keep
     /// the order it sent them in; the returned future (`None` when nothing is left to do)
-    /// waits for the journal and delivers. It can run in a task of its own.
+    /// waits for the journal and delivers. It can run in a task of its own. A room another
+    /// instance owns is sent to there, and the answer comes through the link.
     pub fn send(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
@@ -576,18 +918,45 @@ impl Hub {
         text: String,
         client_msg_id: String,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if let Some((links, owner)) = self.elsewhere(room_name) {
+            links.send(peer, room_name, to, text, client_msg_id, &owner);
+            return None;
+        }
+        self.send_owned(
+            peer.user.clone(),
+            Target::Local(peer.clone()),
+            room_name,
+            to,
+            text,
+            client_msg_id,
+        )
+    }
+
+    /// Sends a message of `user` to a room owned here; the answer goes to `target`.
+    pub(crate) fn send_owned(
+        self: &Arc<Self>,
+        user: Arc<str>,
+        target: Target,
+        room_name: &str,
+        to: Option<&str>,
+        text: String,
+        client_msg_id: String,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         if self.failed.load(Ordering::Acquire) {
-            peer.send(protocol::error(
-                code::UNAVAILABLE,
-                "the message store has failed; messages cannot be accepted",
-                Some(&client_msg_id),
-            ));
+            self.answer(
+                &target,
+                protocol::error(
+                    code::UNAVAILABLE,
+                    "the message store has failed; messages cannot be accepted",
+                    Some(&client_msg_id),
+                ),
+            );
             return None;
         }
         let room = self.room(room_name);
         let (id, appended) = {
             let mut r = room.lock();
-            let key = (peer.user.clone(), client_msg_id);
+            let key = (user.clone(), client_msg_id);
             if let Some(&id) = r.sent.get(&key) {
                 let (_, client_msg_id) = key;
                 if id <= r.delivered {
@@ -596,9 +965,9 @@ impl Hub {
                         .iter()
                         .find(|s| s.msg.msg_id == id)
                         .map_or(0, |s| s.msg.ts);
-                    peer.send(ack(&client_msg_id, id, ts));
+                    self.answer(&target, ack(&client_msg_id, id, ts));
                 } else if let Some(p) = r.pending.get_mut(&id) {
-                    p.ackers.push((peer.clone(), client_msg_id));
+                    p.ackers.push((target, client_msg_id));
                 }
                 return None;
             }
@@ -606,7 +975,7 @@ impl Hub {
             let msg = Message {
                 room: room_name.to_owned(),
                 msg_id: r.next_id,
-                user: peer.user.to_string(),
+                user: user.to_string(),
                 to: to.map(str::to_owned),
                 text,
                 ts: now_ms(),
@@ -616,19 +985,21 @@ impl Hub {
             let appended = match self.journal.append(record) {
                 Ok(appended) => appended,
                 Err(e) => {
-                    peer.send(protocol::error(
-                        code::UNAVAILABLE,
-                        &format!("the message was not stored: {e}"),
-                        Some(&msg.client_msg_id),
-                    ));
+                    self.answer(
+                        &target,
+                        protocol::error(
+                            code::UNAVAILABLE,
+                            &format!("the message was not stored: {e}"),
+                            Some(&msg.client_msg_id),
+                        ),
+                    );
                     return None;
                 }
             };
             let id = msg.msg_id;
             r.next_id += 1;
-            r.sent
-                .insert((peer.user.clone(), msg.client_msg_id.clone()), id);
-            let ackers = vec![(peer.clone(), msg.client_msg_id.clone())];
+            r.sent.insert((user, msg.client_msg_id.clone()), id);
+            let ackers = vec![(target, msg.client_msg_id.clone())];
             r.pending.insert(
                 id,
                 Pending {
@@ -640,12 +1011,14 @@ impl Hub {
             (id, appended)
         };
         let hub = self.clone();
-        Some(async move { hub.complete(room, id, appended).await })
+        let name = room_name.to_owned();
+        Some(async move { hub.complete(name, room, id, appended).await })
     }
 
     /// Waits for a message's append, then delivers what is ready in the room.
     async fn complete(
         self: Arc<Self>,
+        name: String,
         room: Arc<Mutex<Room>>,
         id: u64,
         appended: keel_store::Appended,
@@ -656,7 +1029,7 @@ impl Hub {
                 if let Some(p) = r.pending.get_mut(&id) {
                     p.durable = true;
                 }
-                self.deliver(&mut r);
+                self.deliver(&name, &mut r);
             }
             Err(e) => {
                 // The journal is broken: later appends fail as well, so no later message of
@@ -666,11 +1039,14 @@ impl Hub {
                 let mut r = room.lock();
                 if let Some(p) = r.pending.remove(&id) {
                     for (acker, client_msg_id) in p.ackers {
-                        acker.send(protocol::error(
-                            code::UNAVAILABLE,
-                            &format!("the message was not stored: {e}"),
-                            Some(&client_msg_id),
-                        ));
+                        self.answer(
+                            &acker,
+                            protocol::error(
+                                code::UNAVAILABLE,
+                                &format!("the message was not stored: {e}"),
+                                Some(&client_msg_id),
+                            ),
+                        );
                     }
                 }
             }
@@ -683,7 +1059,7 @@ impl Hub {
 
     /// Delivers the room's pending messages that are durable, in number order, stopping at
     /// the first that is not.
-    fn deliver(&self, room: &mut Room) {
+    fn deliver(&self, name: &str, room: &mut Room) {
         while let Some(entry) = room.pending.first_entry() {
             if *entry.key() != room.delivered + 1 || !entry.get().durable {
                 break;
@@ -691,22 +1067,22 @@ impl Hub {
             let p = entry.remove();
             let frame = p.msg.frame();
             match &p.msg.to {
-                None => room.broadcast(&frame, None),
+                None => self.fan_out(name, room, &frame, None, Some(p.msg.msg_id)),
                 Some(to) => {
-                    let users = self.users.lock();
-                    let sender = users.get(p.msg.user.as_str()).into_iter().flatten();
-                    let recipient = users
-                        .get(to.as_str())
-                        .filter(|_| to != &p.msg.user)
-                        .into_iter()
-                        .flatten();
-                    for peer in sender.chain(recipient) {
-                        peer.send(frame.clone());
+                    // A conversation's connections are wherever its two users are.
+                    let users = [p.msg.user.as_str(), to.as_str()];
+                    self.to_users(&users, &frame);
+                    if let Some(links) = &self.links {
+                        let relay = Relay::Users {
+                            users: users.iter().map(|u| (*u).to_owned()).collect(),
+                            frame: frame.to_string(),
+                        };
+                        links.post_all(relay.line());
                     }
                 }
             }
             for (acker, client_msg_id) in &p.ackers {
-                acker.send(ack(client_msg_id, p.msg.msg_id, p.msg.ts));
+                self.answer(acker, ack(client_msg_id, p.msg.msg_id, p.msg.ts));
             }
             room.delivered = p.msg.msg_id;
             room.keep(Stored { msg: p.msg, frame }, self.config.history);
@@ -834,7 +1210,8 @@ mod tests {
     #[test]
     fn a_list_of_messages_keeps_the_newest_that_fit_in_one_frame() {
         let history: Vec<Stored> = (1..=400).map(|id| stored(id, 4000)).collect();
-        let (frames, all) = newest_within_budget(history.iter());
+        let (kept, all) = newest_within_budget(history.iter(), MAX_LIST_BYTES);
+        let frames = frames_of(&kept);
         assert!(!all);
         let bytes: usize = frames.iter().map(|f| f.len() + 1).sum();
         assert!(
@@ -850,16 +1227,20 @@ mod tests {
             "without a hole"
         );
         let small: Vec<Stored> = (1..=10).map(|id| stored(id, 10)).collect();
+        let (kept, all) = newest_within_budget(small.iter(), MAX_LIST_BYTES);
+        assert!(all);
         assert_eq!(
-            newest_within_budget(small.iter()),
-            (small.iter().map(|s| s.frame.clone()).collect(), true)
+            frames_of(&kept),
+            small.iter().map(|s| s.frame.clone()).collect::<Vec<_>>()
         );
     }
 
     #[tokio::test]
     async fn rooms_without_messages_or_members_are_forgotten_and_a_queue_is_bounded_in_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::open(dir.path(), HubConfig::default()).await.unwrap();
+        let hub = Hub::open(dir.path(), HubConfig::default(), None)
+            .await
+            .unwrap();
         let peer = Peer::new(1, Arc::from("ann"), 10_000, 64 * 1024);
         for i in 0..100 {
             let name = format!("made-up-{i}");

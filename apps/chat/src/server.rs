@@ -50,6 +50,8 @@ pub struct Chat {
     logins: Mutex<HashMap<IpAddr, keel_net::TokenBucket>>,
     next_peer: AtomicU64,
     stats: Arc<keel_net::ConnectionStats>,
+    /// The tasks of the links to other instances, stopped with the server.
+    link_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -64,8 +66,13 @@ impl std::fmt::Debug for Chat {
 /// A WebSocket accepted by the HTTP side, to be served once hyper hands the socket over.
 struct Accepted {
     upgrade: hyper::upgrade::OnUpgrade,
-    session: Session,
+    /// A client's session, or `None` for a link from another instance.
+    session: Option<Session>,
 }
+
+/// The subject of the tokens instances sign for their links to each other: a control
+/// character keeps it out of every user name, so no login can mint one.
+const RELAY_SUBJECT: &str = "\u{1}relay";
 
 type Slot = Arc<Mutex<Option<Accepted>>>;
 
@@ -73,6 +80,17 @@ impl Chat {
     /// An instance with its rooms opened from `config.data_dir`.
     pub async fn open(config: ChatConfig) -> anyhow::Result<Arc<Chat>> {
         config.check().map_err(anyhow::Error::msg)?;
+        let links = if config.peers.is_empty() {
+            None
+        } else {
+            let names = config.peer_list().map_err(anyhow::Error::msg)?;
+            Some(crate::cluster::Links::new(&crate::cluster::LinkConfig {
+                me: config.instance.clone(),
+                names: names.into_iter().map(|(name, _)| name).collect(),
+                request_timeout: config.request_timeout,
+                peer_timeout: config.peer_timeout,
+            })?)
+        };
         let hub = Hub::open(
             &config.data_dir,
             crate::hub::HubConfig {
@@ -82,6 +100,7 @@ impl Chat {
                 snapshot_every: config.snapshot_every,
                 ..crate::hub::HubConfig::default()
             },
+            links,
         )
         .await?;
         let secret = if config.secret.is_empty() {
@@ -101,6 +120,7 @@ impl Chat {
             logins: Mutex::default(),
             next_peer: AtomicU64::new(1),
             stats: Arc::default(),
+            link_tasks: Mutex::default(),
         }))
     }
 
@@ -114,13 +134,103 @@ impl Chat {
         &self.stats
     }
 
+    /// Registers the instance in the naming service at `registry` (service `chat`, its name
+    /// in the label `instance`) under a lease kept alive in the background.
+    async fn register(
+        &self,
+        registry: &str,
+        address: SocketAddr,
+    ) -> anyhow::Result<(
+        keel_registry::Naming,
+        keel_registry::Registration<keel_registry::Naming>,
+    )> {
+        let naming = keel_registry::Naming::connect(registry)
+            .await
+            .map_err(|e| anyhow::anyhow!("registry {registry}: {e}"))?;
+        let instance = keel_registry::proto::Instance {
+            namespace: crate::transport::NAMESPACE.into(),
+            service: crate::transport::SERVICE.into(),
+            // The process id: a restarted instance registers anew while the dead one's
+            // lease runs out, and the newest (`started`) is the one its peers pick.
+            id: format!("{}/{}", self.config.instance, std::process::id()),
+            address: address.to_string(),
+            metadata: [
+                ("instance".to_owned(), self.config.instance.clone()),
+                ("started".to_owned(), now_ms().to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let registration = keel_registry::Registration::start(
+            naming.clone(),
+            instance,
+            std::time::Duration::from_secs(3),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("registering in {registry}: {e}"))?;
+        Ok((naming, registration))
+    }
+
+    /// Starts the links to the other instances (when there are any), finding them at their
+    /// fixed addresses or through `naming`.
+    async fn start_links(&self, naming: Option<&keel_registry::Naming>) -> anyhow::Result<()> {
+        if self.hub.links().is_none() {
+            return Ok(());
+        }
+        let fixed = self
+            .config
+            .peer_list()
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .filter_map(|(name, address)| Some((name, address?)))
+            .collect();
+        let registry = match naming {
+            Some(naming) => {
+                use keel_governance::Discover as _;
+                let discover = keel_registry::RegistryDiscover::new(
+                    naming.clone(),
+                    crate::transport::NAMESPACE,
+                );
+                Some(discover.subscribe(crate::transport::SERVICE)?)
+            }
+            None => None,
+        };
+        let iat = now_ms() / 1000;
+        let claims = Claims {
+            sub: RELAY_SUBJECT.into(),
+            exp: iat + 100 * 365 * 24 * 3600,
+            iat,
+        };
+        let token =
+            jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.encoding)?;
+        let nats = (!self.config.nats.is_empty()).then_some(self.config.nats.as_str());
+        let tasks = crate::transport::start(
+            &self.hub,
+            nats,
+            crate::transport::Addresses::new(fixed, registry),
+            token,
+        )
+        .await?;
+        self.link_tasks.lock().extend(tasks);
+        Ok(())
+    }
+
     /// Serves `listener` until `shutdown` completes; open WebSockets are then closed with
-    /// 1001, and the journal is closed after them.
+    /// 1001, and the journal is closed after them. With peers, the links to them start
+    /// first, and with a registry the instance registers there (and deregisters at the end).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> std::io::Result<()> {
+    ) -> anyhow::Result<()> {
+        let address = listener.local_addr()?;
+        let registered = match self.config.registry.as_str() {
+            "" => None,
+            registry => Some(self.register(registry, address).await?),
+        };
+        self.start_links(registered.as_ref().map(|(naming, _)| naming))
+            .await?;
         let chat = self.clone();
         let result = keel_net::AcceptLoop::new(self.stats.clone())
             .max_connections(self.config.max_connections)
@@ -129,10 +239,18 @@ impl Chat {
                 chat.clone().connection(stream, peer, drain)
             })
             .await;
+        if let Some((_, registration)) = registered
+            && let Err(e) = registration.deregister().await
+        {
+            tracing::warn!(error = %e, "deregistering the chat instance failed");
+        }
+        for task in self.link_tasks.lock().drain(..) {
+            task.abort();
+        }
         if let Err(e) = self.hub.close().await {
             tracing::warn!(error = %e, "closing the chat journal failed");
         }
-        result
+        Ok(result?)
     }
 
     /// One TCP connection: HTTP requests until one upgrades, then the WebSocket.
@@ -177,13 +295,23 @@ impl Chat {
             tracing::warn!(%peer, "upgraded connection of an unexpected type");
             return;
         };
+        let Some(session) = accepted.session else {
+            crate::transport::inbound(
+                self.hub.clone(),
+                parts.io.into_inner(),
+                parts.read_buf,
+                drain,
+            )
+            .await;
+            return;
+        };
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
         conn::run(
             self.hub.clone(),
             self.config.clone(),
             parts.io.into_inner(),
             parts.read_buf,
-            accepted.session,
+            session,
             id,
             drain,
         )
@@ -217,7 +345,10 @@ impl Chat {
                 answer
             }
             (&Method::POST, "/chat/api/login") => self.login(req, ip).await,
-            (&Method::GET, "/chat/ws") => self.upgrade(req, slot),
+            (&Method::GET, "/chat/ws") => self.upgrade(req, slot, false),
+            (&Method::GET, "/chat/relay") if self.hub.links().is_some() => {
+                self.upgrade(req, slot, true)
+            }
             (&Method::GET, "/chat/api/health") => json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -313,7 +444,13 @@ impl Chat {
             .is_ok()
     }
 
-    fn upgrade(&self, mut req: Request<Incoming>, slot: &Slot) -> Response<Full<Bytes>> {
+    /// Accepts a WebSocket: a client's (`relay` false) or another instance's link.
+    fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        slot: &Slot,
+        relay: bool,
+    ) -> Response<Full<Bytes>> {
         let headers = req.headers();
         let has = |name: header::HeaderName, token: &str| {
             headers.get_all(name).iter().any(|v| {
@@ -382,20 +519,32 @@ impl Chat {
                 );
             }
         };
-        if check_name(&claims.sub, "user").is_err() {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "token names no valid user",
-            );
-        }
+        let session = if relay {
+            if claims.sub != RELAY_SUBJECT {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "links between instances need an instance's token",
+                );
+            }
+            None
+        } else {
+            if check_name(&claims.sub, "user").is_err() {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "token names no valid user",
+                );
+            }
+            Some(Session {
+                user: Arc::from(claims.sub),
+                expires: claims.exp,
+            })
+        };
         let accept = ws::accept_key(key.as_bytes());
         *slot.lock() = Some(Accepted {
             upgrade: hyper::upgrade::on(&mut req),
-            session: Session {
-                user: Arc::from(claims.sub),
-                expires: claims.exp,
-            },
+            session,
         });
         let mut answer = Response::new(Full::new(Bytes::new()));
         *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -33,6 +33,9 @@ pub mod close {
     pub const ABUSE: u16 = 4008;
     /// The connection fell too far behind what it was sent.
     pub const SLOW: u16 = 4009;
+    /// Messages of a joined room were lost between instances and could not be recovered: the
+    /// client reconnects and joins with `since`, which says what it missed.
+    pub const RESYNC: u16 = 4010;
 }
 
 /// Whether an endpoint may send close code `code` (RFC 6455 section 7.4: 1005, 1006 and 1015
@@ -232,6 +235,41 @@ fn frame(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, dst: &mut BytesM
     if let Some(mask) = mask {
         unmask(&mut dst[start..], mask);
     }
+}
+
+/// Opens a WebSocket as a client over `stream`: sends the upgrade request for `path` to
+/// `host` and reads the answer; returns the bytes read past the answer (the first frames).
+pub async fn client_handshake(
+    stream: &mut tokio::net::TcpStream,
+    host: &str,
+    path: &str,
+) -> std::io::Result<BytesMut> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let refused = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2VlbC1iZW5jaC1jaGF0IQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut input = BytesMut::with_capacity(1024);
+    let head_end = loop {
+        if stream.read_buf(&mut input).await? == 0 {
+            return Err(refused("closed during the upgrade".into()));
+        }
+        if let Some(at) = input.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if input.len() >= 8192 {
+            return Err(refused("no end of the upgrade answer".into()));
+        }
+    };
+    if !input.starts_with(b"HTTP/1.1 101") {
+        return Err(refused(format!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&input[..head_end.min(200)])
+        )));
+    }
+    let _ = input.split_to(head_end);
+    Ok(input)
 }
 
 /// Appends a server text frame (servers do not mask).
