@@ -107,15 +107,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             "keel chat {instance} on {} (data in {dir}); Ctrl-C stops",
             listener.local_addr()?
         );
-        chat.serve(listener, stop_requested()).await?;
+        chat.serve(listener, keel_net::stop_requested()).await?;
         Ok(())
     })
-}
-
-async fn stop_requested() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
-    }
 }

@@ -471,6 +471,11 @@ impl Hub {
         }
     }
 
+    /// Messages journaled since the start.
+    pub fn messages_stored(&self) -> u64 {
+        self.appends.load(Ordering::Relaxed)
+    }
+
     /// Rooms held in memory (those with messages, members or messages on their way).
     pub fn room_count(&self) -> usize {
         self.rooms.lock().len()

@@ -52,6 +52,7 @@ pub struct Chat {
     stats: Arc<keel_net::ConnectionStats>,
     /// The tasks of the links to other instances, stopped with the server.
     link_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    started: std::time::Instant,
 }
 
 impl std::fmt::Debug for Chat {
@@ -121,6 +122,7 @@ impl Chat {
             next_peer: AtomicU64::new(1),
             stats: Arc::default(),
             link_tasks: Mutex::default(),
+            started: std::time::Instant::now(),
         }))
     }
 
@@ -185,17 +187,13 @@ impl Chat {
             .into_iter()
             .filter_map(|(name, address)| Some((name, address?)))
             .collect();
-        let registry = match naming {
-            Some(naming) => {
-                use keel_governance::Discover as _;
-                let discover = keel_registry::RegistryDiscover::new(
-                    naming.clone(),
-                    crate::transport::NAMESPACE,
-                );
-                Some(discover.subscribe(crate::transport::SERVICE)?)
-            }
-            None => None,
-        };
+        let discover = naming.map(|naming| {
+            Box::new(keel_registry::RegistryDiscover::new(
+                naming.clone(),
+                crate::transport::NAMESPACE,
+            )) as Box<dyn keel_governance::Discover>
+        });
+        let addresses = crate::transport::Addresses::new(fixed, discover)?;
         let iat = now_ms() / 1000;
         let claims = Claims {
             sub: RELAY_SUBJECT.into(),
@@ -205,13 +203,7 @@ impl Chat {
         let token =
             jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.encoding)?;
         let nats = (!self.config.nats.is_empty()).then_some(self.config.nats.as_str());
-        let tasks = crate::transport::start(
-            &self.hub,
-            nats,
-            crate::transport::Addresses::new(fixed, registry),
-            token,
-        )
-        .await?;
+        let tasks = crate::transport::start(&self.hub, nats, addresses, token).await?;
         self.link_tasks.lock().extend(tasks);
         Ok(())
     }
@@ -356,6 +348,19 @@ impl Chat {
                     "connections": self.stats.open.load(Ordering::Relaxed),
                 }),
             ),
+            // The operations endpoints every Keel server has, on the instance's own port.
+            (&Method::GET, "/health") => {
+                json(StatusCode::OK, &serde_json::json!({"status": "serving"}))
+            }
+            (&Method::GET, "/status") => json(StatusCode::OK, &self.status()),
+            (&Method::GET, "/metrics") => {
+                let mut answer = Response::new(Full::new(Bytes::from(self.metrics())));
+                answer.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                answer
+            }
             (_, "/chat/api/login" | "/chat/ws" | "/chat/api/health") => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -363,6 +368,61 @@ impl Chat {
             ),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
         }
+    }
+
+    /// `GET /status`: the instance, its uptime, connections and rooms.
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "instance": self.hub.instance(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "connections": self.stats.open.load(Ordering::Relaxed),
+            "rooms": self.hub.room_count(),
+            "mirrored_rooms": self.hub.links().map_or(0, crate::cluster::Links::mirrored_rooms),
+            "messages_stored": self.hub.messages_stored(),
+        })
+    }
+
+    /// `GET /metrics`: the same figures in Prometheus's text format.
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
+        metric(
+            "keel_chat_uptime_seconds",
+            "gauge",
+            "Seconds since the instance started.",
+            self.started.elapsed().as_secs(),
+        );
+        metric(
+            "keel_chat_connections",
+            "gauge",
+            "WebSocket and HTTP connections open.",
+            self.stats.open.load(Ordering::Relaxed) as u64,
+        );
+        metric(
+            "keel_chat_rooms",
+            "gauge",
+            "Rooms held in memory by this instance.",
+            self.hub.room_count() as u64,
+        );
+        metric(
+            "keel_chat_mirrored_rooms",
+            "gauge",
+            "Rooms held by other instances with connections here.",
+            self.hub
+                .links()
+                .map_or(0, crate::cluster::Links::mirrored_rooms) as u64,
+        );
+        metric(
+            "keel_chat_messages_stored_total",
+            "counter",
+            "Messages journaled since the start.",
+            self.hub.messages_stored(),
+        );
+        out
     }
 
     async fn login(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Full<Bytes>> {

@@ -48,19 +48,38 @@ pub const SERVICE: &str = "chat";
 pub const NAMESPACE: &str = "default";
 
 /// Where the other instances listen: fixed addresses, then the registry.
-#[derive(Debug)]
 pub struct Addresses {
     fixed: HashMap<String, String>,
     registry: Option<watch::Receiver<Arc<Endpoints>>>,
+    /// Keeps the registry's watch running (it stops when dropped).
+    _discover: Option<Box<dyn keel_governance::Discover>>,
+}
+
+impl std::fmt::Debug for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Addresses")
+            .field("fixed", &self.fixed)
+            .field("registry", &self.registry.is_some())
+            .finish()
+    }
 }
 
 impl Addresses {
-    /// Fixed addresses (instance name to `HOST:PORT`) and the registry's list of `chat`.
+    /// Fixed addresses (instance name to `HOST:PORT`), and those `discover` lists for
+    /// service `chat`.
     pub fn new(
         fixed: HashMap<String, String>,
-        registry: Option<watch::Receiver<Arc<Endpoints>>>,
-    ) -> Addresses {
-        Addresses { fixed, registry }
+        discover: Option<Box<dyn keel_governance::Discover>>,
+    ) -> Result<Addresses, keel_governance::DiscoverError> {
+        let registry = match &discover {
+            Some(d) => Some(d.subscribe(SERVICE)?),
+            None => None,
+        };
+        Ok(Addresses {
+            fixed,
+            registry,
+            _discover: discover,
+        })
     }
 
     /// Where instance `name` listens now: its fixed address, or its newest registration.
@@ -212,9 +231,11 @@ async fn direct_link(
         };
         attempt = 0;
         session += 1;
-        // Whatever was queued for the broken link is dropped: the new session's hello makes
-        // both sides resynchronise.
-        outbox.reset();
+        // What is queued goes out after the new session's hello, which makes both sides
+        // resynchronise whatever the broken link lost; a queue that overflowed starts over.
+        if outbox.is_behind() {
+            outbox.reset();
+        }
         let Some(links) = hub.links() else { return };
         let ended = write_link(&mut stream, &outbox, || links.hello(session)).await;
         tracing::info!(instance = %name, error = %ended, "link to chat instance ended; reconnecting");

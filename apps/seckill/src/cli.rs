@@ -160,33 +160,7 @@ pub fn secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<Optio
     }
 }
 
-/// The environment variable `keel up` sets in its children: its own process id.
-pub const SUPERVISOR_ENV: &str = "KEEL_UP_PID";
-
-/// Resolves on Ctrl-C (SIGINT), or — in a process started by `keel up` — once `keel up` is
-/// gone (killed with SIGKILL, say: the process is re-parented, and stops as on Ctrl-C rather
-/// than outliving the system it belonged to). Checked every 500 ms.
-pub async fn stop_requested() {
-    let supervisor: Option<u32> = std::env::var(SUPERVISOR_ENV)
-        .ok()
-        .and_then(|p| p.parse().ok());
-    let orphaned = async {
-        match supervisor {
-            Some(pid) => loop {
-                if std::os::unix::process::parent_id() != pid {
-                    tracing::warn!(supervisor = pid, "keel up is gone; stopping");
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            },
-            None => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = orphaned => {}
-    }
-}
+use keel_net::stop_requested;
 
 fn parse_shard(text: &str) -> Result<String, String> {
     peers::check_shard(text)

@@ -285,6 +285,7 @@ pub async fn run(
             &config.limits,
             &registry,
             &web,
+            false,
         );
         gateway_addr = Some(start_gateway(&data, listen, &text, &mut parts).await?);
     }

@@ -47,6 +47,32 @@ pub struct UpConfig {
     /// The catalog cache.
     #[serde(default)]
     pub cache: CacheSection,
+    /// The chat service (`[scale] chat` instances behind the gateway at `/chat/`).
+    #[serde(default)]
+    pub chat: ChatSection,
+}
+
+/// `[chat]`: where the chat instances listen (a fixed port p: instance k listens on p + k),
+/// and, with `nats`, the NATS server their links to each other go through (direct
+/// WebSockets otherwise). They register in the registry, where the gateway and each other
+/// find them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatSection {
+    /// `host:port` of instance 0 (port 0: any free port).
+    pub listen: String,
+    /// A NATS server (`nats://HOST:PORT`) for the links between instances.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
+}
+
+impl Default for ChatSection {
+    fn default() -> ChatSection {
+        ChatSection {
+            listen: "127.0.0.1:7600".into(),
+            nats: None,
+        }
+    }
 }
 
 /// `[cache]`: the catalog's two-level cache of stock figures. In-process only by default;
@@ -106,6 +132,9 @@ pub struct Scale {
     pub orders: u32,
     /// API instances (1 to 8), behind the gateway's pool.
     pub api: u32,
+    /// Chat instances (0 to 8), behind the gateway at `/chat/`. Rooms are spread over
+    /// them, so the count is fixed once a data directory holds chat rooms.
+    pub chat: u32,
 }
 
 impl Default for Scale {
@@ -114,6 +143,7 @@ impl Default for Scale {
             inventory: 2,
             orders: 2,
             api: 1,
+            chat: 2,
         }
     }
 }
@@ -132,7 +162,8 @@ impl Scale {
                 "inventory" => self.inventory = n,
                 "orders" => self.orders = n,
                 "api" => self.api = n,
-                _ => bail!("--scale {setting:?}: the kinds are inventory, orders and api"),
+                "chat" => self.chat = n,
+                _ => bail!("--scale {setting:?}: the kinds are inventory, orders, api and chat"),
             }
         }
         self.check()
@@ -150,6 +181,9 @@ impl Scale {
         }
         if !(1..=8).contains(&self.api) {
             bail!("scale: api must be 1 to 8");
+        }
+        if self.chat > 8 {
+            bail!("scale: chat must be 0 to 8");
         }
         Ok(())
     }
@@ -265,12 +299,13 @@ impl UpConfig {
             scale: Scale::default(),
             limits: LimitsSection::default(),
             cache: CacheSection::default(),
+            chat: ChatSection::default(),
         }
     }
 
     /// The gateway's configuration: the API instances (found through the registry at
     /// `registry`) behind `/api/` through a bounded queue, with the buy limits on
-    /// `POST /api/items/...`.
+    /// `POST /api/items/...`, and the chat instances behind `/chat/`.
     pub fn gateway_toml(&self, listen: &str, registry: &str, web: &Path) -> String {
         gateway_toml(
             listen,
@@ -279,6 +314,7 @@ impl UpConfig {
             &self.limits,
             registry,
             web,
+            self.scale.chat > 0,
         )
     }
 
@@ -325,8 +361,9 @@ impl UpConfig {
 
 /// The gateway's configuration for the sale: the API instances (found through the naming
 /// service at `registry`) behind `/api/` through a bounded queue, with the buy `limits` and
-/// the opening-time gate on `POST /api/items/...`, the storefront from `web`, and the admin
-/// port `admin` with `token`.
+/// the opening-time gate on `POST /api/items/...`, the storefront from `web`, the admin
+/// port `admin` with `token`, and with `chat` the chat instances (found in the registry too)
+/// behind `/chat/`.
 pub(crate) fn gateway_toml(
     listen: &str,
     admin: &str,
@@ -334,6 +371,7 @@ pub(crate) fn gateway_toml(
     limits: &LimitsSection,
     registry: &str,
     web: &Path,
+    chat: bool,
 ) -> String {
     let mut rate_limits = Vec::new();
     for (rate, key) in [
@@ -349,8 +387,22 @@ pub(crate) fn gateway_toml(
     }
     // Every value from the configuration or the system goes in as a TOML string, escaped.
     let (listen, registry) = (quoted(listen), quoted(registry));
+    // WebSockets are tunnelled once the chat instance answers 101; its pings (every 25 s)
+    // keep a tunnel inside the gateway's idle timeout.
+    let (chat_upstream, chat_route) = if chat {
+        (
+            format!(
+                "[upstreams.chat]\n[upstreams.chat.discovery]\nregistry = {registry}\nservice = {}\n\n",
+                quoted(keel_chat::transport::SERVICE)
+            ),
+            "[[routes]]\nname = \"chat\"\npath_prefix = \"/chat/\"\nupstream = \"chat\"\n\n"
+                .to_owned(),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     format!(
-        "[server]\nlisten = {listen}\n[admin]\nlisten = {}\ntoken = {}\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = {registry}\nservice = {api_service}\n\n[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = {registry}, prefix = {opens}, path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {}\n",
+        "[server]\nlisten = {listen}\n[admin]\nlisten = {}\ntoken = {}\n\n[upstreams.api]\nmax_inflight = 1024\nqueue_size = 8192\nqueue_timeout_ms = 2000\n[upstreams.api.discovery]\nregistry = {registry}\nservice = {api_service}\n\n{chat_upstream}[[routes]]\nname = \"buy\"\npath_prefix = \"/api/items/\"\nmethods = [\"POST\"]\nupstream = \"api\"\nrate_limits = [{}]\ngate = {{ registry = {registry}, prefix = {opens}, path_segment = 3 }}\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n{chat_route}[[routes]]\nname = \"storefront\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"HEAD\"]\nstatic_dir = {}\n",
         quoted(admin),
         quoted(token),
         rate_limits.join(", "),
@@ -484,6 +536,59 @@ pub(crate) fn api_part(
     }
 }
 
+/// A chat instance `name` of `names`, registered at `registry`, its links over `nats` when
+/// given; the shared signing key goes by environment.
+pub(crate) fn chat_part(
+    name: &str,
+    address: String,
+    data_dir: String,
+    registry: &str,
+    names: &[String],
+    nats: Option<&str>,
+    secret: &str,
+) -> Part {
+    let mut args = vec![
+        "chat".into(),
+        "--listen".into(),
+        address,
+        "--data-dir".into(),
+        data_dir,
+        "--instance".into(),
+        name.to_owned(),
+        "--registry".into(),
+        registry.to_owned(),
+        "--peers".into(),
+        names.join(","),
+    ];
+    if let Some(url) = nats {
+        args.extend(["--nats".into(), url.to_owned()]);
+    }
+    Part {
+        name: name.to_owned(),
+        args,
+        env: vec![("KEEL_CHAT_SECRET".into(), secret.to_owned())],
+    }
+}
+
+/// The key the chat instances sign tokens with, made once and kept in
+/// `<data_dir>/chat-secret` (readable by its owner alone), so tokens outlive restarts.
+fn chat_secret(data: &Path) -> anyhow::Result<String> {
+    let file = data.join("chat-secret");
+    match std::fs::read_to_string(&file) {
+        Ok(secret) if !secret.trim().is_empty() => Ok(secret.trim().to_owned()),
+        Ok(_) => bail!(
+            "{} is empty: remove it to have a new key made",
+            file.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = fresh_token();
+            write_private(&file, &secret).with_context(|| format!("writing {}", file.display()))?;
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+    }
+}
+
 /// Writes `text` to `path` readable by its owner alone: the file holds the admin token.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -563,7 +668,7 @@ async fn start(part: &Part) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(exe)
         .process_group(0)
         // The child stops by itself if this process dies without stopping it (SIGKILL).
-        .env(crate::cli::SUPERVISOR_ENV, std::process::id().to_string())
+        .env(keel_net::SUPERVISOR_ENV, std::process::id().to_string())
         .envs(part.env.iter().map(|(k, v)| (k, v)))
         .args(&part.args)
         .stdout(Stdio::piped())
@@ -758,6 +863,7 @@ pub(crate) async fn launch(
 ) -> anyhow::Result<String> {
     let (child, address) = start(&part).await?;
     set_arg(&mut part.args, "--addr", &address);
+    set_arg(&mut part.args, "--listen", &address);
     parts.push((part, child));
     Ok(address)
 }
@@ -769,6 +875,15 @@ fn check_topology(data: &Path, scale: Scale) -> anyhow::Result<()> {
         Ok(text) => {
             let before: Scale = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid", file.display()))?;
+            if before.chat != scale.chat && data.join("chat-0").exists() {
+                bail!(
+                    "{} holds chat rooms spread over {} chat instances; another count would \
+                     give rooms to instances that do not hold their history (use another \
+                     data_dir)",
+                    data.display(),
+                    before.chat
+                );
+            }
             if (before.inventory, before.orders) != (scale.inventory, scale.orders) {
                 bail!(
                     "{} holds a sale made with {} inventory shards and {} orders instances; \
@@ -778,6 +893,10 @@ fn check_topology(data: &Path, scale: Scale) -> anyhow::Result<()> {
                     before.inventory,
                     before.orders
                 );
+            }
+            if before != scale {
+                std::fs::write(&file, serde_json::to_string(&scale)?)
+                    .with_context(|| format!("writing {}", file.display()))?;
             }
             Ok(())
         }
@@ -886,14 +1005,18 @@ fn check_database(
 /// Waits (up to 30 s) until `GET /api/items` through the gateway at `gateway` is answered
 /// by the API rather than refused for want of a server.
 async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
+    wait_until_answered(gateway, "/api/items", "the API").await
+}
+
+/// Waits until the gateway answers `GET path` with 200 (through `what`), for 30 s at most.
+async fn wait_until_answered(gateway: &str, path: &str, what: &str) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let answer = async {
             let mut stream = tokio::net::TcpStream::connect(gateway).await?;
-            stream
-                .write_all(b"GET /api/items HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
-                .await?;
+            let request = format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
             let mut head = vec![0; 12];
             stream.read_exact(&mut head).await?;
             std::io::Result::Ok(head)
@@ -906,7 +1029,7 @@ async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the gateway at {gateway} did not reach the API within 30 s");
+            bail!("the gateway at {gateway} did not reach {what} within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1093,6 +1216,27 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
         launch(part, &mut parts).await?;
     }
 
+    // The chat instances: rooms spread over them, found by each other and by the gateway in
+    // the registry; they sign their users' tokens (and their links) with one key.
+    if config.scale.chat > 0 {
+        let secret = chat_secret(data)?;
+        let names: Vec<String> = (0..config.scale.chat)
+            .map(|k| format!("chat-{k}"))
+            .collect();
+        for (k, name) in names.iter().enumerate() {
+            let part = chat_part(
+                name,
+                nth_address(&config.chat.listen, k as u32)?,
+                dir(name),
+                &registry,
+                &names,
+                config.chat.nats.as_deref(),
+                &secret,
+            );
+            launch(part, &mut parts).await?;
+        }
+    }
+
     // The gateway in front: the API instances (found in the registry) behind /api/, with a
     // bounded queue in front of them.
     let gateway_toml = config.gateway_toml(
@@ -1102,9 +1246,18 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
     );
     let gateway_addr =
         start_gateway(data, &config.gateway.listen, &gateway_toml, &mut parts).await?;
+    let chat = if config.scale.chat > 0 {
+        wait_until_answered(&gateway_addr, "/chat/api/health", "a chat instance").await?;
+        format!(
+            "\n  chat        http://{gateway_addr}/chat/ ({} instances, docs/chat.md)",
+            config.scale.chat
+        )
+    } else {
+        String::new()
+    };
 
     keel_net::say!(
-        "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md)\n  registry    {registry}\nCtrl-C stops everything.",
+        "Keel is up: http://{gateway_addr}/ (the storefront)\n  admin page  http://{gateway_addr}/admin.html (admin token: {})\n  API         http://{gateway_addr}/api/items (docs/seckill.md){chat}\n  registry    {registry}\nCtrl-C stops everything.",
         config.admin_token
     );
 
@@ -1163,7 +1316,7 @@ pub(crate) async fn run_parts(
 ) -> anyhow::Result<()> {
     // Each group stops once the one before has exited.
     let stage = |name: &str| match name {
-        n if n == "gateway" || n.starts_with("api") => 0,
+        n if n == "gateway" || n.starts_with("api") || n.starts_with("chat") => 0,
         n if n.starts_with("orders") => 1,
         n if n.starts_with("inventory") => 2,
         _ => 3,
@@ -1230,7 +1383,8 @@ mod tests {
         let gw = keel_gateway::GatewayConfig::parse(&text).unwrap();
         assert_eq!(gw.routes[0].rate_limits.len(), 2);
         assert_eq!(gw.routes[0].rate_limits[1].key, "header:x-user-id");
-        assert_eq!(gw.routes[2].name.as_deref(), Some("storefront"));
+        assert_eq!(gw.routes[2].name.as_deref(), Some("chat"));
+        assert_eq!(gw.routes[3].name.as_deref(), Some("storefront"));
         assert_eq!(
             gw.admin.as_ref().unwrap().token.as_deref(),
             Some("to\"ken\\with quotes")
@@ -1255,7 +1409,12 @@ mod tests {
         assert_eq!(three.api, 3);
         assert!(scale.clone().apply(&["api=0".into()]).is_err());
         assert!(scale.clone().apply(&["api=9".into()]).is_err());
-        assert!(scale.clone().apply(&["chat=2".into()]).is_err());
+        assert_eq!(
+            scale.clone().apply(&["chat=3".into()]).map(|()| 3).unwrap(),
+            3
+        );
+        assert!(scale.clone().apply(&["chat=9".into()]).is_err());
+        assert!(scale.clone().apply(&["shop=2".into()]).is_err());
         assert!(scale.clone().apply(&["inventory".into()]).is_err());
         assert_eq!(nth_address("127.0.0.1:7200", 3).unwrap(), "127.0.0.1:7203");
         assert_eq!(nth_address("127.0.0.1:0", 3).unwrap(), "127.0.0.1:0");

@@ -33,12 +33,14 @@ mod bucket;
 pub mod duration;
 mod http;
 mod rewind;
+mod stop;
 
 pub use accept::{AcceptLoop, ConnectionStats, Drain};
 pub use backoff::Backoff;
 pub use bucket::TokenBucket;
 pub use http::serve_http1;
 pub use rewind::Rewind;
+pub use stop::{SUPERVISOR_ENV, stop_requested};
 
 /// Whether `a` and `b` are equal, in a time that depends on their lengths only, not on where
 /// they first differ: for tokens and keys, so a client cannot find a secret byte by byte by

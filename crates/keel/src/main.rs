@@ -331,7 +331,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         });
         gateway
             .serve(listener, async {
-                keel_seckill::cli::stop_requested().await;
+                keel_net::stop_requested().await;
             })
             .await?;
         stop.cancel();
@@ -397,7 +397,7 @@ fn registry(args: RegistryArgs) -> anyhow::Result<()> {
         let server = Server::builder().add_service(registry.service()).build();
         server
             .serve(listener, async {
-                keel_seckill::cli::stop_requested().await;
+                keel_net::stop_requested().await;
             })
             .await?;
         registry.close().await?;
@@ -448,7 +448,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         builder
             .build()
             .serve(listener, async {
-                keel_seckill::cli::stop_requested().await;
+                keel_net::stop_requested().await;
             })
             .await?;
         Ok(())

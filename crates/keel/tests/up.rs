@@ -15,11 +15,13 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
     let mut up = Up::start("buy_per_ip_per_second = 1000.0\nbuy_per_user_per_second = 1.0\n");
     let (gw, started, lines) = (up.gateway.clone(), up.started.clone(), &up.lines);
     // Every part: the registry, two inventory shards, two orders instances (keel.toml's
-    // default scale), the API and the gateway.
+    // default scale), the API, two chat instances and the gateway.
     assert_eq!(
         started.keys().map(String::as_str).collect::<Vec<_>>(),
         [
             "api",
+            "chat-0",
+            "chat-1",
             "gateway",
             "inventory-0",
             "inventory-1",
@@ -193,7 +195,11 @@ fn keel_up_restarts_a_killed_part_and_stops_everything_on_sigint() {
 fn the_parts_stop_by_themselves_when_keel_up_is_killed() {
     let mut up = Up::start("buy_per_ip_per_second = 0.0\nbuy_per_user_per_second = 0.0\n");
     let pids: Vec<u32> = up.started.values().copied().collect();
-    assert_eq!(pids.len(), 7);
+    assert_eq!(
+        pids.len(),
+        9,
+        "seven parts of the sale and two chat instances"
+    );
     // SIGKILL: keel up cannot stop its children; they notice it is gone and stop.
     up.child.kill().unwrap();
     up.child.wait().unwrap();

@@ -39,7 +39,7 @@ fn stderr(out: &Output) -> String {
 /// A keel.toml on fixed ports taken from free ones, with `edit` applied to its text.
 fn config(dir: &std::path::Path, edit: impl Fn(String) -> String) {
     let text = format!(
-        "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\n"
+        "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[chat]\nlisten = \"127.0.0.1:0\"\n[limits]\n"
     );
     std::fs::write(dir.join("keel.toml"), edit(text)).unwrap();
 }
@@ -250,7 +250,7 @@ fn a_closed_stdout_stops_nothing_and_secrets_stay_off_the_command_line() {
         assert!(child.try_wait().unwrap().is_none(), "keel up ended early");
         if let Ok(text) = std::fs::read_to_string(&pids)
             && let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<String, u32>>(&text)
-            && map.len() == 7
+            && map.len() == 9
         {
             break map;
         }
@@ -432,7 +432,8 @@ fn keel_serve_reads_its_server_settings_from_a_file() {
 
 /// Every port of the system other than the gateway's proxy port (whose paths belong to its
 /// routes) serves `/health`, `/metrics` and `/status`: the registry, the inventory shards and
-/// orders instances (RPC ports), the sale's API and the gateway's admin port.
+/// orders instances (RPC ports), the sale's API, the chat instances and the gateway's admin
+/// port.
 #[test]
 fn every_port_serves_health_metrics_and_status() {
     let up = Up::start("");
@@ -452,7 +453,7 @@ fn every_port_serves_health_metrics_and_status() {
         .map(|(n, a)| (n.clone(), a.clone()))
         .collect();
     ports.push(("gateway admin".into(), admin));
-    assert_eq!(ports.len(), 7, "{ports:?}");
+    assert_eq!(ports.len(), 9, "{ports:?}");
     for (name, addr) in &ports {
         let get = |path: &str| {
             use std::io::Write as _;

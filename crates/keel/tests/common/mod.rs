@@ -69,7 +69,7 @@ pub fn configured(limits: &str, inventory: &str) -> tempfile::TempDir {
     std::fs::write(
         dir.path().join("keel.toml"),
         format!(
-            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n{inventory}[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[limits]\n{limits}"
+            "data_dir = \"data\"\nadmin_token = \"{TOKEN}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[registry]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[inventory]\nlisten = \"127.0.0.1:0\"\n{inventory}[orders]\nlisten = \"127.0.0.1:0\"\npayment_window_ms = 60000\n[chat]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}"
         ),
     )
     .unwrap();
