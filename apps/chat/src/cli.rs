@@ -23,6 +23,9 @@ pub struct ChatArgs {
     /// This instance's name.
     #[arg(long)]
     pub instance: Option<String>,
+    /// The rooms' journal in a JetStream stream (`nats://HOST:PORT[?replicas=N]`).
+    #[arg(long)]
+    pub journal: Option<String>,
     /// A file holding the token-signing key (else KEEL_CHAT_SECRET, else a random key).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
@@ -59,6 +62,9 @@ pub fn config(args: &ChatArgs) -> anyhow::Result<ChatConfig> {
     }
     if let Some(instance) = &args.instance {
         config.instance = instance.clone();
+    }
+    if let Some(journal) = &args.journal {
+        config.journal = journal.clone();
     }
     if !args.peers.is_empty() {
         config.peers = args.peers.clone();
@@ -98,7 +104,11 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
-        let (instance, dir) = (config.instance.clone(), config.data_dir.clone());
+        let instance = config.instance.clone();
+        let dir = match config.journal.as_str() {
+            "" => config.data_dir.clone(),
+            _ => format!("nats stream keel-chat-{instance}"),
+        };
         let chat = Chat::open(config)
             .await
             .with_context(|| format!("opening the chat journal in {dir}"))?;

@@ -12,6 +12,10 @@ pub struct ChatConfig {
     pub listen: String,
     /// Directory of the rooms' journal.
     pub data_dir: String,
+    /// The rooms' journal in a NATS JetStream stream instead of `data_dir`:
+    /// `nats://HOST:PORT[,HOST:PORT…][?replicas=N]`, in stream `keel-chat-<instance>`.
+    /// Empty: in `data_dir`.
+    pub journal: String,
     /// This instance's name, told to clients in `joined`.
     pub instance: String,
     /// Key that signs and checks login tokens (HS256). Instances behind one gateway share it.
@@ -85,6 +89,7 @@ impl Default for ChatConfig {
         ChatConfig {
             listen: "127.0.0.1:7600".into(),
             data_dir: "keel-data/chat-0".into(),
+            journal: String::new(),
             instance: "chat-0".into(),
             secret: String::new(),
             token_ttl: Duration::from_secs(24 * 3600),

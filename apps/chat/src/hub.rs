@@ -59,9 +59,6 @@ pub enum HubError {
     /// The journal could not be opened or read.
     #[error(transparent)]
     Store(#[from] keel_store::StoreError),
-    /// The task opening the journal in `0` did not finish.
-    #[error("opening the journal in {0} stopped: {1}")]
-    Interrupted(String, tokio::task::JoinError),
     /// A record or snapshot is not one this server wrote.
     #[error("journal record {index} is not a chat message: {error}")]
     Record {
@@ -378,7 +375,7 @@ struct RoomSnapshot {
 #[derive(Debug)]
 pub struct Hub {
     config: HubConfig,
-    journal: keel_store::Journal,
+    journal: keel_store::Log,
     rooms: Mutex<FxHashMap<String, Arc<Mutex<Room>>>>,
     /// Each user's connections, for direct messages.
     users: Mutex<FxHashMap<Arc<str>, Vec<Arc<Peer>>>>,
@@ -405,13 +402,21 @@ impl Hub {
         config: HubConfig,
         links: Option<Links>,
     ) -> Result<Arc<Hub>, HubError> {
-        let dir = dir.into();
-        let path = dir.display().to_string();
-        let (journal, recovered) = tokio::task::spawn_blocking(move || {
-            keel_store::Journal::open(dir, keel_store::JournalOptions::default())
-        })
-        .await
-        .map_err(|e| HubError::Interrupted(path, e))??;
+        let target = keel_store::LogTarget::Dir {
+            dir: dir.into(),
+            options: keel_store::JournalOptions::default(),
+        };
+        Hub::open_log(target, config, links).await
+    }
+
+    /// Opens the rooms' journal at `target` — a local directory, or a JetStream stream whose
+    /// replicas keep the history beyond this machine's disk — and replays it.
+    pub async fn open_log(
+        target: keel_store::LogTarget,
+        config: HubConfig,
+        links: Option<Links>,
+    ) -> Result<Arc<Hub>, HubError> {
+        let (journal, recovered) = keel_store::Log::open(target).await?;
         let hub = Hub {
             config,
             journal,
@@ -1113,6 +1118,10 @@ impl Hub {
         // Everything appended up to `index` is on disk once the sync returns; the rooms are
         // read after it, so the snapshot holds at least every record up to `index` (it may
         // hold later ones too, which replay skips by number).
+        // A stream keeps every record (replicated, it is not this disk's to cut).
+        let keel_store::Log::Local(local) = &self.journal else {
+            return Ok(());
+        };
         let index = self.journal.next_index() - 1;
         if index == 0 {
             return Ok(());
@@ -1141,7 +1150,7 @@ impl Hub {
             }
         }
         let bytes = Bytes::from(serde_json::to_vec(&data).unwrap_or_default());
-        self.journal.snapshot(index, bytes).await
+        local.snapshot(index, bytes).await
     }
 
     /// Waits for every append so far, then stops the journal.

@@ -92,8 +92,13 @@ impl Chat {
                 peer_timeout: config.peer_timeout,
             })?)
         };
-        let hub = Hub::open(
+        let target = keel_store::LogTarget::choose(
+            Some(config.journal.as_str()),
             &config.data_dir,
+            &format!("keel-chat-{}", config.instance),
+        )?;
+        let hub = Hub::open_log(
+            target,
             crate::hub::HubConfig {
                 instance: config.instance.clone(),
                 history: config.history,

@@ -339,3 +339,50 @@ async fn an_instance_that_goes_silent_loses_its_members_and_links_need_the_share
     assert_eq!(status, 401);
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_kept_in_jetstream_outlives_the_instance_disk() {
+    let Some(url) = nats().await else { return };
+    let instance = format!("js{}", std::process::id());
+    let journal_config = |dir: &std::path::Path| ChatConfig {
+        instance: instance.clone(),
+        journal: url.clone(),
+        sends_per_second: 10_000.0,
+        send_burst: 10_000.0,
+        ..config(dir)
+    };
+    let first_disk = tempfile::tempdir().unwrap();
+    let server = start(journal_config(first_disk.path())).await;
+    let mut ann = connect(server.addr, "ann").await;
+    join(&mut ann, "log", None).await;
+    for i in 0..5 {
+        send(
+            &mut ann,
+            json!({"type": "send", "room": "log", "text": format!("m{i}"), "client_msg_id": format!("c{i}")}),
+        )
+        .await;
+    }
+    assert_eq!(messages(&mut ann, "log", 5).await.len(), 5);
+    server.stop().await;
+    drop(first_disk);
+    // Another disk, the same stream: every acknowledged message is there, and numbering goes on.
+    let second_disk = tempfile::tempdir().unwrap();
+    let server = start(journal_config(second_disk.path())).await;
+    let mut ann = connect(server.addr, "ann").await;
+    let joined = join(&mut ann, "log", Some(0)).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["missed"].as_array().unwrap().len(), 5);
+    send(
+        &mut ann,
+        json!({"type": "send", "room": "log", "text": "m5", "client_msg_id": "c5"}),
+    )
+    .await;
+    assert_eq!(messages(&mut ann, "log", 1).await[0]["msg_id"], 6);
+    server.stop().await;
+    // The stream was this test's own.
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream(format!("keel-chat-{instance}"))
+        .await
+        .unwrap();
+}

@@ -64,6 +64,10 @@ pub struct ChatSection {
     /// A NATS server (`nats://HOST:PORT`) for the links between instances.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats: Option<String>,
+    /// The rooms' journals in JetStream streams (`nats://HOST:PORT[?replicas=N]`, one stream
+    /// per instance) instead of `data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<String>,
 }
 
 impl Default for ChatSection {
@@ -71,6 +75,7 @@ impl Default for ChatSection {
         ChatSection {
             listen: "127.0.0.1:7600".into(),
             nats: None,
+            journal: None,
         }
     }
 }
@@ -536,15 +541,15 @@ pub(crate) fn api_part(
     }
 }
 
-/// A chat instance `name` of `names`, registered at `registry`, its links over `nats` when
-/// given; the shared signing key goes by environment.
+/// A chat instance `name` of `names`, registered at `registry`, its links over NATS and its
+/// journal in a stream when `section` says so; the shared signing key goes by environment.
 pub(crate) fn chat_part(
     name: &str,
     address: String,
     data_dir: String,
     registry: &str,
     names: &[String],
-    nats: Option<&str>,
+    section: &ChatSection,
     secret: &str,
 ) -> Part {
     let mut args = vec![
@@ -560,8 +565,11 @@ pub(crate) fn chat_part(
         "--peers".into(),
         names.join(","),
     ];
-    if let Some(url) = nats {
-        args.extend(["--nats".into(), url.to_owned()]);
+    if let Some(url) = &section.nats {
+        args.extend(["--nats".into(), url.clone()]);
+    }
+    if let Some(url) = &section.journal {
+        args.extend(["--journal".into(), url.clone()]);
     }
     Part {
         name: name.to_owned(),
@@ -1230,7 +1238,7 @@ pub async fn run(config: UpConfig, run_for: Option<Duration>) -> anyhow::Result<
                 dir(name),
                 &registry,
                 &names,
-                config.chat.nats.as_deref(),
+                &config.chat,
                 &secret,
             );
             launch(part, &mut parts).await?;
