@@ -45,9 +45,40 @@ use crate::hub::{Hub, JoinRefused, Peer, Place, Target, Who};
 use crate::protocol::{self, code, to_frame};
 use crate::ws::close;
 
-/// What instances tell each other: one JSON object per line.
+/// A frame for clients, carried inside a line as the JSON it is (not as an escaped string).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Frame(Box<serde_json::value::RawValue>);
+
+impl Frame {
+    /// The frame's text, shared by its recipients.
+    pub(crate) fn text(&self) -> Arc<str> {
+        Arc::from(self.0.get())
+    }
+}
+
+impl From<&Arc<str>> for Frame {
+    fn from(frame: &Arc<str>) -> Frame {
+        // Frames are JSON this server wrote.
+        Frame(
+            serde_json::value::RawValue::from_string(frame.to_string())
+                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned()),
+        )
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Eq for Frame {}
+
+/// What instances tell each other: one JSON object per line, `{"<kind>":{…}}` (externally
+/// tagged: the frames inside are raw JSON, which an internally tagged enum cannot carry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Relay {
     /// "I am here": sent first on a link and every second.
     Hello {
@@ -107,27 +138,27 @@ pub(crate) enum Relay {
         req: u64,
         room: String,
         last_msg_id: u64,
-        frame: String,
+        frame: Frame,
     },
     /// The answer to a `sync`: the messages after its `since`.
     Synced {
         room: String,
         last_msg_id: u64,
         recovered: bool,
-        missed: Vec<(u64, String)>,
+        missed: Vec<(u64, Frame)>,
     },
     /// A message of a room.
     Msg {
         room: String,
         msg_id: u64,
-        frame: String,
+        frame: Frame,
     },
     /// A member change of a room.
-    Member { room: String, frame: String },
+    Member { room: String, frame: Frame },
     /// A frame for the connection that made request `req`.
-    Conn { req: u64, conn: u64, frame: String },
+    Conn { req: u64, conn: u64, frame: Frame },
     /// A direct message, for the connections of these users.
-    Users { users: Vec<String>, frame: String },
+    Users { users: Vec<String>, frame: Frame },
 }
 
 impl Relay {
@@ -188,8 +219,8 @@ struct Mirror {
     subscribers: FxHashMap<u64, (Arc<Peer>, u64)>,
     /// The last number handed to the connections.
     last: u64,
-    /// A `sync` is on its way: events wait for its answer.
-    resyncing: bool,
+    /// A `sync` is on its way (sent then): events wait for its answer.
+    resyncing: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -271,7 +302,11 @@ impl Links {
             outboxes,
             request_timeout: config.request_timeout,
             peer_timeout: config.peer_timeout,
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                // Numbers of another life of this instance must not match this one's.
+                next_req: rand::random::<u64>() >> 1,
+                ..State::default()
+            }),
         })
     }
 
@@ -350,15 +385,18 @@ impl Links {
         Some(req)
     }
 
-    /// A connection here joins a room `owner` holds.
+    /// A connection here joins a room `owner` holds. A join while one is on its way is
+    /// answered by that one; a join of a room the connection is in asks for its answer again.
     pub(crate) fn join(&self, peer: &Arc<Peer>, room: &str, since: Option<u64>, owner: &Arc<str>) {
         let mut st = self.state.lock();
         let key = (peer.id, room.to_owned());
-        let again = st.joining.contains_key(&key)
-            || st
-                .mirrors
-                .get(room)
-                .is_some_and(|m| m.subscribers.contains_key(&peer.id));
+        if st.joining.contains_key(&key) {
+            return;
+        }
+        let again = st
+            .mirrors
+            .get(room)
+            .is_some_and(|m| m.subscribers.contains_key(&peer.id));
         let on_timeout = protocol::error(
             code::UNAVAILABLE,
             &format!("{room} is held by chat instance {owner}, which does not answer; join again"),
@@ -371,7 +409,6 @@ impl Links {
         if !again {
             st.joining.insert(key, req);
         }
-        drop(st);
         let relay = Relay::Join {
             from: self.me.to_string(),
             req,
@@ -381,6 +418,8 @@ impl Links {
             since,
             again,
         };
+        // Posted under the lock: a `sync` of the room (which counts this join) cannot come
+        // between the count and the line.
         self.post(owner, relay.line());
     }
 
@@ -395,18 +434,11 @@ impl Links {
             }
             None => false,
         };
-        let still_joining = st.joining.keys().any(|(_, r)| r == room);
-        let was_in = match st.mirrors.get_mut(room) {
-            Some(mirror) => {
-                let was_in = mirror.subscribers.remove(&peer.id).is_some();
-                if mirror.subscribers.is_empty() && !still_joining {
-                    st.mirrors.remove(room);
-                }
-                was_in
-            }
-            None => false,
-        };
-        drop(st);
+        let was_in = st
+            .mirrors
+            .get_mut(room)
+            .is_some_and(|mirror| mirror.subscribers.remove(&peer.id).is_some());
+        drop_unused_mirror(&mut st, room);
         if !(was_joining || was_in) {
             return false;
         }
@@ -436,7 +468,8 @@ impl Links {
             ),
             Some(&client_msg_id),
         );
-        let Some(req) = self.request(&mut self.state.lock(), peer, owner, on_timeout, None) else {
+        let mut st = self.state.lock();
+        let Some(req) = self.request(&mut st, peer, owner, on_timeout, None) else {
             return;
         };
         let relay = Relay::Send {
@@ -463,7 +496,8 @@ impl Links {
     /// A connection here asks for the members of a room `owner` holds.
     pub(crate) fn presence(&self, peer: &Arc<Peer>, room: &str, owner: &Arc<str>) {
         let on_timeout = Links::unanswered(owner, room);
-        let Some(req) = self.request(&mut self.state.lock(), peer, owner, on_timeout, None) else {
+        let mut st = self.state.lock();
+        let Some(req) = self.request(&mut st, peer, owner, on_timeout, None) else {
             return;
         };
         let relay = Relay::Presence {
@@ -485,7 +519,8 @@ impl Links {
         owner: &Arc<str>,
     ) {
         let on_timeout = Links::unanswered(owner, room);
-        let Some(req) = self.request(&mut self.state.lock(), peer, owner, on_timeout, None) else {
+        let mut st = self.state.lock();
+        let Some(req) = self.request(&mut st, peer, owner, on_timeout, None) else {
             return;
         };
         let relay = Relay::History {
@@ -502,7 +537,6 @@ impl Links {
     /// Asks `owner` for what follows each room of its that is mirrored here, telling it this
     /// instance's members there.
     fn resync(&self, owner: &Arc<str>) {
-        let mut lines = Vec::new();
         let mut st = self.state.lock();
         let State {
             mirrors,
@@ -510,16 +544,13 @@ impl Links {
             requests,
             ..
         } = &mut *st;
+        let now = Instant::now();
         for (room, mirror) in mirrors.iter_mut() {
             if mirror.owner != *owner {
                 continue;
             }
-            mirror.resyncing = true;
-            lines.push(sync_line(&self.me, room, mirror, joining, requests));
-        }
-        drop(st);
-        for line in lines {
-            self.post(owner, line);
+            mirror.resyncing = Some(now);
+            self.post(owner, sync_line(&self.me, room, mirror, joining, requests));
         }
     }
 
@@ -553,39 +584,34 @@ impl Links {
                 again,
             } => {
                 let Some(from) = self.name(&from) else { return };
-                let answer = if **self.owner(&room) != *self.me {
-                    Relay::Conn {
-                        req,
-                        conn,
-                        frame: disagree(&room).to_string(),
-                    }
-                } else {
-                    let user: Arc<str> = Arc::from(user);
-                    let who = Who::Remote {
-                        instance: &from,
-                        user: &user,
-                        again,
-                    };
-                    match hub.join_owned(who, &room, since) {
-                        Ok((frame, last_msg_id)) => Relay::Joined {
-                            req,
-                            room,
-                            last_msg_id,
-                            frame: frame.to_string(),
-                        },
-                        Err(JoinRefused::Full) => Relay::Conn {
-                            req,
-                            conn,
-                            frame: protocol::error(
-                                code::ROOM_FULL,
-                                &format!("{room} has its most members"),
-                                None,
-                            )
-                            .to_string(),
-                        },
-                    }
+                if **self.owner(&room) != *self.me {
+                    let frame = Frame::from(&disagree(&room));
+                    self.post(&from, Relay::Conn { req, conn, frame }.line());
+                    return;
+                }
+                let user: Arc<str> = Arc::from(user);
+                let who = Who::Remote {
+                    instance: &from,
+                    user: &user,
+                    again,
                 };
-                self.post(&from, answer.line());
+                let joined = hub.join_owned(who, &room, since, |frame, last_msg_id| {
+                    let joined = Relay::Joined {
+                        req,
+                        room: room.clone(),
+                        last_msg_id,
+                        frame: Frame::from(&frame),
+                    };
+                    self.post(&from, joined.line());
+                });
+                if let Err(JoinRefused::Full) = joined {
+                    let frame = Frame::from(&protocol::error(
+                        code::ROOM_FULL,
+                        &format!("{room} has its most members"),
+                        None,
+                    ));
+                    self.post(&from, Relay::Conn { req, conn, frame }.line());
+                }
             }
             Relay::Leave { from, user, room } => {
                 if let Some(from) = self.name(&from) {
@@ -599,8 +625,9 @@ impl Links {
                 since,
             } => {
                 let Some(from) = self.name(&from) else { return };
-                let answer = hub.sync_owned(&from, &room, &users, since);
-                self.post(&from, answer.line());
+                if **self.owner(&room) == *self.me {
+                    hub.sync_owned(&from, &room, &users, since);
+                }
             }
             Relay::Send {
                 from,
@@ -639,7 +666,11 @@ impl Links {
                 conn,
                 room,
             } => {
-                let frame = hub.presence_frame(&room).to_string();
+                let frame = match **self.owner(&room) == *self.me {
+                    true => hub.presence_frame(&room),
+                    false => disagree(&room),
+                };
+                let frame = Frame::from(&frame);
                 self.post(&from, Relay::Conn { req, conn, frame }.line());
             }
             Relay::History {
@@ -650,7 +681,11 @@ impl Links {
                 before,
                 limit,
             } => {
-                let frame = hub.history_frame(&room, before, limit).to_string();
+                let frame = match **self.owner(&room) == *self.me {
+                    true => hub.history_frame(&room, before, limit, crate::hub::RELAY_LIST_BYTES),
+                    false => disagree(&room),
+                };
+                let frame = Frame::from(&frame);
                 self.post(&from, Relay::Conn { req, conn, frame }.line());
             }
             Relay::Joined {
@@ -673,24 +708,28 @@ impl Links {
             Relay::Member { room, frame } => {
                 let st = self.state.lock();
                 if let Some(mirror) = st.mirrors.get(&room) {
-                    let frame: Arc<str> = Arc::from(frame);
+                    let frame = frame.text();
                     for (peer, _) in mirror.subscribers.values() {
                         peer.send(frame.clone());
                     }
                 }
             }
-            Relay::Conn { req, frame, .. } => {
+            Relay::Conn { req, conn, frame } => {
                 let mut st = self.state.lock();
-                if let Some(request) = st.requests.remove(&req) {
+                if st.requests.get(&req).is_some_and(|r| r.peer.id == conn)
+                    && let Some(request) = st.requests.remove(&req)
+                {
                     if let Some(room) = request.join {
-                        st.joining.remove(&(request.peer.id, room));
+                        // A join refused: nothing of the room for this connection.
+                        st.joining.remove(&(request.peer.id, room.clone()));
+                        drop_unused_mirror(&mut st, &room);
                     }
-                    request.peer.send(Arc::from(frame));
+                    request.peer.send(frame.text());
                 }
             }
             Relay::Users { users, frame } => {
                 let users: Vec<&str> = users.iter().map(String::as_str).collect();
-                hub.to_users(&users, &Arc::from(frame));
+                hub.to_users(&users, &frame.text());
             }
         }
     }
@@ -716,12 +755,15 @@ impl Links {
             };
             (restarted, changed)
         };
-        if restarted {
-            // Its connections are gone (or were given up on): its members leave; it joins
-            // again for those it still has, through the `reset` below.
-            hub.forget_instance(&from);
+        if restarted && let Some(outbox) = self.outboxes.get(&from) {
+            // Lines queued for its previous life answer nothing it asked.
+            outbox.reset();
         }
         if changed {
+            // Its connections are gone, or lines between us may have been lost (a leave, a
+            // join): its members here are forgotten, and it tells them again in the `sync`s
+            // the `reset` below asks for.
+            hub.forget_instance(&from);
             tracing::info!(instance = %from, restarted, "chat instance (re)connected; resynchronising");
             let reset = Relay::Reset {
                 from: self.me.to_string(),
@@ -731,45 +773,54 @@ impl Links {
         }
     }
 
-    fn on_joined(&self, req: u64, room: String, last_msg_id: u64, frame: String) {
+    fn on_joined(&self, req: u64, room: String, last_msg_id: u64, frame: Frame) {
         let mut st = self.state.lock();
         let Some(request) = st.requests.remove(&req) else {
             // Left or timed out meanwhile: the owner has had the leave after the join.
             return;
         };
-        if let Some(room) = &request.join {
-            st.joining.remove(&(request.peer.id, room.clone()));
+        if request.join.is_none() {
+            // A join asked again: answered if the connection is still in the room.
+            if st
+                .mirrors
+                .get(&room)
+                .is_some_and(|m| m.subscribers.contains_key(&request.peer.id))
+            {
+                request.peer.send(frame.text());
+            }
+            return;
         }
+        st.joining.remove(&(request.peer.id, room.clone()));
         let mirror = st.mirrors.entry(room.clone()).or_insert_with(|| Mirror {
             owner: request.owner.clone(),
             subscribers: FxHashMap::default(),
             last: last_msg_id,
-            resyncing: false,
+            resyncing: None,
         });
-        let gap = mirror.last < last_msg_id && !mirror.resyncing;
+        let gap = mirror.last < last_msg_id && mirror.resyncing.is_none();
         mirror
             .subscribers
             .insert(request.peer.id, (request.peer.clone(), last_msg_id));
-        request.peer.send(Arc::from(frame));
+        request.peer.send(frame.text());
         if gap {
             self.start_resync(st, &room);
         }
     }
 
-    fn on_msg(&self, room: &str, msg_id: u64, frame: String) {
+    fn on_msg(&self, room: &str, msg_id: u64, frame: Frame) {
         let mut st = self.state.lock();
         let Some(mirror) = st.mirrors.get_mut(room) else {
             return;
         };
-        if mirror.resyncing || msg_id <= mirror.last {
+        if mirror.resyncing.is_some() || msg_id <= mirror.last {
             return;
         }
-        if msg_id != mirror.last + 1 {
+        if msg_id != mirror.last.saturating_add(1) {
             self.start_resync(st, room);
             return;
         }
         mirror.last = msg_id;
-        let frame: Arc<str> = Arc::from(frame);
+        let frame = frame.text();
         for (peer, after) in mirror.subscribers.values() {
             if *after < msg_id {
                 peer.send(frame.clone());
@@ -788,83 +839,99 @@ impl Links {
         let Some(mirror) = mirrors.get_mut(room) else {
             return;
         };
-        mirror.resyncing = true;
-        let owner = mirror.owner.clone();
+        mirror.resyncing = Some(Instant::now());
         let line = sync_line(&self.me, room, mirror, joining, requests);
-        drop(st);
-        self.post(&owner, line);
+        self.post(&mirror.owner, line);
     }
 
-    fn on_synced(&self, room: &str, last_msg_id: u64, recovered: bool, missed: Vec<(u64, String)>) {
+    fn on_synced(&self, room: &str, last_msg_id: u64, recovered: bool, missed: Vec<(u64, Frame)>) {
         let mut st = self.state.lock();
         let Some(mirror) = st.mirrors.get_mut(room) else {
             return;
         };
-        mirror.resyncing = false;
-        let mut next = mirror.last + 1;
-        let mut hole = !recovered;
-        for (id, frame) in missed {
-            if id < next {
+        mirror.resyncing = None;
+        if last_msg_id < mirror.last {
+            // The holder has fewer messages than were handed out (its history was lost):
+            // the numbers start over, and every connection here must learn it.
+            for (peer, _) in mirror.subscribers.values() {
+                peer.cut(close::RESYNC);
+            }
+            mirror.subscribers.clear();
+            mirror.last = last_msg_id;
+            drop_unused_mirror(&mut st, room);
+            return;
+        }
+        // Whole when the messages after `last` are all there, without a hole.
+        let mut next = mirror.last.saturating_add(1);
+        let mut holed = false;
+        for (id, _) in &missed {
+            if *id < next {
                 continue;
             }
-            hole |= id != next;
-            let frame: Arc<str> = Arc::from(frame);
-            for (peer, after) in mirror.subscribers.values() {
-                if *after < id {
-                    peer.send(frame.clone());
-                }
-            }
-            next = id + 1;
+            holed |= *id != next;
+            next = id.saturating_add(1);
         }
-        hole |= next <= last_msg_id;
-        if hole {
+        let whole = recovered && !holed && next > last_msg_id;
+        if !whole {
             // Some connections cannot be given every message: they reconnect and learn
-            // what they missed from `join` with `since`.
+            // what they missed from `join` with `since`; nothing past the hole is handed out.
             for (peer, after) in mirror.subscribers.values() {
                 if *after < last_msg_id {
                     peer.cut(close::RESYNC);
                 }
             }
+            mirror
+                .subscribers
+                .retain(|_, (_, after)| *after >= last_msg_id);
+            mirror.last = last_msg_id;
+            drop_unused_mirror(&mut st, room);
+            return;
         }
-        mirror.last = mirror.last.max(last_msg_id);
+        for (id, frame) in missed {
+            if id <= mirror.last {
+                continue;
+            }
+            let frame = frame.text();
+            for (peer, after) in mirror.subscribers.values() {
+                if *after < id {
+                    peer.send(frame.clone());
+                }
+            }
+            mirror.last = id;
+        }
     }
 
-    /// Answers requests that waited too long, and gives up on instances unheard for the
-    /// peer timeout (their members leave the rooms owned here). Called a few times a second.
+    /// Answers requests that waited too long, asks again for `sync`s unanswered as long,
+    /// and gives up on instances unheard for the peer timeout (their members leave the rooms
+    /// owned here). Called a few times a second.
     pub(crate) fn sweep(&self, hub: &Hub) {
         let now = Instant::now();
+        let mut st = self.state.lock();
         let mut dead = Vec::new();
-        let mut expired = Vec::new();
-        {
-            let mut st = self.state.lock();
-            for (name, peer) in st.peers.iter_mut() {
-                if !peer.dead
-                    && peer
-                        .last_heard
-                        .is_some_and(|t| now.saturating_duration_since(t) > self.peer_timeout)
-                {
-                    peer.dead = true;
-                    dead.push(name.clone());
-                }
-            }
-            let late: Vec<u64> = st
-                .requests
-                .iter()
-                .filter(|(_, r)| r.deadline <= now || dead.contains(&r.owner))
-                .map(|(req, _)| *req)
-                .collect();
-            for req in late {
-                if let Some(request) = st.requests.remove(&req) {
-                    if let Some(room) = &request.join {
-                        st.joining.remove(&(request.peer.id, room.clone()));
-                    }
-                    expired.push(request);
-                }
+        for (name, peer) in st.peers.iter_mut() {
+            if !peer.dead
+                && peer
+                    .last_heard
+                    .is_some_and(|t| now.saturating_duration_since(t) > self.peer_timeout)
+            {
+                peer.dead = true;
+                dead.push(name.clone());
             }
         }
-        for request in expired {
+        let late: Vec<u64> = st
+            .requests
+            .iter()
+            .filter(|(_, r)| r.deadline <= now || dead.contains(&r.owner))
+            .map(|(req, _)| *req)
+            .collect();
+        for req in late {
+            let Some(request) = st.requests.remove(&req) else {
+                continue;
+            };
             request.peer.send(request.on_timeout.clone());
             if let Some(room) = request.join {
+                st.joining.remove(&(request.peer.id, room.clone()));
+                drop_unused_mirror(&mut st, &room);
                 // The owner may have had the join: it hears the leave after it.
                 let relay = Relay::Leave {
                     from: self.me.to_string(),
@@ -874,6 +941,27 @@ impl Links {
                 self.post(&request.owner, relay.line());
             }
         }
+        // A `sync` or its answer lost on the way (NATS may drop messages): asked again.
+        let State {
+            mirrors,
+            joining,
+            requests,
+            ..
+        } = &mut *st;
+        for (room, mirror) in mirrors.iter_mut() {
+            if mirror
+                .resyncing
+                .is_some_and(|at| now.saturating_duration_since(at) > self.request_timeout)
+            {
+                mirror.resyncing = Some(now);
+                self.post(
+                    &mirror.owner,
+                    sync_line(&self.me, room, mirror, joining, requests),
+                );
+            }
+        }
+        // Under the lock, so a greeting that brings an instance back cannot be undone by
+        // this forgetting it.
         for name in dead {
             tracing::warn!(instance = %name, "chat instance unheard; its members leave");
             hub.forget_instance(&name);
@@ -883,6 +971,18 @@ impl Links {
     /// Rooms mirrored here (owned elsewhere, with connections here).
     pub fn mirrored_rooms(&self) -> usize {
         self.state.lock().mirrors.len()
+    }
+}
+
+/// Forgets a mirrored room no connection here is in or on its way into.
+fn drop_unused_mirror(st: &mut State, room: &str) {
+    let unused = st
+        .mirrors
+        .get(room)
+        .is_some_and(|m| m.subscribers.is_empty())
+        && !st.joining.keys().any(|(_, r)| r == room);
+    if unused {
+        st.mirrors.remove(room);
     }
 }
 
@@ -997,10 +1097,116 @@ mod tests {
         let relay = Relay::Msg {
             room: "lobby".into(),
             msg_id: 3,
-            frame: r#"{"type":"msg"}"#.into(),
+            frame: Frame::from(&Arc::from(r#"{"type":"msg","text":"a \"b\""}"#)),
         };
         let line = relay.line();
         assert!(!line.contains('\n'));
         assert_eq!(serde_json::from_str::<Relay>(&line).unwrap(), relay);
+    }
+
+    /// Lines queued for `instance`, parsed.
+    fn drain(links: &Links, instance: &str) -> Vec<serde_json::Value> {
+        let (_, outbox) = links.outboxes().find(|(n, _)| ***n == *instance).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        outbox.take(&mut buf, usize::MAX, |line, b| {
+            b.extend_from_slice(line.as_bytes());
+            b.extend_from_slice(b"\n");
+        });
+        std::str::from_utf8(&buf)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Frames queued for a connection, parsed.
+    fn frames(peer: &Peer) -> Vec<serde_json::Value> {
+        let mut buf = bytes::BytesMut::new();
+        let mut out = Vec::new();
+        peer.take(&mut buf, usize::MAX, |frame, _| {
+            out.push(serde_json::from_str(frame).unwrap());
+        });
+        out
+    }
+
+    fn msg_line(room: &str, id: u64) -> String {
+        let frame = format!(
+            r#"{{"type":"msg","room":"{room}","msg_id":{id},"user":"ann","text":"t{id}","ts":1}}"#
+        );
+        format!(r#"{{"msg":{{"room":"{room}","msg_id":{id},"frame":{frame}}}}}"#)
+    }
+
+    #[tokio::test]
+    async fn a_mirror_that_sees_a_number_skip_asks_for_the_rest_and_never_shows_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["a", "b"];
+        let hub = Hub::open(
+            dir.path(),
+            crate::hub::HubConfig {
+                instance: "b".into(),
+                ..crate::hub::HubConfig::default()
+            },
+            Some(links("b", &names)),
+        )
+        .await
+        .unwrap();
+        let links = hub.links().unwrap();
+        let room = (0..)
+            .map(|i| format!("r{i}"))
+            .find(|r| **links.owner(r) == *"a")
+            .unwrap();
+        let peer = Peer::new(7, Arc::from("bob"), 1000, 1 << 20);
+        hub.join(&peer, &room, None).unwrap();
+        let sent = drain(links, "a");
+        let req = sent[0]["join"]["req"].as_u64().unwrap();
+        assert_eq!(sent[0]["join"]["user"], "bob");
+        let joined = format!(
+            r#"{{"joined":{{"req":{req},"room":"{room}","last_msg_id":0,"frame":{{"type":"joined","room":"{room}"}}}}}}"#
+        );
+        links.on_line(&hub, &joined);
+        links.on_line(&hub, &msg_line(&room, 1));
+        // 2 is lost on the way: 3 starts a resync, and 4 waits for its answer.
+        links.on_line(&hub, &msg_line(&room, 3));
+        links.on_line(&hub, &msg_line(&room, 4));
+        let sync = drain(links, "a");
+        assert_eq!(sync.len(), 1, "{sync:?}");
+        assert_eq!(sync[0]["sync"]["since"], 1);
+        assert_eq!(sync[0]["sync"]["users"], serde_json::json!([["bob", 1]]));
+        let missed: Vec<String> = (2..=4)
+            .map(|id| format!(r#"[{id},{{"type":"msg","room":"{room}","msg_id":{id}}}]"#))
+            .collect();
+        let synced = format!(
+            r#"{{"synced":{{"room":"{room}","last_msg_id":4,"recovered":true,"missed":[{}]}}}}"#,
+            missed.join(",")
+        );
+        links.on_line(&hub, &synced);
+        links.on_line(&hub, &msg_line(&room, 5));
+        let ids: Vec<u64> = frames(&peer)
+            .iter()
+            .filter(|f| f["type"] == "msg")
+            .map(|f| f["msg_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5], "in order, once each");
+        assert_eq!(peer.cut_requested(), None);
+        // A gap the holder cannot fill: nothing past it is handed out, the connection is cut.
+        links.on_line(&hub, &msg_line(&room, 9));
+        assert_eq!(drain(links, "a")[0]["sync"]["since"], 5);
+        let synced = format!(
+            r#"{{"synced":{{"room":"{room}","last_msg_id":9,"recovered":false,"missed":[[9,{{"type":"msg"}}]]}}}}"#
+        );
+        links.on_line(&hub, &synced);
+        assert!(frames(&peer).is_empty(), "no message past the hole");
+        assert_eq!(peer.cut_requested(), Some(close::RESYNC));
+        // Lines that are not the protocol's are logged and dropped, never a panic.
+        for junk in [
+            "",
+            "{",
+            "[]",
+            r#"{"msg":{"room":1}}"#,
+            r#"{"hello":{"from":"zz","epoch":1,"session":1}}"#,
+        ] {
+            links.on_line(&hub, junk);
+        }
+        hub.close().await.unwrap();
     }
 }

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Links, Relay};
+use crate::cluster::{Frame, Links, Relay};
 use crate::protocol::{self, Message, code, frame_list, to_frame};
 
 /// Settings of the rooms.
@@ -330,8 +330,9 @@ impl Room {
 /// Most bytes of messages one `joined` (its `missed`) or `history` frame carries.
 pub const MAX_LIST_BYTES: usize = 1 << 20;
 
-/// Most bytes of messages one answer between instances carries (a NATS message holds 1 MiB).
-const RELAY_LIST_BYTES: usize = 512 << 10;
+/// Most bytes of messages one answer between instances carries (a NATS message holds 1 MiB,
+/// and a batch of lines may add 256 KiB of others to it).
+pub(crate) const RELAY_LIST_BYTES: usize = 384 << 10;
 
 /// The newest of `stored` (oldest first) whose frames fit in `budget` bytes, oldest first,
 /// and whether all of them did.
@@ -548,11 +549,11 @@ impl Hub {
                 Some(msg_id) => Relay::Msg {
                     room: name.to_owned(),
                     msg_id,
-                    frame: frame.to_string(),
+                    frame: Frame::from(frame),
                 },
                 None => Relay::Member {
                     room: name.to_owned(),
-                    frame: frame.to_string(),
+                    frame: Frame::from(frame),
                 },
             };
             let line = relay.line();
@@ -575,7 +576,7 @@ impl Hub {
                     let relay = Relay::Conn {
                         req: *req,
                         conn: *conn,
-                        frame: frame.to_string(),
+                        frame: Frame::from(&frame),
                     };
                     links.post(instance, relay.line());
                 }
@@ -611,18 +612,19 @@ impl Hub {
             links.join(peer, name, since, &owner);
             return Ok(());
         }
-        let (frame, _) = self.join_owned(Who::Local(peer), name, since)?;
-        peer.send(frame);
-        Ok(())
+        self.join_owned(Who::Local(peer), name, since, |frame, _| peer.send(frame))
     }
 
-    /// Joins a room this instance owns; the `joined` frame and the room's last number.
+    /// Joins a room this instance owns; `answer` gets the `joined` frame and the room's last
+    /// number while the room is still locked, so the frame is on its way before any message
+    /// that follows it.
     pub(crate) fn join_owned(
         &self,
         who: Who<'_>,
         name: &str,
         since: Option<u64>,
-    ) -> Result<(Arc<str>, u64), JoinRefused> {
+        answer: impl FnOnce(Arc<str>, u64),
+    ) -> Result<(), JoinRefused> {
         // The room is locked before the map is let go, so `leave` cannot forget it between
         // the two (it checks for subscribers under the map's lock).
         let mut rooms = self.rooms.lock();
@@ -676,10 +678,15 @@ impl Hub {
             #[serde(skip_serializing_if = "Option::is_none")]
             missed: Option<Box<serde_json::value::RawValue>>,
         }
+        // An answer that crosses to another instance must fit in one NATS message.
+        let budget = match &who {
+            Who::Local(_) => MAX_LIST_BYTES,
+            Who::Remote { .. } => RELAY_LIST_BYTES,
+        };
         let (recovered, missed) = match since {
             None => (None, None),
             Some(since) => {
-                let (kept, whole) = room.after(since, MAX_LIST_BYTES);
+                let (kept, whole) = room.after(since, budget);
                 (Some(whole), Some(frame_list(&frames_of(&kept))))
             }
         };
@@ -697,7 +704,8 @@ impl Hub {
             recovered,
             missed,
         });
-        Ok((frame, room.delivered))
+        answer(frame, room.delivered);
+        Ok(())
     }
 
     /// Removes a connection from a room; its user leaves when it was their last connection
@@ -757,15 +765,15 @@ impl Hub {
     }
 
     /// Sets the connections `instance` has in room `name` (owned here) to `users`, and
-    /// answers with the messages after `since` (the instance lost some, or this one
-    /// restarted).
+    /// answers it (while the room is locked, before any later message) with the messages
+    /// after `since` (it lost some, or this instance restarted).
     pub(crate) fn sync_owned(
         &self,
         instance: &Arc<str>,
         name: &str,
         users: &[(String, u32)],
         since: u64,
-    ) -> Relay {
+    ) {
         let room = self.room(name);
         let mut room = room.lock();
         let old = room.remote.remove(instance).unwrap_or_default();
@@ -794,14 +802,21 @@ impl Hub {
             self.fan_out(name, &room, &member_change(kind, name, &user), None, None);
         }
         let (kept, whole) = room.after(since, RELAY_LIST_BYTES);
-        Relay::Synced {
+        let synced = Relay::Synced {
             room: name.to_owned(),
             last_msg_id: room.delivered,
             recovered: whole,
             missed: kept
                 .iter()
-                .map(|s| (s.msg.msg_id, s.frame.to_string()))
+                .map(|s| (s.msg.msg_id, Frame::from(&s.frame)))
                 .collect(),
+        };
+        if let Some(links) = &self.links {
+            links.post(instance, synced.line());
+        }
+        if room.forgettable() {
+            drop(room);
+            self.forget_if_empty(name);
         }
     }
 
@@ -870,16 +885,17 @@ impl Hub {
     pub fn history(&self, peer: &Arc<Peer>, name: &str, before: Option<u64>, limit: Option<usize>) {
         match self.elsewhere(name) {
             Some((links, owner)) => links.history(peer, name, before, limit, &owner),
-            None => peer.send(self.history_frame(name, before, limit)),
+            None => peer.send(self.history_frame(name, before, limit, MAX_LIST_BYTES)),
         }
     }
 
-    /// The `history` frame of a room owned here.
+    /// The `history` frame of a room owned here, its messages within `budget` bytes.
     pub(crate) fn history_frame(
         &self,
         name: &str,
         before: Option<u64>,
         limit: Option<usize>,
+        budget: usize,
     ) -> Arc<str> {
         #[derive(Serialize)]
         struct History<'a> {
@@ -901,7 +917,7 @@ impl Hub {
                     .take(limit)
                     .collect();
                 below.reverse();
-                frames_of(&newest_within_budget(below.into_iter(), MAX_LIST_BYTES).0)
+                frames_of(&newest_within_budget(below.into_iter(), budget).0)
             }
             None => Vec::new(),
         };
@@ -966,6 +982,36 @@ impl Hub {
         let room = self.room(room_name);
         let (id, appended) = {
             let mut r = room.lock();
+            // A connection elsewhere may send to a room only once its join was counted here
+            // (its instance lists the room before the answer comes).
+            // Nothing at all from its instance: this one may have restarted and not have its
+            // members back yet, so the answer is to try again.
+            if let Target::Remote { instance, .. } = &target
+                && to.is_none()
+                && !r
+                    .remote
+                    .get(instance)
+                    .is_some_and(|users| users.contains_key(&user))
+            {
+                let refusal = match r.remote.contains_key(instance) {
+                    true => protocol::error(
+                        code::NOT_JOINED,
+                        &format!("join {room_name} before sending to it"),
+                        Some(&client_msg_id),
+                    ),
+                    false => protocol::error(
+                        code::UNAVAILABLE,
+                        &format!(
+                            "{room_name} does not count this connection's instance yet; send again"
+                        ),
+                        Some(&client_msg_id),
+                    ),
+                };
+                drop(r);
+                self.answer(&target, refusal);
+                self.forget_if_empty(room_name);
+                return None;
+            }
             let key = (user.clone(), client_msg_id);
             if let Some(&id) = r.sent.get(&key) {
                 let (_, client_msg_id) = key;
@@ -1085,7 +1131,7 @@ impl Hub {
                     if let Some(links) = &self.links {
                         let relay = Relay::Users {
                             users: users.iter().map(|u| (*u).to_owned()).collect(),
-                            frame: frame.to_string(),
+                            frame: Frame::from(&frame),
                         };
                         links.post_all(relay.line());
                     }

@@ -34,8 +34,9 @@ use crate::ws::{self, Decoder, Incoming};
 /// How often a link says `hello`.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// Most bytes of lines sent in one WebSocket message or NATS message (one more line may
-/// pass it; a line is at most about 600 KiB, under NATS's default 1 MiB).
+/// Most bytes of lines sent in one WebSocket message or NATS message. One more line may pass
+/// it; the longest lines (a `joined` with what was missed, `history`, `synced`) carry at most
+/// 384 KiB of messages, so a batch stays under NATS's default limit of 1 MiB.
 const BATCH: usize = 256 << 10;
 
 /// Largest message accepted on an incoming link.
@@ -102,13 +103,16 @@ impl Addresses {
     }
 }
 
-/// Starts the links of `hub` (which has some): direct WebSockets to `addresses` carrying
-/// `token`, or NATS at `nats`; and the sweeper of late requests and silent instances.
+/// Mints the token a direct link presents (short-lived, made for each connection).
+pub type TokenMaker = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Starts the links of `hub` (which has some): direct WebSockets to `addresses` with tokens
+/// from `token`, or NATS at `nats`; and the sweeper of late requests and silent instances.
 pub async fn start(
     hub: &Arc<Hub>,
     nats: Option<&str>,
     addresses: Addresses,
-    token: String,
+    token: TokenMaker,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let Some(links) = hub.links() else {
         return Ok(Vec::new());
@@ -140,7 +144,6 @@ pub async fn start(
         }
         None => {
             let addresses = Arc::new(addresses);
-            let token: Arc<str> = Arc::from(token);
             for (name, outbox) in links.outboxes() {
                 tasks.push(tokio::spawn(direct_link(
                     hub.clone(),
@@ -193,7 +196,7 @@ async fn direct_link(
     name: Arc<str>,
     outbox: Arc<Peer>,
     addresses: Arc<Addresses>,
-    token: Arc<str>,
+    token: TokenMaker,
 ) {
     let backoff = keel_net::Backoff {
         initial: Duration::from_millis(50),
@@ -212,7 +215,7 @@ async fn direct_link(
                     .await
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             stream.set_nodelay(true)?;
-            let path = format!("/chat/relay?token={token}");
+            let path = format!("/chat/relay?token={}", token());
             let handshake = ws::client_handshake(&mut stream, &address, &path);
             tokio::time::timeout(Duration::from_secs(2), handshake)
                 .await
@@ -229,8 +232,8 @@ async fn direct_link(
                 continue;
             }
         };
-        attempt = 0;
         session += 1;
+        let opened = tokio::time::Instant::now();
         // What is queued goes out after the new session's hello, which makes both sides
         // resynchronise whatever the broken link lost; a queue that overflowed starts over.
         if outbox.is_behind() {
@@ -239,6 +242,14 @@ async fn direct_link(
         let Some(links) = hub.links() else { return };
         let ended = write_link(&mut stream, &outbox, || links.hello(session)).await;
         tracing::info!(instance = %name, error = %ended, "link to chat instance ended; reconnecting");
+        // A link that held is opened again at once; one closed as soon as it opened (the other
+        // side draining, say) waits as a failed attempt would.
+        if opened.elapsed() >= Duration::from_secs(1) {
+            attempt = 0;
+        } else {
+            tokio::time::sleep(backoff.delay(attempt)).await;
+            attempt = attempt.saturating_add(1);
+        }
     }
 }
 
