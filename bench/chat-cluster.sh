@@ -72,7 +72,7 @@ PORT=7660
 for sys in keel sio; do
   protocol=keel
   [ "$sys" = sio ] && protocol=socketio
-  for rate in 50 100 200 400 800 1600 3200 6400; do
+  for rate in 10 25 50 100 200 400 800 1600 3200 6400; do
     PORT=$((PORT + 2))
     start_pair "$sys" "$PORT"
     pids="$(IFS=,; echo "${SERVERS[*]}")"
