@@ -17,29 +17,9 @@ cd "$(dirname "$0")/.."
 
 SECS="${1:-10}"
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
-cargo build --release -q -p keel
-BIN="${CARGO_TARGET_DIR:-target}/release/keel"
-if [ ! -d bench/chat/node_modules/@socket.io/redis-adapter ]; then
-  (cd bench/chat && npm ci --no-audit --no-fund >&2)
-fi
-
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=bench/chat-lib.sh
+. bench/chat-lib.sh
 export KEEL_CHAT_SECRET="bench-chat-cluster-$$"
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  exit 1
-}
 
 SERVERS=()
 start_pair() { # system port (the pair listens on port and port + 1)

@@ -482,6 +482,15 @@ impl Hub {
         self.appends.load(Ordering::Relaxed)
     }
 
+    /// Every room in memory, taken out of the map's lock.
+    fn all_rooms(&self) -> Vec<(String, Arc<Mutex<Room>>)> {
+        self.rooms
+            .lock()
+            .iter()
+            .map(|(name, room)| (name.clone(), room.clone()))
+            .collect()
+    }
+
     /// Rooms held in memory (those with messages, members or messages on their way).
     pub fn room_count(&self) -> usize {
         self.rooms.lock().len()
@@ -823,12 +832,7 @@ impl Hub {
     /// Forgets every connection `instance` had in the rooms owned here (it restarted, or
     /// has not been heard from): its users leave where it was their last connection.
     pub(crate) fn forget_instance(&self, instance: &str) {
-        let rooms: Vec<(String, Arc<Mutex<Room>>)> = self
-            .rooms
-            .lock()
-            .iter()
-            .map(|(name, room)| (name.clone(), room.clone()))
-            .collect();
+        let rooms = self.all_rooms();
         for (name, room) in rooms {
             let mut room = room.lock();
             let Some(users) = room.remote.remove(instance) else {
@@ -1173,12 +1177,7 @@ impl Hub {
             return Ok(());
         }
         self.journal.sync().await?;
-        let rooms: Vec<(String, Arc<Mutex<Room>>)> = self
-            .rooms
-            .lock()
-            .iter()
-            .map(|(name, room)| (name.clone(), room.clone()))
-            .collect();
+        let rooms = self.all_rooms();
         let mut data = SnapshotData { rooms: Vec::new() };
         for (name, room) in rooms {
             let room = room.lock();

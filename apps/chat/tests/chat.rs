@@ -94,12 +94,7 @@ async fn resends_are_acknowledged_once_and_history_survives_a_restart() {
     let joined = join(&mut ann, "r", Some(2)).await;
     assert_eq!(joined["last_msg_id"], 5);
     assert_eq!(joined["recovered"], true);
-    let missed: Vec<u64> = joined["missed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["msg_id"].as_u64().unwrap())
-        .collect();
+    let missed = msg_ids(&joined["missed"]);
     assert_eq!(missed, vec![3, 4, 5]);
     // The same client_msg_id after the restart: the first number, nothing delivered again.
     send(
@@ -133,12 +128,7 @@ async fn resends_are_acknowledged_once_and_history_survives_a_restart() {
     )
     .await;
     let history = next_of(&mut ann, "history").await;
-    let ids: Vec<u64> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["msg_id"].as_u64().unwrap())
-        .collect();
+    let ids = msg_ids(&history["messages"]);
     assert_eq!(ids, vec![4, 5]);
     server.stop().await;
 }
@@ -216,12 +206,7 @@ async fn recovery_past_the_kept_history_says_so_and_never_has_a_hole() {
     let mut bob = connect(server.addr, "bob").await;
     let joined = join(&mut bob, "r", Some(3)).await;
     assert_eq!(joined["recovered"], false);
-    let missed: Vec<u64> = joined["missed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["msg_id"].as_u64().unwrap())
-        .collect();
+    let missed = msg_ids(&joined["missed"]);
     assert_eq!(
         missed,
         vec![8, 9, 10, 11, 12],

@@ -180,12 +180,7 @@ async fn members_on_both_instances_see_one_order(pair: &Pair) {
             )
             .await;
             let history = next_of(ws, "history").await;
-            let ids: Vec<u64> = history["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["msg_id"].as_u64().unwrap())
-                .collect();
+            let ids = msg_ids(&history["messages"]);
             assert_eq!(ids, vec![6, 7, 8, 9, 10]);
         }
         // Leaving on one instance is seen on the other.
@@ -302,12 +297,7 @@ async fn a_room_whose_holder_restarts_loses_nothing_and_its_members_elsewhere_ca
     let joined = join_linked(&mut ann, &room, Some(5)).await;
     assert_eq!(joined["members"], json!(["ann", "bob", "cid"]), "{joined}");
     assert_eq!(joined["recovered"], true);
-    let missed: Vec<u64> = joined["missed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["msg_id"].as_u64().unwrap())
-        .collect();
+    let missed = msg_ids(&joined["missed"]);
     assert_eq!(missed, (6..=11).collect::<Vec<_>>());
     a.stop().await;
     b.stop().await;

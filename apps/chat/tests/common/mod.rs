@@ -151,3 +151,12 @@ pub(crate) async fn join(ws: &mut Ws, room: &str, since: Option<u64>) -> Value {
     send(ws, m).await;
     next_of(ws, "joined").await
 }
+
+/// The `msg_id`s of a list of messages (`missed`, `messages`).
+pub(crate) fn msg_ids(list: &Value) -> Vec<u64> {
+    list.as_array()
+        .expect("a list of messages")
+        .iter()
+        .map(|m| m["msg_id"].as_u64().unwrap())
+        .collect()
+}
