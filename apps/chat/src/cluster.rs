@@ -184,6 +184,10 @@ pub struct LinkConfig {
     pub request_timeout: Duration,
     /// An instance unheard this long counts as down: its members leave.
     pub peer_timeout: Duration,
+    /// Most bytes of messages in one answer that crosses to another instance (`joined` with
+    /// `since`, `history`, `synced`): as on one instance over direct links, less over NATS,
+    /// whose messages hold 1 MiB.
+    pub list_bytes: usize,
 }
 
 /// This instance's view of the others: who owns which room, what is on its way to each,
@@ -197,6 +201,7 @@ pub struct Links {
     outboxes: FxHashMap<Arc<str>, Arc<Peer>>,
     request_timeout: Duration,
     peer_timeout: Duration,
+    list_bytes: usize,
     state: Mutex<State>,
 }
 
@@ -302,6 +307,7 @@ impl Links {
             outboxes,
             request_timeout: config.request_timeout,
             peer_timeout: config.peer_timeout,
+            list_bytes: config.list_bytes,
             state: Mutex::new(State {
                 // Numbers of another life of this instance must not match this one's.
                 next_req: rand::random::<u64>() >> 1,
@@ -313,6 +319,11 @@ impl Links {
     /// This instance's name.
     pub fn me(&self) -> &Arc<str> {
         &self.me
+    }
+
+    /// Most bytes of messages in one answer to another instance.
+    pub(crate) fn list_bytes(&self) -> usize {
+        self.list_bytes
     }
 
     /// The other instances and their outgoing queues.
@@ -682,7 +693,7 @@ impl Links {
                 limit,
             } => {
                 let frame = match **self.owner(&room) == *self.me {
-                    true => hub.history_frame(&room, before, limit, crate::hub::RELAY_LIST_BYTES),
+                    true => hub.history_frame(&room, before, limit, self.list_bytes),
                     false => disagree(&room),
                 };
                 let frame = Frame::from(&frame);
@@ -1050,6 +1061,7 @@ mod tests {
             names: names.iter().map(|n| (*n).to_owned()).collect(),
             request_timeout: Duration::from_secs(5),
             peer_timeout: Duration::from_secs(5),
+            list_bytes: crate::hub::MAX_LIST_BYTES,
         })
         .unwrap()
     }
@@ -1085,6 +1097,7 @@ mod tests {
                 names: vec!["b".into()],
                 request_timeout: Duration::from_secs(1),
                 peer_timeout: Duration::from_secs(1),
+                list_bytes: crate::hub::MAX_LIST_BYTES,
             })
             .is_err()
         );

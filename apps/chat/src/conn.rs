@@ -271,7 +271,7 @@ impl Conn<'_> {
                 ..
             } => (Some(room.as_str()), Some(client_msg_id.as_str())),
             ClientMsg::Dm { client_msg_id, .. } => (None, Some(client_msg_id.as_str())),
-            ClientMsg::Ping => (None, None),
+            ClientMsg::Ping {} => (None, None),
         };
         if let Some(name) = room_name
             && let Err(detail) = check_name(name, "room")
@@ -281,7 +281,7 @@ impl Conn<'_> {
             return None;
         }
         // Every request but `leave` and `ping` costs a token of the connection's rate.
-        if !matches!(msg, ClientMsg::Leave { .. } | ClientMsg::Ping)
+        if !matches!(msg, ClientMsg::Leave { .. } | ClientMsg::Ping {})
             && let Err(end) = self.admit(client_msg_id)
         {
             return end;
@@ -352,7 +352,7 @@ impl Conn<'_> {
                 before,
                 limit,
             } => self.hub.history(self.peer, &room, before, limit),
-            ClientMsg::Ping => self.peer.send(Arc::from(r#"{"type":"pong"}"#)),
+            ClientMsg::Ping {} => self.peer.send(Arc::from(r#"{"type":"pong"}"#)),
         }
         None
     }

@@ -330,9 +330,9 @@ impl Room {
 /// Most bytes of messages one `joined` (its `missed`) or `history` frame carries.
 pub const MAX_LIST_BYTES: usize = 1 << 20;
 
-/// Most bytes of messages one answer between instances carries (a NATS message holds 1 MiB,
-/// and a batch of lines may add 256 KiB of others to it).
-pub(crate) const RELAY_LIST_BYTES: usize = 384 << 10;
+/// Most bytes of messages one answer between instances carries over NATS (a NATS message
+/// holds 1 MiB, and a batch of lines may add 256 KiB of others to it).
+pub const NATS_LIST_BYTES: usize = 384 << 10;
 
 /// The newest of `stored` (oldest first) whose frames fit in `budget` bytes, oldest first,
 /// and whether all of them did.
@@ -687,10 +687,10 @@ impl Hub {
             #[serde(skip_serializing_if = "Option::is_none")]
             missed: Option<Box<serde_json::value::RawValue>>,
         }
-        // An answer that crosses to another instance must fit in one NATS message.
-        let budget = match &who {
-            Who::Local(_) => MAX_LIST_BYTES,
-            Who::Remote { .. } => RELAY_LIST_BYTES,
+        // An answer that crosses to another instance must fit in what the link carries.
+        let budget = match (&who, &self.links) {
+            (Who::Remote { .. }, Some(links)) => links.list_bytes(),
+            _ => MAX_LIST_BYTES,
         };
         let (recovered, missed) = match since {
             None => (None, None),
@@ -810,7 +810,11 @@ impl Hub {
         for (kind, user) in changes {
             self.fan_out(name, &room, &member_change(kind, name, &user), None, None);
         }
-        let (kept, whole) = room.after(since, RELAY_LIST_BYTES);
+        let budget = self
+            .links
+            .as_ref()
+            .map_or(MAX_LIST_BYTES, Links::list_bytes);
+        let (kept, whole) = room.after(since, budget);
         let synced = Relay::Synced {
             room: name.to_owned(),
             last_msg_id: room.delivered,

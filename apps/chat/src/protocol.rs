@@ -57,8 +57,9 @@ pub enum ClientMsg {
         #[serde(default)]
         limit: Option<usize>,
     },
-    /// Ask for a `pong` (an application-level check; WebSocket pings are answered too).
-    Ping,
+    /// Ask for a `pong` (an application-level check; WebSocket pings are answered too). A
+    /// struct variant, so that unknown fields are refused as for every other type.
+    Ping {},
 }
 
 /// A stored message: what the journal keeps and `msg` frames carry.
@@ -190,7 +191,8 @@ mod tests {
             }
         );
         let ping: ClientMsg = serde_json::from_str(r#"{"type":"ping"}"#).unwrap();
-        assert_eq!(ping, ClientMsg::Ping);
+        assert_eq!(ping, ClientMsg::Ping {});
+        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"ping","x":1}"#).is_err());
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"join","room":"a","x":1}"#).is_err());
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"shout"}"#).is_err());
     }

@@ -90,6 +90,10 @@ impl Chat {
                 names: names.into_iter().map(|(name, _)| name).collect(),
                 request_timeout: config.request_timeout,
                 peer_timeout: config.peer_timeout,
+                list_bytes: match config.nats.as_str() {
+                    "" => crate::hub::MAX_LIST_BYTES,
+                    _ => crate::hub::NATS_LIST_BYTES,
+                },
             })?)
         };
         let target = keel_store::LogTarget::choose(

@@ -19,6 +19,7 @@ fn owner_of(names: &[&str], room: &str) -> String {
         names: names.iter().map(|n| (*n).to_owned()).collect(),
         request_timeout: Duration::from_secs(5),
         peer_timeout: Duration::from_secs(5),
+        list_bytes: keel_chat::hub::MAX_LIST_BYTES,
     })
     .unwrap();
     links.owner(room).to_string()
@@ -375,4 +376,39 @@ async fn a_history_kept_in_jetstream_outlives_the_instance_disk() {
     js.delete_stream(format!("keel-chat-{instance}"))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_and_history_from_another_instance_carry_as_much_as_on_the_holder() {
+    let pair = Pair::new(["chat-a", "chat-b"], None).await;
+    let names = ["chat-a", "chat-b"];
+    let room = room_held_by(&names, "chat-a", "long");
+    let (a, b) = (pair.start(0).await, pair.start(1).await);
+    let mut ann = connect(a.addr, "ann").await;
+    join_linked(&mut ann, &room, None).await;
+    let text = "x".repeat(4000);
+    for i in 0..250 {
+        send(
+            &mut ann,
+            json!({"type": "send", "room": room, "text": text, "client_msg_id": format!("c{i}")}),
+        )
+        .await;
+    }
+    assert_eq!(messages(&mut ann, &room, 250).await.len(), 250);
+    // 150 messages of 4 KB: about 615 KB, within a joined frame's 1 MiB on either instance.
+    for server in [&a, &b] {
+        let mut bob = connect(server.addr, "bob").await;
+        let joined = join_linked(&mut bob, &room, Some(100)).await;
+        assert_eq!(joined["recovered"], true, "on {}", joined["instance"]);
+        assert_eq!(msg_ids(&joined["missed"]), (101..=250).collect::<Vec<_>>());
+        send(
+            &mut bob,
+            json!({"type": "history", "room": room, "before": 251, "limit": 150}),
+        )
+        .await;
+        let history = next_of(&mut bob, "history").await;
+        assert_eq!(msg_ids(&history["messages"]).len(), 150);
+    }
+    a.stop().await;
+    b.stop().await;
 }

@@ -156,6 +156,7 @@ fn keel_up_serves_one_chat_over_two_instances_and_survives_a_kill_9_of_either() 
         names: names.to_vec(),
         request_timeout: Duration::from_secs(5),
         peer_timeout: Duration::from_secs(5),
+        list_bytes: keel_chat::hub::MAX_LIST_BYTES,
     })
     .unwrap();
     let room = (0..)
