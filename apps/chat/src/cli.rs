@@ -88,7 +88,7 @@ pub fn config(args: &ChatArgs) -> anyhow::Result<ChatConfig> {
             }
         }
     }
-    config.check().map_err(anyhow::Error::msg)?;
+    config.check()?;
     Ok(config)
 }
 

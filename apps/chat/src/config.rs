@@ -120,24 +120,44 @@ impl Default for ChatConfig {
     }
 }
 
+/// A setting the instance cannot run with, and why (naming the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl From<String> for ConfigError {
+    fn from(problem: String) -> ConfigError {
+        ConfigError(problem)
+    }
+}
+
+impl From<&str> for ConfigError {
+    fn from(problem: &str) -> ConfigError {
+        ConfigError(problem.to_owned())
+    }
+}
+
 impl ChatConfig {
     /// The peers' names and fixed addresses.
-    pub fn peer_list(&self) -> Result<Vec<(String, Option<String>)>, String> {
+    pub fn peer_list(&self) -> Result<Vec<(String, Option<String>)>, ConfigError> {
         let mut list = Vec::new();
         for peer in &self.peers {
             let (name, address) = match peer.split_once('=') {
                 Some((name, address)) if !address.is_empty() => (name, Some(address.to_owned())),
-                Some(_) => return Err(format!("peer {peer:?}: the address after '=' is empty")),
+                Some(_) => {
+                    return Err(format!("peer {peer:?}: the address after '=' is empty").into());
+                }
                 None => (peer.as_str(), None),
             };
-            crate::cluster::check_instance_name(name).map_err(|e| e.to_string())?;
+            crate::cluster::check_instance_name(name)
+                .map_err(|e| ConfigError(format!("peers: {e}")))?;
             list.push((name.to_owned(), address));
         }
         Ok(list)
     }
 
     /// Checks what serde cannot: a clear error instead of a server that misbehaves.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         if self.history == 0
             || self.send_queue == 0
             || self.send_queue_bytes < (2 << 20)
@@ -180,7 +200,8 @@ impl ChatConfig {
                 {
                     return Err(format!(
                         "peer {name} has no address (NAME=HOST:PORT) and there is neither a registry nor NATS to find it"
-                    ));
+                    )
+                    .into());
                 }
             }
         }

@@ -276,8 +276,11 @@ impl Conn<'_> {
         if let Some(name) = room_name
             && let Err(detail) = check_name(name, "room")
         {
-            self.peer
-                .send(protocol::error(code::BAD_NAME, &detail, client_msg_id));
+            self.peer.send(protocol::error(
+                code::BAD_NAME,
+                &detail.to_string(),
+                client_msg_id,
+            ));
             return None;
         }
         // Every request but `leave` and `ping` costs a token of the connection's rate.
@@ -338,7 +341,7 @@ impl Conn<'_> {
                 if let Err(detail) = check_name(&to, "user") {
                     self.peer.send(protocol::error(
                         code::BAD_NAME,
-                        &detail,
+                        &detail.to_string(),
                         Some(&client_msg_id),
                     ));
                     return None;
@@ -426,11 +429,14 @@ impl Conn<'_> {
 pub const MAX_NAME: usize = 64;
 
 /// Checks a room or user name: 1 to [`MAX_NAME`] bytes, no control characters.
-pub fn check_name(name: &str, what: &str) -> Result<(), String> {
+pub fn check_name(name: &str, what: &'static str) -> Result<(), BadName> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
-        return Err(format!(
-            "a {what} name is 1 to {MAX_NAME} bytes without control characters"
-        ));
+        return Err(BadName(what));
     }
     Ok(())
 }
+
+/// A room or user name [`check_name`] refused: which kind of name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a {0} name is 1 to {MAX_NAME} bytes without control characters")]
+pub struct BadName(pub &'static str);

@@ -34,5 +34,5 @@ pub mod server;
 pub mod transport;
 pub mod ws;
 
-pub use config::ChatConfig;
+pub use config::{ChatConfig, ConfigError};
 pub use server::Chat;

@@ -80,11 +80,11 @@ type Slot = Arc<Mutex<Option<Accepted>>>;
 impl Chat {
     /// An instance with its rooms opened from `config.data_dir`.
     pub async fn open(config: ChatConfig) -> anyhow::Result<Arc<Chat>> {
-        config.check().map_err(anyhow::Error::msg)?;
+        config.check()?;
         let links = if config.peers.is_empty() {
             None
         } else {
-            let names = config.peer_list().map_err(anyhow::Error::msg)?;
+            let names = config.peer_list()?;
             Some(crate::cluster::Links::new(&crate::cluster::LinkConfig {
                 me: config.instance.clone(),
                 names: names.into_iter().map(|(name, _)| name).collect(),
@@ -191,8 +191,7 @@ impl Chat {
         }
         let fixed = self
             .config
-            .peer_list()
-            .map_err(anyhow::Error::msg)?
+            .peer_list()?
             .into_iter()
             .filter_map(|(name, address)| Some((name, address?)))
             .collect();
@@ -482,7 +481,7 @@ impl Chat {
             }
         };
         if let Err(detail) = check_name(&login.user, "user") {
-            return error(StatusCode::BAD_REQUEST, "bad_name", &detail);
+            return error(StatusCode::BAD_REQUEST, "bad_name", &detail.to_string());
         }
         let iat = now_ms() / 1000;
         let claims = Claims {
