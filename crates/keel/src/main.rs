@@ -46,8 +46,9 @@ enum Command {
     Demo(DemoArgs),
     /// Run the naming service (registry) until Ctrl-C.
     Registry(RegistryArgs),
-    /// Run the flash-sale system (inventory, orders, HTTP API, gateway) as separate
-    /// processes from keel.toml (written with defaults if absent) until Ctrl-C.
+    /// Run the flash-sale system (inventory, orders, HTTP API) and the chat, behind the
+    /// gateway, as separate processes from keel.toml (written with defaults if absent) until
+    /// Ctrl-C.
     Up(UpArgs),
     /// Run one host's share of the flash sale across several machines (etcd, NATS JetStream,
     /// PostgreSQL), as `cluster.toml` says, until Ctrl-C.
@@ -85,7 +86,7 @@ struct UpArgs {
     #[arg(long, default_value_t = 0)]
     seconds: u64,
     /// How many processes of a kind, over keel.toml's `[scale]`: `--scale inventory=4`
-    /// (kinds: inventory, orders); repeatable.
+    /// (kinds: inventory, orders, api, chat); repeatable.
     #[arg(long)]
     scale: Vec<String>,
 }
