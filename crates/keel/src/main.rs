@@ -293,6 +293,10 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         } else {
             "http"
         };
+        // Listened for before the banner: a SIGHUP that comes as soon as the gateway says it
+        // is up must reload it, not end it with the signal's default action.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP")?;
         say!(
             "keel gateway on {scheme}://{} ({}); SIGHUP reloads, Ctrl-C stops",
             listener.local_addr()?,
@@ -313,11 +317,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         }
         let reloader = gateway.clone();
         tokio::spawn(async move {
-            let Ok(mut hangups) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
-            };
+            let mut hangups = hangups;
             while hangups.recv().await.is_some() {
                 // Written without panicking if nobody reads stdout any more.
                 use std::io::Write as _;
