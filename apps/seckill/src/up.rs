@@ -1434,5 +1434,20 @@ mod tests {
         check_topology(dir.path(), Scale::default()).unwrap();
         let err = check_topology(dir.path(), scale).unwrap_err().to_string();
         assert!(err.contains("2 inventory shards"), "{err}");
+
+        // The chat count may change while no chat instance holds rooms, not after.
+        let chat = |n| Scale {
+            chat: n,
+            ..Scale::default()
+        };
+        let fresh = tempfile::tempdir().unwrap();
+        check_topology(fresh.path(), chat(2)).unwrap();
+        check_topology(fresh.path(), chat(3)).unwrap();
+        std::fs::create_dir(fresh.path().join("chat-0")).unwrap();
+        let err = check_topology(fresh.path(), chat(2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 chat instances"), "{err}");
+        check_topology(fresh.path(), chat(3)).unwrap();
     }
 }
