@@ -17,6 +17,8 @@
 #
 # Settings: BUYERS (10000), RATE (buyers/s, 1000), LEASE_MS (shard owners' lease, 3000),
 # CLUSTER_FAULTS ("host partition engine"), CLUSTER_STOCKS ("10000 100"),
+# CLUSTER_CONCURRENCY (buys in flight of the closed loops that measure capacity, "64 256";
+# each design's figure is its best),
 # KEEL_BIN (a built keel; else cargo builds one). Needs root (network namespaces), etcd,
 # nats-server, dnsmasq and PostgreSQL's server binaries; exits 77 when it cannot make
 # namespaces. Everything it starts it stops by PID, and it removes its namespaces, bridge and
@@ -28,6 +30,7 @@ QUICK="${CLUSTER_QUICK:-0}"
 BUYERS="${BUYERS:-10000}"
 RATE="${RATE:-1000}"
 LEASE_MS="${LEASE_MS:-3000}"
+CONCURRENCY="${CLUSTER_CONCURRENCY:-64 256}"
 if [ "$QUICK" = 1 ]; then BUYERS="${BUYERS_QUICK:-2000}"; RATE="${RATE_QUICK:-500}"; fi
 
 if [ "$(id -u)" != 0 ]; then echo "cluster.sh: needs root to make network namespaces" >&2; exit 77; fi
@@ -266,28 +269,29 @@ print(json.dumps({"etcd": names.get(status.get("leader"), ""),
 }
 
 # One sale of $2 units to BUYERS buyers at RATE a second through shop.keel, with fault $1
-# struck a fifth of the way in; appends {"fault", "run", "fault_at_ms"} to RESULTS.
+# struck a fifth of the way in (without a fault: a closed loop of $3 buys in flight); appends
+# {"fault", "run", "fault_at_ms"} to RESULTS.
 sale() {
-  local kind="$1" stock="$2" after
+  local kind="$1" stock="$2" concurrency="${3:-64}" after
   rm -f "$WORK/leaders"
   after=$(python3 -c "print(max(1.0, $BUYERS / $RATE / 5))")
   fault "$kind" "$after" > "$WORK/fault-at" &
   FAULT_PID=$!
   local line load=(--rate "$RATE")
   # Without a fault the sale measures capacity: a closed loop, as for the other designs.
-  [ "$kind" = none ] && load=(--concurrency 64)
+  [ "$kind" = none ] && load=(--concurrency "$concurrency")
   line=$(in_ns client env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway shop.keel:8080 \
     --buyers "$BUYERS" --stock "$stock" "${load[@]}" 2>"$WORK/logs/bench-$kind-$stock.log" | tail -1) || true
   wait "$FAULT_PID" || true
   FAULT_PID=""
   [ -n "$line" ] || { echo "cluster.sh: the $kind run printed nothing" >&2; tail -5 "$WORK/logs/bench-$kind-$stock.log" >&2; line='{}'; }
-  echo "{\"fault\": \"$kind\", \"stock\": $stock, \"fault_at_unix_ms\": $(cat "$WORK/fault-at" || echo 0), \"leaders\": $(cat "$WORK/leaders" 2>/dev/null || echo '{}'), \"run\": $line}" >> "$RESULTS"
+  echo "{\"fault\": \"$kind\", \"stock\": $stock, \"concurrency\": $concurrency, \"fault_at_unix_ms\": $(cat "$WORK/fault-at" || echo 0), \"leaders\": $(cat "$WORK/leaders" 2>/dev/null || echo '{}'), \"run\": $line}" >> "$RESULTS"
   echo "done: $kind, stock $stock" >&2
 }
 
-# The same sale (closed loop, 64 in flight) on the embedded `keel up` and on the naive
-# PostgreSQL design (bench/peers/src/seckill_naive.rs behind a Keel gateway), both in db on
-# its own PostgreSQL; appends {"fault": "embedded" | "naive", ...} to RESULTS.
+# The same sale (closed loops, CLUSTER_CONCURRENCY in flight) on the embedded `keel up` and
+# on the naive PostgreSQL design (bench/peers/src/seckill_naive.rs behind a Keel gateway), both
+# in db on its own PostgreSQL; appends {"fault": "embedded" | "naive", ...} to RESULTS.
 compare() {
   mkdir -p "$WORK/logs" "$WORK/up"
   network_up
@@ -298,10 +302,12 @@ compare() {
   wait_line "$WORK/logs/keel-up.log" "Keel is up"
   local gw line
   gw=$(grep -m1 "Keel is up" "$WORK/logs/keel-up.log" | sed 's#.*http://\([^/]*\)/.*#\1#')
-  line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
-    --stock 10000 --concurrency 64 2>"$WORK/logs/bench-embedded.log" | tail -1) || true
-  echo "{\"fault\": \"embedded\", \"stock\": 10000, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
-  echo "done: embedded" >&2
+  for c in $CONCURRENCY; do
+    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
+      --stock 10000 --concurrency "$c" 2>"$WORK/logs/bench-embedded-$c.log" | tail -1) || true
+    echo "{\"fault\": \"embedded\", \"stock\": 10000, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
+    echo "done: embedded, $c in flight" >&2
+  done
   in_ns db "$PGBIN/psql" -q -h "${IP[db]}" -U postgres -c "CREATE DATABASE naive" >/dev/null
   spawn db naive "$(dirname "$BIN")/seckill-naive" --addr 127.0.0.1:0 \
     --database "postgres://postgres@${IP[db]}:5432/naive"
@@ -318,17 +324,19 @@ CONF
   spawn db naive-gw "$BIN" gateway --config "$WORK/naive-gateway.toml"
   wait_line "$WORK/logs/naive-gw.log" "keel gateway on"
   gw=$(grep -m1 "keel gateway on" "$WORK/logs/naive-gw.log" | sed 's#.*http://\([^ ]*\) .*#\1#')
-  line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
-    --stock 10000 --concurrency 64 2>"$WORK/logs/bench-naive.log" | tail -1) || true
-  echo "{\"fault\": \"naive\", \"stock\": 10000, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
-  echo "done: naive" >&2
+  for c in $CONCURRENCY; do
+    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
+      --stock 10000 --concurrency "$c" 2>"$WORK/logs/bench-naive-$c.log" | tail -1) || true
+    echo "{\"fault\": \"naive\", \"stock\": 10000, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
+    echo "done: naive, $c in flight" >&2
+  done
   teardown
 }
 
-# Each fault on a fresh cluster.
+# Each fault (and each closed loop) on a fresh cluster.
 run_fault() {
   cluster_up
-  sale "$1" "$2"
+  sale "$@"
   teardown
 }
 
@@ -336,7 +344,7 @@ run_fault() {
 if [ "$QUICK" = 1 ]; then
   run_fault host 1000
 else
-  run_fault none 10000
+  for c in $CONCURRENCY; do run_fault none 10000 "$c"; done
   for stock in ${CLUSTER_STOCKS:-10000 100}; do
     for kind in ${CLUSTER_FAULTS:-host partition engine}; do run_fault "$kind" "$stock"; done
   done
@@ -377,16 +385,22 @@ def shard_windows(r):
     return out
 def window(r):
     return max((w for w, _ in shard_windows(r).values()), default=0)
-print(f"{'fault':>10} {'stock':>6} {'buys/s':>8} {'bought':>7} {'p99 ms':>8} {'resent':>7} {'errors':>7} {'oversold':>8} {'lost':>5} {'window ms':>9} ok  per shard: window(what the struck host held)")
+print(f"{'fault':>10} {'stock':>6} {'flight':>6} {'buys/s':>8} {'bought':>7} {'p99 ms':>8} {'resent':>7} {'errors':>7} {'oversold':>8} {'lost':>5} {'window ms':>9} ok  per shard: window(what the struck host held)")
 for r in rows:
     d = r["run"]
-    print(f"{r['fault']:>10} {r['stock']:>6} {d.get('buys_per_s', 0):>8.0f} {d.get('bought', 0):>7} {d.get('p99_ms', 0):>8.1f} "
+    flight = r.get("concurrency", "-") if r["fault"] in ("none", "embedded", "naive") else "open"
+    print(f"{r['fault']:>10} {r['stock']:>6} {flight:>6} {d.get('buys_per_s', 0):>8.0f} {d.get('bought', 0):>7} {d.get('p99_ms', 0):>8.1f} "
           f"{d.get('resent', 0):>7} {d.get('errors', 0):>7} {d.get('oversold', -1):>8} {d.get('lost_acks', -1):>5} {window(r):>9} {d.get('ok')} "
           + " ".join(f"{k}:{w}({lost})" for k, (w, lost) in sorted(shard_windows(r).items())))
 faulted = [r for r in rows if r["fault"] in ("host", "partition", "engine")]
+def best(kind):
+    """The closed-loop run of `kind` that sold fastest: a design's capacity is its figure at
+    the load it serves best (too few buys in flight measure a round trip, not capacity)."""
+    found = [r for r in rows if r["fault"] == kind and r["run"].get("buys_per_s")]
+    return max(found, key=lambda r: r["run"]["buys_per_s"]) if found else None
 def figure(kind, key):
-    found = [r["run"].get(key) for r in rows if r["fault"] == kind]
-    return found[0] if found else None
+    found = best(kind)
+    return found["run"].get(key) if found else None
 def worst(kind):
     ws = [window(r) for r in faulted if r["fault"] == kind]
     return max(ws) if ws else None
@@ -399,6 +413,12 @@ out = {
     "cluster_p99_ms": figure("none", "p99_ms"),
     "embedded_p99_ms": figure("embedded", "p99_ms"),
     "naive_p99_ms": figure("naive", "p99_ms"),
+    "cluster_concurrency": (best("none") or {}).get("concurrency"),
+    "embedded_concurrency": (best("embedded") or {}).get("concurrency"),
+    "naive_concurrency": (best("naive") or {}).get("concurrency"),
+    "buys_per_s_by_concurrency": {kind: {str(r.get("concurrency")): r["run"].get("buys_per_s")
+                                         for r in rows if r["fault"] == kind}
+                                  for kind in ("none", "embedded", "naive")},
     "cluster_vs_naive": (round(figure("none", "buys_per_s") / max(figure("naive", "buys_per_s") or 1, 1), 2)
                          if figure("none", "buys_per_s") and figure("naive", "buys_per_s") else None),
     "oversold": sum(r["run"].get("oversold", 1) for r in rows if r["fault"] != "naive"),

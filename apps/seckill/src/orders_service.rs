@@ -411,7 +411,8 @@ const INSERT_RETRY_FOR: Duration = Duration::from_secs(4);
 
 /// Takes in shard `name`'s reservations from its journal stream: each batch's orders are
 /// inserted (idempotently) and committed, then the batch is acknowledged. Records that are
-/// not reservations are acknowledged as they are.
+/// not reservations are acknowledged as they are; one that cannot be read is logged and
+/// acknowledged with the rest.
 async fn follow_feed(orders: PgOrders, name: String, feed: Arc<StreamFeed>) {
     loop {
         let batch = match feed.next(512, Duration::from_secs(1)).await {
@@ -426,17 +427,12 @@ async fn follow_feed(orders: PgOrders, name: String, feed: Arc<StreamFeed>) {
             continue;
         }
         let mut reservations = Vec::with_capacity(batch.len());
-        let mut readable = Vec::with_capacity(batch.len());
-        for record in batch {
+        for record in &batch {
             match crate::inventory::reservation_in(&record.payload) {
-                Ok(found) => {
-                    reservations.extend(found);
-                    readable.push(record);
-                }
+                Ok(found) => reservations.extend(found),
                 Err(e) => {
                     tracing::error!(inventory = %name, index = record.index, error = %e,
                         "a journal record of the shard cannot be read; it is skipped");
-                    let _ = feed.reject(&record).await;
                 }
             }
         }
@@ -456,7 +452,7 @@ async fn follow_feed(orders: PgOrders, name: String, feed: Arc<StreamFeed>) {
                 }
             }
         };
-        if inserted && let Err(e) = feed.ack(&readable).await {
+        if inserted && let Err(e) = feed.ack(&batch).await {
             tracing::warn!(inventory = %name, error = %e, "acknowledging the feed failed; the batch will be delivered again");
         }
     }

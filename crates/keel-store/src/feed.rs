@@ -7,18 +7,22 @@
 //! - **At least once.** A record is delivered again when its acknowledgement does not come
 //!   within `ack_wait` (the process died, or was cut off): the follower must take each record
 //!   idempotently, and acknowledge it only once what it made of it is durable.
-//! - **Backlog.** [`StreamFeed::backlog`] counts the records not yet delivered plus those
+//! - **Backlog.** [`StreamFeed::backlog`] counts the messages not yet delivered plus those
 //!   delivered and not yet acknowledged: zero means the follower has taken in everything
 //!   stored so far.
+//! - **Messages of several records.** A journal message may hold several records (group
+//!   commit); they are delivered together, in one [`StreamFeed::next`], and acknowledged
+//!   together, with the last of them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::StoreError;
-use crate::stream::{StreamOptions, connect, engine, open_stream};
+use crate::stream::{StreamOptions, connect, engine, open_stream, unpack};
 
 /// How much longer than a pull request's own expiry the client waits for its end.
 const PULL_GRACE: Duration = Duration::from_secs(2);
@@ -26,13 +30,14 @@ const PULL_GRACE: Duration = Duration::from_secs(2);
 /// One record of the stream, delivered to this follower.
 #[derive(Debug)]
 pub struct FeedRecord {
-    /// Its index in the journal (the stream's sequence).
+    /// Its index in the journal.
     pub index: u64,
     /// How many times it has been delivered (1 the first time).
     pub delivered: i64,
     /// The record.
     pub payload: Bytes,
-    message: jetstream::Message,
+    /// The message that holds it, acknowledged with its last record.
+    message: Option<Arc<jetstream::Message>>,
 }
 
 /// A durable consumer of a journal stream.
@@ -81,8 +86,8 @@ impl StreamFeed {
         })
     }
 
-    /// The next records, at most `max`, waiting up to `wait` for the first; an empty list when
-    /// none came. Returns as soon as something is there (records are not held back to fill
+    /// The records of the next messages, at most `max` messages, waiting up to `wait` for the
+    /// first; an empty list when none came. Returns as soon as something is there (records are not held back to fill
     /// a batch, where their acknowledgement wait would run out).
     pub async fn next(&self, max: usize, wait: Duration) -> Result<Vec<FeedRecord>, StoreError> {
         let max = max.max(1);
@@ -126,12 +131,31 @@ impl StreamFeed {
                 let info = message
                     .info()
                     .map_err(|e| engine(&self.stream, "reading a record's place", e))?;
-                records.push(FeedRecord {
-                    index: info.stream_sequence,
-                    delivered: info.delivered,
-                    payload: message.payload.clone(),
-                    message,
-                });
+                let (sequence, delivered) = (info.stream_sequence, info.delivered);
+                let message = Arc::new(message);
+                match unpack(sequence, message.headers.as_ref(), &message.payload) {
+                    Ok(unpacked) => {
+                        let last = unpacked.len() - 1;
+                        records.extend(unpacked.into_iter().enumerate().map(|(k, r)| FeedRecord {
+                            index: r.index,
+                            delivered,
+                            payload: r.payload,
+                            message: (k == last).then(|| message.clone()),
+                        }));
+                    }
+                    // Unreadable as a whole: handed over as one record that no reader will
+                    // understand, to be logged and acknowledged.
+                    Err(e) => {
+                        tracing::error!(stream = %self.stream, sequence, error = %e,
+                            "a journal message cannot be unpacked");
+                        records.push(FeedRecord {
+                            index: 0,
+                            delivered,
+                            payload: message.payload.clone(),
+                            message: Some(message),
+                        });
+                    }
+                }
             }
             Ok::<(), StoreError>(())
         })
@@ -143,10 +167,11 @@ impl StreamFeed {
 
     /// Acknowledges `records` (what was made of them is durable) and waits until the server
     /// has the acknowledgements; an acknowledgement lost on the way only means a redelivery.
+    /// A message of several records is acknowledged with its last record: acknowledge the
+    /// records of one [`next`](StreamFeed::next) together.
     pub async fn ack(&self, records: &[FeedRecord]) -> Result<(), StoreError> {
-        for record in records {
-            record
-                .message
+        for message in records.iter().filter_map(|r| r.message.as_ref()) {
+            message
                 .ack()
                 .await
                 .map_err(|e| engine(&self.stream, "acknowledging a record", e))?;
@@ -157,16 +182,7 @@ impl StreamFeed {
             .map_err(|e| engine(&self.stream, "acknowledging records", e))
     }
 
-    /// Tells JetStream never to deliver `record` again (a record the follower cannot read).
-    pub async fn reject(&self, record: &FeedRecord) -> Result<(), StoreError> {
-        record
-            .message
-            .ack_with(AckKind::Term)
-            .await
-            .map_err(|e| engine(&self.stream, "rejecting a record", e))
-    }
-
-    /// Records not yet delivered plus records delivered and not yet acknowledged.
+    /// Messages not yet delivered plus messages delivered and not yet acknowledged.
     pub async fn backlog(&self) -> Result<u64, StoreError> {
         let info = self
             .consumer

@@ -2,13 +2,17 @@
 //! append-and-replay contract as [`Journal`](crate::Journal), with the stream's replicas
 //! (on other machines) in place of the local disk.
 //!
-//! - **Index = stream sequence.** The stream holds only this journal's records, so record `n`
-//!   is the stream's message `n`, and replay reads messages `1..=last`.
-//! - **Fenced appends.** Every append carries `Nats-Expected-Last-Sequence: n - 1`. The stream
-//!   stores it only if its last message is `n - 1`, so a writer that has been replaced (another
-//!   process opened the stream, replayed it and appended) has its next append refused by
-//!   JetStream itself: [`StoreError::Fenced`]. The refused append and every one after it fail,
-//!   and the journal accepts no more, as after a disk error.
+//! - **Group commit.** Records appended while earlier messages await their acknowledgement
+//!   travel together in one message (at most `max_in_flight` messages are unacknowledged at
+//!   once), so under load the stream stores, replicates and delivers one message for many
+//!   records. Each message says which records it holds (see [`unpack`]); replay reads messages
+//!   `1..=last` and numbers the records from 1 across them.
+//! - **Fenced appends.** Every message carries `Nats-Expected-Last-Sequence: s - 1`, where `s`
+//!   is the stream sequence it must get. The stream stores it only if its last message is
+//!   `s - 1`, so a writer that has been replaced (another process opened the stream, replayed
+//!   it and appended) has its next append refused by JetStream itself:
+//!   [`StoreError::Fenced`]. The refused append and every one after it fail, and the journal
+//!   accepts no more, as after a disk error.
 //! - **Acknowledged after JetStream acknowledged.** An [`Appended`] resolves once the stream's
 //!   leader has stored the message, which with `replicas > 1` is after a quorum of the replicas
 //!   has it (in memory or on disk: JetStream syncs its files on an interval, see
@@ -16,24 +20,26 @@
 //! - **In doubt, asked again.** A publish whose answer is lost (a timeout, a leader change, a
 //!   broken connection) is sent again with the same `Nats-Msg-Id`; JetStream's duplicate
 //!   window answers a message it has with its first sequence, so a retry never stores a record
-//!   twice. The message id names the writer (random per open) and the index, so one writer's
-//!   retry is never taken for another's record. After `retry_for` without an answer the journal
+//!   twice. The message id names the writer (random per open) and the index of the message's
+//!   first record, so one writer's retry is never taken for another's message. After `retry_for` without an answer the journal
 //!   fails with [`StoreError::Engine`].
 //!
-//! Appends are pipelined: one task publishes in index order without waiting, another reads the
-//! acknowledgements in the same order. JetStream applies a stream's messages in the order they
-//! arrive on a connection, so message `n + 1`'s expectation holds once `n` is stored.
+//! Appends are pipelined: one task publishes in index order without waiting for more than the
+//! window of `max_in_flight` messages, another reads the acknowledgements in the same order.
+//! JetStream applies a stream's messages in the order they arrive on a connection, so message
+//! `s + 1`'s expectation holds once `s` is stored.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::StoreError;
 use crate::journal::{Appended, JournalStats, Record, Recovered};
@@ -55,6 +61,10 @@ pub struct StreamOptions {
     /// How long an append may stay in doubt (resent after timeouts, leader changes, lost
     /// connections) before the journal gives up and fails.
     pub retry_for: Duration,
+    /// Messages published and not yet acknowledged, at most. Records appended meanwhile wait
+    /// and go together in the next message: fewer makes larger messages (less work for the
+    /// servers per record), more makes shorter waits when the servers are idle.
+    pub max_in_flight: usize,
 }
 
 impl StreamOptions {
@@ -67,11 +77,13 @@ impl StreamOptions {
             max_record_bytes: 1 << 20,
             ack_timeout: Duration::from_secs(2),
             retry_for: Duration::from_secs(15),
+            max_in_flight: 4,
         }
     }
 
-    /// Reads a journal address: `nats://host:port[,host:port…][?replicas=N]`. The stream name
-    /// is given separately (it is the journal's, not the server's).
+    /// Reads a journal address: `nats://host:port[,host:port…][?replicas=N&in_flight=M]`
+    /// (`in_flight`: [`max_in_flight`](StreamOptions::max_in_flight), 1 to 1024). The stream
+    /// name is given separately (it is the journal's, not the server's).
     pub fn parse(address: &str, stream: impl Into<String>) -> Result<StreamOptions, StoreError> {
         let bad = |reason: String| StoreError::InvalidSetting {
             setting: "journal address",
@@ -102,8 +114,18 @@ impl StreamOptions {
                         }
                     }
                 }
+                Some(("in_flight", n)) => {
+                    options.max_in_flight = match n.parse::<usize>() {
+                        Ok(m @ 1..=1024) => m,
+                        _ => {
+                            return Err(bad(format!("in_flight must be 1 to 1024, not {n:?}")));
+                        }
+                    }
+                }
                 _ => {
-                    return Err(bad(format!("unknown setting {pair:?} (known: replicas)")));
+                    return Err(bad(format!(
+                        "unknown setting {pair:?} (known: replicas, in_flight)"
+                    )));
                 }
             }
         }
@@ -148,14 +170,112 @@ struct Pending {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// A published append waiting for its acknowledgement.
+/// Records that travel in one message.
+struct Batch {
+    /// The stream sequence the message must get.
+    sequence: u64,
+    /// In index order, without gaps.
+    records: Vec<Pending>,
+    /// What is published: the record itself when it is alone, else the records framed.
+    body: Bytes,
+}
+
+impl Batch {
+    fn first(&self) -> u64 {
+        self.records.first().map_or(0, |r| r.index)
+    }
+
+    fn last(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.index)
+    }
+
+    fn settle(self, result: &Result<(), StoreError>) {
+        for record in self.records {
+            let _ = record.done.send(result.clone());
+        }
+    }
+}
+
+/// A published message waiting for its acknowledgement.
 struct InFlight {
-    pending: Pending,
+    batch: Batch,
     ack: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
     /// When it was published: its answer is waited for until `ack_timeout` after that, not
-    /// after the appends before it were settled (after an outage, those published during it
+    /// after the messages before it were settled (after an outage, those published during it
     /// would otherwise each wait a whole timeout in turn).
     sent: Instant,
+    /// Its place in the window of unacknowledged messages, given back once it is settled.
+    _window: OwnedSemaphorePermit,
+}
+
+/// The header naming the index of a message's first record.
+const INDEX_HEADER: &str = "Keel-Index";
+/// The header counting a message's records when there are several.
+const RECORDS_HEADER: &str = "Keel-Records";
+
+/// The records of the stream's message `sequence`. A message holds one record, whose index is
+/// the `Keel-Index` header, or, with a `Keel-Records: k` header, `k` records numbered on from
+/// it, each framed as its length (4 bytes, big-endian) and its bytes. A message without
+/// `Keel-Index` (written before records were batched) is the one record of index `sequence`.
+pub(crate) fn unpack(
+    sequence: u64,
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Result<Vec<Record>, String> {
+    let header = |name: &str| {
+        headers
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().parse::<u64>())
+    };
+    let first = match header(INDEX_HEADER) {
+        None => sequence,
+        Some(Ok(i)) if i > 0 => i,
+        Some(_) => {
+            return Err(format!(
+                "message {sequence} has a bad {INDEX_HEADER} header"
+            ));
+        }
+    };
+    let count = match header(RECORDS_HEADER) {
+        None => {
+            return Ok(vec![Record {
+                index: first,
+                payload: payload.clone(),
+            }]);
+        }
+        Some(Ok(k)) if k > 0 => k,
+        Some(_) => {
+            return Err(format!(
+                "message {sequence} has a bad {RECORDS_HEADER} header"
+            ));
+        }
+    };
+    let mut rest = payload.clone();
+    let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(4096));
+    for k in 0..count {
+        if rest.remaining() < 4 {
+            return Err(format!(
+                "message {sequence} ends inside record {k} of {count}"
+            ));
+        }
+        let len = rest.get_u32() as usize;
+        if rest.remaining() < len {
+            return Err(format!(
+                "message {sequence} ends inside record {k} of {count}"
+            ));
+        }
+        records.push(Record {
+            index: first + k,
+            payload: rest.split_to(len),
+        });
+    }
+    if rest.has_remaining() {
+        return Err(format!(
+            "message {sequence} has {} bytes after its {count} records",
+            rest.remaining()
+        ));
+    }
+    Ok(records)
 }
 
 /// How far the acknowledgements have come, and whether the journal failed.
@@ -221,23 +341,29 @@ impl StreamJournal {
             ));
         }
         let records = replay(&stream, &options, last).await?;
+        let last_index = records.last().map_or(0, |r| r.index);
 
         let (progress_tx, progress) = watch::channel(Progress {
-            acked: last,
+            acked: last_index,
             failed: None,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (flight_tx, flight_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(JournalStats::default());
         let writer = format!("{:016x}", random_u64());
-        let publisher = tokio::spawn(publish_loop(
-            js.clone(),
-            subject.clone(),
-            writer.clone(),
-            rx,
-            flight_tx,
-            stats.clone(),
-        ));
+        let publisher = tokio::spawn(
+            Publisher {
+                js: js.clone(),
+                subject: subject.clone(),
+                writer: writer.clone(),
+                flights: flight_tx,
+                stats: stats.clone(),
+                window: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+                max_bytes: options.max_record_bytes,
+                next_sequence: last + 1,
+            }
+            .run(rx),
+        );
         let acker = tokio::spawn(
             Acker {
                 js,
@@ -254,7 +380,7 @@ impl StreamJournal {
             options,
             submit: Mutex::new(Submit {
                 tx: Some(tx),
-                next_index: last + 1,
+                next_index: last_index + 1,
             }),
             progress,
             stats,
@@ -458,7 +584,7 @@ const CONSUMER_PATIENCE: Duration = Duration::from_millis(500);
 /// Reads in flight at once when the replay reads message by message.
 const REPLAY_GETS_IN_FLIGHT: usize = 64;
 
-/// Reads messages `1..=last` in order.
+/// Reads messages `1..=last` in order, and returns their records.
 ///
 /// The replay reads through an ordered consumer, which streams the messages in batches. Making
 /// a consumer needs JetStream's metadata leader, and right after the server that held it is
@@ -497,12 +623,41 @@ async fn replay(
     }
 }
 
-fn replayed_out_of_order(name: &str, sequence: u64, expected: u64) -> StoreError {
+fn corrupt(name: &str, sequence: u64, reason: String) -> StoreError {
     StoreError::Corrupt {
         file: format!("nats stream {name}").into(),
         offset: sequence,
-        reason: format!("message {sequence} where {expected} was expected"),
+        reason,
     }
+}
+
+fn replayed_out_of_order(name: &str, sequence: u64, expected: u64) -> StoreError {
+    corrupt(
+        name,
+        sequence,
+        format!("message {sequence} where {expected} was expected"),
+    )
+}
+
+/// Adds the records of message `sequence` to `records`, which must go on without a gap.
+fn take_message(
+    name: &str,
+    records: &mut Vec<Record>,
+    sequence: u64,
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Result<(), StoreError> {
+    let unpacked = unpack(sequence, headers, payload).map_err(|e| corrupt(name, sequence, e))?;
+    let expected = records.last().map_or(1, |r| r.index + 1);
+    if unpacked.first().map(|r| r.index) != Some(expected) {
+        return Err(corrupt(
+            name,
+            sequence,
+            format!("message {sequence} does not start with record {expected}"),
+        ));
+    }
+    records.extend(unpacked);
+    Ok(())
 }
 
 async fn replay_by_consumer(
@@ -530,10 +685,13 @@ async fn replay_by_consumer(
         if sequence != expected {
             return Err(replayed_out_of_order(name, sequence, expected));
         }
-        records.push(Record {
-            index: sequence,
-            payload: message.payload.clone(),
-        });
+        take_message(
+            name,
+            &mut records,
+            sequence,
+            message.headers.as_ref(),
+            &message.payload,
+        )?;
         expected += 1;
     }
     Ok(records)
@@ -555,45 +713,108 @@ async fn replay_by_gets(
             if message.sequence != sequence {
                 return Err(replayed_out_of_order(name, message.sequence, sequence));
             }
-            Ok(Record {
-                index: sequence,
-                payload: message.payload,
-            })
+            Ok(message)
         })
         .buffered(REPLAY_GETS_IN_FLIGHT);
     let mut records = Vec::with_capacity(usize::try_from(last).unwrap_or(0).min(1 << 20));
-    while let Some(record) = reads.next().await {
-        records.push(record?);
+    while let Some(message) = reads.next().await {
+        let message = message?;
+        take_message(
+            name,
+            &mut records,
+            message.sequence,
+            Some(&message.headers),
+            &message.payload,
+        )?;
     }
     Ok(records)
 }
 
-fn publish_message(writer: &str, pending: &Pending) -> PublishMessage {
-    PublishMessage::build()
-        .payload(pending.payload.clone())
-        .message_id(format!("{writer}-{}", pending.index))
-        .expected_last_sequence(pending.index - 1)
+fn publish_message(writer: &str, batch: &Batch) -> PublishMessage {
+    let message = PublishMessage::build()
+        .payload(batch.body.clone())
+        .message_id(format!("{writer}-{}", batch.first()))
+        .expected_last_sequence(batch.sequence - 1)
+        .header(INDEX_HEADER, batch.first().to_string());
+    match batch.records.len() {
+        1 => message,
+        k => message.header(RECORDS_HEADER, k.to_string()),
+    }
 }
 
-/// Publishes in index order without waiting for acknowledgements.
-async fn publish_loop(
+/// Publishes in index order, without waiting for acknowledgements beyond the window.
+struct Publisher {
     js: jetstream::Context,
     subject: String,
     writer: String,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
     flights: mpsc::UnboundedSender<InFlight>,
     stats: Arc<JournalStats>,
-) {
-    while let Some(pending) = rx.recv().await {
-        let ack = js
-            .send_publish(subject.clone(), publish_message(&writer, &pending))
-            .await;
-        stats
-            .bytes
-            .fetch_add(pending.payload.len() as u64, Ordering::Relaxed);
-        let sent = Instant::now();
-        if flights.send(InFlight { pending, ack, sent }).is_err() {
-            return;
+    /// One permit per message that may be unacknowledged.
+    window: Arc<Semaphore>,
+    /// The largest message (the stream refuses larger ones).
+    max_bytes: usize,
+    next_sequence: u64,
+}
+
+impl Publisher {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pending>) {
+        let mut carried: Option<Pending> = None;
+        loop {
+            let first = match carried.take() {
+                Some(p) => p,
+                None => match rx.recv().await {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            // While the window is full, the records appended meanwhile queue up: they go
+            // together once a message is acknowledged.
+            let Ok(window) = self.window.clone().acquire_owned().await else {
+                return;
+            };
+            let mut bytes = first.payload.len();
+            let mut records = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                let framed = 4 * (records.len() + 1) + bytes + next.payload.len();
+                if framed > self.max_bytes {
+                    carried = Some(next);
+                    break;
+                }
+                bytes += next.payload.len();
+                records.push(next);
+            }
+            let body = if records.len() == 1 {
+                records[0].payload.clone()
+            } else {
+                let mut body = BytesMut::with_capacity(bytes + 4 * records.len());
+                for r in &records {
+                    body.put_u32(r.payload.len() as u32);
+                    body.put_slice(&r.payload);
+                }
+                body.freeze()
+            };
+            let batch = Batch {
+                sequence: self.next_sequence,
+                records,
+                body,
+            };
+            self.next_sequence += 1;
+            let ack = self
+                .js
+                .send_publish(self.subject.clone(), publish_message(&self.writer, &batch))
+                .await;
+            self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            let flight = InFlight {
+                batch,
+                ack,
+                sent,
+                _window: window,
+            };
+            if self.flights.send(flight).is_err() {
+                return;
+            }
         }
     }
 }
@@ -607,7 +828,7 @@ struct Acker {
     options: StreamOptions,
     progress: watch::Sender<Progress>,
     stats: Arc<JournalStats>,
-    /// The previous record was stored only by a resend: this one's first attempt may have
+    /// The previous message was stored only by a resend: this one's first attempt may have
     /// reached the stream before it and been refused for that.
     predecessor_retried: bool,
 }
@@ -615,7 +836,7 @@ struct Acker {
 /// What one attempt came to.
 enum Outcome {
     Stored,
-    /// Refused because the stream's last message is not `index - 1`.
+    /// Refused because the stream's last message is not `sequence - 1`.
     WrongLast(String),
     /// No answer, or an answer that says "not now".
     InDoubt(String),
@@ -636,10 +857,11 @@ impl Acker {
                 },
             };
             if let Some(e) = &failed {
-                let _ = flight.pending.done.send(Err(e.clone()));
+                flight.batch.settle(&Err(e.clone()));
                 continue;
             }
-            let index = flight.pending.index;
+            let index = flight.batch.first();
+            let sequence = flight.batch.sequence;
             let first = match flight.ack {
                 Ok(ack) => {
                     let left = self
@@ -648,7 +870,7 @@ impl Acker {
                         .saturating_sub(flight.sent.elapsed())
                         .max(Duration::from_millis(50));
                     match tokio::time::timeout(left, ack.into_future()).await {
-                        Ok(answer) => outcome(index, answer),
+                        Ok(answer) => outcome(sequence, answer),
                         Err(_) => Outcome::InDoubt(format!(
                             "no acknowledgement within {:?} of publishing",
                             self.options.ack_timeout
@@ -671,19 +893,20 @@ impl Acker {
                     reason,
                 )),
                 Outcome::WrongLast(reason) | Outcome::InDoubt(reason) => {
-                    self.resend(&flight.pending, reason).await
+                    self.resend(&flight.batch, reason).await
                 }
             };
             match result {
                 Ok(()) => {
-                    self.progress.send_modify(|p| p.acked = index);
-                    let _ = flight.pending.done.send(Ok(()));
+                    let last = flight.batch.last();
+                    self.progress.send_modify(|p| p.acked = last);
+                    flight.batch.settle(&Ok(()));
                 }
                 Err(e) => {
                     tracing::error!(stream = %self.options.stream, index, error = %e,
                         "stream journal failed; it takes no more appends");
                     self.progress.send_modify(|p| p.failed = Some(e.clone()));
-                    let _ = flight.pending.done.send(Err(e.clone()));
+                    flight.batch.settle(&Err(e.clone()));
                     failed = Some(e);
                     // Whatever was published after it is answered with the same error.
                     while let Ok(f) = flights.try_recv() {
@@ -704,7 +927,8 @@ impl Acker {
 
     /// Sends an append again (same message id, same expectation) until JetStream answers
     /// for sure or `retry_for` has passed.
-    async fn resend(&mut self, pending: &Pending, mut reason: String) -> Result<(), StoreError> {
+    async fn resend(&mut self, batch: &Batch, mut reason: String) -> Result<(), StoreError> {
+        let index = batch.first();
         let deadline = Instant::now() + self.options.retry_for;
         let mut wait = Duration::from_millis(20);
         loop {
@@ -712,20 +936,20 @@ impl Acker {
                 return Err(engine(
                     &self.options.stream,
                     &format!(
-                        "append {} still in doubt after {:?}",
-                        pending.index, self.options.retry_for
+                        "append {index} still in doubt after {:?}",
+                        self.options.retry_for
                     ),
                     reason,
                 ));
             }
-            tracing::debug!(stream = %self.options.stream, index = pending.index, %reason, "resending an append in doubt");
+            tracing::debug!(stream = %self.options.stream, index, %reason, "resending an append in doubt");
             self.stats.resends.fetch_add(1, Ordering::Relaxed);
             let attempt = match self
                 .js
-                .send_publish(self.subject.clone(), publish_message(&self.writer, pending))
+                .send_publish(self.subject.clone(), publish_message(&self.writer, batch))
                 .await
             {
-                Ok(ack) => outcome(pending.index, ack.await),
+                Ok(ack) => outcome(batch.sequence, ack.await),
                 Err(e) => publish_outcome(&e),
             };
             match attempt {
@@ -736,11 +960,11 @@ impl Acker {
                 // A resend carries the message id of the first attempt: had that been stored,
                 // the duplicate window would have answered with its sequence. So the stream
                 // moved on without this writer.
-                Outcome::WrongLast(r) => return Err(self.fenced(pending.index, &r)),
+                Outcome::WrongLast(r) => return Err(self.fenced(index, &r)),
                 Outcome::Refused(r) => {
                     return Err(engine(
                         &self.options.stream,
-                        &format!("append {} refused", pending.index),
+                        &format!("append {index} refused"),
                         r,
                     ));
                 }
@@ -753,13 +977,13 @@ impl Acker {
 }
 
 fn outcome(
-    index: u64,
+    sequence: u64,
     ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
 ) -> Outcome {
     match ack {
-        Ok(ack) if ack.sequence == index => Outcome::Stored,
+        Ok(ack) if ack.sequence == sequence => Outcome::Stored,
         Ok(ack) => Outcome::Refused(format!(
-            "stored as message {} where {index} was expected",
+            "stored as message {} where {sequence} was expected",
             ack.sequence
         )),
         Err(e) => publish_outcome(&e),
@@ -799,6 +1023,108 @@ mod tests {
     use super::*;
     use crate::testing::{DeleteStreams, nats_up, nats_url, unique_stream};
 
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    }
+
+    /// A message is one record, or several framed; what does not add up is an error.
+    #[test]
+    fn messages_unpack_into_their_records() {
+        let one = Bytes::from_static(b"alone");
+        // Written before batching: the record's index is the message's sequence.
+        let old = unpack(7, None, &one).unwrap();
+        assert_eq!((old.len(), old[0].index, &old[0].payload), (1, 7, &one));
+        let single = unpack(3, Some(&headers(&[(INDEX_HEADER, "9")])), &one).unwrap();
+        assert_eq!((single.len(), single[0].index), (1, 9));
+
+        let mut framed = BytesMut::new();
+        for r in [&b"ab"[..], b"", b"xyz"] {
+            framed.put_u32(r.len() as u32);
+            framed.put_slice(r);
+        }
+        let framed = framed.freeze();
+        let three = headers(&[(INDEX_HEADER, "10"), (RECORDS_HEADER, "3")]);
+        let records = unpack(4, Some(&three), &framed).unwrap();
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| (r.index, r.payload.as_ref()))
+            .collect();
+        assert_eq!(got, vec![(10, &b"ab"[..]), (11, b""), (12, b"xyz")]);
+
+        let four = headers(&[(INDEX_HEADER, "10"), (RECORDS_HEADER, "4")]);
+        assert!(
+            unpack(4, Some(&four), &framed)
+                .unwrap_err()
+                .contains("ends inside record 3")
+        );
+        let two = headers(&[(INDEX_HEADER, "10"), (RECORDS_HEADER, "2")]);
+        assert!(
+            unpack(4, Some(&two), &framed)
+                .unwrap_err()
+                .contains("bytes after its 2 records")
+        );
+        let cut = framed.slice(..framed.len() - 1);
+        assert!(unpack(4, Some(&three), &cut).is_err());
+        for bad in [
+            headers(&[(INDEX_HEADER, "0")]),
+            headers(&[(INDEX_HEADER, "x")]),
+            headers(&[(INDEX_HEADER, "1"), (RECORDS_HEADER, "0")]),
+            headers(&[(INDEX_HEADER, "1"), (RECORDS_HEADER, "-1")]),
+        ] {
+            assert!(unpack(4, Some(&bad), &framed).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A stream written one record per message without headers (as before records were
+    /// grouped) replays, and appends go on after it.
+    #[tokio::test]
+    async fn a_stream_of_single_records_without_headers_replays() {
+        if !nats_up("a_stream_of_single_records_without_headers_replays") {
+            return;
+        }
+        let name = unique_stream("plain");
+        let _guard = DeleteStreams::new(vec![name.clone()]);
+        let options = StreamOptions::parse(&nats_url(), &name).unwrap();
+        let (_client, js) = connect(&options).await.unwrap();
+        open_stream(&js, &options).await.unwrap();
+        for i in 1..=3u64 {
+            let ack = js
+                .send_publish(
+                    options.subject(),
+                    PublishMessage::build()
+                        .payload(Bytes::from(format!("old {i}")))
+                        .expected_last_sequence(i - 1),
+                )
+                .await
+                .unwrap();
+            assert_eq!(ack.await.unwrap().sequence, i);
+        }
+        let (journal, recovered) = StreamJournal::open(options.clone()).await.unwrap();
+        assert_eq!(recovered.records.len(), 3);
+        assert_eq!(journal.append("new").unwrap().await.unwrap(), 4);
+        journal.close().await.unwrap();
+        let (journal, recovered) = StreamJournal::open(options).await.unwrap();
+        let got: Vec<_> = recovered
+            .records
+            .iter()
+            .map(|r| (r.index, String::from_utf8_lossy(&r.payload).into_owned()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "old 1".to_owned()),
+                (2, "old 2".to_owned()),
+                (3, "old 3".to_owned()),
+                (4, "new".to_owned())
+            ]
+        );
+        journal.close().await.unwrap();
+    }
+
     /// Both ways of replaying read the same records, in order.
     #[tokio::test]
     async fn reading_message_by_message_replays_what_the_consumer_replays() {
@@ -807,7 +1133,8 @@ mod tests {
         }
         let name = unique_stream("gets");
         let _guard = DeleteStreams::new(vec![name.clone()]);
-        let options = StreamOptions::parse(&nats_url(), &name).unwrap();
+        let mut options = StreamOptions::parse(&nats_url(), &name).unwrap();
+        options.max_in_flight = 2;
         let (journal, _) = StreamJournal::open(options.clone()).await.unwrap();
         let appended: Vec<_> = (0..300)
             .map(|i| journal.append(format!("record {i}")).unwrap())
@@ -816,14 +1143,16 @@ mod tests {
         journal.close().await.unwrap();
 
         let (_client, js) = connect(&options).await.unwrap();
-        let stream = open_stream(&js, &options).await.unwrap();
-        let by_gets = replay_by_gets(&stream, &options, 300).await.unwrap();
+        let mut stream = open_stream(&js, &options).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let by_gets = replay_by_gets(&stream, &options, last).await.unwrap();
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
             .await
             .unwrap();
-        let by_consumer = replay_by_consumer(consumer, &options, 300).await.unwrap();
+        let by_consumer = replay_by_consumer(consumer, &options, last).await.unwrap();
         assert_eq!(by_gets.len(), 300);
+        assert_eq!(by_consumer.len(), 300);
         for (i, (a, b)) in by_gets.iter().zip(&by_consumer).enumerate() {
             assert_eq!((a.index, &a.payload), (b.index, &b.payload));
             assert_eq!(a.index, i as u64 + 1);

@@ -25,10 +25,10 @@ async fn records_are_shared_between_followers_and_redelivered_when_one_dies() {
         .unwrap();
     let (journal, recovered) = StreamJournal::open(options.clone()).await.unwrap();
     assert!(recovered.records.is_empty());
-    let appended: Vec<_> = (1..=300)
-        .map(|i| journal.append(format!("r{i}")).unwrap())
-        .collect();
-    futures_util::future::try_join_all(appended).await.unwrap();
+    // One at a time, so each record is a message of its own.
+    for i in 1..=300 {
+        journal.append(format!("r{i}")).unwrap().await.unwrap();
+    }
     assert_eq!(first.backlog().await.unwrap(), 300);
 
     // A follower takes 50 and dies without acknowledging them.
@@ -86,6 +86,54 @@ async fn records_are_shared_between_followers_and_redelivered_when_one_dies() {
             .is_empty()
     );
     assert_eq!(again.backlog().await.unwrap(), 0);
+    journal.close().await.unwrap();
+}
+
+/// Records appended together travel in shared messages: a follower gets each once, with its
+/// index, and acknowledging a batch settles every message in it.
+#[tokio::test]
+async fn records_sharing_messages_come_one_by_one_with_their_indexes() {
+    if !nats_up("records_sharing_messages_come_one_by_one_with_their_indexes") {
+        return;
+    }
+    let name = unique_stream("feedbatch");
+    let _guard = DeleteStreams::new(vec![name.clone()]);
+    let mut options = StreamOptions::parse(&nats_url(), &name).unwrap();
+    options.max_in_flight = 1;
+    let (journal, _) = StreamJournal::open(options.clone()).await.unwrap();
+    let appended: Vec<_> = (1..=2000)
+        .map(|i| journal.append(format!("r{i}")).unwrap())
+        .collect();
+    futures_util::future::try_join_all(appended).await.unwrap();
+    let messages = journal
+        .stats()
+        .batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        messages < 2000,
+        "2,000 appends at once went in {messages} messages"
+    );
+    let feed = StreamFeed::open(&options, "orders", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(feed.backlog().await.unwrap(), messages);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} records came",
+            seen.len()
+        );
+        let batch = feed.next(7, Duration::from_millis(300)).await.unwrap();
+        for record in &batch {
+            assert_eq!(record.payload, format!("r{}", record.index).as_bytes());
+            seen.push(record.index);
+        }
+        feed.ack(&batch).await.unwrap();
+    }
+    assert_eq!(seen, (1..=2000).collect::<Vec<_>>());
+    settles_at_zero(&feed).await;
     journal.close().await.unwrap();
 }
 

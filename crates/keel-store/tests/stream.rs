@@ -46,11 +46,40 @@ async fn records_come_back_in_order_and_appends_go_on_after_them() {
     assert_eq!(journal.append("after").unwrap().await.unwrap(), 501);
     journal.close().await.unwrap();
 
+    // Appends that pile up while a message awaits its acknowledgement share the next one;
+    // they come back one by one, numbered on from the records before them.
+    let mut grouped = options.clone();
+    grouped.max_in_flight = 1;
+    let (journal, recovered) = StreamJournal::open(grouped.clone()).await.unwrap();
+    assert_eq!(recovered.records.len(), 501);
+    let appended: Vec<_> = (0..3000)
+        .map(|i| journal.append(format!("grouped {i}")).unwrap())
+        .collect();
+    let indexes = futures_util::future::try_join_all(appended).await.unwrap();
+    assert_eq!(indexes, (502..=3501).collect::<Vec<u64>>());
+    let messages = journal
+        .stats()
+        .batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        messages < 3000,
+        "3,000 appends at once went in {messages} messages"
+    );
+    journal.close().await.unwrap();
+    let (journal, recovered) = StreamJournal::open(grouped).await.unwrap();
+    assert_eq!(recovered.records.len(), 3501);
+    for (i, r) in recovered.records.iter().enumerate().skip(501) {
+        assert_eq!(r.index, i as u64 + 1);
+        assert_eq!(r.payload, format!("grouped {}", i - 501).as_bytes());
+    }
+    assert_eq!(journal.append("after").unwrap().await.unwrap(), 3502);
+    journal.close().await.unwrap();
+
     // Too large for the journal's limit: refused before it is sent, nothing changes.
     let mut small = options;
     small.max_record_bytes = 16;
     let (journal, recovered) = StreamJournal::open(small).await.unwrap();
-    assert_eq!(recovered.records.len(), 501);
+    assert_eq!(recovered.records.len(), 3502);
     assert!(matches!(
         journal.append(vec![0u8; 17]),
         Err(StoreError::TooLarge { len: 17, max: 16 })
@@ -161,6 +190,14 @@ async fn a_bad_address_or_name_is_a_clear_error() {
             "replicas must be 1, 3 or 5",
         ),
         ("nats://127.0.0.1:4222?replica=3", "unknown setting"),
+        (
+            "nats://127.0.0.1:4222?in_flight=0",
+            "in_flight must be 1 to 1024",
+        ),
+        (
+            "nats://127.0.0.1:4222?in_flight=2000",
+            "in_flight must be 1 to 1024",
+        ),
     ] {
         let e = StreamOptions::parse(address, "ok").unwrap_err();
         assert!(
@@ -169,6 +206,9 @@ async fn a_bad_address_or_name_is_a_clear_error() {
         );
         assert!(e.to_string().contains(wanted), "{address}: {e}");
     }
+    let good = StreamOptions::parse("nats://a:1,b:2?replicas=3&in_flight=16", "ok").unwrap();
+    assert_eq!((good.replicas, good.max_in_flight), (3, 16));
+    assert_eq!(good.servers, vec!["nats://a:1", "nats://b:2"]);
     let e = StreamOptions::parse("nats://127.0.0.1:4222", "a.b").unwrap_err();
     assert!(
         matches!(
