@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::StoreError;
-use crate::stream::{StreamOptions, connect, engine, open_stream, unpack};
+use crate::stream::{StreamOptions, connect, engine, open_stream, retry_api, unpack};
 
 /// How much longer than a pull request's own expiry the client waits for its end.
 const PULL_GRACE: Duration = Duration::from_secs(2);
@@ -75,10 +75,11 @@ impl StreamFeed {
             max_ack_pending: 20_000,
             ..Default::default()
         };
-        let consumer = stream
-            .get_or_create_consumer(durable, config)
-            .await
-            .map_err(|e| engine(&options.stream, "creating the consumer", e))?;
+        let consumer = retry_api(options, || {
+            stream.get_or_create_consumer(durable, config.clone())
+        })
+        .await
+        .map_err(|e| engine(&options.stream, "creating the consumer", e))?;
         Ok(StreamFeed {
             client,
             consumer,

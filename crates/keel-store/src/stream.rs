@@ -325,12 +325,11 @@ impl StreamJournal {
         let name = options.stream.clone();
         let (client, js) = connect(&options).await?;
         let subject = options.subject();
-        let mut stream = open_stream(&js, &options).await?;
-        let info = stream
-            .info()
+        let stream = open_stream(&js, &options).await?;
+        // Right after another process made the stream, a server may not know it yet.
+        let info = retry_api(&options, || stream.get_info())
             .await
-            .map_err(|e| engine(&name, "reading the stream's state", e))?
-            .clone();
+            .map_err(|e| engine(&name, "reading the stream's state", e))?;
         let last = info.state.last_sequence;
         let first = info.state.first_sequence;
         if last > 0 && first != 1 {
@@ -533,11 +532,12 @@ pub(crate) async fn open_stream(
         allow_direct: true,
         ..Default::default()
     };
-    let mut stream = retry_api(options, || js.get_or_create_stream(config.clone()))
+    let stream = retry_api(options, || js.get_or_create_stream(config.clone()))
         .await
         .map_err(|e| engine(name, "creating the stream", e))?;
-    let info = stream
-        .info()
+    // Made a moment ago by another process, the stream may not be known yet to the server
+    // asked ("stream not found"): asked again, as for a leader election.
+    let info = retry_api(options, || stream.get_info())
         .await
         .map_err(|e| engine(name, "reading the stream's state", e))?;
     if !info.config.subjects.contains(&subject) {
@@ -559,7 +559,11 @@ pub(crate) async fn open_stream(
 
 /// Runs a JetStream API call again while the cluster has no leader for it yet (a stream
 /// being created or a leader election), for up to `retry_for`.
-async fn retry_api<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+pub(crate) async fn retry_api<
+    T,
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+>(
     options: &StreamOptions,
     mut call: impl FnMut() -> F,
 ) -> Result<T, E> {
