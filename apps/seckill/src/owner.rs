@@ -14,11 +14,19 @@
 //! - its journal failed — on a stream, an append refused because another writer appended
 //!   (it was replaced while it did not know it).
 //!
+//! A standby does not only wait for the owner's lease to run out: it asks the owner it waits
+//! for whether it is alive (`GET /health` on the owner's address, six times per lease TTL)
+//! and, once the owner has not answered for a whole TTL, revokes the owner's lease, so the
+//! election moves on at once. The lease would run out by itself, but later when the naming
+//! backend lost its leader with the owner's host: etcd's next leader renews every lease to its
+//! full TTL when it takes office, the dead owner's too.
+//!
 //! The election keeps two owners from serving at once in the normal case; the journal's
 //! fencing keeps a deposed owner that has not noticed from recording anything after the new
 //! owner's claim, so it cannot sell: a reservation is acknowledged only once its record is in
 //! the journal. Whatever the old owner recorded before the claim, the new one has replayed.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +46,9 @@ use crate::{Inventory, InventoryError, InventoryService};
 /// appends keep landing after its replay.
 const CLAIM_ATTEMPTS: u32 = 10;
 
+/// How many times per lease TTL a standby asks the owner whether it is alive.
+const PROBES_PER_TTL: u32 = 6;
+
 /// What one inventory process of a shard needs to take part in its election.
 #[derive(Debug, Clone)]
 pub struct Ownership {
@@ -48,7 +59,8 @@ pub struct Ownership {
     /// The election lease's TTL: how long a dead owner keeps the shard before a standby is
     /// elected.
     pub lease_ttl: Duration,
-    /// Where this process serves (published as the election's value and registered).
+    /// Where this process serves (published as the election's value and registered); it
+    /// answers `GET /health` there, which is how the standbys know it is alive.
     pub address: SocketAddr,
 }
 
@@ -135,6 +147,7 @@ async fn serve_term<B: NamingBackend + Clone>(
         () = stop.cancelled() => return Ok(()),
         () = lost.cancelled() => anyhow::bail!("the election lease was lost while campaigning"),
         elected = backend.campaign(peers::NAMESPACE, &name, lease, value, None) => elected?,
+        never = depose_dead_owner(backend, ownership) => match never {},
     };
     let token = holder.token;
     tracing::info!(shard = %ownership.shard, token, "elected owner of the shard; replaying its journal");
@@ -183,6 +196,57 @@ async fn serve_term<B: NamingBackend + Clone>(
     )
     .await;
     ended
+}
+
+/// While this process waits in the election: asks the owner it waits for whether it is alive
+/// (`GET /health` on the address it published), [`PROBES_PER_TTL`] times per lease TTL, and
+/// once it has not answered for a whole TTL (counted from when it was first seen), revokes
+/// its lease so that the election moves on. Revoking the lease of an owner that is alive
+/// after all (only this standby cannot reach it) is safe: the owner finds its lease gone and
+/// steps down, and the journal's fencing refuses anything it still appends.
+async fn depose_dead_owner<B: NamingBackend>(backend: &B, ownership: &Ownership) -> Infallible {
+    let ttl = ownership.lease_ttl;
+    let every = (ttl / PROBES_PER_TTL).max(Duration::from_millis(20));
+    let name = election(&ownership.shard);
+    let me = ownership.address.to_string();
+    // The owner watched: its lease, its address, and when it last answered.
+    let mut watched: Option<(u64, String, Instant)> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(every, backend.leader(peers::NAMESPACE, &name)).await {
+            Ok(Ok(Some(holder))) if watched.as_ref().map(|w| w.0) != Some(holder.lease_id) => {
+                let address = String::from_utf8_lossy(&holder.value).into_owned();
+                watched = Some((holder.lease_id, address, Instant::now()));
+            }
+            Ok(Ok(None)) => watched = None,
+            // The same owner, or no answer from the backend (it may be electing a leader of
+            // its own): the owner known goes on being asked.
+            _ => {}
+        }
+        let Some((lease, address, answered)) = &mut watched else {
+            continue;
+        };
+        if *address == me {
+            continue;
+        }
+        if keel_net::answers_ok(address, "/health", every.max(Duration::from_millis(200))).await {
+            *answered = Instant::now();
+        } else if answered.elapsed() >= ttl {
+            tracing::warn!(shard = %ownership.shard, owner = %address, lease = *lease,
+                "the shard's owner has not answered for a whole lease TTL; revoking its lease");
+            match tokio::time::timeout(ttl, backend.revoke_lease(*lease)).await {
+                // Gone already (it ran out meanwhile): the election moves on all the same.
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.code() == Code::NotFound => {}
+                Ok(Err(e)) => tracing::warn!(shard = %ownership.shard, lease = *lease, error = %e,
+                    "revoking the owner's lease failed"),
+                Err(_) => tracing::warn!(shard = %ownership.shard, lease = *lease,
+                    "revoking the owner's lease timed out"),
+            }
+            // Asked again only after another whole TTL without an answer.
+            *answered = Instant::now();
+        }
+    }
 }
 
 /// Replays the journal and claims it; replays again while the previous owner's last appends

@@ -1018,22 +1018,9 @@ async fn wait_until_served(gateway: &str) -> anyhow::Result<()> {
 
 /// Waits until the gateway answers `GET path` with 200 (through `what`), for 30 s at most.
 async fn wait_until_answered(gateway: &str, path: &str, what: &str) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let answer = async {
-            let mut stream = tokio::net::TcpStream::connect(gateway).await?;
-            let request = format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await?;
-            let mut head = vec![0; 12];
-            stream.read_exact(&mut head).await?;
-            std::io::Result::Ok(head)
-        };
-        let status = tokio::time::timeout(Duration::from_secs(2), answer)
-            .await
-            .ok()
-            .and_then(Result::ok);
-        if status.is_some_and(|head| head.ends_with(b"200")) {
+        if keel_net::answers_ok(gateway, path, Duration::from_secs(2)).await {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {

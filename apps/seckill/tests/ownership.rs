@@ -2,8 +2,9 @@
 //! registry and a real etcd (started by the test), and the NATS server on 127.0.0.1:4222 (or
 //! `KEEL_NATS_URL`): one owner at a time,
 //! a partition between the owner and the registry that makes it step down and a standby take
-//! over, and a resignation that hands the shard over at once. Skipped with a message when no
-//! NATS server answers, failed instead when `KEEL_REQUIRE_SERVICES=1`.
+//! over, a resignation that hands the shard over at once, and an owner that stops answering
+//! deposed by a standby before its lease runs out. Skipped with a message when no NATS server
+//! answers, failed instead when `KEEL_REQUIRE_SERVICES=1`.
 
 mod common;
 
@@ -74,6 +75,44 @@ struct Candidate {
     role: watch::Receiver<Role>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    _alive: Alive,
+}
+
+/// Answers every request on a port of its own with 200, as a Keel process answers
+/// `GET /health` on its address, until dropped.
+struct Alive {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Alive {
+    fn start() -> Alive {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = conn.read(&mut request).await;
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        Alive { port, task }
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 fn keel_backend(address: &str) -> RegistryHandle {
@@ -90,7 +129,9 @@ async fn etcd_backend(endpoint: &str) -> EtcdBackend {
         .unwrap()
 }
 
-fn candidate<B: NamingBackend + Clone>(backend: B, stream: &StreamOptions, port: u16) -> Candidate {
+fn candidate<B: NamingBackend + Clone>(backend: B, stream: &StreamOptions) -> Candidate {
+    let alive = Alive::start();
+    let port = alive.port;
     let service = InventoryService::standby();
     let (tx, role) = watch::channel(Role::Standby);
     let stop = CancellationToken::new();
@@ -111,6 +152,7 @@ fn candidate<B: NamingBackend + Clone>(backend: B, stream: &StreamOptions, port:
         role,
         stop,
         task,
+        _alive: alive,
     }
 }
 
@@ -167,9 +209,9 @@ async fn partition_and_handover<B: NamingBackend + Clone>(a: B, b: B, relay: &Re
     let _delete = DeleteStreams::new(vec![name.clone()]);
     let stream = StreamOptions::parse(&nats_url(), name).unwrap();
 
-    let mut a = candidate(a, &stream, 1001);
+    let mut a = candidate(a, &stream);
     let a_token = token(&until(&mut a.role, |r| *r != Role::Standby).await);
-    let mut b = candidate(b, &stream, 1002);
+    let mut b = candidate(b, &stream);
     let a_inventory = a.service.current().expect("the owner serves");
     a_inventory.create_item("phone", vec![50], 1).await.unwrap();
     let mut sold = Vec::new();
@@ -240,4 +282,69 @@ async fn partition_and_handover<B: NamingBackend + Clone>(a: B, b: B, relay: &Re
     assert_eq!(known.reservation_id, fresh.reservation_id);
     a.stop.cancel();
     a.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_keels_registry_an_owner_that_stops_answering_is_deposed() {
+    if !nats_up("on_keels_registry_an_owner_that_stops_answering_is_deposed") {
+        return;
+    }
+    let registry = common::serve_registry().await;
+    deposed_when_silent(keel_backend(&registry)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_an_owner_that_stops_answering_is_deposed() {
+    let test = "on_etcd_an_owner_that_stops_answering_is_deposed";
+    if !nats_up(test) {
+        return;
+    }
+    let Some(etcd) = keel_registry::testing::etcd(test).await else {
+        return;
+    };
+    deposed_when_silent(etcd_backend(&etcd.endpoint).await).await;
+}
+
+/// An owner elected under a lease of 30 s (kept by the naming backend, as after a change of
+/// etcd's leader) answers its health checks: the standby waits. It stops answering: the
+/// standby revokes its lease well before the 30 s are up, and is elected.
+async fn deposed_when_silent<B: NamingBackend + Clone>(backend: B) {
+    let name = unique_stream("deposed");
+    let _delete = DeleteStreams::new(vec![name.clone()]);
+    let stream = StreamOptions::parse(&nats_url(), name).unwrap();
+
+    let owner = Alive::start();
+    let lease = backend.grant_lease(Duration::from_secs(30)).await.unwrap();
+    backend
+        .campaign(
+            keel_seckill::peers::NAMESPACE,
+            &owner::election("inv-0"),
+            lease,
+            format!("127.0.0.1:{}", owner.port).into(),
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    let mut b = candidate(backend.clone(), &stream);
+    tokio::time::sleep(TTL * 3).await;
+    assert_eq!(
+        *b.role.borrow(),
+        Role::Standby,
+        "an owner that answers keeps the shard"
+    );
+    backend.keep_alive(lease).await.unwrap();
+
+    drop(owner);
+    let silent = tokio::time::Instant::now();
+    until(&mut b.role, |r| *r != Role::Standby).await;
+    let took = silent.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "elected {took:?} after the owner went silent: its lease of 30 s ran out instead"
+    );
+    eprintln!("a silent owner deposed after {} ms", took.as_millis());
+    let gone = backend.keep_alive(lease).await.unwrap_err();
+    assert_eq!(gone.code(), keel_rpc::Code::NotFound, "{gone}");
+    b.stop.cancel();
+    b.task.await.unwrap();
 }

@@ -52,3 +52,23 @@ where
         }
     }
 }
+
+/// Whether `GET path` on `address` (`host:port`, HTTP/1.1) is answered with status 200
+/// within `timeout`: a liveness probe for a Keel process, whose every port serves
+/// `GET /health`. Any failure (refused, reset, timed out, another status) is `false`.
+pub async fn answers_ok(address: &str, path: &str, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let asked = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        // "HTTP/1.1 200": the status is the status line's second word.
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        std::io::Result::Ok(head)
+    };
+    matches!(
+        tokio::time::timeout(timeout, asked).await,
+        Ok(Ok(head)) if head.starts_with(b"HTTP/1.") && head.ends_with(b" 200")
+    )
+}

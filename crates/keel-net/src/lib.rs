@@ -7,7 +7,8 @@
 //!   shutdown in two steps: connections are told to drain ([`Drain`]), and after the grace
 //!   period whatever is still open is cut.
 //! - [`serve_http1`]: one HTTP/1.1 connection served by hyper until it ends or the server's
-//!   drain closes it gracefully.
+//!   drain closes it gracefully; [`answers_ok`]: whether another process answers a `GET`
+//!   with 200 in time (a liveness probe).
 //! - [`Rewind`]: a stream that yields bytes already read (to sniff the protocol) before the
 //!   rest, so the connection can be handed to whichever protocol the bytes announce.
 //! - [`Backoff`]: exponential delays with a cap and jitter, for every retry loop.
@@ -38,7 +39,7 @@ mod stop;
 pub use accept::{AcceptLoop, ConnectionStats, Drain};
 pub use backoff::Backoff;
 pub use bucket::TokenBucket;
-pub use http::serve_http1;
+pub use http::{answers_ok, serve_http1};
 pub use rewind::Rewind;
 pub use stop::{SUPERVISOR_ENV, stop_requested};
 
