@@ -113,8 +113,8 @@ pub enum Role {
         #[arg(long, default_value = "keel-data/inventory")]
         data_dir: std::path::PathBuf,
         /// The journal in a NATS JetStream stream instead of `--data-dir`:
-        /// `nats://HOST:PORT[,HOST:PORT…][?replicas=N]` (N: 1, 3 or 5, used when the stream is
-        /// created).
+        /// `nats://HOST:PORT[,HOST:PORT…][?replicas=N&in_flight=M]` (N: 1, 3 or 5, used when the
+        /// stream is created; M: messages awaiting acknowledgement at once, 4 by default).
         #[arg(long)]
         journal: Option<String>,
         /// The stream's name with `--journal` (default `keel-inventory-<shard>`).

@@ -108,7 +108,7 @@ impl OrderBook {
     }
 
     /// How far the orders of `inventory`'s reservations go: the last reservation id taken
-    /// in, and how many of the shard's records its feed still holds (none for a local book,
+    /// in, and how many of the shard's journal messages its feed still holds (none for a local book,
     /// whose position is contiguous).
     pub async fn position(&self, inventory: &str) -> Result<(u64, u64), OrderError> {
         match self {
@@ -415,7 +415,9 @@ const INSERT_RETRY_FOR: Duration = Duration::from_secs(4);
 /// acknowledged with the rest.
 async fn follow_feed(orders: PgOrders, name: String, feed: Arc<StreamFeed>) {
     loop {
-        let batch = match feed.next(512, Duration::from_secs(1)).await {
+        // A message holds one record or many (the shard's group commit): a few dozen make a
+        // batch of hundreds to thousands of records.
+        let batch = match feed.next(32, Duration::from_secs(1)).await {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::warn!(inventory = %name, error = %e, "reading the reservation feed failed; retrying");

@@ -235,16 +235,16 @@ async fn depose_dead_owner<B: NamingBackend>(backend: &B, ownership: &Ownership)
             tracing::warn!(shard = %ownership.shard, owner = %address, lease = *lease,
                 "the shard's owner has not answered for a whole lease TTL; revoking its lease");
             match tokio::time::timeout(ttl, backend.revoke_lease(*lease)).await {
-                // Gone already (it ran out meanwhile): the election moves on all the same.
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if e.code() == Code::NotFound => {}
+                // Revoked, or gone already (it ran out meanwhile): the election moves on.
+                // Asked again only after another whole TTL without an answer.
+                Ok(Ok(())) => *answered = Instant::now(),
+                Ok(Err(e)) if e.code() == Code::NotFound => *answered = Instant::now(),
+                // The backend may be electing a leader of its own: tried again next round.
                 Ok(Err(e)) => tracing::warn!(shard = %ownership.shard, lease = *lease, error = %e,
                     "revoking the owner's lease failed"),
                 Err(_) => tracing::warn!(shard = %ownership.shard, lease = *lease,
                     "revoking the owner's lease timed out"),
             }
-            // Asked again only after another whole TTL without an answer.
-            *answered = Instant::now();
         }
     }
 }

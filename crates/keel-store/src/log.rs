@@ -26,7 +26,7 @@ pub enum LogTarget {
 }
 
 impl LogTarget {
-    /// The journal at `address` when one is given — `nats://host:port[,…][?replicas=N]`, in a
+    /// The journal at `address` when one is given — `nats://host:port[,…][?replicas=N&in_flight=M]`, in a
     /// stream named `stream` — or else in the directory `dir` with default settings.
     pub fn choose(
         address: Option<&str>,

@@ -8,11 +8,13 @@
 //!   records. Each message says which records it holds (see [`unpack`]); replay reads messages
 //!   `1..=last` and numbers the records from 1 across them.
 //! - **Fenced appends.** Every message carries `Nats-Expected-Last-Sequence: s - 1`, where `s`
-//!   is the stream sequence it must get. The stream stores it only if its last message is
-//!   `s - 1`, so a writer that has been replaced (another process opened the stream, replayed
-//!   it and appended) has its next append refused by JetStream itself:
-//!   [`StoreError::Fenced`]. The refused append and every one after it fail, and the journal
-//!   accepts no more, as after a disk error.
+//!   is the stream sequence it must get, and every message but a writer's first also
+//!   `Nats-Expected-Last-Msg-Id`: the id of the writer's previous message. The stream stores
+//!   it only if its last message is that one, so a writer that has been replaced (another
+//!   process opened the stream, replayed it and appended) has its next append refused by
+//!   JetStream itself — and the ones it had already sent behind it too, since the stream's
+//!   last message is no longer the writer's: [`StoreError::Fenced`]. The refused append and
+//!   every one after it fail, and the journal accepts no more, as after a disk error.
 //! - **Acknowledged after JetStream acknowledged.** An [`Appended`] resolves once the stream's
 //!   leader has stored the message, which with `replicas > 1` is after a quorum of the replicas
 //!   has it (in memory or on disk: JetStream syncs its files on an interval, see
@@ -174,6 +176,9 @@ struct Pending {
 struct Batch {
     /// The stream sequence the message must get.
     sequence: u64,
+    /// The id of the writer's previous message, which must be the stream's last (none for the
+    /// writer's first message, which the sequence alone fences).
+    after: Option<String>,
     /// In index order, without gaps.
     records: Vec<Pending>,
     /// What is published: the record itself when it is alone, else the records framed.
@@ -358,8 +363,10 @@ impl StreamJournal {
                 flights: flight_tx,
                 stats: stats.clone(),
                 window: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
-                max_bytes: options.max_record_bytes,
+                max_bytes: options.max_record_bytes.saturating_sub(HEADER_ROOM),
                 next_sequence: last + 1,
+                last_id: None,
+                progress: progress.clone(),
             }
             .run(rx),
         );
@@ -442,8 +449,8 @@ impl StreamJournal {
         }
     }
 
-    /// Counters (appends, bytes, resends; a stream journal has no batches or fsyncs of its
-    /// own).
+    /// Counters (appends, bytes, messages as `batches`, resends; a stream journal has no
+    /// fsyncs of its own).
     pub fn stats(&self) -> &JournalStats {
         &self.stats
     }
@@ -734,12 +741,19 @@ async fn replay_by_gets(
     Ok(records)
 }
 
+fn message_id(writer: &str, first: u64) -> String {
+    format!("{writer}-{first}")
+}
+
 fn publish_message(writer: &str, batch: &Batch) -> PublishMessage {
-    let message = PublishMessage::build()
+    let mut message = PublishMessage::build()
         .payload(batch.body.clone())
-        .message_id(format!("{writer}-{}", batch.first()))
+        .message_id(message_id(writer, batch.first()))
         .expected_last_sequence(batch.sequence - 1)
         .header(INDEX_HEADER, batch.first().to_string());
+    if let Some(after) = &batch.after {
+        message = message.expected_last_message_id(after);
+    }
     match batch.records.len() {
         1 => message,
         k => message.header(RECORDS_HEADER, k.to_string()),
@@ -755,10 +769,18 @@ struct Publisher {
     stats: Arc<JournalStats>,
     /// One permit per message that may be unacknowledged.
     window: Arc<Semaphore>,
-    /// The largest message (the stream refuses larger ones).
+    /// The largest message body of several records (the stream refuses larger messages, and
+    /// counts their headers too).
     max_bytes: usize,
     next_sequence: u64,
+    /// The id of the last message published.
+    last_id: Option<String>,
+    /// Once the journal failed, nothing more is published.
+    progress: watch::Receiver<Progress>,
 }
+
+/// Room left in a message for its headers (message id, expectations, index, count).
+const HEADER_ROOM: usize = 1024;
 
 impl Publisher {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pending>) {
@@ -776,6 +798,13 @@ impl Publisher {
             let Ok(window) = self.window.clone().acquire_owned().await else {
                 return;
             };
+            if let Some(e) = self.progress.borrow().failed.clone() {
+                let _ = first.done.send(Err(e.clone()));
+                while let Ok(next) = rx.try_recv() {
+                    let _ = next.done.send(Err(e.clone()));
+                }
+                continue;
+            }
             let mut bytes = first.payload.len();
             let mut records = vec![first];
             while let Ok(next) = rx.try_recv() {
@@ -799,10 +828,12 @@ impl Publisher {
             };
             let batch = Batch {
                 sequence: self.next_sequence,
+                after: self.last_id.take(),
                 records,
                 body,
             };
             self.next_sequence += 1;
+            self.last_id = Some(message_id(&self.writer, batch.first()));
             let ack = self
                 .js
                 .send_publish(self.subject.clone(), publish_message(&self.writer, &batch))
@@ -840,7 +871,8 @@ struct Acker {
 /// What one attempt came to.
 enum Outcome {
     Stored,
-    /// Refused because the stream's last message is not `sequence - 1`.
+    /// Refused because the stream's last message is not the one expected (`sequence - 1`, or
+    /// the writer's previous message).
     WrongLast(String),
     /// No answer, or an answer that says "not now".
     InDoubt(String),
@@ -996,14 +1028,14 @@ fn outcome(
 
 fn publish_outcome(e: &jetstream::context::PublishError) -> Outcome {
     match e.kind() {
-        PublishErrorKind::WrongLastSequence => Outcome::WrongLast(e.to_string()),
+        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
+            Outcome::WrongLast(e.to_string())
+        }
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
         | PublishErrorKind::StreamNotFound
         | PublishErrorKind::MaxAckPending => Outcome::InDoubt(e.to_string()),
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastMessageId => {
-            Outcome::Refused(e.to_string())
-        }
+        PublishErrorKind::MaxPayloadExceeded => Outcome::Refused(e.to_string()),
         // "JetStream not currently available", "no leader" and the like come as API errors
         // of kind Other: in doubt, and resent until `retry_for` is up.
         _ => Outcome::InDoubt(e.to_string()),

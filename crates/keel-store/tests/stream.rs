@@ -135,6 +135,51 @@ async fn a_replaced_writer_has_its_next_append_refused_by_the_stream() {
     );
 }
 
+/// The premise of chaining a writer's messages: a message sent behind another by the same
+/// writer is refused when another writer's message got in between, although the sequence it
+/// expects is the stream's last; a resend of a stored message is still answered as a
+/// duplicate.
+#[tokio::test]
+async fn jetstream_refuses_a_message_whose_predecessor_is_not_the_last() {
+    if !nats_up("jetstream_refuses_a_message_whose_predecessor_is_not_the_last") {
+        return;
+    }
+    let name = unique("chain");
+    let (options, _guard) = options(&nats_url(), &name);
+    let (journal, _) = StreamJournal::open(options.clone()).await.unwrap();
+    journal.close().await.unwrap();
+    let client = async_nats::connect(nats_url().as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let send = |id: &'static str, last: u64, after: Option<&'static str>| {
+        let js = js.clone();
+        let subject = options.subject();
+        async move {
+            let mut m = async_nats::jetstream::message::PublishMessage::build()
+                .payload(id.into())
+                .message_id(id)
+                .expected_last_sequence(last);
+            if let Some(after) = after {
+                m = m.expected_last_message_id(after);
+            }
+            js.send_publish(subject, m).await.unwrap().await
+        }
+    };
+    assert_eq!(send("old-1", 0, None).await.unwrap().sequence, 1);
+    // The new writer's claim lands at 2; the old writer's 2 is refused, and its 3, which
+    // expects 2 as the last sequence, is refused for its predecessor.
+    assert_eq!(send("new-2", 1, None).await.unwrap().sequence, 2);
+    assert!(send("old-2", 1, Some("old-1")).await.is_err());
+    let behind = send("old-3", 2, Some("old-2")).await.unwrap_err();
+    assert_eq!(
+        behind.kind(),
+        async_nats::jetstream::context::PublishErrorKind::WrongLastMessageId,
+        "{behind}"
+    );
+    assert_eq!(send("new-3", 2, Some("new-2")).await.unwrap().sequence, 3);
+    let again = send("new-3", 2, Some("new-2")).await.unwrap();
+    assert_eq!((again.sequence, again.duplicate), (3, true));
+}
+
 /// The premise of resending an append in doubt: JetStream answers a message id it has
 /// stored with the first sequence (a duplicate), before it checks the expected last sequence.
 #[tokio::test]
