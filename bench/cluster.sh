@@ -289,6 +289,18 @@ sale() {
   echo "done: $kind, stock $stock" >&2
 }
 
+# Sales of 10,000 units through the gateway $2, from db, as closed loops of each of
+# CLUSTER_CONCURRENCY buys in flight; appends {"fault": $1, ...} to RESULTS.
+closed_loops() {
+  local design="$1" gw="$2" c line
+  for c in $CONCURRENCY; do
+    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
+      --stock 10000 --concurrency "$c" 2>"$WORK/logs/bench-$design-$c.log" | tail -1) || true
+    echo "{\"fault\": \"$design\", \"stock\": 10000, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
+    echo "done: $design, $c in flight" >&2
+  done
+}
+
 # The same sale (closed loops, CLUSTER_CONCURRENCY in flight) on the embedded `keel up` and
 # on the naive PostgreSQL design (bench/peers/src/seckill_naive.rs behind a Keel gateway), both
 # in db on its own PostgreSQL; appends {"fault": "embedded" | "naive", ...} to RESULTS.
@@ -300,14 +312,9 @@ compare() {
   keel_config "$WORK/up/keel.toml" "$TOKEN" 600000
   spawn db keel-up bash -c "cd '$WORK/up' && exec '$BIN' up"
   wait_line "$WORK/logs/keel-up.log" "Keel is up"
-  local gw line
+  local gw
   gw=$(grep -m1 "Keel is up" "$WORK/logs/keel-up.log" | sed 's#.*http://\([^/]*\)/.*#\1#')
-  for c in $CONCURRENCY; do
-    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
-      --stock 10000 --concurrency "$c" 2>"$WORK/logs/bench-embedded-$c.log" | tail -1) || true
-    echo "{\"fault\": \"embedded\", \"stock\": 10000, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
-    echo "done: embedded, $c in flight" >&2
-  done
+  closed_loops embedded "$gw"
   in_ns db "$PGBIN/psql" -q -h "${IP[db]}" -U postgres -c "CREATE DATABASE naive" >/dev/null
   spawn db naive "$(dirname "$BIN")/seckill-naive" --addr 127.0.0.1:0 \
     --database "postgres://postgres@${IP[db]}:5432/naive"
@@ -324,20 +331,16 @@ CONF
   spawn db naive-gw "$BIN" gateway --config "$WORK/naive-gateway.toml"
   wait_line "$WORK/logs/naive-gw.log" "keel gateway on"
   gw=$(grep -m1 "keel gateway on" "$WORK/logs/naive-gw.log" | sed 's#.*http://\([^ ]*\) .*#\1#')
-  for c in $CONCURRENCY; do
-    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
-      --stock 10000 --concurrency "$c" 2>"$WORK/logs/bench-naive-$c.log" | tail -1) || true
-    echo "{\"fault\": \"naive\", \"stock\": 10000, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
-    echo "done: naive, $c in flight" >&2
-  done
+  closed_loops naive "$gw"
   teardown
 }
 
-# Each fault (and each closed loop) on a fresh cluster.
+# Each fault (and each closed loop) on a fresh cluster; its logs kept apart with KEEP_WORK=1.
 run_fault() {
   cluster_up
   sale "$@"
   teardown
+  if [ "${KEEP_WORK:-0}" = 1 ]; then mv "$WORK/logs" "$WORK/logs-$(IFS=-; echo "$*")"; fi
 }
 
 : > "$RESULTS"

@@ -204,7 +204,8 @@ impl Batch {
 /// A published message waiting for its acknowledgement.
 struct InFlight {
     batch: Batch,
-    ack: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+    /// The acknowledgement to wait for, or what the sending itself came to.
+    ack: Result<jetstream::context::PublishAckFuture, Outcome>,
     /// When it was published: its answer is waited for until `ack_timeout` after that, not
     /// after the messages before it were settled (after an outage, those published during it
     /// would otherwise each wait a whole timeout in turn).
@@ -366,6 +367,7 @@ impl StreamJournal {
                 max_bytes: options.max_record_bytes.saturating_sub(HEADER_ROOM),
                 next_sequence: last + 1,
                 last_id: None,
+                ack_timeout: options.ack_timeout,
                 progress: progress.clone(),
             }
             .run(rx),
@@ -775,6 +777,8 @@ struct Publisher {
     next_sequence: u64,
     /// The id of the last message published.
     last_id: Option<String>,
+    /// How long sending one message may take.
+    ack_timeout: Duration,
     /// Once the journal failed, nothing more is published.
     progress: watch::Receiver<Progress>,
 }
@@ -834,10 +838,13 @@ impl Publisher {
             };
             self.next_sequence += 1;
             self.last_id = Some(message_id(&self.writer, batch.first()));
-            let ack = self
-                .js
-                .send_publish(self.subject.clone(), publish_message(&self.writer, &batch))
-                .await;
+            let ack = send(
+                &self.js,
+                &self.subject,
+                publish_message(&self.writer, &batch),
+                self.ack_timeout,
+            )
+            .await;
             self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
@@ -913,7 +920,7 @@ impl Acker {
                         )),
                     }
                 }
-                Err(e) => publish_outcome(&e),
+                Err(outcome) => outcome,
             };
             let result = match first {
                 Outcome::Stored => {
@@ -980,13 +987,16 @@ impl Acker {
             }
             tracing::debug!(stream = %self.options.stream, index, %reason, "resending an append in doubt");
             self.stats.resends.fetch_add(1, Ordering::Relaxed);
-            let attempt = match self
-                .js
-                .send_publish(self.subject.clone(), publish_message(&self.writer, batch))
-                .await
-            {
+            let sent = send(
+                &self.js,
+                &self.subject,
+                publish_message(&self.writer, batch),
+                self.options.ack_timeout,
+            )
+            .await;
+            let attempt = match sent {
                 Ok(ack) => outcome(batch.sequence, ack.await),
-                Err(e) => publish_outcome(&e),
+                Err(outcome) => outcome,
             };
             match attempt {
                 Outcome::Stored => {
@@ -1009,6 +1019,23 @@ impl Acker {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+/// Publishes `message`, bounded in time: sending waits for room in the client's buffers (and
+/// for an acknowledgement slot), which a connection being re-made can hold up indefinitely.
+async fn send(
+    js: &jetstream::Context,
+    subject: &str,
+    message: PublishMessage,
+    timeout: Duration,
+) -> Result<jetstream::context::PublishAckFuture, Outcome> {
+    match tokio::time::timeout(timeout, js.send_publish(subject.to_owned(), message)).await {
+        Ok(Ok(ack)) => Ok(ack),
+        Ok(Err(e)) => Err(publish_outcome(&e)),
+        Err(_) => Err(Outcome::InDoubt(format!(
+            "the message could not be sent within {timeout:?}"
+        ))),
     }
 }
 
