@@ -49,6 +49,10 @@ const CLAIM_ATTEMPTS: u32 = 10;
 /// How many times per lease TTL a standby asks the owner whether it is alive.
 const PROBES_PER_TTL: u32 = 6;
 
+/// The owner a standby waits for: its lease, its address, and when it last answered (or was
+/// first seen).
+type Watched = (u64, String, Instant);
+
 /// What one inventory process of a shard needs to take part in its election.
 #[derive(Debug, Clone)]
 pub struct Ownership {
@@ -96,8 +100,12 @@ pub async fn run<B: NamingBackend + Clone>(
         ..Backoff::default()
     };
     let mut failures = 0u32;
+    // What this process knows of the owner it waits for outlives each campaign: a standby
+    // that loses its own lease (the naming backend electing a leader of its own) campaigns
+    // again without forgetting since when the owner has been silent.
+    let mut watched = None;
     while !stop.is_cancelled() {
-        match own_once(&backend, &ownership, &service, &role, &stop).await {
+        match own_once(&backend, &ownership, &service, &role, &stop, &mut watched).await {
             Ok(()) => failures = 0,
             Err(e) => {
                 tracing::warn!(shard = %ownership.shard, error = %e, "shard ownership: trying again");
@@ -118,13 +126,26 @@ async fn own_once<B: NamingBackend + Clone>(
     service: &InventoryService,
     role: &watch::Sender<Role>,
     stop: &CancellationToken,
+    watched: &mut Option<Watched>,
 ) -> anyhow::Result<()> {
     let ttl = ownership.lease_ttl;
     let lease = backend.grant_lease(ttl).await?;
     let lost = CancellationToken::new();
     let keeper = tokio::spawn(keep_lease(backend.clone(), lease, ttl, lost.clone()));
     let _stop_keeper = AbortOnDrop(keeper);
-    let result = serve_term(backend, ownership, service, role, stop, lease, &lost).await;
+    let result = async {
+        let name = election(&ownership.shard);
+        let value = Bytes::from(ownership.address.to_string());
+        let holder = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = lost.cancelled() => anyhow::bail!("the election lease was lost while campaigning"),
+            elected = backend.campaign(peers::NAMESPACE, &name, lease, value, None) => elected?,
+            never = depose_dead_owner(backend, ownership, watched) => match never {},
+        };
+        *watched = None;
+        serve_term(backend, ownership, service, role, stop, &lost, holder.token).await
+    }
+    .await;
     // Whatever ended the term: serve nothing, and let the next candidate in at once.
     service.install(None);
     role.send_replace(Role::Standby);
@@ -132,24 +153,17 @@ async fn own_once<B: NamingBackend + Clone>(
     result
 }
 
+/// Serves the shard as its elected owner (fencing `token`) until the term ends.
 async fn serve_term<B: NamingBackend + Clone>(
     backend: &B,
     ownership: &Ownership,
     service: &InventoryService,
     role: &watch::Sender<Role>,
     stop: &CancellationToken,
-    lease: u64,
     lost: &CancellationToken,
+    token: u64,
 ) -> anyhow::Result<()> {
     let name = election(&ownership.shard);
-    let value = Bytes::from(ownership.address.to_string());
-    let holder = tokio::select! {
-        () = stop.cancelled() => return Ok(()),
-        () = lost.cancelled() => anyhow::bail!("the election lease was lost while campaigning"),
-        elected = backend.campaign(peers::NAMESPACE, &name, lease, value, None) => elected?,
-        never = depose_dead_owner(backend, ownership) => match never {},
-    };
-    let token = holder.token;
     tracing::info!(shard = %ownership.shard, token, "elected owner of the shard; replaying its journal");
     let owner = format!("{}/{}", ownership.address, std::process::id());
     let inventory = tokio::select! {
@@ -204,26 +218,28 @@ async fn serve_term<B: NamingBackend + Clone>(
 /// its lease so that the election moves on. Revoking the lease of an owner that is alive
 /// after all (only this standby cannot reach it) is safe: the owner finds its lease gone and
 /// steps down, and the journal's fencing refuses anything it still appends.
-async fn depose_dead_owner<B: NamingBackend>(backend: &B, ownership: &Ownership) -> Infallible {
+async fn depose_dead_owner<B: NamingBackend>(
+    backend: &B,
+    ownership: &Ownership,
+    watched: &mut Option<Watched>,
+) -> Infallible {
     let ttl = ownership.lease_ttl;
     let every = (ttl / PROBES_PER_TTL).max(Duration::from_millis(20));
     let name = election(&ownership.shard);
     let me = ownership.address.to_string();
-    // The owner watched: its lease, its address, and when it last answered.
-    let mut watched: Option<(u64, String, Instant)> = None;
     loop {
         tokio::time::sleep(every).await;
         match tokio::time::timeout(every, backend.leader(peers::NAMESPACE, &name)).await {
             Ok(Ok(Some(holder))) if watched.as_ref().map(|w| w.0) != Some(holder.lease_id) => {
                 let address = String::from_utf8_lossy(&holder.value).into_owned();
-                watched = Some((holder.lease_id, address, Instant::now()));
+                *watched = Some((holder.lease_id, address, Instant::now()));
             }
-            Ok(Ok(None)) => watched = None,
+            Ok(Ok(None)) => *watched = None,
             // The same owner, or no answer from the backend (it may be electing a leader of
             // its own): the owner known goes on being asked.
             _ => {}
         }
-        let Some((lease, address, answered)) = &mut watched else {
+        let Some((lease, address, answered)) = watched else {
             continue;
         };
         if *address == me {
