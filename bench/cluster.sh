@@ -88,6 +88,7 @@ teardown() {
 }
 
 FAULT_PID=""
+RUNS=0
 cleanup() {
   [ -n "$FAULT_PID" ] && kill "$FAULT_PID" 2>/dev/null || true
   teardown
@@ -340,7 +341,8 @@ run_fault() {
   cluster_up
   sale "$@"
   teardown
-  if [ "${KEEP_WORK:-0}" = 1 ]; then mv "$WORK/logs" "$WORK/logs-$(IFS=-; echo "$*")"; fi
+  RUNS=$((RUNS + 1))
+  if [ "${KEEP_WORK:-0}" = 1 ]; then mv "$WORK/logs" "$WORK/logs-$RUNS-$(IFS=-; echo "$*")"; fi
 }
 
 : > "$RESULTS"
