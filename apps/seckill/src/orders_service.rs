@@ -108,8 +108,8 @@ impl OrderBook {
     }
 
     /// How far the orders of `inventory`'s reservations go: the last reservation id taken
-    /// in, and how many of the shard's journal messages its feed still holds (none for a local book,
-    /// whose position is contiguous).
+    /// in, and how many of the shard's journal messages its feed still holds (none for a
+    /// local book, whose position is contiguous).
     pub async fn position(&self, inventory: &str) -> Result<(u64, u64), OrderError> {
         match self {
             OrderBook::Local(orders) => Ok((orders.cursor(inventory), 0)),

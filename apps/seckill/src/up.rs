@@ -64,8 +64,8 @@ pub struct ChatSection {
     /// A NATS server (`nats://HOST:PORT`) for the links between instances.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats: Option<String>,
-    /// The rooms' journals in JetStream streams (`nats://HOST:PORT[?replicas=N&in_flight=M]`, one stream
-    /// per instance) instead of `data_dir`.
+    /// The rooms' journals in JetStream streams (`nats://HOST:PORT[?replicas=N&in_flight=M]`,
+    /// one stream per instance) instead of `data_dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
 }
@@ -215,8 +215,8 @@ pub struct RegistrySection {
 }
 
 /// `[inventory]`: the shards' addresses, and their journals: in `data_dir` by default, or
-/// with `journal = "nats://host:port[,host:port…][?replicas=N&in_flight=M]"` each shard's in a NATS
-/// JetStream stream of its own (`keel-<id>-inv-<i>`, the id made on first use and kept in
+/// with `journal = "nats://host:port[,host:port…][?replicas=N&in_flight=M]"` each shard's in a
+/// NATS JetStream stream of its own (`keel-<id>-inv-<i>`, the id made on first use and kept in
 /// `<data_dir>/journal-id`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -66,7 +66,7 @@ impl StreamFeed {
     ) -> Result<StreamFeed, StoreError> {
         crate::stream::check_name("consumer name", durable)?;
         let (client, js) = connect(options).await?;
-        let stream = open_stream(&js, options).await?;
+        let (stream, _) = open_stream(&js, options).await?;
         let config = jetstream::consumer::pull::Config {
             durable_name: Some(durable.to_owned()),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
@@ -88,8 +88,8 @@ impl StreamFeed {
     }
 
     /// The records of the next messages, at most `max` messages, waiting up to `wait` for the
-    /// first; an empty list when none came. Returns as soon as something is there (records are not held back to fill
-    /// a batch, where their acknowledgement wait would run out).
+    /// first; an empty list when none came. Returns as soon as something is there (records
+    /// are not held back to fill a batch, where their acknowledgement wait would run out).
     pub async fn next(&self, max: usize, wait: Duration) -> Result<Vec<FeedRecord>, StoreError> {
         let max = max.max(1);
         let mut records = self.pull(max, None).await?;

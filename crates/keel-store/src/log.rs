@@ -26,8 +26,9 @@ pub enum LogTarget {
 }
 
 impl LogTarget {
-    /// The journal at `address` when one is given — `nats://host:port[,…][?replicas=N&in_flight=M]`, in a
-    /// stream named `stream` — or else in the directory `dir` with default settings.
+    /// The journal at `address` when one is given — `nats://host:port[,…]` with
+    /// `?replicas=N&in_flight=M` if wanted, in a stream named `stream` — or else in the
+    /// directory `dir` with default settings.
     pub fn choose(
         address: Option<&str>,
         dir: impl Into<PathBuf>,

@@ -23,8 +23,8 @@
 //!   broken connection) is sent again with the same `Nats-Msg-Id`; JetStream's duplicate
 //!   window answers a message it has with its first sequence, so a retry never stores a record
 //!   twice. The message id names the writer (random per open) and the index of the message's
-//!   first record, so one writer's retry is never taken for another's message. After `retry_for` without an answer the journal
-//!   fails with [`StoreError::Engine`].
+//!   first record, so one writer's retry is never taken for another's message. After
+//!   `retry_for` without an answer the journal fails with [`StoreError::Engine`].
 //!
 //! Appends are pipelined: one task publishes in index order without waiting for more than the
 //! window of `max_in_flight` messages, another reads the acknowledgements in the same order.
@@ -259,17 +259,12 @@ pub(crate) fn unpack(
     let mut rest = payload.clone();
     let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(4096));
     for k in 0..count {
-        if rest.remaining() < 4 {
+        let len = (rest.remaining() >= 4).then(|| rest.get_u32() as usize);
+        let Some(len) = len.filter(|&len| rest.remaining() >= len) else {
             return Err(format!(
                 "message {sequence} ends inside record {k} of {count}"
             ));
-        }
-        let len = rest.get_u32() as usize;
-        if rest.remaining() < len {
-            return Err(format!(
-                "message {sequence} ends inside record {k} of {count}"
-            ));
-        }
+        };
         records.push(Record {
             index: first + k,
             payload: rest.split_to(len),
@@ -331,11 +326,7 @@ impl StreamJournal {
         let name = options.stream.clone();
         let (client, js) = connect(&options).await?;
         let subject = options.subject();
-        let stream = open_stream(&js, &options).await?;
-        // Right after another process made the stream, a server may not know it yet.
-        let info = retry_api(&options, || stream.get_info())
-            .await
-            .map_err(|e| engine(&name, "reading the stream's state", e))?;
+        let (stream, info) = open_stream(&js, &options).await?;
         let last = info.state.last_sequence;
         let first = info.state.first_sequence;
         if last > 0 && first != 1 {
@@ -522,11 +513,12 @@ pub(crate) async fn connect(
 }
 
 /// The journal's stream, created if it does not exist (file storage, `replicas`, nothing ever
-/// discarded or deleted); refused if a stream of that name holds something else.
+/// discarded or deleted), and its state; refused if a stream of that name holds something
+/// else.
 pub(crate) async fn open_stream(
     js: &jetstream::Context,
     options: &StreamOptions,
-) -> Result<jetstream::stream::Stream, StoreError> {
+) -> Result<(jetstream::stream::Stream, jetstream::stream::Info), StoreError> {
     let name = &options.stream;
     let subject = options.subject();
     let config = jetstream::stream::Config {
@@ -563,7 +555,7 @@ pub(crate) async fn open_stream(
         tracing::warn!(stream = %name, has = info.config.num_replicas, asked = options.replicas,
             "the stream exists with another number of replicas; kept as it is");
     }
-    Ok(stream)
+    Ok((stream, info))
 }
 
 /// Runs a JetStream API call again while the cluster has no leader for it yet (a stream
@@ -1206,8 +1198,8 @@ mod tests {
         journal.close().await.unwrap();
 
         let (_client, js) = connect(&options).await.unwrap();
-        let mut stream = open_stream(&js, &options).await.unwrap();
-        let last = stream.info().await.unwrap().state.last_sequence;
+        let (stream, info) = open_stream(&js, &options).await.unwrap();
+        let last = info.state.last_sequence;
         let by_gets = replay_by_gets(&stream, &options, last).await.unwrap();
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
