@@ -46,12 +46,28 @@ use crate::{Inventory, InventoryError, InventoryService};
 /// appends keep landing after its replay.
 const CLAIM_ATTEMPTS: u32 = 10;
 
+/// How many leases of abandoned campaigns a process keeps trying to revoke.
+const MAX_ABANDONED: usize = 8;
+
 /// How many times per lease TTL a standby asks the owner whether it is alive.
 const PROBES_PER_TTL: u32 = 6;
 
 /// The owner a standby waits for: its lease, its address, and when it last answered (or was
 /// first seen).
 type Watched = (u64, String, Instant);
+
+/// What a process remembers from one campaign to the next.
+#[derive(Debug, Default)]
+struct Memory {
+    /// The owner it waits for. A standby that loses its own lease (the naming backend
+    /// electing a leader of its own) campaigns again without forgetting since when the owner
+    /// has been silent.
+    watched: Option<Watched>,
+    /// Leases of its own ended campaigns that could not be revoked (the backend did not
+    /// answer). Their keys still queue in the election, ahead of its next campaign, until
+    /// they are revoked or run out; etcd's next leader even renews them in full.
+    abandoned: Vec<u64>,
+}
 
 /// What one inventory process of a shard needs to take part in its election.
 #[derive(Debug, Clone)]
@@ -100,12 +116,9 @@ pub async fn run<B: NamingBackend + Clone>(
         ..Backoff::default()
     };
     let mut failures = 0u32;
-    // What this process knows of the owner it waits for outlives each campaign: a standby
-    // that loses its own lease (the naming backend electing a leader of its own) campaigns
-    // again without forgetting since when the owner has been silent.
-    let mut watched = None;
+    let mut memory = Memory::default();
     while !stop.is_cancelled() {
-        match own_once(&backend, &ownership, &service, &role, &stop, &mut watched).await {
+        match own_once(&backend, &ownership, &service, &role, &stop, &mut memory).await {
             Ok(()) => failures = 0,
             Err(e) => {
                 tracing::warn!(shard = %ownership.shard, error = %e, "shard ownership: trying again");
@@ -126,12 +139,17 @@ async fn own_once<B: NamingBackend + Clone>(
     service: &InventoryService,
     role: &watch::Sender<Role>,
     stop: &CancellationToken,
-    watched: &mut Option<Watched>,
+    memory: &mut Memory,
 ) -> anyhow::Result<()> {
     let ttl = ownership.lease_ttl;
     let lease = backend.grant_lease(ttl).await?;
     let lost = CancellationToken::new();
-    let keeper = tokio::spawn(keep_lease(backend.clone(), lease, ttl, lost.clone()));
+    let renewer = backend.clone();
+    let renew = move || {
+        let backend = renewer.clone();
+        async move { backend.keep_alive(lease).await }
+    };
+    let keeper = tokio::spawn(keep_lease(renew, lease, ttl, lost.clone()));
     let _stop_keeper = AbortOnDrop(keeper);
     let result = async {
         let name = election(&ownership.shard);
@@ -140,17 +158,32 @@ async fn own_once<B: NamingBackend + Clone>(
             () = stop.cancelled() => return Ok(()),
             () = lost.cancelled() => anyhow::bail!("the election lease was lost while campaigning"),
             elected = backend.campaign(peers::NAMESPACE, &name, lease, value, None) => elected?,
-            never = depose_dead_owner(backend, ownership, watched) => match never {},
+            never = stand_by(backend, ownership, memory) => match never {},
         };
-        *watched = None;
+        memory.watched = None;
         serve_term(backend, ownership, service, role, stop, &lost, holder.token).await
     }
     .await;
     // Whatever ended the term: serve nothing, and let the next candidate in at once.
     service.install(None);
     role.send_replace(Role::Standby);
-    let _ = tokio::time::timeout(ttl, backend.revoke_lease(lease)).await;
+    if !revoked(tokio::time::timeout(ttl, backend.revoke_lease(lease)).await) {
+        // Bounded: a lease left out runs out by itself once the backend answers again.
+        if memory.abandoned.len() >= MAX_ABANDONED {
+            memory.abandoned.remove(0);
+        }
+        memory.abandoned.push(lease);
+    }
     result
+}
+
+/// Whether a revocation took effect, or had nothing left to do (the lease ran out first).
+fn revoked(answer: Result<Result<(), keel_rpc::Status>, tokio::time::error::Elapsed>) -> bool {
+    match answer {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => e.code() == Code::NotFound,
+        Err(_) => false,
+    }
 }
 
 /// Serves the shard as its elected owner (fencing `token`) until the term ends.
@@ -212,16 +245,18 @@ async fn serve_term<B: NamingBackend + Clone>(
     ended
 }
 
-/// While this process waits in the election: asks the owner it waits for whether it is alive
-/// (`GET /health` on the address it published), [`PROBES_PER_TTL`] times per lease TTL, and
-/// once it has not answered for a whole TTL (counted from when it was first seen), revokes
-/// its lease so that the election moves on. Revoking the lease of an owner that is alive
-/// after all (only this standby cannot reach it) is safe: the owner finds its lease gone and
-/// steps down, and the journal's fencing refuses anything it still appends.
-async fn depose_dead_owner<B: NamingBackend>(
+/// While this process waits in the election, [`PROBES_PER_TTL`] times per lease TTL:
+/// - revokes the leases of its own abandoned campaigns ([`Memory::abandoned`]), which would
+///   otherwise hold the election up for a TTL after the backend answers again;
+/// - asks the owner it waits for whether it is alive (`GET /health` on the address it
+///   published), and once it has not answered for a whole TTL (counted from when it was first
+///   seen), revokes its lease so that the election moves on. Revoking the lease of an owner
+///   that is alive after all (only this standby cannot reach it) is safe: the owner finds its
+///   lease gone and steps down, and the journal's fencing refuses anything it still appends.
+async fn stand_by<B: NamingBackend>(
     backend: &B,
     ownership: &Ownership,
-    watched: &mut Option<Watched>,
+    memory: &mut Memory,
 ) -> Infallible {
     let ttl = ownership.lease_ttl;
     let every = (ttl / PROBES_PER_TTL).max(Duration::from_millis(20));
@@ -229,6 +264,14 @@ async fn depose_dead_owner<B: NamingBackend>(
     let me = ownership.address.to_string();
     loop {
         tokio::time::sleep(every).await;
+        let mut kept = Vec::new();
+        for lease in memory.abandoned.drain(..) {
+            if !revoked(tokio::time::timeout(every, backend.revoke_lease(lease)).await) {
+                kept.push(lease);
+            }
+        }
+        memory.abandoned = kept;
+        let watched = &mut memory.watched;
         match tokio::time::timeout(every, backend.leader(peers::NAMESPACE, &name)).await {
             Ok(Ok(Some(holder))) if watched.as_ref().map(|w| w.0) != Some(holder.lease_id) => {
                 let address = String::from_utf8_lossy(&holder.value).into_owned();
@@ -284,27 +327,36 @@ async fn take_over(target: &LogTarget, owner: &str, token: u64) -> anyhow::Resul
     )
 }
 
-/// Renews `lease` every third of `ttl` and cancels `lost` once it is gone: refused
-/// (`not_found`), or not renewed for a whole TTL, counted from the sending of the last renewal
-/// that was answered (the backend's expiry is no earlier than that).
-async fn keep_lease<B: NamingBackend>(
-    backend: B,
-    lease: u64,
-    ttl: Duration,
-    lost: CancellationToken,
-) {
+/// Renews `lease` every third of `ttl` (a quarter of that after a failed renewal) and cancels
+/// `lost` once it is gone: refused (`not_found`), or not renewed for a whole TTL, counted from
+/// the sending of the last renewal that was answered (the backend's expiry is no earlier than
+/// that).
+async fn keep_lease<R, F>(renew: R, lease: u64, ttl: Duration, lost: CancellationToken)
+where
+    R: Fn() -> F,
+    F: Future<Output = Result<(), keel_rpc::Status>>,
+{
+    use tokio::time::Instant;
     let every = (ttl / 3).max(Duration::from_millis(20));
+    // After a renewal that failed, the next comes sooner: a backend electing a leader answers
+    // again well within the TTL, and one renewal then keeps the shard where it is.
+    let again = (every / 4).max(Duration::from_millis(20));
     let mut valid_until = Instant::now() + ttl;
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
         let sent = Instant::now();
         let left = valid_until.saturating_duration_since(sent);
         if left.is_zero() {
             lost.cancel();
             return;
         }
-        match tokio::time::timeout(left.min(every), backend.keep_alive(lease)).await {
-            Ok(Ok(())) => valid_until = sent + ttl,
+        wait = again;
+        match tokio::time::timeout(left.min(every), renew()).await {
+            Ok(Ok(())) => {
+                valid_until = sent + ttl;
+                wait = every;
+            }
             Ok(Err(e)) if e.code() == Code::NotFound => {
                 lost.cancel();
                 return;
@@ -324,5 +376,71 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    /// Renewals that fail (the backend has no leader) while `start + from <= now < start + until`.
+    fn renewals_silent(
+        start: Instant,
+        from: Duration,
+        until: Duration,
+    ) -> impl Fn() -> std::future::Ready<Result<(), keel_rpc::Status>> + Clone {
+        move || {
+            let now = Instant::now();
+            if now >= start + from && now < start + until {
+                return std::future::ready(Err(keel_rpc::Status::unavailable("no leader")));
+            }
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_outlives_a_silence_shorter_than_its_ttl() {
+        let ttl = Duration::from_millis(1500);
+        let start = Instant::now();
+        let hangs = move || {
+            let now = Instant::now();
+            let silent = now >= start + Duration::from_millis(900)
+                && now < start + Duration::from_millis(1600);
+            async move {
+                if silent {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            }
+        };
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(super::keep_lease(hangs, 1, ttl, lost.clone()));
+        // Renewals at 0.5 s (answered), 1.0 s (unanswered until its patience ends at 1.5 s),
+        // then 1.625 s: answered, 0.375 s before the lease would have run out.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            !lost.is_cancelled(),
+            "the lease was given up during a short silence"
+        );
+        keeper.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_not_renewed_for_a_ttl_is_given_up_in_time() {
+        let ttl = Duration::from_millis(1500);
+        let start = Instant::now();
+        let renew = renewals_silent(start, Duration::from_millis(900), Duration::from_secs(60));
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(super::keep_lease(renew, 1, ttl, lost.clone()));
+        // The last answered renewal was sent at 0.5 s: the lease is valid until 2.0 s at least.
+        tokio::time::sleep(Duration::from_millis(1990)).await;
+        assert!(!lost.is_cancelled(), "given up while still valid");
+        tokio::time::timeout(Duration::from_millis(20), lost.cancelled())
+            .await
+            .expect("the lease is given up once a TTL has passed since the last renewal sent");
+        keeper.await.unwrap();
     }
 }

@@ -95,6 +95,34 @@ struct Members {
     current: std::sync::atomic::AtomicUsize,
 }
 
+/// Removes a lease's keep-alive stream from the keepers unless the renewal that uses it is
+/// seen through (removing it only if it is still the one in the map).
+struct Unfinished<'a> {
+    keepers: &'a Mutex<HashMap<u64, Keeper>>,
+    lease: u64,
+    keeper: Option<Keeper>,
+}
+
+impl Unfinished<'_> {
+    fn finished(mut self) {
+        self.keeper = None;
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            let mut keepers = self.keepers.lock();
+            if keepers
+                .get(&self.lease)
+                .is_some_and(|k| Arc::ptr_eq(k, &keeper))
+            {
+                keepers.remove(&self.lease);
+            }
+        }
+    }
+}
+
 /// How long a lease renewal waits for its answer.
 const KEEP_ALIVE_PATIENCE: Duration = Duration::from_secs(2);
 
@@ -335,6 +363,14 @@ impl NamingBackend for EtcdBackend {
                 k
             }
         };
+        // A renewal not seen through (its caller stopped waiting) may leave its answer in the
+        // stream, where the next renewal would take it for its own and date the lease's expiry
+        // from too late a sending: such a stream is dropped, and the next renewal opens another.
+        let unfinished = Unfinished {
+            keepers: &self.keepers,
+            lease,
+            keeper: Some(keeper.clone()),
+        };
         // A member cut off leaves the stream silent: give up on it after a while, so the
         // next renewal opens a stream to the member calls go to by then.
         let renewed = tokio::time::timeout(KEEP_ALIVE_PATIENCE, async {
@@ -351,7 +387,10 @@ impl NamingBackend for EtcdBackend {
             )))
         });
         match answer {
-            Ok(Some(resp)) if resp.ttl() > 0 => Ok(()),
+            Ok(Some(resp)) if resp.ttl() > 0 => {
+                unfinished.finished();
+                Ok(())
+            }
             Ok(_) => {
                 self.keepers.lock().remove(&lease);
                 Err(Status::not_found(format!(
@@ -815,5 +854,41 @@ impl EtcdWatch {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::Context;
+    use std::time::Duration;
+
+    use crate::NamingBackend;
+
+    #[tokio::test]
+    async fn a_renewal_given_up_half_way_leaves_no_stream_behind() {
+        let Some(etcd) = crate::testing::etcd("a_renewal_given_up_half_way").await else {
+            return;
+        };
+        let backend = &etcd.backend;
+        let lease = backend.grant_lease(Duration::from_secs(30)).await.unwrap();
+        backend.keep_alive(lease).await.unwrap();
+        let first = backend.keepers.lock().get(&lease).cloned().unwrap();
+
+        // A renewal sent and then given up before its answer came.
+        let mut renewal = Box::pin(backend.keep_alive(lease));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(renewal.as_mut().poll(&mut cx).is_pending());
+        drop(renewal);
+        assert!(
+            backend.keepers.lock().get(&lease).is_none(),
+            "the stream holding an unread answer was kept"
+        );
+
+        // The next renewal has a stream of its own, and renews.
+        backend.keep_alive(lease).await.unwrap();
+        let second = backend.keepers.lock().get(&lease).cloned().unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
     }
 }
