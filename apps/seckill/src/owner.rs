@@ -142,6 +142,8 @@ async fn own_once<B: NamingBackend + Clone>(
     memory: &mut Memory,
 ) -> anyhow::Result<()> {
     let ttl = ownership.lease_ttl;
+    // The backend's expiry of the lease is no earlier than the sending of the grant.
+    let asked = tokio::time::Instant::now();
     let lease = backend.grant_lease(ttl).await?;
     let lost = CancellationToken::new();
     let renewer = backend.clone();
@@ -149,7 +151,7 @@ async fn own_once<B: NamingBackend + Clone>(
         let backend = renewer.clone();
         async move { backend.keep_alive(lease).await }
     };
-    let keeper = tokio::spawn(keep_lease(renew, lease, ttl, lost.clone()));
+    let keeper = tokio::spawn(keep_lease(renew, lease, asked + ttl, ttl, lost.clone()));
     let _stop_keeper = AbortOnDrop(keeper);
     let result = async {
         let name = election(&ownership.shard);
@@ -264,13 +266,19 @@ async fn stand_by<B: NamingBackend>(
     let me = ownership.address.to_string();
     loop {
         tokio::time::sleep(every).await;
-        let mut kept = Vec::new();
-        for lease in memory.abandoned.drain(..) {
-            if !revoked(tokio::time::timeout(every, backend.revoke_lease(lease)).await) {
-                kept.push(lease);
-            }
+        if !memory.abandoned.is_empty() {
+            // All at once, and the list changed only once every answer is in: this future is
+            // dropped whenever the campaign ends, and a lease must not be forgotten then.
+            let answers =
+                futures_util::future::join_all(memory.abandoned.iter().map(|&lease| async move {
+                    let answer = tokio::time::timeout(every, backend.revoke_lease(lease)).await;
+                    (lease, revoked(answer))
+                }))
+                .await;
+            memory
+                .abandoned
+                .retain(|lease| !answers.contains(&(*lease, true)));
         }
-        memory.abandoned = kept;
         let watched = &mut memory.watched;
         match tokio::time::timeout(every, backend.leader(peers::NAMESPACE, &name)).await {
             Ok(Ok(Some(holder))) if watched.as_ref().map(|w| w.0) != Some(holder.lease_id) => {
@@ -327,12 +335,17 @@ async fn take_over(target: &LogTarget, owner: &str, token: u64) -> anyhow::Resul
     )
 }
 
-/// Renews `lease` every third of `ttl` (a quarter of that after a failed renewal) and cancels
-/// `lost` once it is gone: refused (`not_found`), or not renewed for a whole TTL, counted from
-/// the sending of the last renewal that was answered (the backend's expiry is no earlier than
-/// that).
-async fn keep_lease<R, F>(renew: R, lease: u64, ttl: Duration, lost: CancellationToken)
-where
+/// Renews `lease` (valid until `valid_until` as granted) every third of `ttl` (a quarter of
+/// that after a failed renewal) and cancels `lost` once it is gone: refused (`not_found`), or
+/// at the end of a whole TTL counted from the sending of the last renewal that was answered
+/// (the backend's expiry is no earlier than that).
+async fn keep_lease<R, F>(
+    renew: R,
+    lease: u64,
+    mut valid_until: tokio::time::Instant,
+    ttl: Duration,
+    lost: CancellationToken,
+) where
     R: Fn() -> F,
     F: Future<Output = Result<(), keel_rpc::Status>>,
 {
@@ -341,10 +354,10 @@ where
     // After a renewal that failed, the next comes sooner: a backend electing a leader answers
     // again well within the TTL, and one renewal then keeps the shard where it is.
     let again = (every / 4).max(Duration::from_millis(20));
-    let mut valid_until = Instant::now() + ttl;
     let mut wait = every;
     loop {
-        tokio::time::sleep(wait).await;
+        // Never past the lease's end: the owner learns it has lost the lease at that instant.
+        tokio::time::sleep_until((Instant::now() + wait).min(valid_until)).await;
         let sent = Instant::now();
         let left = valid_until.saturating_duration_since(sent);
         if left.is_zero() {
@@ -386,19 +399,52 @@ mod tests {
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
 
-    /// Renewals that fail (the backend has no leader) while `start + from <= now < start + until`.
-    fn renewals_silent(
-        start: Instant,
-        from: Duration,
-        until: Duration,
-    ) -> impl Fn() -> std::future::Ready<Result<(), keel_rpc::Status>> + Clone {
-        move || {
-            let now = Instant::now();
-            if now >= start + from && now < start + until {
-                return std::future::ready(Err(keel_rpc::Status::unavailable("no leader")));
+    #[tokio::test]
+    async fn a_standby_revokes_the_leases_of_its_abandoned_campaigns() {
+        use keel_registry::NamingBackend;
+        let test = "a_standby_revokes_the_leases_of_its_abandoned_campaigns";
+        let Some(etcd) = keel_registry::testing::etcd(test).await else {
+            return;
+        };
+        let backend = etcd.backend.clone();
+        let ownership = super::Ownership {
+            shard: "inv-0".into(),
+            target: keel_store::LogTarget::Dir {
+                dir: std::env::temp_dir().join("unused"),
+                options: keel_store::JournalOptions::default(),
+            },
+            lease_ttl: Duration::from_secs(2),
+            address: "127.0.0.1:9".parse().unwrap(),
+        };
+        let name = super::election(&ownership.shard);
+        let me = bytes::Bytes::from(ownership.address.to_string());
+        // An earlier campaign of this process, whose lease could not be revoked when it ended:
+        // its key leads the election, under a lease that would last 60 s more.
+        let old = backend.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let ns = crate::peers::NAMESPACE;
+        backend
+            .campaign(ns, &name, old, me.clone(), None)
+            .await
+            .unwrap();
+        let mut memory = super::Memory {
+            abandoned: vec![old],
+            ..Default::default()
+        };
+
+        let new = backend.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let elected = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                elected = backend.campaign(ns, &name, new, me, None) => elected.unwrap(),
+                never = super::stand_by(&backend, &ownership, &mut memory) => match never {},
             }
-            std::future::ready(Ok(()))
-        }
+        })
+        .await
+        .expect("the new campaign waited behind the abandoned one");
+        assert_eq!(elected.lease_id, new);
+        // Gone from etcd (the list itself may end the campaign still naming it: the next
+        // revocation is then answered `not_found`, which also takes it off).
+        let renewed = backend.keep_alive(old).await;
+        assert_eq!(renewed.unwrap_err().code(), keel_rpc::Code::NotFound);
     }
 
     #[tokio::test(start_paused = true)]
@@ -417,7 +463,7 @@ mod tests {
             }
         };
         let lost = CancellationToken::new();
-        let keeper = tokio::spawn(super::keep_lease(hangs, 1, ttl, lost.clone()));
+        let keeper = tokio::spawn(super::keep_lease(hangs, 1, start + ttl, ttl, lost.clone()));
         // Renewals at 0.5 s (answered), 1.0 s (unanswered until its patience ends at 1.5 s),
         // then 1.625 s: answered, 0.375 s before the lease would have run out.
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -429,18 +475,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lease_not_renewed_for_a_ttl_is_given_up_in_time() {
+    async fn a_lease_not_renewed_for_a_ttl_is_given_up_when_it_ends() {
         let ttl = Duration::from_millis(1500);
         let start = Instant::now();
-        let renew = renewals_silent(start, Duration::from_millis(900), Duration::from_secs(60));
+        // From 0.9 s on, every renewal is refused after 50 ms (the backend has no leader): the
+        // refusals do not fall on the lease's end.
+        let refused = move || {
+            let failing = Instant::now() >= start + Duration::from_millis(900);
+            async move {
+                if failing {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return Err(keel_rpc::Status::unavailable("no leader"));
+                }
+                Ok(())
+            }
+        };
         let lost = CancellationToken::new();
-        let keeper = tokio::spawn(super::keep_lease(renew, 1, ttl, lost.clone()));
-        // The last answered renewal was sent at 0.5 s: the lease is valid until 2.0 s at least.
+        let keeper = tokio::spawn(super::keep_lease(
+            refused,
+            1,
+            start + ttl,
+            ttl,
+            lost.clone(),
+        ));
+        // The last answered renewal was sent at 0.5 s: the lease is valid until 2.0 s at least,
+        // and the owner must not count on it any longer.
         tokio::time::sleep(Duration::from_millis(1990)).await;
         assert!(!lost.is_cancelled(), "given up while still valid");
-        tokio::time::timeout(Duration::from_millis(20), lost.cancelled())
+        tokio::time::timeout(Duration::from_millis(12), lost.cancelled())
             .await
-            .expect("the lease is given up once a TTL has passed since the last renewal sent");
+            .expect("the lease is given up when a TTL has passed since the last renewal sent");
         keeper.await.unwrap();
     }
 }

@@ -250,7 +250,16 @@ impl Registry {
     pub async fn open(config: RegistryConfig) -> Result<Registry, RegistryError> {
         let history = config.history_limit;
         let (state, journal) = match &config.data_dir {
-            None => (State::new(history), None),
+            None => {
+                // Nothing on disk: a lease granted before a restart may still be held (and
+                // revoked) by a client, so ids start from the clock, 1,024 per millisecond.
+                let mut state = State::new(history);
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                state.start_lease_ids_at(now_ms.saturating_mul(1024));
+                (state, None)
+            }
             Some(dir) => {
                 let dir = dir.clone();
                 let options = JournalOptions {

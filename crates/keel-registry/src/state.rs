@@ -119,6 +119,12 @@ impl State {
         self.next_lease_id
     }
 
+    /// Starts lease ids at `first` at least (a registry that keeps nothing on disk starts them
+    /// from the clock, so that no lease gets the id of one granted before a restart).
+    pub(crate) fn start_lease_ids_at(&mut self, first: u64) {
+        self.next_lease_id = self.next_lease_id.max(first);
+    }
+
     /// A lease's TTL, if the lease exists.
     pub(crate) fn lease_ttl(&self, id: u64) -> Option<u64> {
         self.leases.get(&id).map(|l| l.ttl_ms)

@@ -1053,3 +1053,19 @@ async fn metadata_is_bounded_and_errors_do_not_echo_big_inputs() {
     let err = r.put_config(ctx(), put("bad\nkey")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_registry_that_keeps_nothing_on_disk_never_grants_an_id_twice() {
+    // A client may still hold (and revoke) a lease granted before a restart: the restarted
+    // registry must not give that id to somebody else.
+    let before = Registry::open(RegistryConfig::default()).await.unwrap();
+    let first = grant(&before, 5000).await;
+    drop(before);
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let after = Registry::open(RegistryConfig::default()).await.unwrap();
+    let second = grant(&after, 5000).await;
+    assert!(
+        second > first,
+        "lease {second} granted again after a restart (first {first})"
+    );
+}
