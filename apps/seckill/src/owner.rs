@@ -247,7 +247,8 @@ async fn serve_term<B: NamingBackend + Clone>(
     ended
 }
 
-/// While this process waits in the election, [`PROBES_PER_TTL`] times per lease TTL:
+/// While this process waits in the election, on a beat of [`PROBES_PER_TTL`] per lease TTL that
+/// no slow answer delays (all three asked at once):
 /// - revokes the leases of its own abandoned campaigns ([`Memory::abandoned`]), which would
 ///   otherwise hold the election up for a TTL after the backend answers again;
 /// - asks the owner it waits for whether it is alive (`GET /health` on the address it
@@ -264,28 +265,36 @@ async fn stand_by<B: NamingBackend>(
     let every = (ttl / PROBES_PER_TTL).max(Duration::from_millis(20));
     let name = election(&ownership.shard);
     let me = ownership.address.to_string();
+    let patience = every.max(Duration::from_millis(200));
+    // Rounds on a fixed beat, whatever each round waited for: a backend that does not answer
+    // must not make the standby notice a dead owner later.
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(every).await;
-        if !memory.abandoned.is_empty() {
-            // All at once, and the list changed only once every answer is in: this future is
-            // dropped whenever the campaign ends, and a lease must not be forgotten then.
-            let answers =
-                futures_util::future::join_all(memory.abandoned.iter().map(|&lease| async move {
-                    let answer = tokio::time::timeout(every, backend.revoke_lease(lease)).await;
-                    (lease, revoked(answer))
-                }))
-                .await;
-            memory
-                .abandoned
-                .retain(|lease| !answers.contains(&(*lease, true)));
-        }
-        let watched = &mut memory.watched;
-        match tokio::time::timeout(every, backend.leader(peers::NAMESPACE, &name)).await {
+        beat.tick().await;
+        let Memory { watched, abandoned } = &mut *memory;
+        // The owner known so far is asked while the backend is asked who owns the shard now.
+        let known = watched.as_ref().map(|w| w.1.clone()).filter(|a| *a != me);
+        let (_, holder, alive) = tokio::join!(
+            revoke_abandoned(backend, abandoned, every),
+            tokio::time::timeout(every, backend.leader(peers::NAMESPACE, &name)),
+            async {
+                match &known {
+                    Some(address) => keel_net::answers_ok(address, "/health", patience).await,
+                    None => false,
+                }
+            },
+        );
+        match holder {
             Ok(Ok(Some(holder))) if watched.as_ref().map(|w| w.0) != Some(holder.lease_id) => {
                 let address = String::from_utf8_lossy(&holder.value).into_owned();
                 *watched = Some((holder.lease_id, address, Instant::now()));
+                continue;
             }
-            Ok(Ok(None)) => *watched = None,
+            Ok(Ok(None)) => {
+                *watched = None;
+                continue;
+            }
             // The same owner, or no answer from the backend (it may be electing a leader of
             // its own): the owner known goes on being asked.
             _ => {}
@@ -296,7 +305,7 @@ async fn stand_by<B: NamingBackend>(
         if *address == me {
             continue;
         }
-        if keel_net::answers_ok(address, "/health", every.max(Duration::from_millis(200))).await {
+        if alive {
             *answered = Instant::now();
         } else if answered.elapsed() >= ttl {
             tracing::warn!(shard = %ownership.shard, owner = %address, lease = *lease,
@@ -314,6 +323,25 @@ async fn stand_by<B: NamingBackend>(
             }
         }
     }
+}
+
+/// Revokes the leases of abandoned campaigns, all at once, each given `patience`; changes the
+/// list only once every answer is in (the caller may be dropped whenever its campaign ends,
+/// and a lease must not be forgotten then).
+async fn revoke_abandoned<B: NamingBackend>(
+    backend: &B,
+    abandoned: &mut Vec<u64>,
+    patience: Duration,
+) {
+    if abandoned.is_empty() {
+        return;
+    }
+    let answers = futures_util::future::join_all(abandoned.iter().map(|&lease| async move {
+        let answer = tokio::time::timeout(patience, backend.revoke_lease(lease)).await;
+        (lease, revoked(answer))
+    }))
+    .await;
+    abandoned.retain(|lease| !answers.contains(&(*lease, true)));
 }
 
 /// Replays the journal and claims it; replays again while the previous owner's last appends
