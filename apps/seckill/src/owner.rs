@@ -379,8 +379,8 @@ async fn keep_lease<R, F>(
 {
     use tokio::time::Instant;
     let every = (ttl / 3).max(Duration::from_millis(20));
-    // After a renewal that failed, the next comes sooner: a backend electing a leader answers
-    // again well within the TTL, and one renewal then keeps the shard where it is.
+    // After a renewal that failed, the next comes sooner: a backend electing a leader may answer
+    // again before the TTL ends, and one renewal then keeps the shard where it is.
     let again = (every / 4).max(Duration::from_millis(20));
     let mut wait = every;
     loop {
