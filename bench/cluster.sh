@@ -18,7 +18,9 @@
 # Settings: BUYERS (10000), RATE (buyers/s, 1000), LEASE_MS (shard owners' lease, 3000),
 # CLUSTER_FAULTS ("host partition engine"), CLUSTER_STOCKS ("10000 100"),
 # CLUSTER_CONCURRENCY (buys in flight of the closed loops that measure capacity, "64 256";
-# each design's figure is its best),
+# each design's figure is its best), CAPACITY_BUYERS (buyers and units of those closed loops,
+# 40000: long enough that a design's figure is its steady pace, not its first second of
+# connecting and warming up; the fault runs sell to BUYERS),
 # KEEL_BIN (a built keel; else cargo builds one). Needs root (network namespaces), etcd,
 # nats-server, dnsmasq and PostgreSQL's server binaries; exits 77 when it cannot make
 # namespaces. Everything it starts it stops by PID, and it removes its namespaces, bridge and
@@ -31,6 +33,7 @@ BUYERS="${BUYERS:-10000}"
 RATE="${RATE:-1000}"
 LEASE_MS="${LEASE_MS:-3000}"
 CONCURRENCY="${CLUSTER_CONCURRENCY:-64 256}"
+CAPACITY_BUYERS="${CAPACITY_BUYERS:-40000}"
 if [ "$QUICK" = 1 ]; then BUYERS="${BUYERS_QUICK:-2000}"; RATE="${RATE_QUICK:-500}"; fi
 
 if [ "$(id -u)" != 0 ]; then echo "cluster.sh: needs root to make network namespaces" >&2; exit 77; fi
@@ -270,10 +273,11 @@ print(json.dumps({"etcd": names.get(status.get("leader"), ""),
 }
 
 # One sale of $2 units to BUYERS buyers at RATE a second through shop.keel, with fault $1
-# struck a fifth of the way in (without a fault: a closed loop of $3 buys in flight); appends
-# {"fault", "run", "fault_at_ms"} to RESULTS.
+# struck a fifth of the way in (without a fault: a closed loop of $3 buys in flight, as many
+# buyers as units); appends {"fault", "run", "fault_at_ms"} to RESULTS.
 sale() {
-  local kind="$1" stock="$2" concurrency="${3:-64}" after
+  local kind="$1" stock="$2" concurrency="${3:-64}" after buyers="$BUYERS"
+  [ "$kind" = none ] && buyers="$stock"
   rm -f "$WORK/leaders"
   after=$(python3 -c "print(max(1.0, $BUYERS / $RATE / 5))")
   fault "$kind" "$after" > "$WORK/fault-at" &
@@ -282,7 +286,7 @@ sale() {
   # Without a fault the sale measures capacity: a closed loop, as for the other designs.
   [ "$kind" = none ] && load=(--concurrency "$concurrency")
   line=$(in_ns client env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway shop.keel:8080 \
-    --buyers "$BUYERS" --stock "$stock" "${load[@]}" 2>"$WORK/logs/bench-$kind-$stock.log" | tail -1) || true
+    --buyers "$buyers" --stock "$stock" "${load[@]}" 2>"$WORK/logs/bench-$kind-$stock.log" | tail -1) || true
   wait "$FAULT_PID" || true
   FAULT_PID=""
   [ -n "$line" ] || { echo "cluster.sh: the $kind run printed nothing" >&2; tail -5 "$WORK/logs/bench-$kind-$stock.log" >&2; line='{}'; }
@@ -290,14 +294,14 @@ sale() {
   echo "done: $kind, stock $stock" >&2
 }
 
-# Sales of 10,000 units through the gateway $2, from db, as closed loops of each of
-# CLUSTER_CONCURRENCY buys in flight; appends {"fault": $1, ...} to RESULTS.
+# Sales of CAPACITY_BUYERS units to as many buyers through the gateway $2, from db, as closed
+# loops of each of CLUSTER_CONCURRENCY buys in flight; appends {"fault": $1, ...} to RESULTS.
 closed_loops() {
   local design="$1" gw="$2" c line
   for c in $CONCURRENCY; do
-    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" --buyers "$BUYERS" \
-      --stock 10000 --concurrency "$c" 2>"$WORK/logs/bench-$design-$c.log" | tail -1) || true
-    echo "{\"fault\": \"$design\", \"stock\": 10000, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
+    line=$(in_ns db env KEEL_ADMIN_TOKEN="$TOKEN" "$BIN" bench seckill --gateway "$gw" \
+      --buyers "$CAPACITY_BUYERS" --stock "$CAPACITY_BUYERS" --concurrency "$c" 2>"$WORK/logs/bench-$design-$c.log" | tail -1) || true
+    echo "{\"fault\": \"$design\", \"stock\": $CAPACITY_BUYERS, \"concurrency\": $c, \"fault_at_unix_ms\": 0, \"run\": ${line:-{\}}}" >> "$RESULTS"
     echo "done: $design, $c in flight" >&2
   done
 }
@@ -349,7 +353,7 @@ run_fault() {
 if [ "$QUICK" = 1 ]; then
   run_fault host 1000
 else
-  for c in $CONCURRENCY; do run_fault none 10000 "$c"; done
+  for c in $CONCURRENCY; do run_fault none "$CAPACITY_BUYERS" "$c"; done
   for stock in ${CLUSTER_STOCKS:-10000 100}; do
     for kind in ${CLUSTER_FAULTS:-host partition engine}; do run_fault "$kind" "$stock"; done
   done
