@@ -128,14 +128,25 @@ async fn messages_until(ws: &mut Ws, last: u64) -> Vec<u64> {
     std::mem::take(&mut ws.seen)
 }
 
-fn kill_9(pid: u32) {
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+/// SIGKILLs part `name` under the pid `keel up` lists for it now in `<data_dir>/pids.json`
+/// (the file a user would read); a part that restarted since it started is killed all the
+/// same, and the test's output says so.
+fn kill_9(up: &common::Up, name: &str) {
+    let file = up.dir.path().join("data").join("pids.json");
+    let pids: BTreeMap<String, u32> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let pid = pids[name];
+    if pid != up.started[name] {
+        println!(
+            "{name} runs as pid {pid}, not its first pid {}",
+            up.started[name]
+        );
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -9 {name} (pid {pid})");
 }
 
 #[test]
@@ -192,7 +203,7 @@ fn keel_up_serves_one_chat_over_two_instances_and_survives_a_kill_9_of_either() 
 
         // SIGKILL the holder: bob (elsewhere) gets `unavailable` until it is back, then his
         // resend is numbered 11; ann reconnects and recovers it with `since`.
-        kill_9(up.started["chat-0"]);
+        kill_9(&up, "chat-0");
         tokio::task::block_in_place(|| wait_for(&up.lines, "restarted chat-0"));
         let id = send_acked(&mut bob, &room, "after the kill", "k1").await;
         assert_eq!(id, 11, "numbered right after the acknowledged ten");
@@ -203,7 +214,7 @@ fn keel_up_serves_one_chat_over_two_instances_and_survives_a_kill_9_of_either() 
         assert_eq!(joined["missed"][0]["text"], "after the kill");
 
         // SIGKILL the other instance: ann keeps the room; bob reconnects and recovers.
-        kill_9(up.started["chat-1"]);
+        kill_9(&up, "chat-1");
         tokio::task::block_in_place(|| wait_for(&up.lines, "restarted chat-1"));
         let id = send_acked(&mut ann, &room, "while chat-1 restarts", "k2").await;
         assert_eq!(id, 12);

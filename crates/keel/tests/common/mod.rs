@@ -81,20 +81,30 @@ pub fn spawn_up(dir: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
     spawn_keel(dir, &["up"])
 }
 
-/// Spawns `keel <args>` in `dir`; the process and its stdout, line by line.
+/// Spawns `keel <args>` in `dir`; the process and its stdout, line by line (stdout and stderr
+/// are also echoed into the test's captured output).
 pub fn spawn_keel(dir: &std::path::Path, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (tx, lines) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Both streams are echoed into the test's captured output, so a failing test shows what
+    // `keel` and its parts said (a part's exit and its error among them).
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("| {line}");
             let _ = tx.send(line);
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            println!("|! {line}");
         }
     });
     (child, lines)
