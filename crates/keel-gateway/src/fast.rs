@@ -609,12 +609,11 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
             .iter()
             .any(|v| has_token(v.as_bytes(), "close"));
     out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    );
+    out.extend_from_slice(b"HTTP/1.1 ");
+    crate::h1::put_decimal(out, u64::from(status.as_u16()));
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
     let (mut dated, mut length) = (false, false);
     for (name, value) in &parts.headers {
         if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
@@ -637,7 +636,7 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
         && !length
         && let Some(n) = exact
     {
-        let _ = write!(out, "content-length: {n}\r\n");
+        crate::h1::put_content_length(out, n);
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");

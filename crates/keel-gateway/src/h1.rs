@@ -211,7 +211,6 @@ pub(crate) fn request_head(
     edits: &Edits<'_>,
     length: Option<u64>,
 ) -> bool {
-    use std::io::Write as _;
     up.clear();
     up.extend_from_slice(method.as_str().as_bytes());
     up.push(b' ');
@@ -251,7 +250,7 @@ pub(crate) fn request_head(
         up.extend_from_slice(b"\r\n");
     }
     if let Some(len) = length {
-        let _ = write!(up, "content-length: {len}\r\n");
+        put_content_length(up, len);
     }
     host
 }
@@ -347,7 +346,6 @@ fn answer_head(
     keep_alive: bool,
     out: &mut Vec<u8>,
 ) -> Result<Answer, Failure> {
-    use std::io::Write as _;
     let code = resp.code.unwrap_or(0);
     let status = StatusCode::from_u16(code)
         .ok()
@@ -401,14 +399,16 @@ fn answer_head(
         && !connection.iter().any(|v| has_token(v, "close"))
         && framing != Framing::Close;
     out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        code,
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_decimal(out, u64::from(code));
+    out.push(b' ');
+    out.extend_from_slice(
         resp.reason
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+            .as_bytes(),
     );
+    out.extend_from_slice(b"\r\n");
     for h in headers {
         let transfer_encoding = h.name.eq_ignore_ascii_case("transfer-encoding");
         let framing_header = h.name.eq_ignore_ascii_case("content-length") || transfer_encoding;
@@ -431,7 +431,7 @@ fn answer_head(
         out.extend_from_slice(b"\r\n");
     }
     if let (Some(n), None) = (length, encoding) {
-        let _ = write!(out, "content-length: {n}\r\n");
+        put_content_length(out, n);
     }
     if framing == Framing::Close {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -445,6 +445,19 @@ fn answer_head(
         reusable,
         dated,
     })
+}
+
+/// Appends `n` in decimal (without `core::fmt`, which costs several times more on this
+/// per-request path).
+pub(crate) fn put_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Appends a `content-length: N` header line.
+pub(crate) fn put_content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    put_decimal(out, n);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Calls `with` with the current time as an HTTP date, formatted at most once a second per
