@@ -507,15 +507,18 @@ impl Channel {
     ) -> Result<RawResponse, Status> {
         let deadline = self.deadline(options);
         let conn = self.ready(deadline).await?;
+        // This task's waker goes into the table with the call, so the reply's first poll
+        // (in this same poll of the task) need not take the table's lock again.
+        let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
         let id = self.send(
             &conn,
             target,
             options,
             deadline,
-            Pending::Unary(None),
+            Pending::Unary(Some(waker)),
             write_body,
         )?;
-        let reply = Reply::new(&conn, id);
+        let reply = Reply::new(&conn, id, true);
         let frame = match deadline {
             Some(d) => match tokio::time::timeout_at(d, reply).await {
                 Ok(r) => r,
