@@ -190,13 +190,25 @@ print(json.dumps({"proxy": name, "rps": rps, "p50_ms": parse(lat["50"]), "p99_ms
 PY
 }
 
+# Each rep starts one contender later than the one before: whichever slot of a rep this
+# machine's noise favours or hurts, it does not always fall on the same proxy.
+CONTENDERS=(keel nginx haproxy keel_auth keel_hyper)
+if [ -n "${BASELINE_BIN:-}" ]; then CONTENDERS+=(keel_baseline); fi
+run_one() {
+  case $1 in
+    keel) run keel $KEEL $KEEL_PID ;;
+    nginx) run nginx $NGINX $NGINX_PID ;;
+    haproxy) run haproxy $HAPROXY $HAPROXY_PID ;;
+    keel_auth) run keel_auth $KEEL_AUTH $KEEL_AUTH_PID "Authorization: Bearer $TOKEN" ;;
+    keel_hyper) run keel_hyper $KEEL_HYPER $KEEL_HYPER_PID ;;
+    keel_baseline) run keel_baseline $KEEL_BASE $KEEL_BASE_PID ;;
+  esac
+}
 for rep in $(seq 1 "$REPS"); do
-  run keel $KEEL $KEEL_PID
-  run nginx $NGINX $NGINX_PID
-  run haproxy $HAPROXY $HAPROXY_PID
-  run keel_auth $KEEL_AUTH $KEEL_AUTH_PID "Authorization: Bearer $TOKEN"
-  run keel_hyper $KEEL_HYPER $KEEL_HYPER_PID
-  if [ -n "${BASELINE_BIN:-}" ]; then run keel_baseline $KEEL_BASE $KEEL_BASE_PID; fi
+  n=${#CONTENDERS[@]}
+  for i in $(seq 0 $((n - 1))); do
+    run_one "${CONTENDERS[$(( (i + rep - 1) % n ))]}"
+  done
   echo "done: run $rep" >&2
 done
 
