@@ -26,8 +26,9 @@
 //!   needs to resume (`reset`, then `sync` of every mirrored room, which sets the
 //!   instance's members and recovers the messages it missed).
 //! - A request to an owner that does not answer within `request_timeout` (or that is known
-//!   to be down) is answered with the error `unavailable`; a send may then be repeated with
-//!   the same `client_msg_id` and is not delivered twice.
+//!   to be down, or is heard again after a restart while the request waits) is answered
+//!   with the error `unavailable`; a send may then be repeated with the same
+//!   `client_msg_id` and is not delivered twice.
 //!
 //! The links themselves (direct WebSockets between the instances, or NATS subjects) are in
 //! [`crate::transport`]; this module only needs each to deliver one instance's lines to
@@ -769,6 +770,16 @@ impl Links {
         if restarted && let Some(outbox) = self.outboxes.get(&from) {
             // Lines queued for its previous life answer nothing it asked.
             outbox.reset();
+            // Requests to it may have been among those lines, or died with its previous
+            // life: they are answered `unavailable` now rather than at their deadline.
+            let mut st = self.state.lock();
+            let lost: Vec<u64> = st
+                .requests
+                .iter()
+                .filter(|(_, r)| r.owner == from)
+                .map(|(req, _)| *req)
+                .collect();
+            self.fail_requests(&mut st, lost);
         }
         if changed {
             // Its connections are gone, or lines between us may have been lost (a leave, a
@@ -935,23 +946,7 @@ impl Links {
             .filter(|(_, r)| r.deadline <= now || dead.contains(&r.owner))
             .map(|(req, _)| *req)
             .collect();
-        for req in late {
-            let Some(request) = st.requests.remove(&req) else {
-                continue;
-            };
-            request.peer.send(request.on_timeout.clone());
-            if let Some(room) = request.join {
-                st.joining.remove(&(request.peer.id, room.clone()));
-                drop_unused_mirror(&mut st, &room);
-                // The owner may have had the join: it hears the leave after it.
-                let relay = Relay::Leave {
-                    from: self.me.to_string(),
-                    user: request.peer.user.to_string(),
-                    room,
-                };
-                self.post(&request.owner, relay.line());
-            }
-        }
+        self.fail_requests(&mut st, late);
         // A `sync` or its answer lost on the way (NATS may drop messages): asked again.
         let State {
             mirrors,
@@ -976,6 +971,28 @@ impl Links {
         for name in dead {
             tracing::warn!(instance = %name, "chat instance unheard; its members leave");
             hub.forget_instance(&name);
+        }
+    }
+
+    /// Answers the requests `reqs` with their `unavailable` error (the client may ask again;
+    /// a send repeated with its `client_msg_id` is not delivered twice) and forgets them.
+    fn fail_requests(&self, st: &mut State, reqs: Vec<u64>) {
+        for req in reqs {
+            let Some(request) = st.requests.remove(&req) else {
+                continue;
+            };
+            request.peer.send(request.on_timeout.clone());
+            if let Some(room) = request.join {
+                st.joining.remove(&(request.peer.id, room.clone()));
+                drop_unused_mirror(st, &room);
+                // The owner may have had the join: it hears the leave after it.
+                let relay = Relay::Leave {
+                    from: self.me.to_string(),
+                    user: request.peer.user.to_string(),
+                    room,
+                };
+                self.post(&request.owner, relay.line());
+            }
         }
     }
 

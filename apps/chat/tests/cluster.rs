@@ -39,6 +39,8 @@ struct Pair {
     listeners: [SocketAddr; 2],
     names: [String; 2],
     nats: Option<String>,
+    /// How long an instance waits for the holder of a room to answer a request.
+    request_timeout: Duration,
 }
 
 impl Pair {
@@ -53,6 +55,7 @@ impl Pair {
             listeners: [listeners[0], listeners[1]],
             names: names.map(str::to_owned),
             nats: nats.map(str::to_owned),
+            request_timeout: Duration::from_secs(2),
         }
     }
 
@@ -68,7 +71,7 @@ impl Pair {
             peers,
             nats: self.nats.clone().unwrap_or_default(),
             peer_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(2),
+            request_timeout: self.request_timeout,
             sends_per_second: 10_000.0,
             send_burst: 10_000.0,
             ..config(self.dirs[i].path())
@@ -300,6 +303,40 @@ async fn a_room_whose_holder_restarts_loses_nothing_and_its_members_elsewhere_ca
     assert_eq!(joined["recovered"], true);
     let missed = msg_ids(&joined["missed"]);
     assert_eq!(missed, (6..=11).collect::<Vec<_>>());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_for_a_restarting_holder_is_answered_when_it_is_back_not_at_its_deadline() {
+    let mut pair = Pair::new(["chat-a", "chat-b"], None).await;
+    // A deadline far beyond the test's waits (10 s a frame): what answers the send below
+    // must be the holder's return, not the deadline.
+    pair.request_timeout = Duration::from_secs(60);
+    let names = ["chat-a", "chat-b"];
+    let room = room_held_by(&names, "chat-a", "lobby");
+    let (a, b) = (pair.start(0).await, pair.start(1).await);
+    let mut bob = connect(b.addr, "bob").await;
+    join_linked(&mut bob, &room, None).await;
+    a.stop().await;
+    // Sent while the holder is down: chat-b queues it for chat-a, whose next life drops
+    // what was queued for the previous one.
+    send(
+        &mut bob,
+        json!({"type": "send", "room": room, "text": "while away", "client_msg_id": "w"}),
+    )
+    .await;
+    let a = pair.start(0).await;
+    let answer = loop {
+        let v = next(&mut bob).await;
+        if v["client_msg_id"] == "w" {
+            break v;
+        }
+    };
+    assert!(
+        answer["type"] == "ack" || answer["code"] == "unavailable",
+        "{answer}"
+    );
     a.stop().await;
     b.stop().await;
 }
