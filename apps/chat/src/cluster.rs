@@ -768,11 +768,16 @@ impl Links {
             (restarted, changed)
         };
         if restarted && let Some(outbox) = self.outboxes.get(&from) {
+            // Under the state lock, which a request holds from its registration to its
+            // posting: none is posted between dropping the queue and failing the requests.
+            let mut st = self.state.lock();
             // Lines queued for its previous life answer nothing it asked.
             outbox.reset();
-            // Requests to it may have been among those lines, or died with its previous
-            // life: they are answered `unavailable` now rather than at their deadline.
-            let mut st = self.state.lock();
+            // Requests to it may have been among those lines, died with its previous life, or
+            // been answered into a queue its side drops as it greets us: each is answered
+            // `unavailable` now rather than at its deadline (a client may ask again; a send
+            // repeated with its `client_msg_id` is not delivered twice). One its new life did
+            // take gets the same answer; its own answer then finds no request and is dropped.
             let lost: Vec<u64> = st
                 .requests
                 .iter()
