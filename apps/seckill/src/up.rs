@@ -819,8 +819,9 @@ async fn supervise(part: Part, mut child: Child, stop: CancellationToken, pids: 
                 loop {
                     match start(&part).await {
                         Ok((next, _)) => {
-                            keel_net::say!("restarted {}", part.name);
+                            // The file first: whoever reads the line finds the new pid there.
                             pids.set(&part.name, &next);
+                            keel_net::say!("restarted {}", part.name);
                             child = next;
                             break;
                         }
