@@ -52,49 +52,64 @@ pub async fn etcd(test: &str) -> Option<Etcd> {
         eprintln!("skipping {test}: no `etcd` binary (apt-get install etcd-server)");
         return None;
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("keel-etcd-{}-{nanos}", std::process::id()));
-    let (client, peer) = (free_port(), free_port());
-    let endpoint = format!("http://127.0.0.1:{client}");
-    let child = Command::new("etcd")
-        .args(["--name", "keel-test", "--data-dir"])
-        .arg(dir.join("data"))
-        .args([
-            "--listen-client-urls",
-            &endpoint,
-            "--advertise-client-urls",
-            &endpoint,
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-cluster",
-            &format!("keel-test=http://127.0.0.1:{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd");
-    let backend = EtcdBackend::connect(std::slice::from_ref(&endpoint), "/keel-test")
-        .await
-        .unwrap_or_else(|e| panic!("etcd client: {e}"));
-    let mut etcd = Etcd {
-        backend,
-        endpoint,
-        child,
-        dir,
-    };
-    // Ready when it answers a read.
-    for _ in 0..200 {
-        if etcd.backend.list("default", "probe").await.is_ok() {
-            return Some(etcd);
+    // A port found free may be taken again before etcd binds it (tests run side by side):
+    // etcd then exits at once, and it is started again on other ports.
+    for attempt in 1..=5 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("keel-etcd-{}-{nanos}", std::process::id()));
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .args(["--name", "keel-test", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("keel-test=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        let backend = EtcdBackend::connect(std::slice::from_ref(&endpoint), "/keel-test")
+            .await
+            .unwrap_or_else(|e| panic!("etcd client: {e}"));
+        let mut etcd = Etcd {
+            backend,
+            endpoint,
+            child,
+            dir,
+        };
+        // Ready when it answers a read.
+        let mut exited = None;
+        for _ in 0..200 {
+            if etcd.backend.list("default", "probe").await.is_ok() {
+                return Some(etcd);
+            }
+            if let Ok(Some(status)) = etcd.child.try_wait() {
+                exited = Some(status);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Ok(Some(status)) = etcd.child.try_wait() {
-            panic!("etcd exited at start: {status}");
+        match exited {
+            Some(status) if attempt < 5 => {
+                eprintln!(
+                    "{test}: etcd exited at start ({status}) on ports {client}/{peer}; again"
+                );
+            }
+            Some(status) => panic!("etcd exited at start {attempt} times, the last: {status}"),
+            None => panic!("etcd did not become ready on port {client}"),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("etcd did not become ready on port {client}");
+    unreachable!("the last attempt returns or panics")
 }
