@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -107,83 +106,17 @@ async fn pools_follow_keels_registry() {
     follow(handle, &format!("registry = \"{addr}\"\n")).await;
 }
 
-struct Etcd {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A single-node etcd on loopback, if the binary is installed.
-fn start_etcd() -> Option<Etcd> {
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (port(), port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "gw", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("gw={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    Some(Etcd {
-        child,
-        _dir: dir,
-        url,
-    })
-}
-
 #[tokio::test]
 async fn pools_follow_etcd() {
-    let Some(etcd) = start_etcd() else {
-        assert!(
-            std::env::var("KEEL_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "etcd is required (KEEL_REQUIRE_SERVICES=1) but the binary is missing"
-        );
-        eprintln!("skipped: no etcd binary (apt-get install etcd-server)");
+    let Some(etcd) = keel_registry::testing::etcd("pools_follow_etcd").await else {
         return;
     };
-    let mut backend = None;
-    for _ in 0..100 {
-        if let Ok(b) =
-            keel_registry::EtcdBackend::connect(std::slice::from_ref(&etcd.url), "/keel").await
-            && b.list("default", "probe").await.is_ok()
-        {
-            backend = Some(b);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let backend = backend.expect("etcd did not come up");
-    follow(backend, &format!("etcd = [\"{}\"]\n", etcd.url)).await;
+    // The fixture's backend keeps its keys under `/keel-test`.
+    let discovery = format!(
+        "etcd = [\"{}\"]\netcd_prefix = \"/keel-test\"\n",
+        etcd.endpoint
+    );
+    follow(etcd.backend.clone(), &discovery).await;
 }
 
 #[tokio::test]
