@@ -352,22 +352,21 @@ pub(crate) struct Reply<'a> {
     conn: &'a ClientConn,
     id: u64,
     finished: bool,
-    /// The call was registered with the waker of the task that polls this first, in the same
-    /// poll: the first poll can return `Pending` without looking (the reply, whenever it
-    /// comes, wakes that task), which saves a lock and a lookup per call.
-    registered_waker: bool,
+    /// Not polled yet. The call was registered with the waker of the task that polls this
+    /// first, in the same poll: the first poll returns `Pending` without looking (the reply,
+    /// whenever it comes, wakes that task), which saves a lock and a lookup per call.
+    first_poll: bool,
 }
 
 impl<'a> Reply<'a> {
-    /// The reply to the call `id`, registered on `conn` as `Pending::Unary`. With
-    /// `registered_waker`, the entry already holds the waker of the task that is polling now
-    /// and will poll this reply before it next yields.
-    pub(crate) fn new(conn: &'a ClientConn, id: u64, registered_waker: bool) -> Reply<'a> {
+    /// The reply to the call `id`, registered on `conn` as `Pending::Unary` holding the waker
+    /// of the task that is polling now, which polls this reply before it next yields.
+    pub(crate) fn new(conn: &'a ClientConn, id: u64) -> Reply<'a> {
         Reply {
             conn,
             id,
             finished: false,
-            registered_waker,
+            first_poll: true,
         }
     }
 }
@@ -376,7 +375,7 @@ impl Future for Reply<'_> {
     type Output = Result<Frame, Status>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if std::mem::take(&mut self.registered_waker) {
+        if std::mem::take(&mut self.first_poll) {
             return Poll::Pending;
         }
         let polled = self.conn.poll_reply(self.id, cx);

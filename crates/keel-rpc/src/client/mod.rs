@@ -518,7 +518,7 @@ impl Channel {
             Pending::Unary(Some(waker)),
             write_body,
         )?;
-        let reply = Reply::new(&conn, id, true);
+        let reply = Reply::new(&conn, id);
         let frame = match deadline {
             Some(d) => match tokio::time::timeout_at(d, reply).await {
                 Ok(r) => r,
