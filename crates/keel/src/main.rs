@@ -15,7 +15,7 @@ use std::time::Duration;
 // Request paths allocate many small, short-lived buffers (headers, frames); glibc's malloc
 // spent ~8% of the gateway's time in a profile, mimalloc's thread-local free lists much less.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: keel_alloc::Allocator = keel_alloc::Allocator;
 
 mod bench_failover;
 mod bench_overload;
