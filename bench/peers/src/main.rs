@@ -148,27 +148,41 @@ async fn tonic_client(args: &ClientArgs) -> anyhow::Result<LoadReport> {
         args.load.concurrency,
         Duration::from_secs_f64(args.load.warmup),
         Duration::from_secs_f64(args.load.seconds),
-        move |worker| {
-            let mut client = clients[worker % clients.len()].clone();
-            let request = pb::EchoRequest {
-                message: String::new(),
-                payload: payload.clone(),
-            };
-            async move {
-                let reply = client
-                    .echo(request)
-                    .await
-                    .map_err(|s| s.to_string())?
-                    .into_inner();
-                if reply.payload.len() != expected {
-                    return Err("short reply".to_owned());
-                }
-                Ok(())
-            }
+        |worker| TonicCaller {
+            client: clients[worker % clients.len()].clone(),
+            payload: payload.clone(),
+            expected,
         },
     )
     .await;
     Ok(report)
+}
+
+/// One tonic worker: its client and payload, reused for every call.
+struct TonicCaller {
+    client: pb::echo_client::EchoClient<tonic::transport::Channel>,
+    payload: Vec<u8>,
+    expected: usize,
+}
+
+impl loadgen::Caller for TonicCaller {
+    async fn call(&mut self) -> Result<(), String> {
+        // tonic takes the request by value: each call builds its own, as a caller would.
+        let request = pb::EchoRequest {
+            message: String::new(),
+            payload: self.payload.clone(),
+        };
+        let reply = self
+            .client
+            .echo(request)
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        if reply.payload.len() != self.expected {
+            return Err("short reply".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// The length of the first complete `[u32 length][payload]` frame in `input`, if there is one.

@@ -118,19 +118,22 @@ async fn run_on<B: NamingBackend + Clone>(
             let leases = Arc::new(leases);
             let heartbeat = args.op == "heartbeat";
             let b = backends.clone();
-            let report = loadgen::closed_loop(load.concurrency, warmup, seconds, move |w| {
+            let report = loadgen::closed_loop(load.concurrency, warmup, seconds, |w| {
                 let backend = pick(&b, w);
                 let lease = leases[w];
-                async move {
-                    if heartbeat {
-                        backend.keep_alive(lease).await.map_err(|e| e.to_string())
-                    } else {
-                        let i = instance("bench-write", &format!("w{w}"), lease);
-                        backend
-                            .register(&i)
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string())
+                move || {
+                    let backend = backend.clone();
+                    async move {
+                        if heartbeat {
+                            backend.keep_alive(lease).await.map_err(|e| e.to_string())
+                        } else {
+                            let i = instance("bench-write", &format!("w{w}"), lease);
+                            backend
+                                .register(&i)
+                                .await
+                                .map(drop)
+                                .map_err(|e| e.to_string())
+                        }
                     }
                 }
             })
@@ -149,17 +152,20 @@ async fn run_on<B: NamingBackend + Clone>(
                     .map_err(|e| anyhow::anyhow!("registering: {e}"))?;
             }
             let b = backends.clone();
-            let report = loadgen::closed_loop(load.concurrency, warmup, seconds, move |w| {
+            let report = loadgen::closed_loop(load.concurrency, warmup, seconds, |w| {
                 let backend = pick(&b, w);
-                async move {
-                    let list = backend
-                        .list(NS, "bench-read")
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if list.instances.len() != 10 {
-                        return Err(format!("listed {} of 10 instances", list.instances.len()));
+                move || {
+                    let backend = backend.clone();
+                    async move {
+                        let list = backend
+                            .list(NS, "bench-read")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if list.instances.len() != 10 {
+                            return Err(format!("listed {} of 10 instances", list.instances.len()));
+                        }
+                        Ok(())
                     }
-                    Ok(())
                 }
             })
             .await;

@@ -117,31 +117,49 @@ impl LoadReport {
     }
 }
 
+/// One closed-loop worker: what it needs to make calls, built once per worker, so a call
+/// clones nothing (a load generator's own per-call costs would be counted as the system's).
+pub trait Caller: Send + 'static {
+    /// Makes one call.
+    fn call(&mut self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// A closure making calls whose futures own what they use.
+impl<F, Fut> Caller for F
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    fn call(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        self()
+    }
+}
+
 /// Runs `concurrency` workers for `warmup + duration`; only calls that start after the warm-up
-/// are measured. `call(worker)` makes one call.
-pub async fn closed_loop<F, Fut>(
+/// are measured. `worker(i)` builds worker `i`, whose [`Caller::call`] makes one call.
+pub async fn closed_loop<W, C>(
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
-    call: F,
+    worker: W,
 ) -> LoadReport
 where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
+    W: Fn(usize) -> C,
+    C: Caller,
 {
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..concurrency {
-        let call = call.clone();
+    for i in 0..concurrency {
+        let mut caller = worker(i);
         tasks.spawn(async move {
             let mut hist = new_histogram();
             let (mut errors, mut first_error) = (0u64, None);
             // One clock read per call: a call's end is the next one's start.
             let mut t0 = Instant::now();
             while t0 < end {
-                let result = call(worker).await;
+                let result = caller.call().await;
                 let t1 = Instant::now();
                 let started = std::mem::replace(&mut t0, t1);
                 if started < measure_from {
