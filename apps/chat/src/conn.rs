@@ -54,7 +54,7 @@ pub async fn run(
     leftover: Bytes,
     session: Session,
     id: u64,
-    mut drain: keel_net::Drain,
+    drain: keel_net::Drain,
 ) {
     let peer = Peer::new(
         id,

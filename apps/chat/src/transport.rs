@@ -340,7 +340,7 @@ pub(crate) async fn inbound(
     hub: Arc<Hub>,
     mut stream: TcpStream,
     leftover: bytes::Bytes,
-    mut drain: keel_net::Drain,
+    drain: keel_net::Drain,
 ) {
     let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
     let mut input = BytesMut::from(&leftover[..]);

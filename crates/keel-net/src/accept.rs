@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -47,34 +46,33 @@ pub struct ConnectionStats {
 /// What a connection's handler is told about the server's shutdown.
 #[derive(Clone, Debug)]
 pub struct Drain {
-    draining: watch::Receiver<bool>,
+    draining: CancellationToken,
     force: CancellationToken,
 }
 
 impl Drain {
-    /// A drain with the handles that start it: send `true` to drain, cancel the token to
-    /// force.
-    fn with_handles() -> (Drain, watch::Sender<bool>, CancellationToken) {
-        let (tx, rx) = watch::channel(false);
-        let force = CancellationToken::new();
+    /// A drain with the handles that start it: cancel the first token to drain, the second
+    /// to force.
+    fn with_handles() -> (Drain, CancellationToken, CancellationToken) {
+        let (draining, force) = (CancellationToken::new(), CancellationToken::new());
         let drain = Drain {
-            draining: rx,
+            draining: draining.clone(),
             force: force.clone(),
         };
-        (drain, tx, force)
+        (drain, draining, force)
     }
 
     /// Whether the server has begun shutting down.
     pub fn is_draining(&self) -> bool {
-        *self.draining.borrow()
+        self.draining.is_cancelled()
     }
 
     /// Completes once the server has begun shutting down (at once if it has): stop taking
-    /// new requests on this connection, finish the ones in flight, close.
-    /// (Cheap to call in a loop: it only reads the signal.)
-    pub async fn draining(&mut self) {
-        // An error means the loop is gone: as good as draining.
-        let _ = self.draining.wait_for(|draining| *draining).await;
+    /// new requests on this connection, finish the ones in flight, close. The future owns
+    /// what it waits on, so a busy connection's loop can make it once, outside the loop:
+    /// polling it again costs less than making a new one each time round.
+    pub fn draining(&self) -> WaitForCancellationFutureOwned {
+        self.draining.clone().cancelled_owned()
     }
 
     /// Completes when the grace period is over: close now, whatever is in flight. The future
@@ -212,7 +210,7 @@ impl AcceptLoop {
             connections = self.stats.open.load(Relaxed),
             "shutting down: draining connections"
         );
-        let _ = drain_tx.send(true);
+        drain_tx.cancel();
         let grace = (self.shutdown_grace)();
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -258,7 +256,7 @@ mod tests {
     }
 
     /// Echoes until the peer closes or the server drains (then says "bye" and closes).
-    async fn echo(mut stream: TcpStream, mut drain: Drain) {
+    async fn echo(mut stream: TcpStream, drain: Drain) {
         let mut buf = [0u8; 64];
         loop {
             tokio::select! {

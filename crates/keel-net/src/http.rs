@@ -15,7 +15,7 @@ use crate::Drain;
 /// request in flight is answered with `Connection: close`, an idle connection closes at once)
 /// or is forced (the connection is dropped). Errors end the connection and are logged at
 /// debug level: they are the client's doing or a broken socket.
-pub async fn serve_http1<I, S>(io: I, service: S, header_timeout: Duration, mut drain: Drain)
+pub async fn serve_http1<I, S>(io: I, service: S, header_timeout: Duration, drain: Drain)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming>,
