@@ -59,7 +59,7 @@ fn worked_response_example_matches_the_codec() {
     assert_eq!(frame.kind, FrameType::Response);
     assert_eq!(frame.request_id, 1);
     assert_eq!(
-        frame.meta,
+        *frame.meta,
         Metadata {
             codec: Some(Codec::Json),
             ..Metadata::default()

@@ -158,8 +158,8 @@ pub struct RawResponse {
     pub body: Bytes,
     /// How `body` is encoded.
     pub codec: Codec,
-    /// The reply's metadata.
-    pub metadata: Metadata,
+    /// The reply's metadata (boxed, as in [`Frame`], to keep the reply small to move).
+    pub metadata: Box<Metadata>,
 }
 
 /// Sends calls somewhere: one address ([`Channel`]) or, with governance, a service's instances.

@@ -138,43 +138,103 @@ pub enum FrameError {
     MetadataTooLarge(usize),
 }
 
-/// Immutable UTF-8 text sharing the frame's buffer (no copy on decode).
-#[derive(Clone, PartialEq, Eq, Hash, Default)]
-pub struct Text(Bytes);
+/// Immutable UTF-8 text.
+///
+/// Text of up to 23 bytes (service and method names, entry keys) is held inline: decoding it
+/// from a frame copies a few bytes, with no allocation and no reference count to raise and
+/// drop again, and a clone is a plain copy. Longer text lives in a shared buffer.
+#[derive(Clone)]
+pub struct Text(Repr);
+
+/// Most bytes of text held inline.
+const INLINE: usize = 23;
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(Bytes),
+}
 
 impl Text {
     /// Text from a static string, without copying.
     pub const fn from_static(s: &'static str) -> Text {
-        Text(Bytes::from_static(s.as_bytes()))
+        Text(Repr::Shared(Bytes::from_static(s.as_bytes())))
     }
 
-    fn from_utf8(bytes: Bytes, tag: u8) -> Result<Text, FrameError> {
-        std::str::from_utf8(&bytes).map_err(|_| FrameError::InvalidUtf8 { tag })?;
-        Ok(Text(bytes))
+    /// Text from bytes known to be UTF-8.
+    fn copy_of(bytes: &[u8]) -> Text {
+        if bytes.len() <= INLINE {
+            let mut inline = [0; INLINE];
+            inline[..bytes.len()].copy_from_slice(bytes);
+            Text(Repr::Inline {
+                len: bytes.len() as u8,
+                bytes: inline,
+            })
+        } else {
+            Text(Repr::Shared(Bytes::copy_from_slice(bytes)))
+        }
+    }
+
+    /// Text decoded from a frame's metadata entry `tag`.
+    fn from_utf8(bytes: &[u8], tag: u8) -> Result<Text, FrameError> {
+        // Service and method names are ASCII: an OR of every byte (branch-free, so it
+        // vectorises) settles those at a fraction of the cost of the general check.
+        let ascii = bytes.iter().fold(0u8, |acc, b| acc | b) < 0x80;
+        if !ascii {
+            std::str::from_utf8(bytes).map_err(|_| FrameError::InvalidUtf8 { tag })?;
+        }
+        Ok(Text::copy_of(bytes))
     }
 
     /// The text's UTF-8 bytes (without the check [`as_str`](Text::as_str) makes).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(bytes) => bytes,
+        }
     }
 
     /// The text.
     pub fn as_str(&self) -> &str {
         // Validated when the value was built, so this cannot fail; an empty string would be
         // the harmless answer if it ever did.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+impl Default for Text {
+    fn default() -> Text {
+        Text::from_static("")
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Text {}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
     }
 }
 
 impl From<&str> for Text {
     fn from(s: &str) -> Text {
-        Text(Bytes::copy_from_slice(s.as_bytes()))
+        Text::copy_of(s.as_bytes())
     }
 }
 
 impl From<String> for Text {
     fn from(s: String) -> Text {
-        Text(Bytes::from(s))
+        if s.len() <= INLINE {
+            Text::copy_of(s.as_bytes())
+        } else {
+            Text(Repr::Shared(Bytes::from(s)))
+        }
     }
 }
 
@@ -222,7 +282,7 @@ impl Metadata {
 
     /// The encoded size of this metadata section.
     pub fn encoded_len(&self) -> usize {
-        let text = |t: &Option<Text>| t.as_ref().map_or(0, |t| 3 + t.0.len());
+        let text = |t: &Option<Text>| t.as_ref().map_or(0, |t| 3 + t.as_bytes().len());
         text(&self.service)
             + text(&self.method)
             + self.timeout.map_or(0, |_| 3 + 8)
@@ -232,7 +292,7 @@ impl Metadata {
             + self
                 .entries
                 .iter()
-                .map(|(k, v)| 3 + 1 + k.0.len() + v.len())
+                .map(|(k, v)| 3 + 1 + k.as_bytes().len() + v.len())
                 .sum::<usize>()
     }
 
@@ -246,10 +306,10 @@ impl Metadata {
             Ok(())
         }
         if let Some(s) = &self.service {
-            put_entry(dst, tag::SERVICE, &s.0)?;
+            put_entry(dst, tag::SERVICE, s.as_bytes())?;
         }
         if let Some(m) = &self.method {
-            put_entry(dst, tag::METHOD, &m.0)?;
+            put_entry(dst, tag::METHOD, m.as_bytes())?;
         }
         if let Some(t) = self.timeout {
             let micros = u64::try_from(t.as_micros()).unwrap_or(u64::MAX);
@@ -262,34 +322,34 @@ impl Metadata {
             put_entry(dst, tag::STATUS, &[s as u8])?;
         }
         if let Some(m) = &self.message {
-            put_entry(dst, tag::MESSAGE, &m.0)?;
+            put_entry(dst, tag::MESSAGE, m.as_bytes())?;
         }
         for (k, v) in &self.entries {
+            let k = k.as_bytes();
             let key_len =
-                u8::try_from(k.0.len()).map_err(|_| FrameError::MetadataTooLarge(k.0.len()))?;
-            let len = 1 + k.0.len() + v.len();
+                u8::try_from(k.len()).map_err(|_| FrameError::MetadataTooLarge(k.len()))?;
+            let len = 1 + k.len() + v.len();
             let len = u16::try_from(len).map_err(|_| FrameError::MetadataTooLarge(len))?;
             dst.put_u8(tag::ENTRY);
             dst.put_u16(len);
             dst.put_u8(key_len);
-            dst.put_slice(&k.0);
+            dst.put_slice(k);
             dst.put_slice(v);
         }
         Ok(())
     }
 
-    fn decode(mut src: Bytes) -> Result<Metadata, FrameError> {
+    /// Decodes a metadata section. Its values are copied out of `src`: they are a few short
+    /// names and numbers, cheaper to copy than to share (a shared slice costs two atomic
+    /// reference-count updates).
+    fn decode(mut src: &[u8]) -> Result<Metadata, FrameError> {
         let mut meta = Metadata::default();
-        while src.has_remaining() {
-            if src.len() < 3 {
-                return Err(FrameError::TruncatedMetadata { tag: src[0] });
-            }
-            let tag = src.get_u8();
-            let len = usize::from(src.get_u16());
-            if src.len() < len {
+        while let [tag, len_hi, len_lo, rest @ ..] = src {
+            let (tag, len) = (*tag, usize::from(u16::from_be_bytes([*len_hi, *len_lo])));
+            let Some((value, rest)) = rest.split_at_checked(len) else {
                 return Err(FrameError::TruncatedMetadata { tag });
-            }
-            let value = src.split_to(len);
+            };
+            src = rest;
             let fixed = |expected: usize| {
                 if len == expected {
                     Ok(())
@@ -305,7 +365,7 @@ impl Metadata {
                 tag::METHOD => set_once(&mut meta.method, Text::from_utf8(value, tag)?, duplicate)?,
                 tag::TIMEOUT => {
                     fixed(8)?;
-                    let micros = u64::from_be_bytes(value[..8].try_into().unwrap_or([0; 8]));
+                    let micros = u64::from_be_bytes(value.try_into().unwrap_or([0; 8]));
                     set_once(&mut meta.timeout, Duration::from_micros(micros), duplicate)?;
                 }
                 tag::CODEC => {
@@ -322,18 +382,21 @@ impl Metadata {
                     set_once(&mut meta.message, Text::from_utf8(value, tag)?, duplicate)?
                 }
                 tag::ENTRY => {
-                    let mut value = value;
-                    let key_len = match value.first() {
-                        Some(&n) if usize::from(n) < value.len() => usize::from(n),
-                        _ => return Err(FrameError::TruncatedMetadata { tag }),
+                    let Some((&key_len, value)) = value.split_first() else {
+                        return Err(FrameError::TruncatedMetadata { tag });
                     };
-                    value.advance(1);
-                    let key = Text::from_utf8(value.split_to(key_len), tag)?;
-                    meta.entries.push((key, value));
+                    let Some((key, value)) = value.split_at_checked(usize::from(key_len)) else {
+                        return Err(FrameError::TruncatedMetadata { tag });
+                    };
+                    let key = Text::from_utf8(key, tag)?;
+                    meta.entries.push((key, Bytes::copy_from_slice(value)));
                 }
                 // Unknown tags are skipped: a newer peer may send fields this side ignores.
                 _ => {}
             }
+        }
+        if let [tag, ..] = src {
+            return Err(FrameError::TruncatedMetadata { tag: *tag });
         }
         Ok(meta)
     }
@@ -356,8 +419,10 @@ pub struct Frame {
     pub flags: u8,
     /// Matches a response to its request on a multiplexed connection.
     pub request_id: u64,
-    /// The metadata section.
-    pub meta: Metadata,
+    /// The metadata section. Boxed, so a frame is a few words: a decoded frame is moved
+    /// several times on its way to a handler or a caller, and each move of an inline metadata
+    /// section was a copy of some 200 bytes.
+    pub meta: Box<Metadata>,
     /// The encoded message (or ping payload).
     pub body: Bytes,
 }
@@ -369,7 +434,7 @@ impl Frame {
             kind,
             flags: 0,
             request_id,
-            meta: Metadata::default(),
+            meta: Box::default(),
             body: Bytes::new(),
         }
     }
@@ -392,7 +457,7 @@ impl Frame {
     /// Returns `Ok(None)` when more bytes are needed; in that case `src` has reserved room for
     /// the rest of the frame, which is bounded by `max_frame_size` because a larger declared
     /// size is an error *before* any reservation. On success the frame's bytes are removed from
-    /// `src` and shared (not copied) by the returned metadata and body.
+    /// `src`; the body shares them (no copy), the metadata's few values are copied.
     pub fn decode(src: &mut BytesMut, max_frame_size: u32) -> Result<Option<Frame>, FrameError> {
         let Some(header) = peek_header(src, max_frame_size)? else {
             return Ok(None);
@@ -404,15 +469,14 @@ impl Frame {
             src.reserve((total - src.len()).min(256 * 1024));
             return Ok(None);
         }
-        let mut frame = src.split_to(total).freeze();
-        frame.advance(HEADER_LEN);
-        let meta = frame.split_to(header.meta_len);
+        let meta = Metadata::decode(&src[HEADER_LEN..HEADER_LEN + header.meta_len])?;
+        src.advance(HEADER_LEN + header.meta_len);
         Ok(Some(Frame {
             kind: header.kind,
             flags: header.flags,
             request_id: header.request_id,
-            meta: Metadata::decode(meta)?,
-            body: frame,
+            meta: Box::new(meta),
+            body: src.split_to(header.body_len).freeze(),
         }))
     }
 }
@@ -527,14 +591,14 @@ mod tests {
             kind: FrameType::Request,
             flags: 0,
             request_id: 7,
-            meta: Metadata {
+            meta: Box::new(Metadata {
                 service: Some("keel.echo.v1.Echo".into()),
                 method: Some("Echo".into()),
                 timeout: Some(Duration::from_millis(250)),
                 codec: Some(Codec::Json),
                 entries: vec![("trace-id".into(), Bytes::from_static(b"abc"))],
                 ..Metadata::default()
-            },
+            }),
             body: Bytes::from_static(br#"{"message":"hi"}"#),
         }
     }
@@ -594,7 +658,7 @@ mod tests {
             meta.put_u8(0);
         }
         assert_eq!(
-            Metadata::decode(meta.freeze()),
+            Metadata::decode(&meta),
             Err(FrameError::DuplicateField { tag: tag::CODEC })
         );
         let mut meta = BytesMut::new();
@@ -602,7 +666,7 @@ mod tests {
         meta.put_u16(2);
         meta.put_u16(0);
         assert!(matches!(
-            Metadata::decode(meta.freeze()),
+            Metadata::decode(&meta),
             Err(FrameError::BadFieldLength { .. })
         ));
     }
@@ -616,12 +680,44 @@ mod tests {
         meta.put_u8(tag::METHOD);
         meta.put_u16(1);
         meta.put_slice(b"M");
-        let decoded = Metadata::decode(meta.freeze()).unwrap();
+        let decoded = Metadata::decode(&meta).unwrap();
         assert_eq!(decoded.method.as_deref(), Some("M"));
     }
 
+    #[test]
+    fn text_is_checked_for_utf8_whether_held_inline_or_shared() {
+        for name in [
+            "Echo",
+            "échö",
+            "keel.echo.v1.Echo.With.A.Long.Name",
+            "日本語のサービス名前です",
+        ] {
+            let mut meta = BytesMut::new();
+            meta.put_u8(tag::SERVICE);
+            meta.put_u16(name.len() as u16);
+            meta.put_slice(name.as_bytes());
+            let decoded = Metadata::decode(&meta).unwrap();
+            assert_eq!(decoded.service.as_deref(), Some(name));
+            assert_eq!(decoded.service, Some(Text::from(name.to_owned())));
+        }
+        for bad in [
+            &b"Ech\xff"[..],
+            &b"a-long-name-that-is-not-held-inline-\xc3"[..],
+        ] {
+            let mut meta = BytesMut::new();
+            meta.put_u8(tag::METHOD);
+            meta.put_u16(bad.len() as u16);
+            meta.put_slice(bad);
+            assert_eq!(
+                Metadata::decode(&meta),
+                Err(FrameError::InvalidUtf8 { tag: tag::METHOD })
+            );
+        }
+    }
+
     fn arb_text() -> impl Strategy<Value = Text> {
-        "[a-zA-Z0-9._/-]{0,40}".prop_map(Text::from)
+        // ASCII and not, shorter and longer than what a text holds inline.
+        "[a-zA-Z0-9._/é日-]{0,40}".prop_map(Text::from)
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
@@ -672,7 +768,7 @@ mod tests {
                 kind,
                 flags,
                 request_id,
-                meta,
+                meta: Box::new(meta),
                 body: Bytes::from(body),
             })
     }

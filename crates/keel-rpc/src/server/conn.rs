@@ -110,7 +110,7 @@ pub(super) async fn serve_binary(
     stream: TcpStream,
     mut buf: BytesMut,
     peer: SocketAddr,
-    mut lifecycle: Drain,
+    lifecycle: Drain,
 ) {
     let (mut reader, writer) = stream.into_split();
     let conn = Arc::new(ConnState {
@@ -131,8 +131,11 @@ pub(super) async fn serve_binary(
     let config = &shared.config;
     let mut dispatch = Dispatch::default();
     let mut draining = lifecycle.is_draining();
+    // Both made once: the loop below comes round once per read.
     let forced = lifecycle.forced();
     tokio::pin!(forced);
+    let drain_begins = lifecycle.draining();
+    tokio::pin!(drain_begins);
     let mut last_id = 0u64;
     let mut last_read = Instant::now();
     let idle_timer = tokio::time::sleep(config.idle_timeout);
@@ -199,7 +202,7 @@ pub(super) async fn serve_binary(
         tokio::select! {
             biased;
             () = &mut forced => break,
-            () = lifecycle.draining(), if !draining => {
+            () = &mut drain_begins, if !draining => {
                 draining = true;
                 let meta = status_meta(Code::Unavailable, "server is shutting down", None);
                 let _ = conn.queue.push(FrameType::GoAway, last_id, &meta, &[]);

@@ -224,7 +224,7 @@ async fn call(
     let deadline = timeout.map(|t| started + t);
     let ctx = Context {
         deadline,
-        metadata,
+        metadata: Box::new(metadata),
         peer: Some(peer),
         codec: Codec::Json,
     };
