@@ -42,11 +42,77 @@ pub(crate) struct StreamSlot {
     pub(crate) queued: Arc<AtomicUsize>,
 }
 
+/// Slots of a connection's ring of pending calls (see [`PendingTable`]).
+const RING: usize = 128;
+
+/// A connection's pending calls, by request id.
+///
+/// Ids are handed out in order, so the calls in flight at one time have ids close together:
+/// each id has a slot of its own in a ring (`id % RING`), found with no hashing. A call whose
+/// slot is still held by an older one (still running after `RING` newer calls were started)
+/// goes to an overflow map instead, and every lookup that misses the ring tries the map.
+#[derive(Debug)]
+struct PendingTable {
+    ring: Box<[Option<(u64, Pending)>]>,
+    overflow: FxHashMap<u64, Pending>,
+}
+
+impl PendingTable {
+    fn new() -> PendingTable {
+        PendingTable {
+            ring: (0..RING).map(|_| None).collect(),
+            overflow: FxHashMap::default(),
+        }
+    }
+
+    fn slot(&mut self, id: u64) -> &mut Option<(u64, Pending)> {
+        &mut self.ring[id as usize % RING]
+    }
+
+    fn insert(&mut self, id: u64, pending: Pending) {
+        let slot = self.slot(id);
+        if slot.is_none() {
+            *slot = Some((id, pending));
+        } else {
+            self.overflow.insert(id, pending);
+        }
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Pending> {
+        let i = id as usize % RING;
+        match &mut self.ring[i] {
+            Some((held, pending)) if *held == id => Some(pending),
+            _ => self.overflow.get_mut(&id),
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Pending> {
+        let slot = self.slot(id);
+        if matches!(slot, Some((held, _)) if *held == id) {
+            slot.take().map(|(_, pending)| pending)
+        } else {
+            self.overflow.remove(&id)
+        }
+    }
+
+    /// Keeps the calls for which `keep` returns true.
+    fn retain(&mut self, mut keep: impl FnMut(&mut Pending) -> bool) {
+        for slot in self.ring.iter_mut() {
+            if let Some((_, pending)) = slot
+                && !keep(pending)
+            {
+                *slot = None;
+            }
+        }
+        self.overflow.retain(|_, pending| keep(pending));
+    }
+}
+
 /// A live connection to one server.
 #[derive(Debug)]
 pub(crate) struct ClientConn {
     pub(crate) queue: WriteQueue,
-    pending: Mutex<FxHashMap<u64, Pending>>,
+    pending: Mutex<PendingTable>,
     next_id: AtomicU64,
     /// Microseconds since `epoch` at the last byte received.
     last_read_us: AtomicU64,
@@ -77,7 +143,7 @@ impl ClientConn {
         let (reader, writer) = stream.into_split();
         let conn = Arc::new(ClientConn {
             queue: WriteQueue::new(max_frame_size),
-            pending: Mutex::new(FxHashMap::default()),
+            pending: Mutex::new(PendingTable::new()),
             next_id: AtomicU64::new(1),
             last_read_us: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -142,7 +208,7 @@ impl ClientConn {
     /// Forgets a call; returns whether it was still waiting for its reply.
     pub(crate) fn forget(&self, id: u64) -> bool {
         !matches!(
-            self.pending.lock().remove(&id),
+            self.pending.lock().remove(id),
             None | Some(Pending::Done(_))
         )
     }
@@ -151,7 +217,7 @@ impl ClientConn {
     /// does.
     fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Frame, Status>> {
         let mut pending = self.pending.lock();
-        match pending.get_mut(&id) {
+        match pending.get_mut(id) {
             Some(Pending::Unary(waker)) => {
                 match waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
@@ -159,7 +225,7 @@ impl ClientConn {
                 }
                 Poll::Pending
             }
-            Some(Pending::Done(_)) => match pending.remove(&id) {
+            Some(Pending::Done(_)) => match pending.remove(id) {
                 Some(Pending::Done(result)) => Poll::Ready(result),
                 _ => unreachable!("the entry was just seen done"),
             },
@@ -207,7 +273,7 @@ impl ClientConn {
             };
             self.closed.cancel();
             // Unary callers take their error from the table; streams get it on their channel.
-            pending.retain(|_, p| match p {
+            pending.retain(|p| match p {
                 Pending::Unary(waker) => {
                     wake.extend(waker.take());
                     *p = Pending::Done(Err(status.clone()));
@@ -263,7 +329,7 @@ impl ClientConn {
         match frame.kind {
             FrameType::Response | FrameType::StreamEnd => {
                 let mut pending = self.pending.lock();
-                match pending.get_mut(&frame.request_id) {
+                match pending.get_mut(frame.request_id) {
                     Some(entry @ Pending::Unary(_)) => {
                         let Pending::Unary(waker) =
                             std::mem::replace(entry, Pending::Done(Ok(frame)))
@@ -276,7 +342,7 @@ impl ClientConn {
                         }
                     }
                     Some(Pending::Stream(_)) => {
-                        if let Some(Pending::Stream(slot)) = pending.remove(&frame.request_id) {
+                        if let Some(Pending::Stream(slot)) = pending.remove(frame.request_id) {
                             drop(pending);
                             let _ = slot.tx.send(Ok(frame));
                         }
@@ -288,13 +354,13 @@ impl ClientConn {
             }
             FrameType::StreamItem => {
                 let mut pending = self.pending.lock();
-                let Some(Pending::Stream(slot)) = pending.get(&frame.request_id) else {
+                let Some(Pending::Stream(slot)) = pending.get_mut(frame.request_id) else {
                     return;
                 };
                 if slot.queued.fetch_add(1, Ordering::AcqRel) >= self.stream_buffer {
                     // The caller is not keeping up. Rather than buffer without bound or stall
                     // every other call on this connection, end this stream with an error.
-                    if let Some(Pending::Stream(slot)) = pending.remove(&frame.request_id) {
+                    if let Some(Pending::Stream(slot)) = pending.remove(frame.request_id) {
                         let status = Status::new(
                             Code::Overloaded,
                             format!(
@@ -391,5 +457,60 @@ impl Drop for Reply<'_> {
         if !self.finished {
             self.conn.cancel(self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting() -> Pending {
+        Pending::Unary(None)
+    }
+
+    /// Ids that share a ring slot (a long call among many short ones) all stay reachable.
+    #[test]
+    fn the_pending_table_finds_calls_in_the_ring_and_in_the_overflow() {
+        let mut table = PendingTable::new();
+        let long = 1u64;
+        table.insert(long, waiting());
+        // Three laps of the ring while the first call is still running.
+        let ids: Vec<u64> = (2..=(3 * RING as u64 + 1)).collect();
+        for &id in &ids {
+            table.insert(id, waiting());
+        }
+        assert!(!table.overflow.is_empty());
+        for &id in ids.iter().chain([long].iter()) {
+            assert!(
+                matches!(table.get_mut(id), Some(Pending::Unary(None))),
+                "id {id}"
+            );
+        }
+        // Answer every other call, then the rest, in reverse.
+        for &id in ids.iter().step_by(2) {
+            let pending = table.get_mut(id).expect("registered");
+            *pending = Pending::Done(Err(Status::cancelled("x")));
+            assert!(
+                matches!(table.remove(id), Some(Pending::Done(_))),
+                "id {id}"
+            );
+            assert!(table.get_mut(id).is_none());
+        }
+        for &id in ids.iter().skip(1).step_by(2).rev() {
+            assert!(table.remove(id).is_some(), "id {id}");
+        }
+        assert!(table.remove(ids[0]).is_none(), "removed twice");
+        // A new call may reuse a freed slot; the long call is still found.
+        table.insert(long + RING as u64 * 10, waiting());
+        assert!(table.get_mut(long).is_some());
+        let mut kept = 0;
+        table.retain(|_| {
+            kept += 1;
+            false
+        });
+        assert_eq!(kept, 2);
+        assert!(table.get_mut(long).is_none());
+        assert!(table.overflow.is_empty());
+        assert!(table.ring.iter().all(Option::is_none));
     }
 }
