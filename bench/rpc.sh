@@ -2,6 +2,8 @@
 # Unary echo: Keel RPC vs tonic (gRPC) vs a raw-TCP pipelined echo (the ceiling), in one run.
 #
 #   bench/rpc.sh [seconds-per-run]        (default 5; each point is the median of 3 runs)
+#   BASELINE_BIN=/path/to/old/keel bench/rpc.sh 5   (adds that build's server and client as a
+#                                                   fourth contender, "base", in the same run)
 #
 # Servers are pinned to core 1 with one runtime thread, clients to core 0 with a
 # current-thread runtime; 4 connections; payloads 1 KiB and 64 B; concurrency 1, 64, 256.
@@ -15,6 +17,9 @@ CONNS=4
 KEEL_PORT=7301
 TONIC_PORT=7302
 RAW_PORT=7303
+BASE_PORT=7304
+BASELINE_BIN="${BASELINE_BIN:-}"
+SYSTEMS="keel tonic raw"
 
 cargo build --release -q -p keel -p keel-bench-peers
 BIN="${CARGO_TARGET_DIR:-target}/release"
@@ -26,6 +31,10 @@ trap cleanup EXIT
 taskset -c 1 "$BIN/keel" serve --addr "127.0.0.1:$KEEL_PORT" --threads 1 2>/dev/null & PIDS+=($!)
 taskset -c 1 "$BIN/rpc-peers" tonic-server --addr "127.0.0.1:$TONIC_PORT" --threads 1 & PIDS+=($!)
 taskset -c 1 "$BIN/rpc-peers" raw-server --addr "127.0.0.1:$RAW_PORT" --threads 1 & PIDS+=($!)
+if [ -n "$BASELINE_BIN" ]; then
+  taskset -c 1 "$BASELINE_BIN" serve --addr "127.0.0.1:$BASE_PORT" --threads 1 2>/dev/null & PIDS+=($!)
+  SYSTEMS="keel base tonic raw"
+fi
 
 wait_port() {
   for _ in $(seq 1 100); do
@@ -36,6 +45,7 @@ wait_port() {
   exit 1
 }
 wait_port $KEEL_PORT; wait_port $TONIC_PORT; wait_port $RAW_PORT
+if [ -n "$BASELINE_BIN" ]; then wait_port $BASE_PORT; fi
 
 RESULTS="$(mktemp)"
 run() { # system payload concurrency
@@ -43,6 +53,7 @@ run() { # system payload concurrency
   local common=(--concurrency "$conc" --connections $CONNS --payload "$payload" --seconds "$SECS" --warmup 1)
   case $sys in
     keel)  line=$(taskset -c 0 "$BIN/keel" bench rpc --addr "127.0.0.1:$KEEL_PORT" --json "${common[@]}" | tail -1) ;;
+    base)  line=$(taskset -c 0 "$BASELINE_BIN" bench rpc --addr "127.0.0.1:$BASE_PORT" --json "${common[@]}" | tail -1) ;;
     tonic) line=$(taskset -c 0 "$BIN/rpc-peers" tonic-client --addr "127.0.0.1:$TONIC_PORT" "${common[@]}" | tail -1) ;;
     raw)   line=$(taskset -c 0 "$BIN/rpc-peers" raw-client --addr "127.0.0.1:$RAW_PORT" "${common[@]}" | tail -1) ;;
   esac
@@ -53,7 +64,7 @@ for payload in 1024 64; do
   for conc in 1 64 256; do
     for rep in $(seq 1 "$REPS"); do
       # Interleave the contenders so machine noise hits all of them alike.
-      for sys in keel tonic raw; do
+      for sys in $SYSTEMS; do
         run $sys $payload $conc
       done
     done
@@ -71,7 +82,9 @@ print(f"{'payload':>7} {'conc':>5} {'system':>6} {'QPS':>10} {'p50 ms':>8} {'p99
 table = {}
 for payload in (1024, 64):
     for conc in (1, 64, 256):
-        for s in ("keel", "tonic", "raw"):
+        for s in ("keel", "base", "tonic", "raw"):
+            if med(s, payload, conc, "qps") is None:
+                continue
             q, p50, p99, p999 = (med(s, payload, conc, k) for k in ("qps", "p50_ms", "p99_ms", "p999_ms"))
             table[f"{s}_{payload}b_c{conc}"] = {"qps": q, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999}
             print(f"{payload:>7} {conc:>5} {s:>6} {q:>10.0f} {p50:>8.3f} {p99:>8.3f} {p999:>8.3f}")
@@ -82,5 +95,10 @@ summary = {
     "keel_vs_tonic": round(k["qps"] / t["qps"], 2), "keel_vs_raw": round(k["qps"] / r["qps"], 2),
     "all": table,
 }
+b = table.get("base_1024b_c64")
+if b:
+    summary["base_qps"] = b["qps"]
+    summary["keel_vs_base"] = round(k["qps"] / b["qps"], 2)
+    summary["base_vs_raw"] = round(b["qps"] / r["qps"], 2)
 print(json.dumps(summary))
 PY
